@@ -57,7 +57,7 @@ def quantile_coupling(n: int, m: int, device: torch.device | None = None) -> tup
     Returns:
         ``(i, j, w)``, each (K,) with K <= n + m - 1: the k-th piece couples the i_k-th smallest
         atom of the first measure with the j_k-th smallest of the second, with mass w_k
-        (sum 1). For n == m this is i = j = arange(n), w = 1/n.
+        (float64, sum 1); ``i`` and ``j`` are int64. For n == m this is i = j = arange(n), w = 1/n.
     """
     if n < 1 or m < 1:
         raise ValueError(f"both measures need at least one atom, got n={n}, m={m}")
