@@ -1,0 +1,96 @@
+"""Prompt sets for RL: the built-in sentiment prompts (train / held-out) or a local file, validated up front.
+
+A prompt is a plain string or a conversation (a list of ``{"role", "content"}`` messages). Files:
+
+- ``.jsonl``: one JSON object per line with a ``prompt`` field;
+- ``.json``: a list of such objects (or of strings);
+- ``.txt``: one prompt per non-empty line.
+
+The built-in set (``"builtin"``) is shipped as package data: 80 training prompts and 40 held-out prompts
+on disjoint topics ("Write one sentence about a rainy morning.").
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+BUILTIN = "builtin"
+SPLITS = ("train", "test")
+Prompt = str | list[dict[str, str]]
+
+
+def load_prompts(source: str = BUILTIN, split: str = "train") -> list[Prompt]:
+    """Prompts of ``source`` (``"builtin"`` or a file path); ``split`` picks the built-in train/test file.
+
+    Raises:
+        ValueError: unknown split, an unreadable row, a missing/empty/non-string ``prompt``, or no prompt at all;
+            the message names the file and the 1-based row.
+        FileNotFoundError: the file does not exist.
+    """
+    if source == BUILTIN:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} of the built-in prompts; choose one of {SPLITS}")
+        resource = resources.files("otalign.data") / "builtin" / f"sentiment_prompts_{split}.jsonl"
+        return parse_prompts(resource.read_text(encoding="utf-8"), f"builtin:{split}", "jsonl")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in ("jsonl", "json", "txt"):
+        raise ValueError(f"prompt file {path}: unsupported extension {path.suffix!r}; use .jsonl, .json or .txt")
+    return parse_prompts(path.read_text(encoding="utf-8"), str(path), suffix)
+
+
+def parse_prompts(text: str, where: str, fmt: str) -> list[Prompt]:
+    """Parse and validate the prompts in ``text`` (``jsonl``, ``json`` or ``txt``); ``where`` names the source."""
+    if fmt == "txt":
+        rows = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    elif fmt == "jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((i, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}, row {i}: not valid JSON ({err.msg})") from None
+    else:
+        data = json.loads(text)
+        if not isinstance(data, list):
+            raise ValueError(f"{where}: a .json prompt file must hold a list, got {type(data).__name__}")
+        rows = list(enumerate(data, 1))
+    prompts = [validate_prompt(row, f"{where}, row {i}") for i, row in rows]
+    if not prompts:
+        raise ValueError(f"{where}: the prompt set is empty")
+    return prompts
+
+
+def validate_prompt(row: object, where: str) -> Prompt:
+    """The prompt of one row (a string, or an object with a ``prompt`` field); ``ValueError`` names ``where``."""
+    prompt = row.get("prompt") if isinstance(row, dict) else row
+    if isinstance(row, dict) and "prompt" not in row:
+        raise ValueError(f"{where}: missing field 'prompt' (fields: {sorted(row)})")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{where}, field 'prompt': empty prompt")
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        for j, message in enumerate(prompt):
+            ok = isinstance(message, dict) and isinstance(message.get("role"), str)
+            if not (ok and isinstance(message.get("content"), str)):
+                raise ValueError(f"{where}, field 'prompt', message {j}: need string 'role' and 'content'")
+        return prompt
+    raise ValueError(f"{where}, field 'prompt': expected a non-empty string or list of messages, got {prompt!r:.80}")
+
+
+def render_prompt(prompt: Prompt, tokenizer, *, use_chat_template: bool = True) -> str:
+    """The text the policy continues: the chat template with a generation prompt when the tokenizer has one
+    (and ``use_chat_template``), else the plain string. A conversation requires a chat template."""
+    has_template = use_chat_template and getattr(tokenizer, "chat_template", None)
+    if isinstance(prompt, list) or has_template:
+        if not has_template:
+            raise ValueError("conversational prompts need a tokenizer with a chat template (use_chat_template=true)")
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt

@@ -1,0 +1,77 @@
+"""Load tokenizers and causal LMs from a Hugging Face id, a local folder, or ``"default"`` (the embedded model).
+
+The frozen reference model is a parameter-free-of-gradients copy of the policy as it was before training;
+LoRA adapters (through the optional ``peft`` package) make the policy train only low-rank updates.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from .default import DEFAULT_MODEL, default_model_path
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """``"default"`` -> the converted default checkpoint folder; anything else is returned unchanged."""
+    return str(default_model_path()) if str(name_or_path) == DEFAULT_MODEL else str(name_or_path)
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    """The dtype called ``name`` (``auto``, ``float32``, ``bfloat16``, ``float16``)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown model dtype {name!r}; choose one of {tuple(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """``AutoTokenizer`` for ``name_or_path``; a tokenizer without a pad token pads with its EOS token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str | os.PathLike, *, dtype: str = "float32", **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` on the resolved path, in ``dtype`` (see :func:`torch_dtype`)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=torch_dtype(dtype), **kwargs)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` in eval mode with ``requires_grad=False`` everywhere (the reference policy)."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def apply_lora(
+    model: torch.nn.Module,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: list[str] | str | None = "all-linear",
+):
+    """Wrap ``model`` in ``peft`` LoRA adapters (only the adapters train).
+
+    Raises:
+        ImportError: ``peft`` is not installed (``pip install 'otalign[peft]'``).
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("LoRA needs the optional 'peft' package: pip install 'otalign[peft]'") from None
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,49 @@
+"""Rewards for RL: a Hugging Face reward model, a built-in reward function by name, or any Python callable."""
+
+from __future__ import annotations
+
+import os
+
+from .base import FunctionReward, Reward, RewardFn
+from .model import ModelReward, same_tokenizer
+from .sentiment import sentiment_reward
+
+REWARD_FUNCTIONS: dict[str, RewardFn] = {"sentiment": sentiment_reward}
+"""Built-in reward functions, selectable by name (``reward_fn: sentiment``)."""
+
+
+def build_reward(
+    reward_fn: str | RewardFn | None = None,
+    reward_model: str | os.PathLike | None = None,
+    *,
+    policy_tokenizer=None,
+    retokenize: bool = False,
+    dtype: str = "float32",
+) -> Reward:
+    """The reward a config names: exactly one of ``reward_fn`` (a built-in name or a callable) and
+    ``reward_model`` (a sequence-classification model id or folder, checked against ``policy_tokenizer``).
+
+    Raises:
+        ValueError: both or neither given, or an unknown reward function name.
+    """
+    if (reward_fn is None) == (reward_model is None):
+        raise ValueError("give exactly one of reward_fn (a function name or callable) and reward_model (a model path)")
+    if reward_model is not None:
+        return ModelReward.from_pretrained(reward_model, policy_tokenizer, retokenize=retokenize, dtype=dtype)
+    if callable(reward_fn):
+        return FunctionReward(reward_fn)
+    if reward_fn not in REWARD_FUNCTIONS:
+        raise ValueError(f"unknown reward function {reward_fn!r}; choose one of {sorted(REWARD_FUNCTIONS)}")
+    return FunctionReward(REWARD_FUNCTIONS[reward_fn], name=reward_fn)
+
+
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "FunctionReward",
+    "ModelReward",
+    "Reward",
+    "RewardFn",
+    "build_reward",
+    "same_tokenizer",
+    "sentiment_reward",
+]

@@ -1,0 +1,25 @@
+"""Accelerate-native trainers and their shared infrastructure (config, checkpoints, metrics, progress)."""
+
+from __future__ import annotations
+
+from .base import BaseTrainer
+from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint, list_checkpoints
+from .config import ConfigError, TrainerConfig, parse_config
+from .metrics import MetricsLogger, read_metrics
+from .ppo import DEFAULT_BETA, PPOConfig, PPOTrainer
+
+__all__ = [
+    "DEFAULT_BETA",
+    "BaseTrainer",
+    "CheckpointManager",
+    "ConfigError",
+    "MetricsLogger",
+    "PPOConfig",
+    "PPOTrainer",
+    "TrainerConfig",
+    "TrainerState",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "parse_config",
+    "read_metrics",
+]

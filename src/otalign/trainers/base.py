@@ -1,0 +1,145 @@
+"""What every trainer shares: accelerator, seeding, optimizer and schedule, checkpoints, metrics, progress.
+
+A concrete trainer (PPO, SFT, reward, preference) builds its models, calls :meth:`BaseTrainer.prepare`
+with them, then writes its own loop top to bottom::
+
+    start = self.begin()                       # resume if asked, open trackers
+    for step in self.steps(start):             # progress bar over the remaining steps
+        ...                                    # the method's loop body
+        self.end_step(step, metrics)           # log, checkpoint
+    self.finish()
+
+The trainer owns the loop; the math (losses, penalties, advantages) lives in functions it calls.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint
+from .config import TrainerConfig
+from .metrics import MetricsLogger
+
+
+class BaseTrainer:
+    """Shared infrastructure for the trainers of :mod:`otalign.trainers`.
+
+    Args:
+        config: the command's config (a :class:`TrainerConfig` subclass).
+        accelerator: an existing ``Accelerator`` (one per process); default: made from the config.
+    """
+
+    project_name = "otalign"
+
+    def __init__(self, config: TrainerConfig, accelerator: Accelerator | None = None) -> None:
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=config.report_to or None,
+            project_dir=str(self.output_dir),
+        )
+        set_seed(config.seed)
+        self.state = TrainerState()
+        self.metrics = MetricsLogger(self.accelerator, self.output_dir)
+        self.checkpoints = CheckpointManager(self.accelerator, self.output_dir, config.save_total_limit)
+
+    def print(self, *args) -> None:
+        """Print on the main process only."""
+        self.accelerator.print("[otalign]", *args, flush=True)
+
+    def create_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """AdamW over ``params`` with the config's learning rate, betas, epsilon and weight decay."""
+        c = self.config
+        return torch.optim.AdamW(
+            params,
+            lr=c.learning_rate,
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
+            weight_decay=c.weight_decay,
+        )
+
+    def create_scheduler(self, optimizer: torch.optim.Optimizer):
+        """``transformers.get_scheduler`` over ``max_steps`` optimizer steps (stepped once per step, whatever
+        the number of processes; saved with every checkpoint)."""
+        from transformers import get_scheduler
+
+        c = self.config
+        scheduler = get_scheduler(
+            c.lr_scheduler_type, optimizer, num_warmup_steps=c.warmup_steps, num_training_steps=c.max_steps
+        )
+        self.accelerator.register_for_checkpointing(scheduler)
+        return scheduler
+
+    def prepare(self, *objects):
+        """``accelerator.prepare`` the models and optimizer, and register :attr:`state` for checkpoints."""
+        prepared = self.accelerator.prepare(*objects)
+        self.accelerator.register_for_checkpointing(self.state)
+        return prepared
+
+    def begin(self) -> int:
+        """Resume if the config asks, start the trackers, write ``config.json``; returns the first step to run."""
+        c = self.config
+        path = c.resume_from_checkpoint
+        if c.resume and path is None:
+            path = latest_checkpoint(self.output_dir)
+            if path is None:
+                self.print(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}, starting from scratch")
+        if path is not None:
+            self.checkpoints.load(path)
+            self.metrics.truncate_after(self.state.global_step)
+            self.print(f"resumed from {path} at step {self.state.global_step}")
+        else:
+            self.metrics.reset()
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2), encoding="utf-8")
+        if c.report_to:
+            self.accelerator.init_trackers(self.project_name, config=_flat(c.to_dict()))
+        return self.state.global_step + 1
+
+    def steps(self, start: int) -> Iterator[int]:
+        """Steps ``start .. max_steps`` with a progress bar on the main process (when enabled)."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        show = c.progress_bar and self.accelerator.is_local_main_process
+        bar = tqdm(total=c.max_steps, initial=start - 1, disable=not show, desc=type(self).__name__, dynamic_ncols=True)
+        self._bar = bar
+        try:
+            for step in range(start, c.max_steps + 1):
+                yield step
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def end_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Log ``metrics`` (every ``logging_steps``) and checkpoint (every ``save_steps`` and at the end, if > 0)."""
+        c = self.config
+        self.state.global_step = step
+        if step % c.logging_steps == 0 or step == c.max_steps:
+            self.metrics.log(metrics, step)
+            bar = getattr(self, "_bar", None)
+            if bar is not None:
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in self.progress_keys if k in metrics}, refresh=False)
+        if c.save_steps and (step % c.save_steps == 0 or step == c.max_steps):
+            self.checkpoints.save(step)
+
+    progress_keys: tuple[str, ...] = ()
+    """Metrics shown next to the progress bar."""
+
+    def finish(self) -> None:
+        """Close trackers and wait for all processes."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+
+def _flat(config: dict) -> dict:
+    """Tracker-friendly hyperparameters: lists and None become strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
