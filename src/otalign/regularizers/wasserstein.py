@@ -1,0 +1,431 @@
+r"""The Wasserstein policy regularization (WPR) penalty: an entropic OT potential over token embeddings.
+
+At each generated position, with policy :math:`a = \pi_\theta(\cdot)`, reference :math:`b = \pi_{ref}(\cdot)`
+and the sampled token :math:`y` (DESIGN.md, "WPR penalty"):
+
+1. **Support.** :math:`S = \text{top-}k(a) \cup \text{top-}k(b) \cup \{y\}`, stored in ``2k + 1`` slots
+   (slot 0 is :math:`y`); a slot repeating a token of an earlier slot is a *duplicate* and carries no mass,
+   so the sampled token's slot always carries its mass. The mass outside :math:`S` of each distribution goes
+   to one *dust* atom (the last slot). Duplicates are moved to the end and dropped where a whole chunk has
+   them, so Sinkhorn runs on ``s + 1 <= 2k + 2`` atoms, ``s`` the largest number of distinct tokens.
+2. **Cost.** :math:`C_{ij}` = Euclidean distance (or 1 - cosine similarity) of the embedding rows of the
+   support, computed on the fly with one batched matmul. With ``knn = k1``, a pair is a neighbour pair iff
+   :math:`C_{ij} \le \max(r_i, r_j)` with :math:`r_i` the distance of token :math:`i` to its k1-th nearest
+   token (:func:`otalign.ot.knn_radius`): "j among the k1 nearest of i, or i among those of j".
+3. **Dust.** :math:`C(\text{dust}, \text{dust}) = 0`, :math:`C(\text{dust}, i) = c_d` with :math:`c_d` the
+   largest cost among the support's tokens (``dust_cost="max"``) or a given number.
+   A non-neighbour pair costs :math:`2 c_d`, the price of the path :math:`i \to \text{dust} \to j`: the
+   paper's :math:`+\infty` makes the truncated problem infeasible whenever the policy moves more mass
+   between non-neighbours than the dust holds (its Sinkhorn then never converges and the potentials grow
+   with the iteration count), which DESIGN.md note 3 rules out. With finite costs every problem is feasible.
+4. **Entropic OT** with :math:`\varepsilon = 1/\lambda` by :func:`otalign.ot.sinkhorn` (log domain,
+   eps-scaling, stopping on the marginal error), all positions of a chunk in one batched call:
+   :math:`\mathrm{OT}_\varepsilon(a,b) = \min_{P1=a, P^\top 1=b} \langle P,C\rangle + \varepsilon\sum P(\log P-1)`.
+5. **Penalty.** The policy-side potential :math:`\phi = f` (:math:`P = e^{(f_i + g_j - C_{ij})/\varepsilon}`,
+   :math:`f = \partial\,\mathrm{OT}_\varepsilon/\partial a`; the sign of DESIGN.md note 5), shifted per
+   position by :math:`t` so that :math:`\sum_{i \in S \cup \{\text{dust}\}} a_i \phi_i = \mathrm{OT}_\varepsilon(a,b)`
+   (note 6): the sampled token's :math:`\phi_y` is then an unbiased one-sample estimate of the distance.
+   With ``debias=True`` the distance is the Sinkhorn divergence
+   :math:`\mathrm{OT}_\varepsilon(a,b) - \frac12\mathrm{OT}_\varepsilon(a,a) - \frac12\mathrm{OT}_\varepsilon(b,b)`
+   with gradient :math:`\phi = f_{ab} - \frac12(f_{aa} + g_{aa})`, zero when :math:`a = b`.
+
+Units: costs, potentials, values and penalties are in the cost's units (embedding distance).
+The sampled token's mass is floored at :math:`e^{-80}` (:data:`~otalign.regularizers.base.LOG_PROB_FLOOR`):
+a zero-mass atom has potential :math:`-\infty`, and :math:`\phi_y` contains :math:`\varepsilon\log a_y`,
+so the floor bounds the penalty of a token the policy gave (numerically) no mass at about
+:math:`-80\varepsilon` plus its transport term, instead of :math:`-\infty`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from otalign.ot import knn_radius, pairwise_cost, sinkhorn
+
+from .base import (
+    DEFAULT_CHUNK_ELEMENTS,
+    LOG_PROB_FLOOR,
+    Positions,
+    Regularizer,
+    StatAccumulator,
+    chunk_bounds,
+    describe,
+)
+from .embeddings import check_vocab_size
+from .f_divergence import exact_f_divergence
+
+METRICS = ("euclidean", "cosine")
+KNN_RTOL = 1e-4
+"""Relative slack of the neighbour test ``C_ij <= max(r_i, r_j)``, so that rounding differences between
+the radii (computed once over the whole vocabulary) and the support's costs do not drop the k1-th
+neighbour itself."""
+
+
+@dataclass(frozen=True)
+class Support:
+    """Candidate support of each position, before duplicates are dropped.
+
+    Attributes:
+        tokens: (n, m) int64 token ids; slot 0 is the sampled token, then the policy's top-k, then the
+            reference's top-k (``m = 2k + 1`` when built by :func:`select_support`).
+        policy_logprobs: (n, m) float32 policy log-probabilities of the slots' tokens.
+        ref_logprobs: (n, m) float32 reference log-probabilities.
+        distinct: (n, m) bool, False where a slot repeats the token of an earlier slot.
+    """
+
+    tokens: torch.Tensor
+    policy_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    distinct: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> Support:
+        return Support(self.tokens[rows], self.policy_logprobs[rows], self.ref_logprobs[rows], self.distinct[rows])
+
+    @staticmethod
+    def cat(parts: list[Support]) -> Support:
+        """Concatenate supports of equal width along the position axis."""
+        return Support(*(torch.cat([getattr(p, name) for p in parts]) for name in Support.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
+class TruncatedProblem:
+    """Per-position truncated OT problems on ``s`` support slots plus one dust atom (the last index).
+
+    Attributes:
+        a: (n, s + 1) policy masses, summing to 1; slot 0 is the sampled token (mass floored at
+            ``exp(LOG_PROB_FLOOR)``), duplicate slots have mass 0, the last entry is the dust.
+        b: (n, s + 1) reference masses, same slots.
+        cost: (n, s + 1, s + 1) float32 costs, all finite.
+        tokens: (n, s) int64 token id of each support slot.
+        distinct: (n, s) bool, False for duplicate (zero-mass padding) slots.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    cost: torch.Tensor
+    tokens: torch.Tensor
+    distinct: torch.Tensor
+
+
+@dataclass(frozen=True)
+class WassersteinSolution:
+    """Shifted potentials and values of a batch of truncated problems.
+
+    Attributes:
+        potential: (n, s + 1) policy-side potential ``phi`` shifted so that ``sum(a * phi) == value``;
+            ``-inf`` on slots with no policy mass. ``potential[:, 0]`` is the sampled token's penalty.
+        value: (n,) entropic OT value (the Sinkhorn divergence when debiased), cost units.
+        n_iter: Sinkhorn iterations at the target eps (eps-scaling excluded).
+        marginal_error: (n,) L1 row-marginal error of the solved plan(s), mass units (the largest of the
+            three problems when debiased).
+    """
+
+    potential: torch.Tensor
+    value: torch.Tensor
+    n_iter: int
+    marginal_error: torch.Tensor
+
+    @property
+    def penalty(self) -> torch.Tensor:
+        """(n,) the sampled token's shifted potential."""
+        return self.potential[:, 0]
+
+
+def select_support(
+    policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, actions: torch.Tensor, top_k: int
+) -> Support:
+    """Slots ``[y, top-k(policy), top-k(reference)]`` with their log-probabilities and duplicate flags.
+
+    Args:
+        policy_logprobs: (n, V) float32 normalised log-probabilities of the policy.
+        ref_logprobs: (n, V) float32 normalised log-probabilities of the reference.
+        actions: (n,) int64 sampled tokens.
+        top_k: k, 1 <= k <= V.
+
+    Returns:
+        :class:`Support` of width ``2k + 1``. Among equal tokens the earliest slot is the distinct one,
+        so slot 0 (the sampled token) is always distinct.
+    """
+    tokens = torch.cat(
+        [
+            actions[:, None],
+            policy_logprobs.topk(top_k, dim=-1, sorted=False).indices,
+            ref_logprobs.topk(top_k, dim=-1, sorted=False).indices,
+        ],
+        dim=1,
+    )
+    ordered, order = tokens.sort(dim=1, stable=True)
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    distinct = ~torch.empty_like(repeat).scatter_(1, order, repeat)
+    return Support(tokens, policy_logprobs.gather(1, tokens), ref_logprobs.gather(1, tokens), distinct)
+
+
+def compact(support: Support) -> Support:
+    """Move each position's distinct slots first (keeping their order, so slot 0 stays the sampled token)
+    and drop the slots that are duplicates at every position: width ``max_n(#distinct)``."""
+    order = (~support.distinct).to(torch.uint8).argsort(dim=1, stable=True)
+    width = int(support.distinct.sum(1).max()) if support.distinct.numel() else 1
+    order = order[:, :width]
+    return Support(*(getattr(support, name).gather(1, order) for name in Support.__dataclass_fields__))
+
+
+def support_masses(support: Support) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy and reference masses (n, s + 1) on the support slots plus dust (the mass outside).
+
+    Duplicate slots get 0, the policy's sampled token (slot 0) at least ``exp(LOG_PROB_FLOOR)``.
+    """
+    policy = support.policy_logprobs.clone()
+    policy[:, 0] = policy[:, 0].clamp_min(LOG_PROB_FLOOR)
+    return _with_dust(policy, support.distinct), _with_dust(support.ref_logprobs, support.distinct)
+
+
+def _with_dust(logprobs: torch.Tensor, distinct: torch.Tensor) -> torch.Tensor:
+    """Masses of the distinct slots and, appended, ``1 - their sum``; each row renormalised to sum to 1
+    (float32 rounding of ``1 - sum``, or the floor, can break that by ~1e-7)."""
+    mass = torch.where(distinct, logprobs.exp(), torch.zeros_like(logprobs))
+    mass = torch.cat([mass, (1.0 - mass.sum(1, keepdim=True)).clamp_min(0.0)], dim=1)
+    return mass / mass.sum(1, keepdim=True)
+
+
+def support_cost(
+    embeddings: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    metric: str = "euclidean",
+    radius: torch.Tensor | None = None,
+    dust_cost: str | float = "max",
+    block_positions: int | None = None,
+) -> torch.Tensor:
+    """Ground costs (n, s + 1, s + 1) among the support tokens and the dust atom (the last index).
+
+    Args:
+        embeddings: (V, d) token embeddings, any float dtype (costs are computed in float32 or better).
+        tokens: (n, s) int64 support tokens.
+        metric: ``euclidean`` or ``cosine`` (1 - cosine similarity).
+        radius: optional (V,) k1-NN radii; a pair with ``C_ij > max(r_i, r_j)`` (up to :data:`KNN_RTOL`)
+            is not a neighbour pair and costs ``2 * dust_cost``.
+        dust_cost: ``"max"`` (per position, the largest cost among the support's tokens) or a number >= 0.
+        block_positions: positions per block of the (block, s, d) embedding gather (None: all at once).
+
+    Returns:
+        float32 costs, all finite; ``cost[:, -1, -1] = 0``.
+    """
+    n, s = tokens.shape
+    cost = torch.empty(n, s + 1, s + 1, dtype=torch.float32, device=tokens.device)
+    for start, stop in chunk_bounds(n, block_positions or n):
+        points = embeddings[tokens[start:stop]]
+        pair = pairwise_cost(points, points, metric).float()
+        dust = pair.amax(dim=(1, 2)) if dust_cost == "max" else torch.full_like(pair[:, 0, 0], float(dust_cost))
+        if radius is not None:
+            reach = radius[tokens[start:stop]].float()
+            reach = torch.maximum(reach[:, :, None], reach[:, None, :]) * (1.0 + KNN_RTOL)
+            pair = torch.where(pair <= reach, pair, 2.0 * dust[:, None, None])
+        block = cost[start:stop]
+        block[:, :s, :s] = pair
+        block[:, :s, s] = dust[:, None]
+        block[:, s, :s] = dust[:, None]
+        block[:, s, s] = 0.0
+    return cost
+
+
+def truncated_problem(
+    support: Support,
+    embeddings: torch.Tensor,
+    *,
+    metric: str = "euclidean",
+    radius: torch.Tensor | None = None,
+    dust_cost: str | float = "max",
+    block_positions: int | None = None,
+) -> TruncatedProblem:
+    """Compact ``support`` and assemble masses and costs (see :func:`support_masses`, :func:`support_cost`)."""
+    support = compact(support)
+    a, b = support_masses(support)
+    cost = support_cost(
+        embeddings, support.tokens, metric=metric, radius=radius, dust_cost=dust_cost, block_positions=block_positions
+    )
+    return TruncatedProblem(a=a, b=b, cost=cost, tokens=support.tokens, distinct=support.distinct)
+
+
+def build_problem(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    actions: torch.Tensor,
+    embeddings: torch.Tensor,
+    *,
+    top_k: int = 128,
+    metric: str = "euclidean",
+    radius: torch.Tensor | None = None,
+    dust_cost: str | float = "max",
+) -> TruncatedProblem:
+    """The truncated OT problem :class:`WassersteinRegularizer` solves at each of ``n`` positions.
+
+    Args:
+        policy_logits: (n, V) policy logits (or log-probabilities), any float dtype.
+        ref_logits: (n, V) reference logits.
+        actions: (n,) sampled token ids.
+        embeddings: (V, d) token embeddings.
+        top_k, metric, radius, dust_cost: as in :class:`WassersteinRegularizer` (``radius`` from
+            :func:`otalign.ot.knn_radius`).
+    """
+    policy = torch.log_softmax(policy_logits.float(), dim=-1)
+    ref = torch.log_softmax(ref_logits.float(), dim=-1)
+    support = select_support(policy, ref, actions.long(), top_k)
+    return truncated_problem(support, embeddings, metric=metric, radius=radius, dust_cost=dust_cost)
+
+
+def solve_problem(
+    problem: TruncatedProblem,
+    lam: float,
+    *,
+    debias: bool = False,
+    max_iter: int = 1000,
+    tol: float = 1e-5,
+) -> WassersteinSolution:
+    """Solve a batch of truncated problems with one :func:`otalign.ot.sinkhorn` call and shift the
+    policy-side potentials so that ``sum_i a_i phi_i`` equals the value (the module docstring, step 5).
+
+    Args:
+        problem: the problems (n positions).
+        lam: lambda; eps = 1 / lam.
+        debias: use the Sinkhorn divergence (solves OT(a, b), OT(a, a) and OT(b, b) in one batch).
+        max_iter: Sinkhorn iterations allowed at the target eps.
+        tol: stop once every problem's L1 marginal error is <= tol (mass units).
+    """
+    a, b, cost = problem.a, problem.b, problem.cost
+    n = a.shape[0]
+    if debias:
+        solved = sinkhorn(
+            torch.cat([a, a, b]), torch.cat([b, a, b]), cost.repeat(3, 1, 1), 1.0 / lam, max_iter=max_iter, tol=tol
+        )
+        potential = solved.f[:n] - 0.5 * (solved.f[n : 2 * n] + solved.g[n : 2 * n])
+        value = solved.value[:n] - 0.5 * (solved.value[n : 2 * n] + solved.value[2 * n :])
+        error = solved.marginal_error.view(3, n).amax(0)
+    else:
+        solved = sinkhorn(a, b, cost, 1.0 / lam, max_iter=max_iter, tol=tol)
+        potential, value, error = solved.f, solved.value, solved.marginal_error
+    held = a > 0
+    potential = torch.where(held, potential, torch.full_like(potential, -math.inf))
+    shift = value - torch.where(held, a * potential, torch.zeros_like(potential)).sum(1)
+    return WassersteinSolution(
+        potential=potential + shift[:, None], value=value, n_iter=solved.n_iter, marginal_error=error
+    )
+
+
+class WassersteinRegularizer(Regularizer):
+    r"""The WPR penalty (module docstring) for PPO: ``penalty(policy_logits, ref_logits, actions, mask)``.
+
+    Stats (means over generated positions unless noted): ``penalty/mean``; ``wasserstein/value`` (the
+    entropic OT value, or the Sinkhorn divergence when debiased); ``sinkhorn/iters`` and
+    ``sinkhorn/marginal_err`` (largest over chunks); ``wasserstein/support_size`` (distinct support tokens,
+    dust excluded); ``wasserstein/dust_mass`` (mass outside the support, averaged over policy and
+    reference); ``kl/exact`` (full-vocabulary :math:`\mathrm{KL}(\pi_\theta\|\pi_{ref})`, for comparison).
+
+    Args:
+        embeddings: (V, d) token embeddings defining the cost (e.g. :func:`embedding_matrix` of the
+            reference model). Moved to the logits' device on first use.
+        lam: lambda > 0; eps = 1 / lam in cost units (paper: 100).
+        top_k: k2, tokens kept from each distribution, 1 <= k <= V (paper: 128).
+        metric: ``euclidean`` (paper) or ``cosine``.
+        knn: optional k1 (paper: 512): pairs that are not k1-nearest neighbours cost twice the dust cost.
+        knn_cache_dir: folder caching the k1-NN radii under the embedding's content hash.
+        dust_cost: ``"max"`` or a number >= 0 (module docstring, step 3).
+        max_iter: Sinkhorn iterations allowed at the target eps.
+        tol: Sinkhorn stopping tolerance on the L1 marginal error (mass units).
+        debias: penalize with the Sinkhorn divergence (zero when the policy equals the reference).
+        max_chunk_elements: see :class:`~otalign.regularizers.base.Regularizer`. Log-softmax runs on
+            ``max_chunk_elements // V`` positions at a time, Sinkhorn on ``max_chunk_elements // (2k+2)^2``
+            (a third of that when debiased), the embedding gather on ``max_chunk_elements // ((2k+1) d)``.
+    """
+
+    name = "wasserstein"
+
+    def __init__(
+        self,
+        embeddings: torch.Tensor,
+        *,
+        lam: float = 100.0,
+        top_k: int = 128,
+        metric: str = "euclidean",
+        knn: int | None = None,
+        knn_cache_dir: str | os.PathLike | None = None,
+        dust_cost: str | float = "max",
+        max_iter: int = 1000,
+        tol: float = 1e-5,
+        debias: bool = False,
+        max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        super().__init__(max_chunk_elements=max_chunk_elements)
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
+            raise ValueError(f"embeddings must be a floating-point (V, d) tensor, got {describe(embeddings)}")
+        vocab = embeddings.shape[0]
+        lam = float(lam)
+        if not (math.isfinite(lam) and lam > 0):
+            raise ValueError(f"lam must be a finite number > 0, got {lam}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
+            raise ValueError(f"top_k must be an integer in [1, V] = [1, {vocab}], got {top_k!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if dust_cost != "max":
+            number = None if isinstance(dust_cost, (str, bool)) else float(dust_cost)
+            if number is None or not (math.isfinite(number) and number >= 0):
+                raise ValueError(f"dust_cost must be 'max' or a finite number >= 0, got {dust_cost!r}")
+            dust_cost = number
+        if max_iter < 1 or not tol > 0:
+            raise ValueError(f"need max_iter >= 1 and tol > 0, got max_iter={max_iter}, tol={tol}")
+        self.embeddings = embeddings.detach()
+        self.radius = None
+        if knn is not None:
+            self.radius = knn_radius(self.embeddings, knn, metric=metric, cache_dir=knn_cache_dir)
+        self.lam, self.top_k, self.metric, self.knn = lam, top_k, metric, knn
+        self.dust_cost, self.max_iter, self.tol, self.debias = dust_cost, max_iter, tol, debias
+
+    def __repr__(self) -> str:
+        return (
+            f"WassersteinRegularizer(V={self.embeddings.shape[0]}, d={self.embeddings.shape[1]}, lam={self.lam}, "
+            f"top_k={self.top_k}, metric={self.metric!r}, knn={self.knn}, dust_cost={self.dust_cost!r}, "
+            f"debias={self.debias})"
+        )
+
+    def _penalize(self, positions: Positions) -> tuple[torch.Tensor, StatAccumulator]:
+        check_vocab_size(self.embeddings, positions.vocab)
+        device = positions.actions.device
+        if self.embeddings.device != device:
+            self.embeddings = self.embeddings.to(device)
+            self.radius = None if self.radius is None else self.radius.to(device)
+        stats = StatAccumulator()
+        values = torch.empty(positions.count, dtype=torch.float32, device=device)
+        if positions.count == 0:
+            return values, stats
+
+        parts = []
+        for start, stop in chunk_bounds(positions.count, self.max_chunk_elements // positions.vocab):
+            policy, ref = positions.log_probs(start, stop)
+            stats.add_mean("kl/exact", exact_f_divergence(policy, ref, "rkl"))
+            parts.append(select_support(policy, ref, positions.actions[start:stop], self.top_k))
+        support = Support.cat(parts)
+
+        slots = 2 * self.top_k + 2
+        per_problem = slots * slots * (3 if self.debias else 1)
+        gather = self.max_chunk_elements // ((slots - 1) * self.embeddings.shape[1])
+        for start, stop in chunk_bounds(positions.count, self.max_chunk_elements // per_problem):
+            problem = truncated_problem(
+                support[start:stop],
+                self.embeddings,
+                metric=self.metric,
+                radius=self.radius,
+                dust_cost=self.dust_cost,
+                block_positions=max(1, gather),
+            )
+            solution = solve_problem(problem, self.lam, debias=self.debias, max_iter=self.max_iter, tol=self.tol)
+            values[start:stop] = solution.penalty
+            stats.add_mean("wasserstein/value", solution.value)
+            stats.add_max("sinkhorn/iters", solution.n_iter)
+            stats.add_max("sinkhorn/marginal_err", solution.marginal_error)
+            stats.add_mean("wasserstein/support_size", problem.distinct.sum(1))
+            stats.add_mean("wasserstein/dust_mass", 0.5 * (problem.a[:, -1] + problem.b[:, -1]))
+        return values, stats
