@@ -123,23 +123,12 @@ def test_identical_points_give_exactly_zero(metric, dtype, d, offset):
     assert (pairwise_cost(x, x, metric) > 0).sum() >= 20 * 19 - 2  # distinct points stay apart
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG costs.cosine: 1 - <x/|x|, x/|x|> is not snapped to 0, identical points get distances up to ~3e-7 "
-    "(float32); the module docstring promises exact zeros below the rounding level",
-)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cosine_identical_points_give_exactly_zero(dtype):
     x = _points(0, 50, 64, scale=3.0, offset=1.0, dtype=dtype)
     assert (cosine(x, x).diagonal() == 0).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG costs._squared_distances: the zero floor 16*eps*(|x|^2+|y|^2) does not grow with the feature size, "
-    "so in float64 with d >= 4096 identical rows get euclidean distances ~2e-5 instead of 0 "
-    "(BLAS rounding grows with d)",
-)
 def test_identical_points_give_exactly_zero_in_high_dimension_float64():
     g = torch.Generator().manual_seed(1)
     bad = 0

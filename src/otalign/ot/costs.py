@@ -9,6 +9,7 @@ exactly zero, and have zero (not NaN or inf) gradients there.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -37,7 +38,8 @@ def _squared_distances(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
     x_sq = (x * x).sum(-1, keepdim=True)
     y_sq = (y * y).sum(-1, keepdim=True).transpose(-1, -2)
     sq = (x_sq + y_sq - 2.0 * (x @ y.transpose(-1, -2))).clamp_min(0)
-    floor = 16 * torch.finfo(x.dtype).eps * (x_sq + y_sq).detach()
+    # Rounding in the d-term dot products grows like sqrt(d) (random-walk accumulation).
+    floor = 4 * math.sqrt(x.shape[-1]) * torch.finfo(x.dtype).eps * (x_sq + y_sq).detach()
     return sq, floor
 
 
@@ -63,12 +65,21 @@ def euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cosine distances ``1 - <x_i, y_j> / (||x_i|| ||y_j||)`` in [0, 2]: (..., n, m).
 
-    A zero vector has cosine similarity 0 with everything (distance 1).
+    A zero vector has cosine similarity 0 with everything (distance 1) and zero gradient;
+    distances below the rounding level are exactly 0.
     """
     x, y = _promote(x, y)
-    x_unit = torch.nn.functional.normalize(x, dim=-1)
-    y_unit = torch.nn.functional.normalize(y, dim=-1)
-    return (1.0 - x_unit @ y_unit.transpose(-1, -2)).clamp(0.0, 2.0)
+    distance = 1.0 - _unit(x) @ _unit(y).transpose(-1, -2)
+    floor = 4 * math.sqrt(x.shape[-1]) * torch.finfo(x.dtype).eps
+    return torch.where(distance > floor, distance, torch.zeros_like(distance)).clamp(max=2.0)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm; zero rows stay zero with zero gradient."""
+    sq_norm = (x * x).sum(-1, keepdim=True)
+    nonzero = sq_norm > 0
+    inv_norm = torch.where(nonzero, torch.rsqrt(torch.where(nonzero, sq_norm, torch.ones_like(sq_norm))), 0.0)
+    return x * inv_norm
 
 
 def pairwise_cost(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:

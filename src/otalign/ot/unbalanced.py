@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._scaling import anneal, scaling_iterations
 from ._validation import check_positive_scalar, prepare_problem
-from .sinkhorn import c_transform
 
 
 @dataclass
@@ -53,8 +53,11 @@ def _marginal_weights(rho: float | tuple[float, float]) -> tuple[float, float]:
     if len(pair) != 2:
         raise ValueError(f"rho must be a number or a pair (rho_a, rho_b), got {rho!r}")
     checked = []
-    for name, value in zip(("rho_a", "rho_b"), pair):
-        value = float(value)
+    for name, value in zip(("rho_a", "rho_b"), pair, strict=True):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number > 0 (inf for a hard marginal), got {value!r}") from None
         if math.isnan(value) or value <= 0:
             raise ValueError(f"{name} must be > 0 (inf for a hard marginal), got {value}")
         checked.append(value)
@@ -79,6 +82,7 @@ def unbalanced_sinkhorn(
     *,
     max_iter: int = 1000,
     tol: float = 1e-6,
+    scaling: float = 0.5,
     check_every: int = 5,
 ) -> UnbalancedResult:
     """Solve a batch of unbalanced entropic OT problems (see the module docstring).
@@ -93,6 +97,7 @@ def unbalanced_sinkhorn(
         max_iter: maximum number of (f, g) updates.
         tol: stop once the sup-norm change of both potentials is <= ``tol`` (cost units)
             for every problem.
+        scaling: eps-scaling warm start factor in [0, 1) (see :func:`otalign.ot.sinkhorn`).
         check_every: test convergence every this many iterations.
 
     Returns:
@@ -104,26 +109,23 @@ def unbalanced_sinkhorn(
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     a, b, cost, unbatched = prepare_problem(a, b, cost)
-    damp_a, damp_b = _damping(rho_a, eps), _damping(rho_b, eps)
 
-    log_a, log_b = a.log(), b.log()
-    neg_cost = -cost / eps
-    f = torch.zeros_like(a)
-    g = torch.zeros_like(b)
-    n_iter = 0
-    while True:
-        f_new = damp_a * c_transform(g, log_b, neg_cost, eps, dim=2)
-        g_new = damp_b * c_transform(f_new, log_a, neg_cost, eps, dim=1)
-        n_iter += 1
-        checking = n_iter % check_every == 0 or n_iter >= max_iter
-        if checking:
-            change = torch.maximum(_sup_change(f, f_new), _sup_change(g, g_new))
-        f, g = f_new, g_new
-        if checking and (n_iter >= max_iter or bool((change <= tol).all())):
-            break
-
-    log_plan = log_a.unsqueeze(-1) + log_b.unsqueeze(-2) + (f.unsqueeze(-1) + g.unsqueeze(-2)) / eps + neg_cost
-    plan = torch.exp(log_plan)
+    f, g = anneal(a, b, cost, eps, scaling, lambda eps_k: (_damping(rho_a, eps_k), _damping(rho_b, eps_k)))
+    f, g, plan, n_iter, change = scaling_iterations(
+        a,
+        b,
+        cost,
+        eps,
+        f,
+        g,
+        damp_a=_damping(rho_a, eps),
+        damp_b=_damping(rho_b, eps),
+        max_iter=max_iter,
+        tol=tol,
+        check_every=check_every,
+        balanced=False,
+        return_plan=True,
+    )
     value = _primal_value(plan, a, b, f, g, eps, rho_a, rho_b)
     result = UnbalancedResult(plan=plan, f=f, g=g, value=value, n_iter=n_iter, potential_change=change)
     if unbatched:
@@ -131,13 +133,6 @@ def unbalanced_sinkhorn(
             plan=plan[0], f=f[0], g=g[0], value=value[0], n_iter=n_iter, potential_change=change[0]
         )
     return result
-
-
-def _sup_change(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    diff = (new - old).abs()
-    # Fully forbidden rows keep potential +inf; inf - inf is no change.
-    diff = torch.where(torch.isinf(old) & (old == new), torch.zeros_like(diff), diff)
-    return diff.amax(-1)
 
 
 def _primal_value(
