@@ -28,6 +28,8 @@ def build_regularizer(name: str, **kwargs) -> Regularizer:
     and to :class:`FDivergenceRegularizer` otherwise (``alpha``, ``estimator``, ``max_chunk_elements``).
     """
     if name == "wasserstein":
+        if "embeddings" not in kwargs:
+            raise ValueError("the wasserstein regularizer needs embeddings=<(V, d) tensor> (see embedding_matrix)")
         return WassersteinRegularizer(**kwargs)
     if name not in REGULARIZER_NAMES:
         raise ValueError(f"unknown regularizer {name!r}; choose one of {REGULARIZER_NAMES}")

@@ -18,13 +18,14 @@ and the sampled token :math:`y` (DESIGN.md, "WPR penalty"):
    paper's :math:`+\infty` makes the truncated problem infeasible whenever the policy moves more mass
    between non-neighbours than the dust holds (its Sinkhorn then never converges and the potentials grow
    with the iteration count), which DESIGN.md note 3 rules out. With finite costs every problem is feasible.
-4. **Entropic OT** with :math:`\varepsilon = 1/\lambda` by :func:`otalign.ot.sinkhorn` (log domain,
-   eps-scaling, stopping on the marginal error), all positions of a chunk in one batched call:
+4. **Entropic OT** with :math:`\varepsilon = 1/\lambda` by :func:`otalign.ot.sinkhorn` (stabilised,
+   with eps-scaling, stopping on the marginal error), all positions of a chunk in one batched call:
    :math:`\mathrm{OT}_\varepsilon(a,b) = \min_{P1=a, P^\top 1=b} \langle P,C\rangle + \varepsilon\sum P(\log P-1)`.
 5. **Penalty.** The policy-side potential :math:`\phi = f` (:math:`P = e^{(f_i + g_j - C_{ij})/\varepsilon}`,
-   :math:`f = \partial\,\mathrm{OT}_\varepsilon/\partial a`; the sign of DESIGN.md note 5), shifted per
-   position by :math:`t` so that :math:`\sum_{i \in S \cup \{\text{dust}\}} a_i \phi_i = \mathrm{OT}_\varepsilon(a,b)`
-   (note 6): the sampled token's :math:`\phi_y` is then an unbiased one-sample estimate of the distance.
+   :math:`f = \partial\,\mathrm{OT}_\varepsilon/\partial a`; the sign of DESIGN.md note 5), averaged over
+   the problem and its transpose (:func:`solve_problem` says why), shifted per position by :math:`t` so that
+   :math:`\sum_{i \in S \cup \{\text{dust}\}} a_i \phi_i = \mathrm{OT}_\varepsilon(a,b)` (note 6): the
+   sampled token's :math:`\phi_y` is then an unbiased one-sample estimate of the distance.
    With ``debias=True`` the distance is the Sinkhorn divergence
    :math:`\mathrm{OT}_\varepsilon(a,b) - \frac12\mathrm{OT}_\varepsilon(a,a) - \frac12\mathrm{OT}_\varepsilon(b,b)`
    with gradient :math:`\phi = f_{ab} - \frac12(f_{aa} + g_{aa})`, zero when :math:`a = b`.
@@ -213,16 +214,17 @@ def support_cost(
         block_positions: positions per block of the (block, s, d) embedding gather (None: all at once).
 
     Returns:
-        float32 costs, all finite; ``cost[:, -1, -1] = 0``.
+        Costs in float32 (float64 for float64 embeddings), all finite; ``cost[:, -1, -1] = 0``.
     """
     n, s = tokens.shape
-    cost = torch.empty(n, s + 1, s + 1, dtype=torch.float32, device=tokens.device)
+    dtype = torch.promote_types(embeddings.dtype, torch.float32)
+    cost = torch.empty(n, s + 1, s + 1, dtype=dtype, device=tokens.device)
     for start, stop in chunk_bounds(n, block_positions or n):
         points = embeddings[tokens[start:stop]]
-        pair = pairwise_cost(points, points, metric).float()
+        pair = pairwise_cost(points, points, metric).to(dtype)
         dust = pair.amax(dim=(1, 2)) if dust_cost == "max" else torch.full_like(pair[:, 0, 0], float(dust_cost))
         if radius is not None:
-            reach = radius[tokens[start:stop]].float()
+            reach = radius[tokens[start:stop]].to(dtype)
             reach = torch.maximum(reach[:, :, None], reach[:, None, :]) * (1.0 + KNN_RTOL)
             pair = torch.where(pair <= reach, pair, 2.0 * dust[:, None, None])
         block = cost[start:stop]
@@ -264,6 +266,8 @@ def build_problem(
 ) -> TruncatedProblem:
     """The truncated OT problem :class:`WassersteinRegularizer` solves at each of ``n`` positions.
 
+    Masses are float32, or float64 for float64 logits; costs float64 only for float64 embeddings.
+
     Args:
         policy_logits: (n, V) policy logits (or log-probabilities), any float dtype.
         ref_logits: (n, V) reference logits.
@@ -272,8 +276,9 @@ def build_problem(
         top_k, metric, radius, dust_cost: as in :class:`WassersteinRegularizer` (``radius`` from
             :func:`otalign.ot.knn_radius`).
     """
-    policy = torch.log_softmax(policy_logits.float(), dim=-1)
-    ref = torch.log_softmax(ref_logits.float(), dim=-1)
+    dtype = torch.promote_types(policy_logits.dtype, torch.float32)
+    policy = torch.log_softmax(policy_logits.to(dtype), dim=-1)
+    ref = torch.log_softmax(ref_logits.to(dtype), dim=-1)
     support = select_support(policy, ref, actions.long(), top_k)
     return truncated_problem(support, embeddings, metric=metric, radius=radius, dust_cost=dust_cost)
 
@@ -284,35 +289,54 @@ def solve_problem(
     *,
     debias: bool = False,
     max_iter: int = 1000,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
 ) -> WassersteinSolution:
-    """Solve a batch of truncated problems with one :func:`otalign.ot.sinkhorn` call and shift the
+    r"""Solve a batch of truncated problems with one :func:`otalign.ot.sinkhorn` call and shift the
     policy-side potentials so that ``sum_i a_i phi_i`` equals the value (the module docstring, step 5).
+
+    The policy's potential is the average :math:`\phi = \frac12(f_{ab} + g_{ba})` of its potentials in
+    :math:`\mathrm{OT}(a, b)` and in the transposed problem :math:`\mathrm{OT}(b, a)` (the costs are
+    symmetric). Both are gradients of the same value, but at small eps (lambda * cost >> 1) Sinkhorn
+    leaves the split of :math:`f_i + g_i` between the two sides of a token that is (nearly) balanced,
+    :math:`a_i \approx b_i`, at whatever its alternating updates reached: the potentials of a
+    single solve can be off by a sizeable fraction of the costs when the policy is close to the reference.
+    Averaging the two orders cancels that split (exactly when :math:`a = b`), at twice the Sinkhorn work.
+    With ``debias`` the self terms use :math:`\frac12(f_{aa} + g_{aa})`, which has no such ambiguity.
 
     Args:
         problem: the problems (n positions).
         lam: lambda; eps = 1 / lam.
-        debias: use the Sinkhorn divergence (solves OT(a, b), OT(a, a) and OT(b, b) in one batch).
+        debias: use the Sinkhorn divergence (also solves OT(a, a) and OT(b, b), in the same batch).
         max_iter: Sinkhorn iterations allowed at the target eps.
         tol: stop once every problem's L1 marginal error is <= tol (mass units).
     """
     a, b, cost = problem.a, problem.b, problem.cost
-    n = a.shape[0]
+    firsts, seconds = [a, b], [b, a]
     if debias:
-        solved = sinkhorn(
-            torch.cat([a, a, b]), torch.cat([b, a, b]), cost.repeat(3, 1, 1), 1.0 / lam, max_iter=max_iter, tol=tol
-        )
-        potential = solved.f[:n] - 0.5 * (solved.f[n : 2 * n] + solved.g[n : 2 * n])
-        value = solved.value[:n] - 0.5 * (solved.value[n : 2 * n] + solved.value[2 * n :])
-        error = solved.marginal_error.view(3, n).amax(0)
-    else:
-        solved = sinkhorn(a, b, cost, 1.0 / lam, max_iter=max_iter, tol=tol)
-        potential, value, error = solved.f, solved.value, solved.marginal_error
+        firsts, seconds = firsts + [a, b], seconds + [a, b]
+    solved = sinkhorn(
+        torch.cat(firsts),
+        torch.cat(seconds),
+        cost.repeat(len(firsts), 1, 1),
+        1.0 / lam,
+        max_iter=max_iter,
+        tol=tol,
+    )
+    f, g = solved.f.unflatten(0, (len(firsts), -1)), solved.g.unflatten(0, (len(firsts), -1))
+    values = solved.value.unflatten(0, (len(firsts), -1))
+    potential = 0.5 * (f[0] + g[1])
+    value = 0.5 * (values[0] + values[1])
+    if debias:
+        potential = potential - 0.5 * (f[2] + g[2])
+        value = value - 0.5 * (values[2] + values[3])
     held = a > 0
     potential = torch.where(held, potential, torch.full_like(potential, -math.inf))
     shift = value - torch.where(held, a * potential, torch.zeros_like(potential)).sum(1)
     return WassersteinSolution(
-        potential=potential + shift[:, None], value=value, n_iter=solved.n_iter, marginal_error=error
+        potential=potential + shift[:, None],
+        value=value,
+        n_iter=solved.n_iter,
+        marginal_error=solved.marginal_error.unflatten(0, (len(firsts), -1)).amax(0),
     )
 
 
@@ -338,8 +362,8 @@ class WassersteinRegularizer(Regularizer):
         tol: Sinkhorn stopping tolerance on the L1 marginal error (mass units).
         debias: penalize with the Sinkhorn divergence (zero when the policy equals the reference).
         max_chunk_elements: see :class:`~otalign.regularizers.base.Regularizer`. Log-softmax runs on
-            ``max_chunk_elements // V`` positions at a time, Sinkhorn on ``max_chunk_elements // (2k+2)^2``
-            (a third of that when debiased), the embedding gather on ``max_chunk_elements // ((2k+1) d)``.
+            ``max_chunk_elements // V`` positions at a time, Sinkhorn on ``max_chunk_elements // (2 (2k+2)^2)``
+            (half that when debiased), the embedding gather on ``max_chunk_elements // ((2k+1) d)``.
     """
 
     name = "wasserstein"
@@ -355,7 +379,7 @@ class WassersteinRegularizer(Regularizer):
         knn_cache_dir: str | os.PathLike | None = None,
         dust_cost: str | float = "max",
         max_iter: int = 1000,
-        tol: float = 1e-5,
+        tol: float = 1e-4,
         debias: bool = False,
         max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
@@ -410,7 +434,7 @@ class WassersteinRegularizer(Regularizer):
         support = Support.cat(parts)
 
         slots = 2 * self.top_k + 2
-        per_problem = slots * slots * (3 if self.debias else 1)
+        per_problem = slots * slots * (4 if self.debias else 2)
         gather = self.max_chunk_elements // ((slots - 1) * self.embeddings.shape[1])
         for start, stop in chunk_bounds(positions.count, self.max_chunk_elements // per_problem):
             problem = truncated_problem(

@@ -1,0 +1,279 @@
+"""The WPR penalty: the truncated problem it builds, POT agreement, the shift convention, finite-difference
+gradients, the paper's Figure 1 example, debiasing, robustness and errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from otalign.regularizers import (
+    FDivergenceRegularizer,
+    TruncatedProblem,
+    WassersteinRegularizer,
+    build_problem,
+    build_regularizer,
+    solve_problem,
+)
+from otalign.regularizers.wasserstein import select_support
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _problem_inputs(n=3, vocab=30, dim=4, seed=0, dtype=torch.float64, scale=0.25):
+    policy = 2 * torch.randn(n, vocab, generator=_gen(seed), dtype=dtype)
+    ref = policy + torch.randn(n, vocab, generator=_gen(seed + 1), dtype=dtype)
+    embeddings = scale * torch.randn(vocab, dim, generator=_gen(seed + 2), dtype=dtype)
+    actions = torch.randint(0, vocab, (n,), generator=_gen(seed + 3))
+    return policy, ref, actions, embeddings
+
+
+def test_support_is_deduplicated_and_the_sampled_token_carries_its_mass():
+    policy = torch.tensor([[5.0, 4.0, 3.0, 0.0, 0.0, 0.0]]).log_softmax(-1)
+    ref = torch.tensor([[3.0, 0.0, 5.0, 4.0, 0.0, 0.0]]).log_softmax(-1)
+    support = select_support(policy, ref, torch.tensor([2]), top_k=3)
+    # slots: [y=2 | 0, 1, 2 | 2, 3, 0] -> token 2 appears three times, token 0 twice.
+    assert support.tokens[0, 0] == 2 and support.distinct[0, 0]
+    distinct_tokens = support.tokens[support.distinct]
+    assert sorted(distinct_tokens.tolist()) == [0, 1, 2, 3]
+
+    problem = build_problem(policy, ref, torch.tensor([2]), torch.eye(6), top_k=3)
+    assert problem.tokens.shape == (1, 4) and problem.distinct.all() and problem.tokens[0, 0] == 2
+    p, q = policy.exp()[0], ref.exp()[0]
+    assert torch.allclose(problem.a[0, :-1], p[problem.tokens[0]], atol=1e-6)
+    assert torch.allclose(problem.b[0, :-1], q[problem.tokens[0]], atol=1e-6)
+    assert float(problem.a[0, -1]) == pytest.approx(float(p[4:].sum()), abs=1e-6)  # dust: tokens 4 and 5
+    assert float(problem.b[0, -1]) == pytest.approx(float(q[4:].sum()), abs=1e-6)
+    cost = problem.cost[0]
+    assert float(cost[-1, -1]) == 0 and torch.equal(cost, cost.T)
+    assert torch.allclose(cost[:-1, -1], torch.full((4,), math.sqrt(2.0)))  # dust cost: the largest cost
+
+
+def test_duplicate_slots_have_no_mass_and_are_dropped_when_padding():
+    policy, ref, _, embeddings = _problem_inputs(n=2, vocab=10)
+    actions = policy.argmax(-1)  # the sampled token is also in both top-k sets
+    problem = build_problem(policy, ref, actions, embeddings, top_k=3)
+    assert problem.tokens.shape[1] <= 7
+    for row in range(2):
+        live = problem.tokens[row][problem.distinct[row]]
+        assert len(set(live.tolist())) == live.numel()
+        assert (problem.a[row, :-1][~problem.distinct[row]] == 0).all()
+        assert problem.a[row, 0] > 0
+    assert torch.allclose(problem.a.sum(1), torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_matches_pot_on_the_truncated_problem(metric):
+    lam = 10.0
+    policy, ref, actions, embeddings = _problem_inputs(n=3, vocab=30)
+    problem = build_problem(policy, ref, actions, embeddings, top_k=5, metric=metric)
+    assert problem.a[:, -1].min() > 0.01  # the dust atom is in play
+    solution = solve_problem(problem, lam, tol=1e-12, max_iter=20000)
+    for row in range(3):
+        keep = torch.cat([problem.distinct[row], torch.tensor([True])])
+        a, b = problem.a[row][keep].numpy(), problem.b[row][keep].numpy()
+        cost = problem.cost[row][keep][:, keep].numpy()
+        pot = ot.solve(cost, a, b, reg=1 / lam, reg_type="entropy", method="sinkhorn_log", max_iter=20000, tol=1e-13)
+        # POT's objective is <P,C> + eps sum P log P (ours has - eps sum P); its potentials are in units of eps.
+        assert float(solution.value[row]) == pytest.approx(pot.value - 1 / lam, abs=1e-9)
+        ours = solution.potential[row][keep].numpy()
+        theirs = pot.potentials[0] / lam
+        np.testing.assert_allclose(ours - a @ ours, theirs - a @ theirs, atol=1e-8)
+        np.testing.assert_allclose(a @ ours, float(solution.value[row]), atol=1e-10)  # the shift convention
+
+
+def _full_cover_setup(seed=4, vocab=6):
+    policy, ref, _, embeddings = _problem_inputs(n=1, vocab=vocab, dim=3, seed=seed, scale=0.3)
+    return policy[0], ref[0], embeddings
+
+
+def test_shift_convention_with_a_support_that_covers_the_vocabulary():
+    """sum_y pi_theta(y) penalty(y) = OT value, every y sampled once at its own position."""
+    policy, ref, embeddings = _full_cover_setup()
+    vocab = policy.shape[0]
+    reg = WassersteinRegularizer(embeddings, lam=10.0, top_k=vocab, tol=1e-7, max_iter=20000)
+    out = reg.penalty(policy.expand(1, vocab, vocab), ref.expand(1, vocab, vocab), torch.arange(vocab)[None])
+    expectation = float((policy.softmax(-1) * out.per_token[0].double()).sum())
+    assert out.stats["wasserstein/dust_mass"] < 1e-6
+    assert out.stats["wasserstein/support_size"] == vocab
+    assert expectation == pytest.approx(out.stats["wasserstein/value"], abs=1e-5)
+    assert out.stats["penalty/mean"] == pytest.approx(float(out.per_token.mean()), abs=1e-6)
+
+
+def test_penalty_is_the_finite_difference_gradient_of_the_value():
+    lam, step = 10.0, 1e-5
+    policy, ref, embeddings = _full_cover_setup(seed=7)
+    vocab = policy.shape[0]
+    problem = build_problem(policy[None], ref[None], torch.tensor([0]), embeddings, top_k=vocab)
+    tokens = problem.tokens[0].tolist()
+    potential = solve_problem(problem, lam, tol=1e-13, max_iter=50000).potential[0, :-1]
+
+    def value(a: torch.Tensor) -> float:
+        moved = TruncatedProblem(a=a, b=problem.b, cost=problem.cost, tokens=problem.tokens, distinct=problem.distinct)
+        return float(solve_problem(moved, lam, tol=1e-13, max_iter=50000).value[0])
+
+    for slot in range(1, vocab):
+        direction = torch.zeros_like(problem.a)
+        direction[0, slot], direction[0, 0] = 1.0, -1.0  # stay on the simplex
+        grad = (value(problem.a + step * direction) - value(problem.a - step * direction)) / (2 * step)
+        assert grad == pytest.approx(float(potential[slot] - potential[0]), abs=1e-6), tokens[slot]
+
+    # The regularizer's float32 penalties are the same potentials (up to float32 rounding).
+    reg = WassersteinRegularizer(embeddings.float(), lam=lam, top_k=vocab, tol=1e-7, max_iter=20000)
+    out = reg.penalty(policy.expand(1, vocab, vocab), ref.expand(1, vocab, vocab), torch.arange(vocab)[None])
+    assert torch.allclose(out.per_token[0].double(), potential[torch.argsort(torch.tensor(tokens))], atol=2e-5)
+
+
+# WPR paper, Figure 1: vocabulary {cat, kitten, dog, table}; kitten near cat, table far away.
+FIGURE_1_EMBEDDINGS = torch.tensor([[0.0, 0.0], [0.15, 0.05], [0.6, 0.3], [3.0, -2.0]])
+FIGURE_1 = {
+    "reference": [0.85, 0.05, 0.05, 0.05],
+    "kitten": [0.05, 0.85, 0.05, 0.05],
+    "table": [0.05, 0.05, 0.05, 0.85],
+}
+
+
+def _figure_1_stats(reg, policy: str) -> dict[str, float]:
+    logits = torch.tensor([FIGURE_1[policy], FIGURE_1["reference"]]).log()[:, None, None, :]
+    return reg.penalty(logits[0], logits[1], torch.tensor([[0]])).stats
+
+
+@pytest.mark.parametrize("debias", [False, True])
+def test_figure_1_wasserstein_orders_kitten_closer_while_js_ties(debias):
+    reg = WassersteinRegularizer(FIGURE_1_EMBEDDINGS, lam=100.0, top_k=4, debias=debias, tol=1e-6, max_iter=5000)
+    kitten, table = _figure_1_stats(reg, "kitten"), _figure_1_stats(reg, "table")
+    assert kitten["sinkhorn/marginal_err"] < 1e-4 and table["sinkhorn/marginal_err"] < 1e-4
+    assert kitten["wasserstein/value"] < table["wasserstein/value"]
+    assert table["wasserstein/value"] - kitten["wasserstein/value"] > 2.0  # moving 0.8 mass ~3.6 vs ~0.16 away
+    js = FDivergenceRegularizer("js")
+    assert _figure_1_stats(js, "kitten")["js/exact"] == pytest.approx(_figure_1_stats(js, "table")["js/exact"])
+    assert _figure_1_stats(js, "kitten")["kl/exact"] == pytest.approx(_figure_1_stats(js, "table")["kl/exact"])
+
+
+def test_debiased_penalty_vanishes_when_the_policy_is_the_reference():
+    policy, ref, actions, embeddings = _problem_inputs(n=4, vocab=40, dtype=torch.float32, scale=1.0)
+    reg = WassersteinRegularizer(embeddings, top_k=8, debias=True)
+    same = reg.penalty(policy[None], policy[None], actions[None])
+    assert same.per_token.abs().max() < 1e-6
+    assert abs(same.stats["wasserstein/value"]) < 1e-6
+    other = reg.penalty(policy[None], ref[None], actions[None])
+    assert other.stats["wasserstein/value"] > 1e-3  # the Sinkhorn divergence is positive
+    # Without debiasing the value at equality is the entropic offset, still the expectation of the penalty.
+    plain = WassersteinRegularizer(embeddings, top_k=8).penalty(policy[None], policy[None], actions[None])
+    assert plain.stats["wasserstein/value"] < 0
+
+
+def test_chunking_and_masking():
+    policy, ref, _, embeddings = _problem_inputs(n=6, vocab=25, dtype=torch.float32)
+    policy, ref = policy.view(2, 3, 25), ref.view(2, 3, 25)
+    actions = torch.randint(0, 25, (2, 3), generator=_gen(9))
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    reg = WassersteinRegularizer(embeddings, lam=20.0, top_k=4, tol=1e-6, max_iter=5000)
+    whole = reg.penalty(policy, ref, actions, mask)
+    small = WassersteinRegularizer(embeddings, lam=20.0, top_k=4, tol=1e-6, max_iter=5000, max_chunk_elements=60)
+    chunked = small.penalty(policy, ref, actions, mask)
+    assert (whole.per_token[~mask] == 0).all()
+    assert torch.allclose(whole.per_token, chunked.per_token, atol=1e-4)
+    assert (
+        whole.stats.keys()
+        == chunked.stats.keys()
+        >= {
+            "penalty/mean",
+            "kl/exact",
+            "wasserstein/value",
+            "sinkhorn/iters",
+            "sinkhorn/marginal_err",
+            "wasserstein/support_size",
+            "wasserstein/dust_mass",
+        }
+    )
+    single = reg.penalty(policy[1:, :1], ref[1:, :1], actions[1:, :1])
+    assert float(single.per_token[0, 0]) == pytest.approx(float(whole.per_token[1, 0]), abs=1e-4)
+
+
+def test_knn_truncation_prices_non_neighbours_through_the_dust(tmp_path):
+    policy, ref, actions, embeddings = _problem_inputs(n=2, vocab=20, dtype=torch.float32)
+    reg = WassersteinRegularizer(embeddings, lam=20.0, top_k=6, knn=3, knn_cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("knn-radius-*.pt"))) == 1
+    problem = build_problem(policy, ref, actions, embeddings, top_k=6, radius=reg.radius)
+    plain = build_problem(policy, ref, actions, embeddings, top_k=6)
+    dust = plain.cost[:, 0, -1]
+    tokens = problem.tokens
+    reach = torch.maximum(reg.radius[tokens][:, :, None], reg.radius[tokens][:, None, :])
+    near = plain.cost[:, :-1, :-1] <= reach * (1 + 1e-4)
+    assert (~near).any() and near.any()
+    assert torch.equal(problem.cost[:, :-1, :-1][near], plain.cost[:, :-1, :-1][near])
+    assert torch.allclose(
+        problem.cost[:, :-1, :-1], torch.where(near, plain.cost[:, :-1, :-1], 2 * dust[:, None, None])
+    )
+    # The k1-th neighbour itself counts as a neighbour.
+    distances = torch.cdist(embeddings, embeddings)
+    third = distances[0].argsort()[3]
+    assert float(distances[0, third]) == pytest.approx(float(reg.radius[0]), rel=1e-5)
+    out = reg.penalty(policy[None], ref[None], actions[None])
+    assert torch.isfinite(out.per_token).all() and out.stats["sinkhorn/marginal_err"] < 1e-3
+
+
+def test_robust_inputs_give_finite_penalties():
+    vocab = 24
+    policy, ref, actions, embeddings = _problem_inputs(n=6, vocab=vocab, dtype=torch.float32, scale=1.0)
+    embeddings[:4] = 0.0  # tokens with all-zero embeddings
+    policy[0, : vocab // 2] = -math.inf  # masked vocabulary; the sampled token is ruled out by the policy
+    actions[0] = 0
+    ref[1, vocab // 2 :] = -math.inf  # ...or by the reference
+    actions[1] = vocab - 1
+    ref[2] = policy[2]  # identical
+    policy[3], ref[3] = -math.inf, -math.inf  # disjoint point masses
+    policy[3, 1], ref[3, 2] = 0.0, 0.0
+    actions[3] = 1
+    policy[4, 5] = 60.0  # a (numerically) point mass not on the sampled token: its probability underflows
+    actions[4] = 6
+    for metric in ("euclidean", "cosine"):
+        for lam, debias, knn in [(100.0, False, None), (1e4, False, None), (100.0, True, 5)]:
+            reg = WassersteinRegularizer(embeddings, lam=lam, top_k=5, metric=metric, debias=debias, knn=knn)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                half_policy = policy.to(dtype)
+                half_policy[4, 5] = 60.0 if dtype != torch.float16 else 30.0
+                out = reg.penalty(half_policy[None], ref.to(dtype)[None], actions[None])
+                assert torch.isfinite(out.per_token).all(), (metric, lam, debias, dtype)
+                assert all(math.isfinite(v) for v in out.stats.values()), (metric, lam, debias, dtype, out.stats)
+
+
+def test_configuration_and_input_errors():
+    embeddings = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="top_k must be an integer in"):
+        WassersteinRegularizer(embeddings, top_k=11)
+    with pytest.raises(ValueError, match="top_k must be an integer in"):
+        WassersteinRegularizer(embeddings, top_k=0)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        WassersteinRegularizer(embeddings, top_k=2, metric="manhattan")
+    with pytest.raises(ValueError, match="lam must be"):
+        WassersteinRegularizer(embeddings, top_k=2, lam=0.0)
+    with pytest.raises(ValueError, match="dust_cost must be"):
+        WassersteinRegularizer(embeddings, top_k=2, dust_cost="min")
+    with pytest.raises(ValueError, match="dust_cost must be"):
+        WassersteinRegularizer(embeddings, top_k=2, dust_cost=-1.0)
+    with pytest.raises(ValueError, match="k must be in"):
+        WassersteinRegularizer(embeddings, top_k=2, knn=10)
+    with pytest.raises(ValueError, match=r"floating-point \(V, d\)"):
+        WassersteinRegularizer(torch.zeros(10, dtype=torch.long), top_k=2)
+    with pytest.raises(ValueError, match="embeddings"):
+        build_regularizer("wasserstein")
+
+    reg = WassersteinRegularizer(embeddings, top_k=2, dust_cost=0.5)
+    logits = torch.randn(2, 3, 12)
+    with pytest.raises(
+        ValueError, match="vocabulary mismatch: the embedding matrix has 10 rows but the logits have 12"
+    ):
+        reg.penalty(logits, logits, torch.zeros(2, 3, dtype=torch.long))
+    logits = torch.randn(2, 3, 10)
+    with pytest.raises(ValueError, match="integer tensor"):
+        reg.penalty(logits, logits, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"\(B, T\) = \(2, 3\)"):
+        reg.penalty(logits, logits, torch.zeros(3, 2, dtype=torch.long))
+    assert torch.isfinite(reg.penalty(logits, logits, torch.zeros(2, 3, dtype=torch.long)).per_token).all()
