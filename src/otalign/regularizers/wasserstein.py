@@ -28,7 +28,8 @@ and the sampled token :math:`y` (DESIGN.md, "WPR penalty"):
    sampled token's :math:`\phi_y` is then an unbiased one-sample estimate of the distance.
    With ``debias=True`` the distance is the Sinkhorn divergence
    :math:`\mathrm{OT}_\varepsilon(a,b) - \frac12\mathrm{OT}_\varepsilon(a,a) - \frac12\mathrm{OT}_\varepsilon(b,b)`
-   with gradient :math:`\phi = f_{ab} - \frac12(f_{aa} + g_{aa})`, zero when :math:`a = b`.
+   with gradient :math:`\phi = \frac12(f_{ab} + g_{ba}) - \frac12(f_{aa} + g_{aa})`, exactly zero when
+   :math:`a = b`.
 
 Units: costs, potentials, values and penalties are in the cost's units (embedding distance).
 The sampled token's mass is floored at :math:`e^{-80}` (:data:`~otalign.regularizers.base.LOG_PROB_FLOOR`):
