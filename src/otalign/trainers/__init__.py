@@ -7,6 +7,7 @@ from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint, list
 from .config import ConfigError, TrainerConfig, parse_config
 from .metrics import MetricsLogger, read_metrics
 from .ppo import DEFAULT_BETA, PPOConfig, PPOTrainer
+from .preference import PreferenceConfig, PreferenceTrainer
 
 __all__ = [
     "DEFAULT_BETA",
@@ -16,6 +17,8 @@ __all__ = [
     "MetricsLogger",
     "PPOConfig",
     "PPOTrainer",
+    "PreferenceConfig",
+    "PreferenceTrainer",
     "TrainerConfig",
     "TrainerState",
     "latest_checkpoint",

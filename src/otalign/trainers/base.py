@@ -139,6 +139,15 @@ class BaseTrainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 
+    def save_model(self) -> None:
+        """Save the trained ``self.policy`` (``save_pretrained``) and ``self.tokenizer`` to ``output_dir/model``."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            target = self.output_dir / "model"
+            acc.unwrap_model(self.policy).save_pretrained(target)
+            self.tokenizer.save_pretrained(target)
+
 
 def _flat(config: dict) -> dict:
     """Tracker-friendly hyperparameters: lists and None become strings."""

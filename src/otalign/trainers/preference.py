@@ -1,0 +1,507 @@
+r"""Preference optimization (DPO family, AOT, KTO, OTPO token weighting): ``PreferenceConfig``, ``PreferenceTrainer``.
+
+One step, read top to bottom in :meth:`PreferenceTrainer.train`, per micro-batch:
+
+1. **Forward**: the policy on every (prompt, completion) sequence of the micro-batch, chosen and
+   rejected completions of a pair in one forward pass; per-token log-probs in float32 and, for OTPO,
+   the last layer's hidden states (detached) at the positions that predict each completion token.
+2. **OTPO weights** (``token_weighting: otpo``): :func:`otalign.losses.otpo_weights` on the hidden
+   states of each pair, all pairs at once; they weight the per-token log-probs of policy *and*
+   reference: :math:`\log\pi_w(y|x) = \sum_t w_t \log\pi(y_t|x, y_{<t})`.
+3. **Reference**: the frozen reference model's log-probs (or the ones computed once up front, or the
+   dataset's ``ref_*_logps`` columns), weighted the same way.
+4. **Loss**: a loss object (:mod:`otalign.trainers.preference_losses`), pairwise on paired data or on
+   labelled completions (a pair's chosen completion desirable, its rejected one undesirable).
+
+Data: paired ``prompt/chosen/rejected`` or unpaired ``prompt/completion/label`` rows
+(:mod:`otalign.data.preference`). Each step every process takes ``per_device_train_batch_size``
+pairs (or labelled completions, desirable and undesirable in the dataset's proportion, at least one
+of each) from seeded per-epoch permutations; the position in the data follows from the step, so
+resuming from a checkpoint continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from otalign.data.preference import Example, PreferencePair, encode, load_preference_data
+from otalign.losses import otpo_weights, sequence_logps
+from otalign.models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
+
+from .base import BaseTrainer
+from .config import ConfigError, TrainerConfig
+from .ppo import Timer
+from .preference_batch import SequenceBatch, collate, completion_logps
+from .preference_losses import PAIRWISE_LOSSES, PREFERENCE_LOSSES, build_preference_loss
+
+TOKEN_WEIGHTINGS = ("none", "otpo")
+Key = tuple[str, int, str]
+"""A sequence: (split ``train``/``eval``, row index, side ``chosen``/``rejected``/``completion`` [+ ``_kl``])."""
+
+
+@dataclass
+class PreferenceConfig(TrainerConfig):
+    """Preference-optimization settings (TRL ``DPOConfig``/``KTOConfig`` names) on top of :class:`TrainerConfig`.
+
+    Data:
+        dataset_name: a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset name;
+            ``dataset_train_split`` picks the hub split. eval_dataset_name: paired rows evaluated after
+            training (``eval/...`` metrics). ``per_device_train_batch_size`` pairs (or labelled completions)
+            per process per step, split into ``gradient_accumulation_steps`` micro-batches.
+        max_length: most tokens of prompt + completion (a longer row is an error, never truncated).
+    Loss:
+        loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``aot_paired``, ``aot_unpaired`` or ``kto``.
+        beta: inverse temperature (DPO, hinge, KTO), IPO's regularization, AOT's scale/margin.
+        label_smoothing: conservative DPO (``sigmoid`` only). aot_h: AOT's ``logistic``/``hinge2``/``lsq``.
+        desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U.
+        token_weighting: ``none`` or ``otpo`` (pairwise losses), with ``otpo_eps1``, ``otpo_eps2``.
+    Reference:
+        ref_model_name_or_path: the frozen reference (default: a copy of the policy before training).
+        precompute_ref_log_probs: compute all reference log-probs once up front, then free the model.
+    """
+
+    output_dir: str = "runs/dpo"
+    learning_rate: float = 1e-6
+    dataset_name: str | None = None
+    dataset_train_split: str = "train"
+    eval_dataset_name: str | None = None
+    max_length: int = 1024
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    aot_h: str = "logistic"
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    token_weighting: str = "none"
+    otpo_eps1: float = 1.0
+    otpo_eps2: float = 0.2
+    ref_model_name_or_path: str | None = None
+    precompute_ref_log_probs: bool = False
+    save_model: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_type not in PREFERENCE_LOSSES:
+            raise ConfigError(f"unknown loss_type {self.loss_type!r}; choose one of {list(PREFERENCE_LOSSES)}")
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ConfigError(f"unknown token_weighting {self.token_weighting!r}; choose one of {TOKEN_WEIGHTINGS}")
+        if self.token_weighting == "otpo" and self.loss_type not in PAIRWISE_LOSSES:
+            raise ConfigError(f"token_weighting otpo needs a pairwise loss_type {PAIRWISE_LOSSES}")
+        if self.per_device_train_batch_size % self.gradient_accumulation_steps:
+            raise ConfigError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size} must be divisible by "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
+            )
+        for name in ("beta", "otpo_eps1", "otpo_eps2", "desirable_weight", "undesirable_weight"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def shuffled(position: int, items: tuple[int, ...], seed: int) -> int:
+    """Item at ``position`` of an endless stream of seeded per-epoch permutations of ``items``."""
+    epoch, offset = divmod(position, len(items))
+    return items[int(_permutation(len(items), seed * 7919 + epoch)[offset])]
+
+
+class PreferenceTrainer(BaseTrainer):
+    """Preference optimization of a causal LM with any loss object and optional OTPO token weighting.
+
+    Everything not passed in is built from the config.
+
+    Args:
+        config: :class:`PreferenceConfig`.
+        policy: causal LM to train (before LoRA is applied).
+        ref_model: frozen reference (default: ``ref_model_name_or_path`` or a frozen copy of ``policy``).
+        tokenizer: the policy's tokenizer.
+        train_data: :class:`~otalign.data.preference.PreferencePair` or ``LabeledCompletion`` rows instead
+            of ``config.dataset_name``.
+        eval_data: preference pairs instead of ``config.eval_dataset_name``.
+        loss: a loss object (see :mod:`otalign.trainers.preference_losses`) instead of ``config.loss_type``.
+        accelerator: an existing ``accelerate.Accelerator``.
+
+    Raises:
+        ValueError: bad rows (naming source, row and field), rows longer than ``max_length`` or the model's
+            context, a pairwise loss on unpaired data, dataset reference columns with OTPO or KTO: all
+            before training.
+    """
+
+    progress_keys = ("loss", "rewards/accuracies", "rewards/margins")
+
+    def __init__(
+        self,
+        config: PreferenceConfig,
+        *,
+        policy=None,
+        ref_model=None,
+        tokenizer=None,
+        train_data: list[Example] | None = None,
+        eval_data: list[PreferencePair] | None = None,
+        loss=None,
+        accelerator=None,
+    ) -> None:
+        super().__init__(config, accelerator)
+        c = config
+        self.loss = loss or build_preference_loss(
+            c.loss_type,
+            beta=c.beta,
+            label_smoothing=c.label_smoothing,
+            aot_h=c.aot_h,
+            desirable_weight=c.desirable_weight,
+            undesirable_weight=c.undesirable_weight,
+        )
+        self.otpo = c.token_weighting == "otpo"
+        self.train_data = self._load(train_data, c.dataset_name, "dataset_name", c.dataset_train_split)
+        self.eval_data = self._load(eval_data, c.eval_dataset_name, "eval_dataset_name", "train", required=False)
+        self.paired = isinstance(self.train_data[0], PreferencePair)
+        if self.loss.paired and not self.paired:
+            raise ValueError(f"loss_type {c.loss_type!r} needs paired prompt/chosen/rejected data")
+        if self.eval_data is not None and not isinstance(self.eval_data[0], PreferencePair):
+            raise ValueError("the evaluation data must be paired prompt/chosen/rejected rows")
+
+        self.tokenizer = tokenizer or load_tokenizer(c.model_name_or_path)
+        self.sequences: dict[Key, tuple[list[int], list[int]]] = {}
+        self._encode("train", self.train_data, c.dataset_name or "train_data")
+        if self.eval_data is not None:
+            self._encode("eval", self.eval_data, c.eval_dataset_name or "eval_data")
+        policy = policy if policy is not None else load_causal_lm(c.model_name_or_path, dtype=c.model_dtype)
+        self._check_context(policy)
+
+        device = self.accelerator.device
+        self.ref_values = self._dataset_reference()
+        self.ref_tokens: dict[Key, torch.Tensor] | None = None
+        self.ref_model = None
+        if self.ref_values is None:
+            if ref_model is None:
+                path = c.ref_model_name_or_path
+                ref_model = load_causal_lm(path, dtype=c.model_dtype) if path else frozen_copy(policy)
+            self.ref_model = ref_model.eval().requires_grad_(False).to(device)
+            if c.precompute_ref_log_probs:
+                self.ref_tokens = self._precompute_reference()
+                self.ref_model = None
+        if c.use_peft:
+            policy = apply_lora(
+                policy, r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout, target_modules=c.lora_target_modules
+            )
+        policy.eval()  # dropout off: the log-ratios of policy and reference must be comparable (TRL disable_dropout)
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.policy, self.optimizer = self.prepare(policy, self.create_optimizer(self.params))
+        self.scheduler = self.create_scheduler(self.optimizer)
+
+    # ------------------------------------------------------------------ data
+    def _load(self, given, source, option, split, *, required=True):
+        if given is not None:
+            if not given:
+                raise ValueError("the dataset is empty")
+            return list(given)
+        if source is None:
+            if required:
+                raise ConfigError(f"set {option} (a .jsonl/.json/.parquet file or a Hugging Face dataset name)")
+            return None
+        return load_preference_data(source, split)
+
+    def _encode(self, split: str, examples: list[Example], source: str) -> None:
+        """Token ids of every completion (and, for KTO, of each prompt with the next row's completion)."""
+        c = self.config
+        for i, example in enumerate(examples):
+            where = f"{source}, row {i + 1}"
+            sides = (
+                {"chosen": example.chosen, "rejected": example.rejected}
+                if isinstance(example, PreferencePair)
+                else {"completion": example.completion}
+            )
+            for side, completion in sides.items():
+                prompt_ids, completion_ids = encode(self.tokenizer, example.prompt, completion, where)
+                length = len(prompt_ids) + len(completion_ids)
+                if not prompt_ids or not completion_ids:
+                    raise ValueError(f"{where}, field {side!r}: the prompt or the completion encodes to no tokens")
+                if length > c.max_length:
+                    raise ValueError(
+                        f"{where}, field {side!r}: prompt + completion have {length} tokens, more than "
+                        f"max_length={c.max_length}"
+                    )
+                self.sequences[(split, i, side)] = (prompt_ids, completion_ids)
+        if self.loss.needs_kl and split == "train":
+            # KTO's reference point: prompt i with the completion of row i + 1 (cut to fit max_length).
+            for (_, i, side), (prompt_ids, _) in list(self.sequences.items()):
+                partner = self.sequences[(split, (i + 1) % len(examples), side)][1]
+                self.sequences[(split, i, side + "_kl")] = (prompt_ids, partner[: c.max_length - len(prompt_ids)])
+
+    def _check_context(self, model) -> None:
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        longest = max(len(p) + len(c) for p, c in self.sequences.values())
+        if limit is not None and longest > limit:
+            raise ValueError(f"a row has {longest} tokens, more than the model's context of {limit}; lower max_length")
+
+    def _dataset_reference(self) -> dict[Key, float] | None:
+        """Reference sequence log-probs from the dataset's ``ref_*_logps`` columns, or None without them."""
+        data = {"train": self.train_data, "eval": self.eval_data or []}
+        columns = {"chosen": "ref_chosen_logps", "rejected": "ref_rejected_logps", "completion": "ref_logps"}
+        values = {}
+        for key in self.sequences:
+            split, i, side = key
+            values[key] = getattr(data[split][i], columns.get(side, "missing"), None)
+        train = [v for (split, _, _), v in values.items() if split == "train"]
+        if all(v is None for v in train):
+            return None
+        if self.otpo or self.loss.needs_kl:
+            raise ValueError(
+                "the dataset's reference log-probs are sequence totals, but OTPO needs per-token values and KTO the "
+                "log-probs of mismatched pairs: drop the ref_* columns to use a reference model"
+            )
+        missing = sorted({split for (split, _, _), v in values.items() if v is None})
+        if missing:
+            raise ValueError(f"the training data has reference log-probs but the {missing[0]} data has none")
+        return values
+
+    @torch.no_grad()
+    def _precompute_reference(self) -> dict[Key, torch.Tensor]:
+        """Per-token reference log-probs (float32, CPU) of every sequence, in batches."""
+        keys = list(self.sequences)
+        size = self.config.per_device_train_batch_size
+        found = {}
+        for start in range(0, len(keys), size):
+            chunk = keys[start : start + size]
+            batch = self._collate(chunk)
+            token_logps, _ = completion_logps(self.ref_model, batch)
+            for row, key in enumerate(chunk):
+                found[key] = token_logps[row, : len(self.sequences[key][1])].cpu()
+        self.print(f"precomputed reference log-probs of {len(keys)} sequences")
+        return found
+
+    def micro_batches(self, step: int) -> list[tuple[list[Key], torch.Tensor, int]]:
+        """This process's sequences for ``step``, as ``(keys, labels, pairs)`` per micro-batch.
+
+        Paired data: ``keys`` lists the chosen then the rejected completions of ``pairs`` pairs.
+        Unpaired data: desirable then undesirable completions (``pairs`` = 0). ``labels``: (N,) bool.
+        """
+        c, acc = self.config, self.accelerator
+        b, accum = c.per_device_train_batch_size, c.gradient_accumulation_steps
+        if self.paired:
+            start = ((step - 1) * acc.num_processes + acc.process_index) * b
+            rows = tuple(range(len(self.train_data)))
+            ids = [shuffled(start + j, rows, c.seed) for j in range(b)]
+            micro = [ids[m::accum] for m in range(accum)]
+            return [(pair_keys("train", part), _labels(len(part), len(part)), len(part)) for part in micro]
+        good = tuple(i for i, e in enumerate(self.train_data) if e.label)
+        bad = tuple(i for i, e in enumerate(self.train_data) if not e.label)
+        n_good = min(max(round(b * len(good) / len(self.train_data)), 1), b - 1)
+        sides = []
+        for stream, (items, k) in enumerate(((good, n_good), (bad, b - n_good))):
+            start = ((step - 1) * acc.num_processes + acc.process_index) * k
+            sides.append([shuffled(start + j, items, c.seed + stream + 1) for j in range(k)])
+        batches = []
+        for m in range(accum):
+            good_part, bad_part = sides[0][m::accum], sides[1][m::accum]
+            keys = [("train", i, "completion") for i in good_part + bad_part]
+            batches.append((keys, _labels(len(good_part), len(bad_part)), 0))
+        return batches
+
+    def _collate(self, keys: list[Key]) -> SequenceBatch:
+        return collate([self.sequences[k] for k in keys], self.tokenizer.pad_token_id, self.accelerator.device)
+
+    # ------------------------------------------------------------------ scoring
+    def reference_logps(self, keys: list[Key], batch: SequenceBatch, weights: torch.Tensor | None) -> torch.Tensor:
+        """(N,) reference sequence log-probs of ``keys`` (token-weighted by ``weights`` (N, T) if given), float32."""
+        if self.ref_values is not None:
+            return torch.tensor([self.ref_values[k] for k in keys], device=batch.mask.device)
+        if self.ref_model is not None:
+            with torch.no_grad():
+                token_logps, _ = completion_logps(self.ref_model, batch)
+        else:
+            token_logps = torch.zeros(batch.mask.shape, device=batch.mask.device)
+            for row, key in enumerate(keys):
+                values = self.ref_tokens[key]
+                token_logps[row, : values.shape[0]] = values.to(token_logps.device)
+        return sequence_logps(token_logps, batch.mask, weights)
+
+    def token_weights(self, states: torch.Tensor, mask: torch.Tensor, pairs: int) -> torch.Tensor:
+        """(2n, T) OTPO weights of ``pairs`` = n pairs (rows: chosen, then rejected) from hidden states (2n, T, H)."""
+        c = self.config
+        chosen, rejected = otpo_weights(
+            states[:pairs], states[pairs:], mask[:pairs], mask[pairs:], eps1=c.otpo_eps1, eps2=c.otpo_eps2
+        )
+        return torch.cat([chosen, rejected])
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> list[dict[str, float]]:
+        """Run ``max_steps`` steps (resuming if asked); returns the metrics of the steps run."""
+        c, acc = self.config, self.accelerator
+        history = []
+        start = self.begin()
+        self.print(
+            f"preference optimization: loss={c.loss_type}, token_weighting={c.token_weighting}, beta={c.beta}, "
+            f"{c.max_steps} steps x {c.per_device_train_batch_size * acc.num_processes} "
+            f"{'pairs' if self.paired else 'completions'}, device={acc.device}, processes={acc.num_processes}"
+        )
+        for step in self.steps(start):
+            timer = Timer(acc.device)
+            micro = self.micro_batches(step)
+            records, extra = [], {}
+            for m, (keys, labels, pairs) in enumerate(micro):
+                with self.no_sync(last=m == len(micro) - 1):
+                    loss, record, stats = self.micro_step(keys, labels.to(acc.device), pairs, timer)
+                    acc.backward(loss / len(micro))
+                    timer.lap("backward")
+                records.append(record)
+                for name, value in {"loss": float(loss.detach()), **stats}.items():
+                    extra[name] = extra.get(name, 0.0) + value / len(micro)
+            if c.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.params, c.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            self.state.samples_seen += c.per_device_train_batch_size * acc.num_processes
+            timer.lap("update")
+
+            merged = {k: torch.cat([r[k] for r in records]) for k in records[0]}
+            metrics = summarize(acc.gather(merged))
+            metrics.update({k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in extra.items()})
+            metrics["lr"] = lr
+            metrics.update(timer.metrics())
+            history.append(metrics)
+            self.end_step(step, metrics)
+        if self.eval_data is not None:
+            self.metrics.log(self.evaluate(), c.max_steps)
+        if c.save_model:
+            self.save_model()
+        self.finish()
+        return history
+
+    def micro_step(self, keys: list[Key], labels: torch.Tensor, pairs: int, timer: Timer):
+        """Loss of one micro-batch (with gradient), its per-example records for metrics, and the loss's stats."""
+        batch = self._collate(keys)
+        token_logps, states = completion_logps(self.policy, batch, hidden=self.otpo)
+        timer.lap("forward")
+        weights = None
+        if self.otpo:
+            weights = self.token_weights(states, batch.mask, pairs)
+            timer.lap("otpo")
+        policy = sequence_logps(token_logps, batch.mask, weights)
+        ref = self.reference_logps(keys, batch, weights)
+        kl = (None, None)
+        if self.loss.needs_kl:
+            kl_keys = [(split, i, side + "_kl") for split, i, side in keys]
+            kl_batch = self._collate(kl_keys)
+            with torch.no_grad():
+                kl_logps, _ = completion_logps(self.accelerator.unwrap_model(self.policy), kl_batch)
+            kl = (sequence_logps(kl_logps, kl_batch.mask), self.reference_logps(kl_keys, kl_batch, None))
+        timer.lap("forward")
+        if self.loss.paired:
+            loss, stats = self.loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:])
+        else:
+            loss, stats = self.loss(policy, ref, labels, *kl)
+        record = {
+            "rewards": self.config.beta * (policy - ref).detach(),
+            "logps": sequence_logps(token_logps.detach(), batch.mask),
+            "labels": labels.float(),
+        }
+        if pairs:
+            record["correct"] = (record["rewards"][:pairs] > record["rewards"][pairs:]).float()
+        if weights is not None:
+            record.update(otpo_records(weights[:pairs], weights[pairs:], batch.mask[:pairs], batch.mask[pairs:]))
+        return loss, record, stats
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Implicit-reward metrics (``eval/rewards/accuracies``, ...) of the policy on the evaluation pairs.
+
+        Rewards are the plain (unweighted) :math:`\\beta(\\log\\pi_\\theta - \\log\\pi_{ref})` of each
+        completion; the training pairs are used when there is no evaluation data. Every process
+        evaluates all pairs.
+        """
+        split = "eval" if self.eval_data is not None else "train"
+        if split == "train" and not self.paired:
+            raise ValueError("evaluation needs preference pairs: pass eval_data or set eval_dataset_name")
+        n = len(self.eval_data if split == "eval" else self.train_data)
+        model = self.accelerator.unwrap_model(self.policy)
+        size = self.config.per_device_train_batch_size
+        records = []
+        for start in range(0, n, size):
+            rows = range(start, min(start + size, n))
+            keys = pair_keys(split, rows)
+            batch = self._collate(keys)
+            token_logps, _ = completion_logps(model, batch)
+            policy = sequence_logps(token_logps, batch.mask)
+            rewards = self.config.beta * (policy - self.reference_logps(keys, batch, None))
+            pairs = len(rows)
+            labels = _labels(pairs, pairs).to(rewards.device)
+            correct = (rewards[:pairs] > rewards[pairs:]).float()
+            records.append({"rewards": rewards, "logps": policy, "labels": labels.float(), "correct": correct})
+        merged = {k: torch.cat([r[k] for r in records]) for k in records[0]}
+        return {f"eval/{k}": v for k, v in summarize(merged).items()}
+
+    def no_sync(self, *, last: bool):
+        """Skip the data-parallel gradient all-reduce on all but the last micro-batch of a step."""
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy)
+
+
+def pair_keys(split: str, rows) -> list[Key]:
+    """Keys of the chosen completions of ``rows``, then of their rejected ones."""
+    return [(split, i, side) for side in ("chosen", "rejected") for i in rows]
+
+
+def _labels(good: int, bad: int) -> torch.Tensor:
+    return torch.cat([torch.ones(good, dtype=torch.bool), torch.zeros(bad, dtype=torch.bool)])
+
+
+def otpo_records(
+    chosen_weights: torch.Tensor, rejected_weights: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-pair (n,) OTPO weight statistics, for :func:`summarize`: sums, token counts, extremes, and the
+    weight on the shorter response (``otpo_unequal`` marks pairs whose lengths differ)."""
+    weights = torch.cat([chosen_weights, rejected_weights], dim=1)
+    mask = torch.cat([chosen_mask, rejected_mask], dim=1)
+    chosen_sum, rejected_sum = chosen_weights.sum(1), rejected_weights.sum(1)
+    chosen_len, rejected_len = chosen_mask.sum(1), rejected_mask.sum(1)
+    return {
+        "otpo_sum": chosen_sum + rejected_sum,
+        "otpo_count": mask.sum(1).float(),
+        "otpo_min": weights.masked_fill(~mask, float("inf")).amin(1),
+        "otpo_max": weights.masked_fill(~mask, float("-inf")).amax(1),
+        "otpo_shorter": torch.where(chosen_len < rejected_len, chosen_sum, rejected_sum),
+        "otpo_unequal": (chosen_len != rejected_len).float(),
+    }
+
+
+def summarize(records: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Metrics with TRL's names from per-example records gathered over the batch.
+
+    ``rewards``/``logps``/``labels``: (N,) per completion (label 1.0 = chosen / desirable); ``correct``:
+    (n,) per pair; ``otpo_*``: (n,) per pair (:func:`otpo_records`). Returns ``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/margins`` (difference of the means, = mean pair margin),
+    ``logps/chosen``, ``logps/rejected``, and when present ``rewards/accuracies`` and ``otpo/weight_mean``,
+    ``otpo/weight_min``, ``otpo/weight_max``, ``otpo/shorter_share`` (share of the total weight of
+    unequal-length pairs that is on the shorter response; 0.5 when both sides are normalized to tau).
+    """
+    labels, rewards, logps = records["labels"] > 0.5, records["rewards"].float(), records["logps"].float()
+    chosen, rejected = rewards[labels].mean(), rewards[~labels].mean()
+    metrics = {
+        "rewards/chosen": float(chosen),
+        "rewards/rejected": float(rejected),
+        "rewards/margins": float(chosen - rejected),
+        "logps/chosen": float(logps[labels].mean()),
+        "logps/rejected": float(logps[~labels].mean()),
+    }
+    if "correct" in records:
+        metrics["rewards/accuracies"] = float(records["correct"].mean())
+    if "otpo_sum" in records:
+        unequal = records["otpo_unequal"] > 0
+        metrics["otpo/weight_mean"] = float(records["otpo_sum"].sum() / records["otpo_count"].sum())
+        metrics["otpo/weight_min"] = float(records["otpo_min"].min())
+        metrics["otpo/weight_max"] = float(records["otpo_max"].max())
+        if unequal.any():
+            share = records["otpo_shorter"][unequal].sum() / records["otpo_sum"][unequal].sum()
+            metrics["otpo/shorter_share"] = float(share)
+    return metrics
