@@ -77,7 +77,10 @@ def test_json_list_and_reference_columns(tmp_path):
             r", row 2, field 'ref_chosen_logps': reference log-probs must be given in every row or in none",
         ),
         ([{"prompt": "a", "completion": "b", "label": "yes"}], r", row 1, field 'label': expected true or false"),
-        ([{"prompt": "a", "completion": "b", "label": True}], ": unpaired data needs both desirable .* and undesirable rows"),
+        (
+            [{"prompt": "a", "completion": "b", "label": True}],
+            ": unpaired data needs both desirable .* and undesirable",
+        ),
         (["just text"], r", row 1: expected an object with fields"),
     ],
 )

@@ -205,3 +205,36 @@ def test_bad_input_fails_before_training(tmp_path):
 def test_bad_config_values_raise_clear_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(PreferenceConfig, None, argv)
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    """``otalign dpo`` under a 2-process CPU launch (gloo) logs the metrics of one process with twice the batch:
+    the data order follows the global sample index and the AOT sort spans both processes."""
+    import os
+    import subprocess
+    import sys
+
+    tokenizer = tiny_tokenizer()
+    tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    settings = dict(loss_type="aot_paired", token_weighting="otpo", max_steps=3, learning_rate=3e-3)
+    make_trainer(tmp_path / "one", per_device_train_batch_size=4, **settings).train()
+    argv = [f"--{k}={v}" for k, v in settings.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "otalign.cli", "dpo", f"--model_name_or_path={tmp_path / 'tiny'}", f"--dataset_name={PAIRS}"]
+    command += [
+        f"--output_dir={tmp_path / 'two'}",
+        "--per_device_train_batch_size=2",
+        "--progress_bar=false",
+        "--save_model=false",
+        *argv,
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for row_one, row_two in zip(one, two, strict=True):
+        for key in row_one:
+            if not key.startswith("time/"):
+                assert row_two[key] == pytest.approx(row_one[key], rel=1e-4, abs=1e-6), key
