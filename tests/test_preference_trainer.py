@@ -189,6 +189,8 @@ def test_bad_input_fails_before_training(tmp_path):
         make_trainer(tmp_path, dataset_name=UNPAIRED)
     with pytest.raises(ValueError, match=r"preference_pairs.jsonl, row 1, field 'chosen': prompt \+ completion have"):
         make_trainer(tmp_path, max_length=8)
+    with pytest.raises(ValueError, match="too few for 4 micro-batches with both"):
+        make_trainer(tmp_path, dataset_name=UNPAIRED, loss_type="kto", gradient_accumulation_steps=4)
     with pytest.raises(ConfigError, match="set dataset_name"):
         make_trainer(tmp_path, dataset_name=None)
 

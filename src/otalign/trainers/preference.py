@@ -62,6 +62,8 @@ class PreferenceConfig(TrainerConfig):
     Reference:
         ref_model_name_or_path: the frozen reference (default: a copy of the policy before training).
         precompute_ref_log_probs: compute all reference log-probs once up front, then free the model.
+        The dataset's ``ref_chosen_logps``/``ref_rejected_logps`` (or ``ref_logps``) columns, when present,
+        replace the reference model (not with OTPO or KTO, which need per-token or mismatched-pair values).
     """
 
     output_dir: str = "runs/dpo"
@@ -166,6 +168,7 @@ class PreferenceTrainer(BaseTrainer):
         self.paired = isinstance(self.train_data[0], PreferencePair)
         if self.loss.paired and not self.paired:
             raise ValueError(f"loss_type {c.loss_type!r} needs paired prompt/chosen/rejected data")
+        self.streams = None if self.paired else self._unpaired_streams()
         if self.eval_data is not None and not isinstance(self.eval_data[0], PreferencePair):
             raise ValueError("the evaluation data must be paired prompt/chosen/rejected rows")
 
@@ -293,9 +296,7 @@ class PreferenceTrainer(BaseTrainer):
             ids = [shuffled(start + j, rows, c.seed) for j in range(b)]
             micro = [ids[m::accum] for m in range(accum)]
             return [(pair_keys("train", part), _labels(len(part), len(part)), len(part)) for part in micro]
-        good = tuple(i for i, e in enumerate(self.train_data) if e.label)
-        bad = tuple(i for i, e in enumerate(self.train_data) if not e.label)
-        n_good = min(max(round(b * len(good) / len(self.train_data)), 1), b - 1)
+        good, bad, n_good = self.streams
         sides = []
         for stream, (items, k) in enumerate(((good, n_good), (bad, b - n_good))):
             start = ((step - 1) * acc.num_processes + acc.process_index) * k
@@ -306,6 +307,23 @@ class PreferenceTrainer(BaseTrainer):
             keys = [("train", i, "completion") for i in good_part + bad_part]
             batches.append((keys, _labels(len(good_part), len(bad_part)), 0))
         return batches
+
+    def _unpaired_streams(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """Desirable and undesirable row ids, and how many desirable ones each process takes per step.
+
+        Raises:
+            ValueError: a micro-batch would miss desirable or undesirable completions.
+        """
+        b, accum = self.config.per_device_train_batch_size, self.config.gradient_accumulation_steps
+        good = tuple(i for i, e in enumerate(self.train_data) if e.label)
+        bad = tuple(i for i, e in enumerate(self.train_data) if not e.label)
+        n_good = min(max(round(b * len(good) / len(self.train_data)), 1), b - 1)
+        if min(n_good, b - n_good) < accum:
+            raise ValueError(
+                f"unpaired data: per_device_train_batch_size={b} gives {n_good} desirable and {b - n_good} undesirable "
+                f"completions per step, too few for {accum} micro-batches with both; raise the batch size"
+            )
+        return good, bad, n_good
 
     def _collate(self, keys: list[Key]) -> SequenceBatch:
         return collate([self.sequences[k] for k in keys], self.tokenizer.pad_token_id, self.accelerator.device)
