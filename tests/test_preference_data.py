@@ -125,3 +125,13 @@ def test_chat_rows_fail_clearly_without_a_usable_template():
     # the packaged tiny template renders "answer :" only as a generation prompt: no prefix to cut at
     with pytest.raises(ValueError, match="row 3: the chat template does not render the prompt"):
         encode(tiny_tokenizer(), prompt, completion, "row 3")
+
+
+def test_a_name_that_is_no_file_needs_the_datasets_package():
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(FileNotFoundError, match="no such file, and loading a Hugging Face dataset needs"):
+            load_preference_data("someone/no-such-dataset")
+    else:
+        pytest.skip("datasets is installed: the name would go to the hub")
