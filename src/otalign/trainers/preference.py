@@ -50,8 +50,9 @@ class PreferenceConfig(TrainerConfig):
     Data:
         dataset_name: a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset name;
             ``dataset_train_split`` picks the hub split. eval_dataset_name: paired rows evaluated after
-            training (``eval/...`` metrics). ``per_device_train_batch_size`` pairs (or labelled completions)
-            per process per step, split into ``gradient_accumulation_steps`` micro-batches.
+            training (``eval/...`` metrics), hub split ``dataset_test_split``.
+            ``per_device_train_batch_size`` pairs (or labelled completions) per process per step, split
+            into ``gradient_accumulation_steps`` micro-batches.
         max_length: most tokens of prompt + completion (a longer row is an error, never truncated).
     Loss:
         loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``aot_paired``, ``aot_unpaired`` or ``kto``.
@@ -70,6 +71,7 @@ class PreferenceConfig(TrainerConfig):
     learning_rate: float = 1e-6
     dataset_name: str | None = None
     dataset_train_split: str = "train"
+    dataset_test_split: str = "test"
     eval_dataset_name: str | None = None
     max_length: int = 1024
     loss_type: str = "sigmoid"
@@ -164,7 +166,9 @@ class PreferenceTrainer(BaseTrainer):
         )
         self.otpo = c.token_weighting == "otpo"
         self.train_data = self._load(train_data, c.dataset_name, "dataset_name", c.dataset_train_split)
-        self.eval_data = self._load(eval_data, c.eval_dataset_name, "eval_dataset_name", "train", required=False)
+        self.eval_data = self._load(
+            eval_data, c.eval_dataset_name, "eval_dataset_name", c.dataset_test_split, required=False
+        )
         self.paired = isinstance(self.train_data[0], PreferencePair)
         if self.loss.paired and not self.paired:
             raise ValueError(f"loss_type {c.loss_type!r} needs paired prompt/chosen/rejected data")
