@@ -1,6 +1,8 @@
 """Command-line entry point: ``otalign <command> [options]``.
 
-Each command is a thin wrapper: parse arguments, build the objects, call the library.
+Each command is a thin wrapper: parse arguments, build the objects, call the library. Commands backed by
+a config dataclass (``ppo``, ``demo``) take ``--config file.yaml`` and ``--key value`` overrides that map
+1:1 onto the dataclass fields (see :func:`otalign.trainers.parse_config`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,30 @@ import argparse
 import sys
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _ppo(args: argparse.Namespace, rest: list[str]) -> int:
+    from otalign.trainers import PPOConfig, PPOTrainer, parse_config
+
+    config = parse_config(PPOConfig, args.config, rest)
+    PPOTrainer(config).train()
+    return 0
+
+
+def _dpo(args: argparse.Namespace, rest: list[str]) -> int:
+    from otalign.trainers import PreferenceConfig, PreferenceTrainer, parse_config
+
+    config = parse_config(PreferenceConfig, args.config, rest)
+    PreferenceTrainer(config).train()
+    return 0
+
+
+def _demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from otalign.demos import ppo_demo
+    from otalign.trainers import parse_config
+
+    return ppo_demo.main(parse_config(ppo_demo.DemoConfig, args.config, rest))
+
+
+def _token_geometry(args: argparse.Namespace, rest: list[str]) -> int:
     from otalign.demos import token_geometry
 
     token_geometry.run(eps=args.eps, out_dir=args.out)
@@ -23,16 +48,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"otalign {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="run the main demonstration")
-    demo.add_argument("--eps", type=float, default=0.01, help="entropic regularization (cost units)")
-    demo.add_argument("--out", default="reports/demo", help="output directory")
-    demo.set_defaults(handler=_demo)
+    ppo = commands.add_parser(
+        "ppo",
+        help="RLHF with PPO and a pluggable regularizer (kl, fkl, js, alpha, tv, chi2, wasserstein)",
+        description="PPO. Options: --config file.yaml, then --<field> <value> for any PPOConfig field "
+        "(e.g. --regularizer wasserstein --beta 0.05 --max_steps 200 --resume).",
+    )
+    ppo.add_argument("--config", help="YAML file with PPOConfig fields")
+    ppo.set_defaults(handler=_ppo, takes_overrides=True)
+
+    dpo = commands.add_parser(
+        "dpo",
+        help="preference optimization: DPO, IPO, hinge, AOT (paired/unpaired), KTO; optional OTPO token weights",
+        description="Preference optimization. Options: --config file.yaml, then --<field> <value> for any "
+        "PreferenceConfig field (e.g. --dataset_name pairs.jsonl --loss_type aot_paired --token_weighting otpo).",
+    )
+    dpo.add_argument("--config", help="YAML file with PreferenceConfig fields")
+    dpo.set_defaults(handler=_dpo, takes_overrides=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: WPR vs RKL PPO on the default model, evaluated on held-out prompts",
+        description="Train WPR and RKL PPO briefly, evaluate both and the reference, write a report. "
+        "Options: --config file.yaml, then --<field> <value> for any DemoConfig field "
+        "(out, model_name_or_path, max_steps, batch_size, response_length, learning_rate, use_peft, ...).",
+    )
+    demo.add_argument("--config", help="YAML file with DemoConfig fields")
+    demo.set_defaults(handler=_demo, takes_overrides=True)
+
+    geometry = commands.add_parser("token-geometry", help="the WPR paper's Figure 1 example (KL/JS vs OT)")
+    geometry.add_argument("--eps", type=float, default=0.01, help="entropic regularization (cost units)")
+    geometry.add_argument("--out", default="reports/token-geometry", help="output directory")
+    geometry.set_defaults(handler=_token_geometry, takes_overrides=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not args.takes_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.handler(args, rest)
+    except ValueError as err:  # config and input errors: one clear line, no traceback
+        from otalign.trainers import ConfigError
+
+        if isinstance(err, ConfigError):
+            parser.exit(2, f"otalign {args.command}: error: {err}\n")
+        raise
 
 
 if __name__ == "__main__":

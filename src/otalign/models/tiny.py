@@ -10,15 +10,20 @@ renders a conversation as its contents followed by ``answer :``.
 
 from __future__ import annotations
 
-WORDS = (
-    "the a i you we it is was are be to of and in on at for with this that my your day "
-    "good great happy love wonderful nice fine bad awful sad hate terrible poor "
-    "cat dog house tree city rain sun food book friend work time weekend morning "
-    "write tell describe about one sentence what think how answer : . , ?"
-).split()
+WORDS = tuple(
+    " ".join(
+        (
+            "the a i you we it is was are be to of and in on at for with this that my your day",
+            "good great happy love wonderful nice fine bad awful sad hate terrible poor",
+            "cat dog house tree city rain sun food book friend work time weekend morning",
+            "write tell describe about one sentence what think how answer : . , ?",
+        )
+    ).split()
+)
 SPECIALS = ("<pad>", "<eos>", "<unk>")
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['content'] }} {% endfor %}{% if add_generation_prompt %}answer :{% endif %}"
+    "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}answer :{% endif %}"
 )
 
 
@@ -32,7 +37,11 @@ def tiny_tokenizer(*, chat_template: bool = True, words: tuple[str, ...] = WORDS
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", clean_up_tokenization_spaces=False
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
     )
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE

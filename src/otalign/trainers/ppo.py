@@ -62,6 +62,7 @@ class PPOConfig(TrainerConfig):
         temperature, top_k, top_p: sampling (0.8, 50, 1.0).
     Models and reward:
         critic_model_name_or_path: critic backbone (e.g. the reward model); default: the policy's weights.
+        critic_freeze_backbone: train only the critic's value head (cheap; the backbone runs without grad).
         reward_fn: a built-in reward function name (``sentiment``), or None when using a reward model.
         reward_model_name_or_path: a sequence-classification reward model (then set ``reward_fn: null``).
         reward_retokenize: let a reward model with another tokenizer score re-tokenized text.
@@ -90,6 +91,7 @@ class PPOConfig(TrainerConfig):
     top_k: int = 50
     top_p: float = 1.0
     critic_model_name_or_path: str | None = None
+    critic_freeze_backbone: bool = False
     reward_fn: str | None = "sentiment"
     reward_model_name_or_path: str | None = None
     reward_retokenize: bool = False
@@ -234,8 +236,11 @@ class PPOTrainer(BaseTrainer):
         self.ref_model = (ref_model if ref_model is not None else frozen_copy(policy)).eval().requires_grad_(False)
         if critic is None:
             path = c.critic_model_name_or_path
+            frozen = c.critic_freeze_backbone
             critic = (
-                ValueModel.from_pretrained(path, dtype=c.model_dtype) if path else ValueModel.from_causal_lm(policy)
+                ValueModel.from_pretrained(path, dtype=c.model_dtype, freeze_backbone=frozen)
+                if path
+                else ValueModel.from_causal_lm(policy, freeze_backbone=frozen)
             )
         if c.use_peft:
             policy = apply_lora(

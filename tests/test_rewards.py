@@ -1,0 +1,98 @@
+"""Rewards: built-in sentiment, Python callables, Hugging Face reward models and the tokenizer check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from otalign.models.tiny import WORDS, tiny_tokenizer
+from otalign.rewards import FunctionReward, ModelReward, build_reward, sentiment_reward
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def tiny_reward_model(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def test_sentiment_reward_orders_positive_above_negative():
+    scores = sentiment_reward(["p", "p", "p"], ["What a wonderful, happy day!", "The sky.", "I hate this awful mess."])
+    assert scores[0] > 0.5 and abs(scores[1]) < 1e-9 and scores[2] < -0.5
+    reward = build_reward("sentiment")
+    out = reward(["p"], ["great"], torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool))
+    assert out.dtype == torch.float32 and out.shape == (1,) and out.item() > 0
+
+
+def test_callable_reward_is_checked():
+    ids, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    assert build_reward(lambda p, r: [len(x) for x in r])(["a", "b"], ["xy", "z"], ids, mask).tolist() == [2.0, 1.0]
+    with pytest.raises(ValueError, match="returned 1 scores for 2 responses"):
+        FunctionReward(lambda p, r: [1.0])(["a", "b"], ["x", "y"], ids, mask)
+    with pytest.raises(ValueError, match="non-finite"):
+        FunctionReward(lambda p, r: [float("nan")] * 2)(["a", "b"], ["x", "y"], ids, mask)
+    with pytest.raises(TypeError):
+        FunctionReward("sentiment")
+
+
+def test_unknown_reward_name_and_ambiguous_spec():
+    with pytest.raises(ValueError, match=r"unknown reward function 'joy'; choose one of \['sentiment'\]"):
+        build_reward("joy")
+    with pytest.raises(ValueError, match="exactly one"):
+        build_reward("sentiment", "some/model")
+    with pytest.raises(ValueError, match="exactly one"):
+        build_reward()
+
+
+def test_reward_model_scores_last_token_and_matches_direct_call(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_reward_model(tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reward = build_reward(reward_model=str(tmp_path), policy_tokenizer=tokenizer)
+    assert isinstance(reward, ModelReward)
+    texts = ["the cat is good", "a bad day"]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    batch = torch.full((2, width), tokenizer.pad_token_id)
+    mask = torch.zeros((2, width), dtype=torch.bool)
+    for i, row in enumerate(ids):
+        batch[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = True
+    scores = reward(["", ""], texts, batch, mask)
+    for i, row in enumerate(ids):
+        alone = model(input_ids=torch.tensor([row])).logits[0, 0]
+        assert scores[i].item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_reward_model_with_another_tokenizer_is_rejected_unless_retokenizing():
+    policy_tokenizer = tiny_tokenizer()
+    other = tiny_tokenizer(words=tuple(reversed(WORDS)))  # same words, different ids
+    model = tiny_reward_model(other)
+    with pytest.raises(ValueError, match="differs from the policy's.*reward_retokenize"):
+        ModelReward(model, other, policy_tokenizer)
+    reward = ModelReward(model, other, policy_tokenizer, retokenize=True)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    score = reward(["the cat "], ["is good"], ids, torch.ones_like(ids, dtype=torch.bool))
+    direct = model(input_ids=torch.tensor([other("the cat is good")["input_ids"]])).logits[0, 0]
+    assert score.item() == pytest.approx(direct.item(), abs=1e-5)
+
+
+def test_reward_model_must_have_one_output():
+    tokenizer = tiny_tokenizer()
+    model = tiny_reward_model(tokenizer)
+    model.config.num_labels = 2
+    with pytest.raises(ValueError, match="num_labels=1"):
+        ModelReward(model, tokenizer, tokenizer)
