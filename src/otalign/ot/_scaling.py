@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-ABSORB_AT = 20.0  # rebuild the kernel once |log s| or |log t| exceeds this
+ABSORB_AT = 30.0  # rebuild the kernel once |log s| or |log t| exceeds this
 
 
 def c_transform(
@@ -63,10 +63,7 @@ class ScalingState:
         self, a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, v: torch.Tensor, cost: torch.Tensor, eps: float
     ):
         self.cost, self.eps = cost, eps
-        positive_a, positive_b = a > 0, b > 0
-        self.support = None
-        if not (bool(positive_a.all()) and bool(positive_b.all())):
-            self.support = positive_a.unsqueeze(-1) & positive_b.unsqueeze(-2)
+        self.support = positive_support(a, b)
         self.absorb(u, v)
 
     def absorb(self, u: torch.Tensor, v: torch.Tensor) -> None:
@@ -100,7 +97,7 @@ def anneal(
     scaling: float,
     damping: Callable[[float], tuple[float, float]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """eps-scaling warm start: one log-domain update per eps from the cost range down to ``eps``.
+    """eps-scaling warm start: one (u, v) update per eps from the cost range down to ``eps``.
 
     ``damping(eps_k)`` gives the (kappa_a, kappa_b) exponents at that eps. Returns (u, v), (B, n)
     and (B, m), ending with one update at the target ``eps``.
@@ -116,11 +113,40 @@ def anneal(
         while eps_k > eps:
             schedule.append(eps_k)
             eps_k *= scaling
+    support = positive_support(a, b)
+    row_live, col_live = live_atoms(a, b, cost)
     for eps_k in [*schedule, eps]:
         damp_a, damp_b = damping(eps_k)
-        u = damp_a * c_transform(v, log_b, cost, eps_k, dim=2)
-        v = damp_b * c_transform(u, log_a, cost, eps_k, dim=1)
+        # One kernel pass per eps: the kernel at the current potentials, then both half-steps as
+        # matrix-vector products; the log domain only where the kernel under/overflowed.
+        E = kernel(u, v, cost, eps_k, support)
+        rows = torch.bmm(E, b.unsqueeze(-1)).squeeze(-1)
+        log_s = torch.where(row_live, -damp_a * rows.log() - (1.0 - damp_a) * u / eps_k, 0.0)
+        cols = torch.bmm((a * log_s.exp()).unsqueeze(1), E).squeeze(1)
+        log_t = torch.where(col_live, -damp_b * cols.log() - (1.0 - damp_b) * v / eps_k, 0.0)
+        if torch.isfinite(log_s).all() and torch.isfinite(log_t).all():
+            u, v = u + eps_k * log_s, v + eps_k * log_t
+        else:
+            u = damp_a * c_transform(v, log_b, cost, eps_k, dim=2)
+            v = damp_b * c_transform(u, log_a, cost, eps_k, dim=1)
     return u, v
+
+
+def positive_support(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """(B, n, m) mask of pairs of positive-mass atoms, or None when every atom has mass."""
+    positive_a, positive_b = a > 0, b > 0
+    if bool(positive_a.all()) and bool(positive_b.all()):
+        return None
+    return positive_a.unsqueeze(-1) & positive_b.unsqueeze(-2)
+
+
+def live_atoms(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n), (B, m) masks of atoms that carry plan mass: positive mass and a finite cost to a
+    positive-mass partner. The others keep their potentials out of the scaling updates."""
+    finite = torch.isfinite(cost)
+    row_live = (a > 0) & (finite & (b > 0).unsqueeze(-2)).any(-1)
+    col_live = (b > 0) & (finite & (a > 0).unsqueeze(-1)).any(-2)
+    return row_live, col_live
 
 
 def scaling_iterations(
@@ -155,10 +181,7 @@ def scaling_iterations(
         quantity tested against ``tol``.
     """
     log_a, log_b = a.log(), b.log()
-    # Rows that can send mass (positive mass, a finite cost to a positive-mass partner).
-    finite = torch.isfinite(cost)
-    row_live = (a > 0) & (finite & (b > 0).unsqueeze(-2)).any(-1)
-    col_live = (b > 0) & (finite & (a > 0).unsqueeze(-1)).any(-2)
+    row_live, col_live = live_atoms(a, b, cost)
     state = ScalingState(a, b, u, v, cost, eps)
     good_u, good_v = u, v
     change = torch.full_like(a[:, 0], math.inf)
