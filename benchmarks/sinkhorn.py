@@ -137,7 +137,7 @@ def print_table(rows: list[dict]) -> None:
                 f"{speed:>9.1f}x{note}"
             )
         print(
-            f"{'':<18}otalign iterations: {row['otalign']['iterations']}, max cost/eps {row['max_cost_over_eps']:.0f}"
+            f"{'':<18}{row['otalign']['iterations']} iterations each, max cost/eps {row['max_cost_over_eps']:.0f}"
         )
 
 
