@@ -27,6 +27,14 @@ def _dpo(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace, rest: list[str]) -> int:
+    from otalign.trainers import parse_config
+    from otalign.trainers.sft import SFTConfig, SFTTrainer
+
+    SFTTrainer(parse_config(SFTConfig, args.config, rest)).train()
+    return 0
+
+
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     from otalign.demos import ppo_demo
     from otalign.trainers import parse_config
@@ -65,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dpo.add_argument("--config", help="YAML file with PreferenceConfig fields")
     dpo.set_defaults(handler=_dpo, takes_overrides=True)
+
+    sft = commands.add_parser(
+        "sft",
+        help="supervised fine-tuning on prompt/completion pairs or conversations (loss on responses only)",
+        description="SFT. Options: --config file.yaml, then --<field> <value> for any SFTConfig field "
+        "(e.g. --dataset_name sft.jsonl --packing --use_peft --eval_dataset_name held_out.jsonl).",
+    )
+    sft.add_argument("--config", help="YAML file with SFTConfig fields")
+    sft.set_defaults(handler=_sft, takes_overrides=True)
 
     demo = commands.add_parser(
         "demo",

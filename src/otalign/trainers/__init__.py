@@ -8,6 +8,7 @@ from .config import ConfigError, TrainerConfig, parse_config
 from .metrics import MetricsLogger, read_metrics
 from .ppo import DEFAULT_BETA, PPOConfig, PPOTrainer
 from .preference import PreferenceConfig, PreferenceTrainer
+from .sft import SFTConfig, SFTTrainer
 
 __all__ = [
     "DEFAULT_BETA",
@@ -19,6 +20,8 @@ __all__ = [
     "PPOTrainer",
     "PreferenceConfig",
     "PreferenceTrainer",
+    "SFTConfig",
+    "SFTTrainer",
     "TrainerConfig",
     "TrainerState",
     "latest_checkpoint",

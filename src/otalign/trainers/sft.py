@@ -1,0 +1,254 @@
+"""Supervised fine-tuning of a causal LM on response tokens only: ``SFTConfig``, ``SFTTrainer``.
+
+Data (:mod:`otalign.data.sft`): ``prompt``/``completion`` rows or ``messages`` conversations, each encoded
+to ``(input_ids, labels)`` with label ``-100`` on prompt tokens (chat template applied to conversations).
+With ``packing`` the encoded examples are concatenated, in a seeded order, into one token stream cut into
+rows of exactly ``max_length`` tokens (examples may span two rows; attention is not blocked between
+examples). Each step every process takes ``per_device_train_batch_size`` rows (examples, or packed
+rows) from seeded per-epoch permutations; the position in the data follows from the step, so a resumed
+run continues exactly where it stopped.
+
+Loss: mean cross-entropy (float32, nats per token) over the trained tokens of the step. Evaluation
+(every ``eval_steps`` and at the end, when ``eval_dataset_name`` or ``eval_data`` is set): ``eval/loss``,
+token-weighted over the whole evaluation set, and ``eval/perplexity`` = exp(``eval/loss``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
+from otalign.models import apply_lora, load_causal_lm, load_tokenizer
+
+from .base import BaseTrainer
+from .config import ConfigError, TrainerConfig
+from .ppo import Timer
+from .preference import shuffled
+
+Row = tuple[list[int], list[int]]
+"""One training row: (input_ids, labels)."""
+
+
+@dataclass
+class SFTConfig(TrainerConfig):
+    """SFT settings (TRL ``SFTConfig`` names) on top of :class:`TrainerConfig`.
+
+    dataset_name: a ``.jsonl``/``.json``/``.parquet`` file or Hugging Face dataset (split ``dataset_train_split``).
+    eval_dataset_name: evaluation rows (hub split ``dataset_test_split``); eval_steps: evaluate every this
+        many steps (0: only at the end).
+    max_length: most tokens per row (a longer example is an error, never truncated; with packing: the row length).
+    packing: concatenate examples into rows of ``max_length`` tokens.
+    save_model: write the trained model (or LoRA adapter) and tokenizer to ``output_dir/model``.
+    """
+
+    output_dir: str = "runs/sft"
+    learning_rate: float = 2e-5
+    dataset_name: str | None = None
+    dataset_train_split: str = "train"
+    dataset_test_split: str = "test"
+    eval_dataset_name: str | None = None
+    eval_steps: int = 0
+    max_length: int = 1024
+    packing: bool = False
+    save_model: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.per_device_train_batch_size % self.gradient_accumulation_steps:
+            raise ConfigError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size} must be divisible by "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
+            )
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+        if self.eval_steps < 0:
+            raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps}")
+
+
+def pack(rows: list[Row], length: int, seed: int) -> list[Row]:
+    """``rows`` concatenated in a seeded order and cut into rows of ``length`` tokens (the remainder dropped).
+
+    Raises:
+        ValueError: fewer than ``length`` tokens in all.
+    """
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    ids = [t for i in order for t in rows[i][0]]
+    labels = [t for i in order for t in rows[i][1]]
+    if len(ids) < length:
+        raise ValueError(f"packing: the dataset has {len(ids)} tokens, fewer than one row of max_length={length}")
+    return [(ids[s : s + length], labels[s : s + length]) for s in range(0, len(ids) - length + 1, length)]
+
+
+def collate(rows: list[Row], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding), each (N, S) int64."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed float32 cross-entropy (nats) of the labelled tokens of ``batch`` (position t predicts token t + 1),
+    and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+class SFTTrainer(BaseTrainer):
+    """Causal-LM fine-tuning with the loss on response tokens only.
+
+    Args:
+        config: :class:`SFTConfig`.
+        model: causal LM to train (before LoRA); default from ``model_name_or_path``.
+        tokenizer: its tokenizer.
+        train_data, eval_data: :class:`~otalign.data.sft.SFTExample` rows instead of the config's datasets.
+        accelerator: an existing ``accelerate.Accelerator``.
+
+    Raises:
+        ValueError: bad rows (naming source, row and field), an example with no trained token, or longer than
+            ``max_length`` or the model's context: all before training.
+    """
+
+    progress_keys = ("loss",)
+
+    def __init__(
+        self,
+        config: SFTConfig,
+        *,
+        model=None,
+        tokenizer=None,
+        train_data: list[SFTExample] | None = None,
+        eval_data: list[SFTExample] | None = None,
+        accelerator=None,
+    ) -> None:
+        super().__init__(config, accelerator)
+        c = config
+        if train_data is None:
+            if c.dataset_name is None:
+                raise ConfigError("set dataset_name (a .jsonl/.json/.parquet file or a Hugging Face dataset name)")
+            train_data = load_sft_data(c.dataset_name, c.dataset_train_split)
+        if eval_data is None and c.eval_dataset_name is not None:
+            eval_data = load_sft_data(c.eval_dataset_name, c.dataset_test_split)
+        self.tokenizer = tokenizer or load_tokenizer(c.model_name_or_path)
+        model = model if model is not None else load_causal_lm(c.model_name_or_path, dtype=c.model_dtype)
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.train_rows = self._encode(train_data, c.dataset_name or "train_data", limit)
+        if c.packing:
+            self.train_rows = pack(self.train_rows, c.max_length, c.seed)
+        self.eval_rows = self._encode(eval_data, c.eval_dataset_name or "eval_data", limit) if eval_data else None
+        if c.use_peft:
+            model = apply_lora(
+                model, r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout, target_modules=c.lora_target_modules
+            )
+        model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.policy, self.optimizer = self.prepare(model, self.create_optimizer(self.params))
+        self.scheduler = self.create_scheduler(self.optimizer)
+
+    def _encode(self, examples: list[SFTExample], source: str, limit: int | None) -> list[Row]:
+        if not examples:
+            raise ValueError(f"{source}: the dataset is empty")
+        rows = []
+        longest = min(self.config.max_length, limit or self.config.max_length)
+        for i, example in enumerate(examples):
+            where = f"{source}, row {i + 1}"
+            ids, labels = encode_sft(self.tokenizer, example, where)
+            if all(t == IGNORE_INDEX for t in labels[1:]):
+                raise ValueError(f"{where}: no response token to train on")
+            if not self.config.packing and len(ids) > longest:
+                raise ValueError(
+                    f"{where}: {len(ids)} tokens, more than max_length={self.config.max_length} or the model's context"
+                )
+            rows.append((ids, labels))
+        return rows
+
+    def micro_batches(self, step: int) -> list[list[Row]]:
+        """This process's rows for ``step``, split into ``gradient_accumulation_steps`` micro-batches."""
+        c, acc = self.config, self.accelerator
+        b = c.per_device_train_batch_size
+        start = ((step - 1) * acc.num_processes + acc.process_index) * b
+        items = tuple(range(len(self.train_rows)))
+        ids = [shuffled(start + j, items, c.seed) for j in range(b)]
+        return [
+            [self.train_rows[i] for i in ids[m :: c.gradient_accumulation_steps]]
+            for m in range(c.gradient_accumulation_steps)
+        ]
+
+    def train(self) -> list[dict[str, float]]:
+        """Run ``max_steps`` steps (resuming if asked); returns the metrics of the steps run."""
+        c, acc = self.config, self.accelerator
+        history = []
+        start = self.begin()
+        self.print(
+            f"SFT: {len(self.train_rows)} {'packed rows' if c.packing else 'examples'}, {c.max_steps} steps x "
+            f"{c.per_device_train_batch_size * acc.num_processes}, device={acc.device}, processes={acc.num_processes}"
+        )
+        for step in self.steps(start):
+            timer = Timer(acc.device)
+            micro = [collate(rows, self.tokenizer.pad_token_id, acc.device) for rows in self.micro_batches(step)]
+            counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
+            total = max(float(acc.reduce(torch.tensor(sum(counts), device=acc.device), "sum")), 1.0)
+            loss_sum = 0.0
+            for m, batch in enumerate(micro):
+                context = contextlib.nullcontext() if m == len(micro) - 1 else acc.no_sync(self.policy)
+                with context:
+                    loss, _ = response_loss(self.policy, batch)
+                    timer.lap("forward")
+                    # DDP averages gradients over processes: scale so the step's gradient is the global token mean.
+                    acc.backward(loss * acc.num_processes / total)
+                    timer.lap("backward")
+                loss_sum += float(loss.detach())
+            if c.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.params, c.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            self.state.samples_seen += c.per_device_train_batch_size * acc.num_processes
+            timer.lap("update")
+            loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum"))
+            metrics = {"loss": loss_total / total, "num_tokens": total, "lr": lr, **timer.metrics()}
+            if self.eval_rows is not None and c.eval_steps and step % c.eval_steps == 0 and step != c.max_steps:
+                metrics.update(self.evaluate())
+            history.append(metrics)
+            self.end_step(step, metrics)
+        if self.eval_rows is not None:
+            final = self.evaluate()
+            self.metrics.log(final, c.max_steps)
+            history.append(final)
+        if c.save_model:
+            self.save_model()
+        self.finish()
+        return history
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[Row] | None = None) -> dict[str, float]:
+        """``eval/loss`` (nats per response token) and ``eval/perplexity`` of the model on ``rows``
+        (default: the evaluation set). Every process evaluates all rows."""
+        rows = self.eval_rows if rows is None else rows
+        model = self.accelerator.unwrap_model(self.policy)
+        was_training = model.training
+        model.eval()
+        size = self.config.per_device_train_batch_size
+        loss_sum, count = 0.0, 0
+        for s in range(0, len(rows), size):
+            batch = collate(rows[s : s + size], self.tokenizer.pad_token_id, self.accelerator.device)
+            loss, n = response_loss(model, batch)
+            loss_sum, count = loss_sum + float(loss), count + n
+        model.train(was_training)
+        loss = loss_sum / max(count, 1)
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}

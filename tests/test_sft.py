@@ -1,0 +1,145 @@
+"""SFTTrainer on tiny random models: response-only labels (plain and chat rows), the loss falls, packing,
+resume, LoRA, the ``otalign sft`` command with eval loss/perplexity, and bad rows rejected up front."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from otalign.cli import main
+from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
+from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+from otalign.trainers import read_metrics
+from otalign.trainers.sft import SFTConfig, SFTTrainer
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PAIRS = str(FIXTURES / "sft_pairs.jsonl")
+CHAT = str(FIXTURES / "sft_chat.jsonl")
+ASSISTANT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}answer : {{ m['content'] }} <eos> "
+    "{% else %}{{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}answer : {% endif %}"
+)
+"""A chat template whose conversation prefixes (with generation prompt) are prefixes of longer ones, like real ones."""
+
+
+def chat_tokenizer():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ASSISTANT_TEMPLATE
+    return tokenizer
+
+
+def make_trainer(tmp_path, *, tokenizer=None, **overrides) -> SFTTrainer:
+    tokenizer = tokenizer or tiny_tokenizer()
+    settings = dict(
+        output_dir=str(tmp_path),
+        dataset_name=PAIRS,
+        max_steps=15,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        progress_bar=False,
+        save_model=False,
+    )
+    settings.update(overrides)
+    return SFTTrainer(SFTConfig(**settings), model=tiny_causal_lm(tokenizer, seed=0), tokenizer=tokenizer)
+
+
+def test_prompt_tokens_are_left_out_of_the_labels():
+    tokenizer = tiny_tokenizer()
+    ids, labels = encode_sft(tokenizer, SFTExample("write about the cat .", "the cat is good ."), "row 1")
+    prompt = tokenizer("write about the cat .")["input_ids"]
+    completion = tokenizer("the cat is good .", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ids == prompt + completion
+    assert labels == [IGNORE_INDEX] * len(prompt) + completion
+
+
+def test_conversation_trains_on_every_assistant_turn_only():
+    tokenizer = chat_tokenizer()
+    example = load_sft_data(CHAT)[0]
+    ids, labels = encode_sft(tokenizer, example, "row 1")
+    whole = tokenizer.apply_chat_template(example.messages, tokenize=False)
+    assert tokenizer.decode(ids) == whole.strip()
+    trained = [t for t in labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "the cat is good . <eos> the dog is great . <eos>"
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels, strict=True))
+
+
+def test_sft_lowers_the_response_loss(tmp_path):
+    trainer = make_trainer(tmp_path, learning_rate=1e-2, lr_scheduler_type="constant")
+    before = trainer.evaluate(trainer.train_rows)["eval/loss"]
+    history = trainer.train()
+    after = trainer.evaluate(trainer.train_rows)["eval/loss"]
+    assert after < 0.5 * before
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert {"loss", "num_tokens", "lr", "time/step"} <= set(history[0])
+
+
+def test_packing_makes_full_rows_and_trains(tmp_path):
+    trainer = make_trainer(tmp_path, packing=True, max_length=16, max_steps=3)
+    assert all(len(ids) == len(labels) == 16 for ids, labels in trainer.train_rows)
+    history = trainer.train()
+    assert len(history) == 3
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = make_trainer(tmp_path / "full", max_steps=4).train()
+    make_trainer(tmp_path / "cut", max_steps=4, save_steps=2, save_total_limit=None).train()
+    resumed = make_trainer(
+        tmp_path / "cut", max_steps=4, resume_from_checkpoint=str(tmp_path / "cut/checkpoints/checkpoint-2")
+    ).train()
+    assert len(resumed) == 2
+    assert resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
+    assert [row["step"] for row in read_metrics(tmp_path / "cut")] == [1, 2, 3, 4]
+
+
+def test_lora_trains_only_adapters(tmp_path):
+    trainer = make_trainer(tmp_path, use_peft=True, lora_r=4, max_steps=2)
+    names = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    trainer.train()
+
+
+def test_sft_command_on_chat_rows_logs_eval_loss_and_perplexity(tmp_path):
+    tokenizer = chat_tokenizer()
+    model_dir = tmp_path / "tiny"
+    tiny_causal_lm(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model_name_or_path: {model_dir}\ndataset_name: {CHAT}\neval_dataset_name: {CHAT}\n")
+    out = tmp_path / "run"
+    argv = ["sft", "--config", str(config), "--output_dir", str(out), "--max_steps", "2"]
+    assert main([*argv, "--per_device_train_batch_size", "2", "--progress_bar", "false"]) == 0
+    rows = read_metrics(out)
+    assert rows[-1]["eval/perplexity"] == pytest.approx(2.718281828 ** rows[-1]["eval/loss"], rel=1e-6)
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
+    assert json.loads((out / "config.json").read_text())["dataset_name"] == CHAT
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "the cat"}, "row 2: missing field 'completion'"),
+        ({"prompt": "the cat", "completion": " "}, "row 2, field 'completion': empty text"),
+        ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}, "row 2, field 'completion': mixes"),
+    ],
+)
+def test_bad_rows_name_file_row_and_field(tmp_path, row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=f"{path}, {message}"):
+        load_sft_data(str(path))
+
+
+def test_conversation_without_assistant_turn_is_rejected(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match="row 1, field 'messages': no assistant turn"):
+        load_sft_data(str(path))
+
+
+def test_too_long_example_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="row 1: .* tokens, more than max_length=4"):
+        make_trainer(tmp_path, max_length=4)
