@@ -445,15 +445,6 @@ class PPOTrainer(BaseTrainer):
                 metrics[name] = float(pm.global_sum(torch.tensor(value * local_tokens), acc)) / max(tokens, 1)
         return metrics
 
-    def save_model(self) -> None:
-        """Save the trained policy (``save_pretrained``) and tokenizer to ``output_dir/model``."""
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            target = self.output_dir / "model"
-            acc.unwrap_model(self.policy).save_pretrained(target)
-            self.tokenizer.save_pretrained(target)
-
 
 class Timer:
     """Wall-clock laps by name (summed when a name repeats), synchronising CUDA so GPU work is counted."""
