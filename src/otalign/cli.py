@@ -35,6 +35,14 @@ def _sft(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _reward(args: argparse.Namespace, rest: list[str]) -> int:
+    from otalign.trainers import parse_config
+    from otalign.trainers.reward import RewardConfig, RewardTrainer
+
+    RewardTrainer(parse_config(RewardConfig, args.config, rest)).train()
+    return 0
+
+
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     from otalign.demos import ppo_demo
     from otalign.trainers import parse_config
@@ -82,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sft.add_argument("--config", help="YAML file with SFTConfig fields")
     sft.set_defaults(handler=_sft, takes_overrides=True)
+
+    reward = commands.add_parser(
+        "reward",
+        help="Bradley-Terry reward model on prompt/chosen/rejected pairs (a sequence-classification checkpoint)",
+        description="Reward-model training. Options: --config file.yaml, then --<field> <value> for any "
+        "RewardConfig field (e.g. --model_name_or_path runs/sft/model --dataset_name pairs.jsonl "
+        "--eval_split_size 0.1).",
+    )
+    reward.add_argument("--config", help="YAML file with RewardConfig fields")
+    reward.set_defaults(handler=_reward, takes_overrides=True)
 
     demo = commands.add_parser(
         "demo",

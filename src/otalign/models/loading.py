@@ -61,8 +61,10 @@ def apply_lora(
     alpha: int = 32,
     dropout: float = 0.0,
     target_modules: list[str] | str | None = "all-linear",
+    task_type: str = "CAUSAL_LM",
 ):
-    """Wrap ``model`` in ``peft`` LoRA adapters (only the adapters train).
+    """Wrap ``model`` in ``peft`` LoRA adapters (only the adapters train; with ``task_type="SEQ_CLS"`` the
+    scalar head trains fully too).
 
     Raises:
         ImportError: ``peft`` is not installed (``pip install 'otalign[peft]'``).
@@ -74,6 +76,6 @@ def apply_lora(
     if isinstance(target_modules, list) and target_modules == ["all-linear"]:
         target_modules = "all-linear"  # peft's keyword for every linear layer but the output head
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type
     )
     return get_peft_model(model, config)

@@ -8,6 +8,7 @@ from .config import ConfigError, TrainerConfig, parse_config
 from .metrics import MetricsLogger, read_metrics
 from .ppo import DEFAULT_BETA, PPOConfig, PPOTrainer
 from .preference import PreferenceConfig, PreferenceTrainer
+from .reward import RewardConfig, RewardTrainer
 from .sft import SFTConfig, SFTTrainer
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "PPOTrainer",
     "PreferenceConfig",
     "PreferenceTrainer",
+    "RewardConfig",
+    "RewardTrainer",
     "SFTConfig",
     "SFTTrainer",
     "TrainerConfig",

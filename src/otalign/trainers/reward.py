@@ -1,0 +1,290 @@
+r"""Bradley-Terry reward-model training on preference pairs: ``RewardConfig``, ``RewardTrainer``.
+
+The model is a causal LM's backbone with a scalar head (:mod:`otalign.models.reward_head`); its reward
+:math:`r(x, y)` is the head's logit at the last token of prompt + response. Loss per pair:
+:math:`-\log\sigma(r(x, y^+) - r(x, y^-))`, plus ``center_rewards_coefficient`` times
+:math:`(r(x, y^+) + r(x, y^-))^2` when set (TRL's reward centering). The trained model is saved as a
+standard ``AutoModelForSequenceClassification`` checkpoint (LoRA adapters merged) with the tokenizer in
+``output_dir/model``: the ``reward_model_name_or_path`` of ``otalign ppo``.
+
+Data: paired ``prompt/chosen/rejected`` rows (:mod:`otalign.data.preference`), encoded like the DPO
+trainer's (chat template for conversations, EOS after plain-text responses). The held-out pairs are
+``eval_dataset_name``, or a seeded ``eval_split_size`` share of the training file. Metrics (TRL names):
+``loss``, ``accuracy`` (share of pairs with :math:`r^+ > r^-`), ``rewards/chosen``, ``rewards/rejected``,
+``rewards/margins`` (mean :math:`r^+ - r^-`), and the same under ``eval/`` for the held-out pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from otalign.data.preference import PreferencePair, encode, load_preference_data
+from otalign.models import apply_lora, load_tokenizer
+from otalign.models.reward_head import load_reward_model, reward_model_from_causal_lm
+
+from .base import BaseTrainer
+from .config import ConfigError, TrainerConfig
+from .ppo import Timer
+from .preference import shuffled
+from .preference_batch import collate
+
+Pair = tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]
+"""An encoded pair: ((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))."""
+
+
+@dataclass
+class RewardConfig(TrainerConfig):
+    """Reward-model settings (TRL ``RewardConfig`` names) on top of :class:`TrainerConfig`.
+
+    model_name_or_path: a causal LM (e.g. the SFT output) or a sequence-classification checkpoint.
+    dataset_name: paired rows, a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset
+        (split ``dataset_train_split``). ``per_device_train_batch_size`` pairs per process per step.
+    eval_dataset_name: held-out pairs (hub split ``dataset_test_split``); or eval_split_size: the share of
+        the training pairs held out instead (seeded). eval_steps: evaluate every this many steps (0: at the end).
+    max_length: most tokens of prompt + response (a longer row is an error, never truncated).
+    center_rewards_coefficient: weight of the mean squared summed pair reward (None: off).
+    """
+
+    output_dir: str = "runs/reward"
+    learning_rate: float = 1e-5
+    dataset_name: str | None = None
+    dataset_train_split: str = "train"
+    dataset_test_split: str = "test"
+    eval_dataset_name: str | None = None
+    eval_split_size: float = 0.0
+    eval_steps: int = 0
+    max_length: int = 1024
+    center_rewards_coefficient: float | None = None
+    save_model: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.per_device_train_batch_size % self.gradient_accumulation_steps:
+            raise ConfigError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size} must be divisible by "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
+            )
+        if not 0.0 <= self.eval_split_size < 1.0:
+            raise ConfigError(f"eval_split_size must be in [0, 1), got {self.eval_split_size}")
+        if self.eval_split_size and self.eval_dataset_name:
+            raise ConfigError("set eval_dataset_name or eval_split_size, not both")
+        if self.eval_steps < 0:
+            raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps}")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+
+
+def held_out(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of ``range(n)`` into (train, held-out) indices, ``round(share * n)`` held out (at least one
+    of each when ``share > 0``)."""
+    if not share:
+        return list(range(n)), []
+    k = min(max(round(share * n), 1), n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def pair_rewards(model, pairs: list[Pair], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) float32 rewards of the chosen and of the rejected responses of ``pairs`` (one forward pass)."""
+    batch = collate([p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device)
+    scores = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(), use_cache=False).logits
+    scores = scores[:, 0].float()
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """``accuracy``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` of (n,) pair rewards."""
+    return {
+        "accuracy": float((chosen > rejected).float().mean()),
+        "rewards/chosen": float(chosen.mean()),
+        "rewards/rejected": float(rejected.mean()),
+        "rewards/margins": float((chosen - rejected).mean()),
+    }
+
+
+class RewardTrainer(BaseTrainer):
+    """Trains a scalar reward model on preference pairs with the Bradley-Terry loss.
+
+    Args:
+        config: :class:`RewardConfig`.
+        model: a sequence-classification model with one output, or a causal LM (its backbone gets a new
+            scalar head); default from ``model_name_or_path``.
+        tokenizer: its tokenizer.
+        train_data, eval_data: :class:`~otalign.data.preference.PreferencePair` rows instead of the config's.
+        accelerator: an existing ``accelerate.Accelerator``.
+
+    Raises:
+        ValueError: unpaired or bad rows (naming source, row and field), rows longer than ``max_length``:
+            all before training.
+    """
+
+    progress_keys = ("loss", "accuracy", "rewards/margins")
+
+    def __init__(
+        self,
+        config: RewardConfig,
+        *,
+        model=None,
+        tokenizer=None,
+        train_data: list[PreferencePair] | None = None,
+        eval_data: list[PreferencePair] | None = None,
+        accelerator=None,
+    ) -> None:
+        super().__init__(config, accelerator)
+        c = config
+        if train_data is None:
+            if c.dataset_name is None:
+                raise ConfigError("set dataset_name (a .jsonl/.json/.parquet file or a Hugging Face dataset name)")
+            train_data = load_preference_data(c.dataset_name, c.dataset_train_split)
+        if eval_data is None and c.eval_dataset_name is not None:
+            eval_data = load_preference_data(c.eval_dataset_name, c.dataset_test_split)
+        self.tokenizer = tokenizer or load_tokenizer(c.model_name_or_path)
+        pad = self.tokenizer.pad_token_id
+        train_pairs = self._encode(train_data, c.dataset_name or "train_data")
+        self.eval_pairs = self._encode(eval_data, c.eval_dataset_name or "eval_data") if eval_data else None
+        if c.eval_split_size:
+            train_ids, eval_ids = held_out(len(train_pairs), c.eval_split_size, c.seed)
+            self.eval_pairs = [train_pairs[i] for i in eval_ids]
+            train_pairs = [train_pairs[i] for i in train_ids]
+        self.train_pairs = train_pairs
+
+        if model is None:
+            model = load_reward_model(c.model_name_or_path, pad, dtype=c.model_dtype)
+        elif type(model).__name__.endswith("ForCausalLM"):
+            model = reward_model_from_causal_lm(model, pad)
+        if model.config.num_labels != 1:
+            raise ValueError(f"a reward model has one output (num_labels=1), got {model.config.num_labels}")
+        if c.use_peft:
+            model = apply_lora(
+                model,
+                r=c.lora_r,
+                alpha=c.lora_alpha,
+                dropout=c.lora_dropout,
+                target_modules=c.lora_target_modules,
+                task_type="SEQ_CLS",
+            )
+        model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.policy, self.optimizer = self.prepare(model, self.create_optimizer(self.params))
+        self.scheduler = self.create_scheduler(self.optimizer)
+
+    def _encode(self, examples: list, source: str) -> list[Pair]:
+        if not examples:
+            raise ValueError(f"{source}: the dataset is empty")
+        pairs = []
+        for i, example in enumerate(examples):
+            where = f"{source}, row {i + 1}"
+            if not isinstance(example, PreferencePair):
+                raise ValueError(f"{where}: reward training needs paired prompt/chosen/rejected rows")
+            sides = []
+            for side in ("chosen", "rejected"):
+                prompt_ids, response_ids = encode(self.tokenizer, example.prompt, getattr(example, side), where)
+                if not response_ids or len(prompt_ids) + len(response_ids) > self.config.max_length:
+                    raise ValueError(
+                        f"{where}, field {side!r}: {len(prompt_ids) + len(response_ids)} tokens, more than "
+                        f"max_length={self.config.max_length} (or an empty response)"
+                    )
+                sides.append((prompt_ids, response_ids))
+            pairs.append(tuple(sides))
+        return pairs
+
+    def micro_batches(self, step: int) -> list[list[Pair]]:
+        """This process's pairs for ``step``, split into ``gradient_accumulation_steps`` micro-batches."""
+        c, acc = self.config, self.accelerator
+        b = c.per_device_train_batch_size
+        start = ((step - 1) * acc.num_processes + acc.process_index) * b
+        items = tuple(range(len(self.train_pairs)))
+        ids = [shuffled(start + j, items, c.seed) for j in range(b)]
+        accum = c.gradient_accumulation_steps
+        return [[self.train_pairs[i] for i in ids[m::accum]] for m in range(accum)]
+
+    def loss(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        """Mean Bradley-Terry loss (nats) of (n,) pair rewards, plus the centering term when configured."""
+        loss = -F.logsigmoid(chosen - rejected).mean()
+        if self.config.center_rewards_coefficient:
+            loss = loss + self.config.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+        return loss
+
+    def train(self) -> list[dict[str, float]]:
+        """Run ``max_steps`` steps (resuming if asked); returns the metrics of the steps run."""
+        c, acc = self.config, self.accelerator
+        history = []
+        start = self.begin()
+        self.print(
+            f"reward model: {len(self.train_pairs)} training pairs, {len(self.eval_pairs or [])} held out, "
+            f"{c.max_steps} steps x {c.per_device_train_batch_size * acc.num_processes} pairs, device={acc.device}"
+        )
+        for step in self.steps(start):
+            timer = Timer(acc.device)
+            micro = self.micro_batches(step)
+            scores, loss_sum = [], 0.0
+            for m, pairs in enumerate(micro):
+                context = contextlib.nullcontext() if m == len(micro) - 1 else acc.no_sync(self.policy)
+                with context:
+                    chosen, rejected = pair_rewards(self.policy, pairs, self.tokenizer.pad_token_id, acc.device)
+                    loss = self.loss(chosen, rejected)
+                    timer.lap("forward")
+                    acc.backward(loss / len(micro))
+                    timer.lap("backward")
+                loss_sum += float(loss.detach()) / len(micro)
+                scores.append(torch.stack([chosen.detach(), rejected.detach()], dim=1))
+            if c.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.params, c.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            self.state.samples_seen += c.per_device_train_batch_size * acc.num_processes
+            timer.lap("update")
+            gathered = acc.gather(torch.cat(scores))
+            metrics = {"loss": float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean"))}
+            metrics.update(pair_metrics(gathered[:, 0], gathered[:, 1]))
+            metrics.update({"lr": lr, **timer.metrics()})
+            if self.eval_pairs and c.eval_steps and step % c.eval_steps == 0 and step != c.max_steps:
+                metrics.update(self.evaluate())
+            history.append(metrics)
+            self.end_step(step, metrics)
+        if self.eval_pairs:
+            final = self.evaluate()
+            self.metrics.log(final, c.max_steps)
+            history.append(final)
+        if c.save_model:
+            self.save_model()
+        self.finish()
+        return history
+
+    @torch.no_grad()
+    def evaluate(self, pairs: list[Pair] | None = None) -> dict[str, float]:
+        """``eval/loss``, ``eval/accuracy`` and ``eval/rewards/...`` on ``pairs`` (default: the held-out pairs).
+        Every process evaluates all pairs."""
+        pairs = self.eval_pairs if pairs is None else pairs
+        model = self.accelerator.unwrap_model(self.policy)
+        was_training = model.training
+        model.eval()
+        size = self.config.per_device_train_batch_size
+        chosen, rejected = [], []
+        for s in range(0, len(pairs), size):
+            c, r = pair_rewards(model, pairs[s : s + size], self.tokenizer.pad_token_id, self.accelerator.device)
+            chosen.append(c)
+            rejected.append(r)
+        model.train(was_training)
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        metrics = {"loss": float(self.loss(chosen, rejected)), **pair_metrics(chosen, rejected)}
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def save_model(self) -> None:
+        """Save a standard ``AutoModelForSequenceClassification`` checkpoint (LoRA merged) and the tokenizer to
+        ``output_dir/model``."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.policy)
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+            target = self.output_dir / "model"
+            model.save_pretrained(target)
+            self.tokenizer.save_pretrained(target)
