@@ -75,7 +75,5 @@ def apply_lora(
         raise ImportError("LoRA needs the optional 'peft' package: pip install 'otalign[peft]'") from None
     if isinstance(target_modules, list) and target_modules == ["all-linear"]:
         target_modules = "all-linear"  # peft's keyword for every linear layer but the output head
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type
-    )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type)
     return get_peft_model(model, config)
