@@ -43,6 +43,15 @@ def _reward(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from otalign.eval.config import EvalConfig
+    from otalign.eval.run import run_eval
+    from otalign.trainers import parse_config
+
+    run_eval(parse_config(EvalConfig, args.config, rest))
+    return 0
+
+
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     from otalign.demos import ppo_demo
     from otalign.trainers import parse_config
@@ -100,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reward.add_argument("--config", help="YAML file with RewardConfig fields")
     reward.set_defaults(handler=_reward, takes_overrides=True)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="pairwise win rates of two or more models or generation files, judged by a reward, a chat model or "
+        "an OpenAI-compatible endpoint",
+        description="Win rates (mean ± std over repeats, ties count half, answer order randomised). Options: "
+        "--config file.yaml, then --<field> <value> for any EvalConfig field (e.g. --models a,b --judge http "
+        "--judge_base_url http://127.0.0.1:8000/v1 --num_prompts 50 --num_repeats 5).",
+    )
+    evaluate.add_argument("--config", help="YAML file with EvalConfig fields")
+    evaluate.set_defaults(handler=_eval, takes_overrides=True)
 
     demo = commands.add_parser(
         "demo",

@@ -97,19 +97,18 @@ class ChatModelJudge(Judge):
 
     @torch.no_grad()
     def judge(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> list[Judgement]:
-        from otalign.data import render_prompt
-        from otalign.trainers.rollout import encode_prompts, generate
+        from .generations import sample_responses
 
-        texts = [
-            render_prompt(render_judge_prompt(self.template, p, a, b), self.tokenizer)
-            for p, a, b in zip(prompts, first, second, strict=True)
+        questions = [
+            render_judge_prompt(self.template, p, a, b) for p, a, b in zip(prompts, first, second, strict=True)
         ]
-        ids = encode_prompts(self.tokenizer, texts, max_prompt_length=self.max_prompt_length)
-        out: list[Judgement] = []
-        for start in range(0, len(texts), self.batch_size):
-            stop = min(start + self.batch_size, len(texts))
-            rollout = generate(
-                self.model, self.tokenizer, ids[start:stop], texts[start:stop], [0] * (stop - start), self.params
-            )
-            out += [Judgement(parse_verdict(text), text) for text in rollout.response_texts]
-        return out
+        answers = sample_responses(
+            self.model,
+            self.tokenizer,
+            questions,
+            [0] * len(questions),
+            self.params,
+            batch_size=self.batch_size,
+            max_prompt_length=self.max_prompt_length,
+        )
+        return [Judgement(parse_verdict(text), text) for text in answers]

@@ -8,12 +8,13 @@ response and differences between methods are not sampling noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from . import ppo_math as pm
-from .rollout import SamplingParams, generate, response_logits, sample_seeds
+from .rollout import Rollout, SamplingParams, generate, response_logits, sample_seeds
 
 
 @dataclass
@@ -70,6 +71,16 @@ def _ci95(values: list[float]) -> float:
     return 1.96 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+def sample_batches(
+    policy, tokenizer, prompt_texts: list[str], prompt_ids: list[list[int]], seeds: list[int], params, batch_size: int
+) -> Iterator[Rollout]:
+    """One :class:`~otalign.trainers.rollout.Rollout` per ``batch_size`` prompts, prompt ``i`` sampled with
+    generator seed ``seeds[i]`` (:func:`sample_seeds`), so a response does not depend on the batching."""
+    for start in range(0, len(prompt_ids), batch_size):
+        stop = min(start + batch_size, len(prompt_ids))
+        yield generate(policy, tokenizer, prompt_ids[start:stop], prompt_texts[start:stop], seeds[start:stop], params)
+
+
 @torch.no_grad()
 def evaluate_policy(
     policy,
@@ -98,16 +109,8 @@ def evaluate_policy(
             is summed per response (None: no OT distance).
     """
     result = EvalResult([], [], [], [], [], [] if ot_regularizer is not None else None)
-    for start in range(0, len(prompt_ids), batch_size):
-        stop = min(start + batch_size, len(prompt_ids))
-        rollout = generate(
-            policy,
-            tokenizer,
-            prompt_ids[start:stop],
-            prompt_texts[start:stop],
-            sample_seeds(seed, list(range(start, stop))),
-            params,
-        )
+    seeds = sample_seeds(seed, list(range(len(prompt_ids))))
+    for rollout in sample_batches(policy, tokenizer, prompt_texts, prompt_ids, seeds, params, batch_size):
         mask = rollout.response_mask
         policy_logits = response_logits(policy, rollout) / params.temperature
         ref_logits = response_logits(ref_model, rollout) / params.temperature
