@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from test_rewards import tiny_reward_model
 
 from otalign.eval import TEMPLATES, ChatModelJudge, RewardJudge, WinRate, compare, render_judge_prompt
 from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
@@ -29,21 +29,8 @@ def test_builtin_sentiment_judge_in_a_win_rate():
 
 
 def test_reward_model_judge_scores_text(tmp_path):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    tiny_reward_model(tokenizer).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     judge = RewardJudge(build_reward(reward_model=tmp_path, retokenize=True))  # scores prompt + response text
     first, second = (
