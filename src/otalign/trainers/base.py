@@ -14,6 +14,7 @@ The trainer owns the loop; the math (losses, penalties, advantages) lives in fun
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,23 @@ class BaseTrainer:
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in self.progress_keys if k in metrics}, refresh=False)
         if c.save_steps and (step % c.save_steps == 0 or step == c.max_steps):
             self.checkpoints.save(step)
+
+    def no_sync(self, *, last: bool):
+        """Skip the data-parallel gradient all-reduce on all but the last micro-batch of a step."""
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy)
+
+    def optimizer_step(self) -> float:
+        """After a step's backward passes: clip ``self.params``' gradients, step and zero ``self.optimizer``, advance
+        ``self.scheduler`` and the data position (``state.samples_seen``); returns the learning rate used."""
+        c, acc = self.config, self.accelerator
+        if c.max_grad_norm is not None:
+            acc.clip_grad_norm_(self.params, c.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.state.samples_seen += c.per_device_train_batch_size * acc.num_processes
+        return lr
 
     progress_keys: tuple[str, ...] = ()
     """Metrics shown next to the progress bar."""

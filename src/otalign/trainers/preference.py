@@ -22,7 +22,6 @@ resuming from a checkpoint continues exactly where the run stopped.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -378,13 +377,7 @@ class PreferenceTrainer(BaseTrainer):
                 records.append(record)
                 for name, value in {"loss": float(loss.detach()), **stats}.items():
                     extra[name] = extra.get(name, 0.0) + value / len(micro)
-            if c.max_grad_norm is not None:
-                acc.clip_grad_norm_(self.params, c.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
-            self.state.samples_seen += c.per_device_train_batch_size * acc.num_processes
+            lr = self.optimizer_step()
             timer.lap("update")
 
             merged = {k: torch.cat([r[k] for r in records]) for k in records[0]}
@@ -463,10 +456,6 @@ class PreferenceTrainer(BaseTrainer):
             records.append({"rewards": rewards, "logps": policy, "labels": labels.float(), "correct": correct})
         merged = {k: torch.cat([r[k] for r in records]) for k in records[0]}
         return {f"eval/{k}": v for k, v in summarize(merged).items()}
-
-    def no_sync(self, *, last: bool):
-        """Skip the data-parallel gradient all-reduce on all but the last micro-batch of a step."""
-        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy)
 
 
 def pair_keys(split: str, rows) -> list[Key]:

@@ -16,66 +16,45 @@ trainer's (chat template for conversations, EOS after plain-text responses). The
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from otalign.data.preference import PreferencePair, encode, load_preference_data
-from otalign.models import apply_lora, load_tokenizer
+from otalign.models import load_tokenizer
 from otalign.models.reward_head import load_reward_model, reward_model_from_causal_lm
 
-from .base import BaseTrainer
-from .config import ConfigError, TrainerConfig
+from .config import ConfigError
 from .ppo import Timer
-from .preference import shuffled
 from .preference_batch import collate
+from .supervised import SupervisedConfig, SupervisedTrainer
 
 Pair = tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]
 """An encoded pair: ((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))."""
 
 
 @dataclass
-class RewardConfig(TrainerConfig):
-    """Reward-model settings (TRL ``RewardConfig`` names) on top of :class:`TrainerConfig`.
+class RewardConfig(SupervisedConfig):
+    """Reward-model settings (TRL ``RewardConfig`` names): the dataset options of :class:`SupervisedConfig`
+    (``per_device_train_batch_size`` counts pairs), and
 
     model_name_or_path: a causal LM (e.g. the SFT output) or a sequence-classification checkpoint.
-    dataset_name: paired rows, a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset
-        (split ``dataset_train_split``). ``per_device_train_batch_size`` pairs per process per step.
-    eval_dataset_name: held-out pairs (hub split ``dataset_test_split``); or eval_split_size: the share of
-        the training pairs held out instead (seeded). eval_steps: evaluate every this many steps (0: at the end).
-    max_length: most tokens of prompt + response (a longer row is an error, never truncated).
+    eval_split_size: share of the training pairs held out for evaluation (seeded), instead of ``eval_dataset_name``.
     center_rewards_coefficient: weight of the mean squared summed pair reward (None: off).
     """
 
     output_dir: str = "runs/reward"
     learning_rate: float = 1e-5
-    dataset_name: str | None = None
-    dataset_train_split: str = "train"
-    dataset_test_split: str = "test"
-    eval_dataset_name: str | None = None
     eval_split_size: float = 0.0
-    eval_steps: int = 0
-    max_length: int = 1024
     center_rewards_coefficient: float | None = None
-    save_model: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.per_device_train_batch_size % self.gradient_accumulation_steps:
-            raise ConfigError(
-                f"per_device_train_batch_size={self.per_device_train_batch_size} must be divisible by "
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
-            )
         if not 0.0 <= self.eval_split_size < 1.0:
             raise ConfigError(f"eval_split_size must be in [0, 1), got {self.eval_split_size}")
         if self.eval_split_size and self.eval_dataset_name:
             raise ConfigError("set eval_dataset_name or eval_split_size, not both")
-        if self.eval_steps < 0:
-            raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps}")
-        if self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
 
 
 def held_out(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
@@ -106,7 +85,7 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, floa
     }
 
 
-class RewardTrainer(BaseTrainer):
+class RewardTrainer(SupervisedTrainer):
     """Trains a scalar reward model on preference pairs with the Bradley-Terry loss.
 
     Args:
@@ -136,12 +115,7 @@ class RewardTrainer(BaseTrainer):
     ) -> None:
         super().__init__(config, accelerator)
         c = config
-        if train_data is None:
-            if c.dataset_name is None:
-                raise ConfigError("set dataset_name (a .jsonl/.json/.parquet file or a Hugging Face dataset name)")
-            train_data = load_preference_data(c.dataset_name, c.dataset_train_split)
-        if eval_data is None and c.eval_dataset_name is not None:
-            eval_data = load_preference_data(c.eval_dataset_name, c.dataset_test_split)
+        train_data, eval_data = self.load_datasets(train_data, eval_data, load_preference_data)
         self.tokenizer = tokenizer or load_tokenizer(c.model_name_or_path)
         pad = self.tokenizer.pad_token_id
         train_pairs = self._encode(train_data, c.dataset_name or "train_data")
@@ -158,19 +132,7 @@ class RewardTrainer(BaseTrainer):
             model = reward_model_from_causal_lm(model, pad)
         if model.config.num_labels != 1:
             raise ValueError(f"a reward model has one output (num_labels=1), got {model.config.num_labels}")
-        if c.use_peft:
-            model = apply_lora(
-                model,
-                r=c.lora_r,
-                alpha=c.lora_alpha,
-                dropout=c.lora_dropout,
-                target_modules=c.lora_target_modules,
-                task_type="SEQ_CLS",
-            )
-        model.train()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.policy, self.optimizer = self.prepare(model, self.create_optimizer(self.params))
-        self.scheduler = self.create_scheduler(self.optimizer)
+        self.prepare_model(model, task_type="SEQ_CLS")
 
     def _encode(self, examples: list, source: str) -> list[Pair]:
         if not examples:
@@ -192,16 +154,6 @@ class RewardTrainer(BaseTrainer):
             pairs.append(tuple(sides))
         return pairs
 
-    def micro_batches(self, step: int) -> list[list[Pair]]:
-        """This process's pairs for ``step``, split into ``gradient_accumulation_steps`` micro-batches."""
-        c, acc = self.config, self.accelerator
-        b = c.per_device_train_batch_size
-        start = ((step - 1) * acc.num_processes + acc.process_index) * b
-        items = tuple(range(len(self.train_pairs)))
-        ids = [shuffled(start + j, items, c.seed) for j in range(b)]
-        accum = c.gradient_accumulation_steps
-        return [[self.train_pairs[i] for i in ids[m::accum]] for m in range(accum)]
-
     def loss(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
         """Mean Bradley-Terry loss (nats) of (n,) pair rewards, plus the centering term when configured."""
         loss = -F.logsigmoid(chosen - rejected).mean()
@@ -220,11 +172,10 @@ class RewardTrainer(BaseTrainer):
         )
         for step in self.steps(start):
             timer = Timer(acc.device)
-            micro = self.micro_batches(step)
+            micro = self.micro_batches(step, self.train_pairs)
             scores, loss_sum = [], 0.0
             for m, pairs in enumerate(micro):
-                context = contextlib.nullcontext() if m == len(micro) - 1 else acc.no_sync(self.policy)
-                with context:
+                with self.no_sync(last=m == len(micro) - 1):
                     chosen, rejected = pair_rewards(self.policy, pairs, self.tokenizer.pad_token_id, acc.device)
                     loss = self.loss(chosen, rejected)
                     timer.lap("forward")
@@ -232,30 +183,17 @@ class RewardTrainer(BaseTrainer):
                     timer.lap("backward")
                 loss_sum += float(loss.detach()) / len(micro)
                 scores.append(torch.stack([chosen.detach(), rejected.detach()], dim=1))
-            if c.max_grad_norm is not None:
-                acc.clip_grad_norm_(self.params, c.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
-            self.state.samples_seen += c.per_device_train_batch_size * acc.num_processes
+            lr = self.optimizer_step()
             timer.lap("update")
             gathered = acc.gather(torch.cat(scores))
             metrics = {"loss": float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean"))}
             metrics.update(pair_metrics(gathered[:, 0], gathered[:, 1]))
             metrics.update({"lr": lr, **timer.metrics()})
-            if self.eval_pairs and c.eval_steps and step % c.eval_steps == 0 and step != c.max_steps:
+            if self.eval_pairs and self.evaluate_now(step):
                 metrics.update(self.evaluate())
             history.append(metrics)
             self.end_step(step, metrics)
-        if self.eval_pairs:
-            final = self.evaluate()
-            self.metrics.log(final, c.max_steps)
-            history.append(final)
-        if c.save_model:
-            self.save_model()
-        self.finish()
-        return history
+        return self.conclude(history, evaluate=bool(self.eval_pairs))
 
     @torch.no_grad()
     def evaluate(self, pairs: list[Pair] | None = None) -> dict[str, float]:

@@ -15,7 +15,6 @@ token-weighted over the whole evaluation set, and ``eval/perplexity`` = exp(``ev
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -24,51 +23,25 @@ import torch
 import torch.nn.functional as F
 
 from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
-from otalign.models import apply_lora, load_causal_lm, load_tokenizer
+from otalign.models import load_causal_lm, load_tokenizer
 
-from .base import BaseTrainer
-from .config import ConfigError, TrainerConfig
 from .ppo import Timer
-from .preference import shuffled
+from .supervised import SupervisedConfig, SupervisedTrainer
 
 Row = tuple[list[int], list[int]]
 """One training row: (input_ids, labels)."""
 
 
 @dataclass
-class SFTConfig(TrainerConfig):
-    """SFT settings (TRL ``SFTConfig`` names) on top of :class:`TrainerConfig`.
+class SFTConfig(SupervisedConfig):
+    """SFT settings (TRL ``SFTConfig`` names): the dataset options of :class:`SupervisedConfig`, and
 
-    dataset_name: a ``.jsonl``/``.json``/``.parquet`` file or Hugging Face dataset (split ``dataset_train_split``).
-    eval_dataset_name: evaluation rows (hub split ``dataset_test_split``); eval_steps: evaluate every this
-        many steps (0: only at the end).
-    max_length: most tokens per row (a longer example is an error, never truncated; with packing: the row length).
-    packing: concatenate examples into rows of ``max_length`` tokens.
-    save_model: write the trained model (or LoRA adapter) and tokenizer to ``output_dir/model``.
+    packing: concatenate examples into rows of exactly ``max_length`` tokens.
     """
 
     output_dir: str = "runs/sft"
     learning_rate: float = 2e-5
-    dataset_name: str | None = None
-    dataset_train_split: str = "train"
-    dataset_test_split: str = "test"
-    eval_dataset_name: str | None = None
-    eval_steps: int = 0
-    max_length: int = 1024
     packing: bool = False
-    save_model: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.per_device_train_batch_size % self.gradient_accumulation_steps:
-            raise ConfigError(
-                f"per_device_train_batch_size={self.per_device_train_batch_size} must be divisible by "
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
-            )
-        if self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
-        if self.eval_steps < 0:
-            raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps}")
 
 
 def pack(rows: list[Row], length: int, seed: int) -> list[Row]:
@@ -108,7 +81,7 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
-class SFTTrainer(BaseTrainer):
+class SFTTrainer(SupervisedTrainer):
     """Causal-LM fine-tuning with the loss on response tokens only.
 
     Args:
@@ -137,12 +110,7 @@ class SFTTrainer(BaseTrainer):
     ) -> None:
         super().__init__(config, accelerator)
         c = config
-        if train_data is None:
-            if c.dataset_name is None:
-                raise ConfigError("set dataset_name (a .jsonl/.json/.parquet file or a Hugging Face dataset name)")
-            train_data = load_sft_data(c.dataset_name, c.dataset_train_split)
-        if eval_data is None and c.eval_dataset_name is not None:
-            eval_data = load_sft_data(c.eval_dataset_name, c.dataset_test_split)
+        train_data, eval_data = self.load_datasets(train_data, eval_data, load_sft_data)
         self.tokenizer = tokenizer or load_tokenizer(c.model_name_or_path)
         model = model if model is not None else load_causal_lm(c.model_name_or_path, dtype=c.model_dtype)
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -150,14 +118,7 @@ class SFTTrainer(BaseTrainer):
         if c.packing:
             self.train_rows = pack(self.train_rows, c.max_length, c.seed)
         self.eval_rows = self._encode(eval_data, c.eval_dataset_name or "eval_data", limit) if eval_data else None
-        if c.use_peft:
-            model = apply_lora(
-                model, r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout, target_modules=c.lora_target_modules
-            )
-        model.train()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.policy, self.optimizer = self.prepare(model, self.create_optimizer(self.params))
-        self.scheduler = self.create_scheduler(self.optimizer)
+        self.prepare_model(model, task_type="CAUSAL_LM")
 
     def _encode(self, examples: list[SFTExample], source: str, limit: int | None) -> list[Row]:
         if not examples:
@@ -176,18 +137,6 @@ class SFTTrainer(BaseTrainer):
             rows.append((ids, labels))
         return rows
 
-    def micro_batches(self, step: int) -> list[list[Row]]:
-        """This process's rows for ``step``, split into ``gradient_accumulation_steps`` micro-batches."""
-        c, acc = self.config, self.accelerator
-        b = c.per_device_train_batch_size
-        start = ((step - 1) * acc.num_processes + acc.process_index) * b
-        items = tuple(range(len(self.train_rows)))
-        ids = [shuffled(start + j, items, c.seed) for j in range(b)]
-        return [
-            [self.train_rows[i] for i in ids[m :: c.gradient_accumulation_steps]]
-            for m in range(c.gradient_accumulation_steps)
-        ]
-
     def train(self) -> list[dict[str, float]]:
         """Run ``max_steps`` steps (resuming if asked); returns the metrics of the steps run."""
         c, acc = self.config, self.accelerator
@@ -199,41 +148,28 @@ class SFTTrainer(BaseTrainer):
         )
         for step in self.steps(start):
             timer = Timer(acc.device)
-            micro = [collate(rows, self.tokenizer.pad_token_id, acc.device) for rows in self.micro_batches(step)]
+            parts = self.micro_batches(step, self.train_rows)
+            micro = [collate(rows, self.tokenizer.pad_token_id, acc.device) for rows in parts]
             counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
             total = max(float(acc.reduce(torch.tensor(sum(counts), device=acc.device), "sum")), 1.0)
             loss_sum = 0.0
             for m, batch in enumerate(micro):
-                context = contextlib.nullcontext() if m == len(micro) - 1 else acc.no_sync(self.policy)
-                with context:
+                with self.no_sync(last=m == len(micro) - 1):
                     loss, _ = response_loss(self.policy, batch)
                     timer.lap("forward")
                     # DDP averages gradients over processes: scale so the step's gradient is the global token mean.
                     acc.backward(loss * acc.num_processes / total)
                     timer.lap("backward")
                 loss_sum += float(loss.detach())
-            if c.max_grad_norm is not None:
-                acc.clip_grad_norm_(self.params, c.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
-            self.state.samples_seen += c.per_device_train_batch_size * acc.num_processes
+            lr = self.optimizer_step()
             timer.lap("update")
             loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum"))
             metrics = {"loss": loss_total / total, "num_tokens": total, "lr": lr, **timer.metrics()}
-            if self.eval_rows is not None and c.eval_steps and step % c.eval_steps == 0 and step != c.max_steps:
+            if self.eval_rows is not None and self.evaluate_now(step):
                 metrics.update(self.evaluate())
             history.append(metrics)
             self.end_step(step, metrics)
-        if self.eval_rows is not None:
-            final = self.evaluate()
-            self.metrics.log(final, c.max_steps)
-            history.append(final)
-        if c.save_model:
-            self.save_model()
-        self.finish()
-        return history
+        return self.conclude(history, evaluate=self.eval_rows is not None)
 
     @torch.no_grad()
     def evaluate(self, rows: list[Row] | None = None) -> dict[str, float]:

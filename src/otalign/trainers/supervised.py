@@ -1,0 +1,108 @@
+"""What the SFT and reward-model trainers share: dataset options, model preparation, data order, evaluation cadence.
+
+Both train one model on a fixed dataset of items (encoded examples or pairs). Each step every process takes
+``per_device_train_batch_size`` items from seeded per-epoch permutations, split into
+``gradient_accumulation_steps`` micro-batches; the position follows from the step, so a resumed run
+continues exactly where it stopped. Evaluation runs every ``eval_steps`` and after the last step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from otalign.models import apply_lora
+
+from .base import BaseTrainer
+from .config import ConfigError, TrainerConfig
+from .preference import shuffled
+
+
+@dataclass
+class SupervisedConfig(TrainerConfig):
+    """Dataset and evaluation options shared by :class:`~otalign.trainers.SFTConfig` and ``RewardConfig``.
+
+    dataset_name: a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset (split ``dataset_train_split``).
+    eval_dataset_name: evaluation rows (hub split ``dataset_test_split``); eval_steps: evaluate every this many
+        steps (0: only after the last one).
+    max_length: most tokens of one example (longer is an error, never truncated).
+    save_model: write the trained model and tokenizer to ``output_dir/model``.
+    """
+
+    dataset_name: str | None = None
+    dataset_train_split: str = "train"
+    dataset_test_split: str = "test"
+    eval_dataset_name: str | None = None
+    eval_steps: int = 0
+    max_length: int = 1024
+    save_model: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.per_device_train_batch_size % self.gradient_accumulation_steps:
+            raise ConfigError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size} must be divisible by "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
+            )
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+        if self.eval_steps < 0:
+            raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps}")
+
+
+class SupervisedTrainer(BaseTrainer):
+    """Shared steps of the SFT and reward trainers; subclasses write ``train`` and ``evaluate``."""
+
+    def load_datasets(self, train_data, eval_data, load) -> tuple[list, list | None]:
+        """``train_data``/``eval_data`` if given, else ``load(name, split)`` of the config's datasets."""
+        c = self.config
+        if train_data is None:
+            if c.dataset_name is None:
+                raise ConfigError("set dataset_name (a .jsonl/.json/.parquet file or a Hugging Face dataset name)")
+            train_data = load(c.dataset_name, c.dataset_train_split)
+        if eval_data is None and c.eval_dataset_name is not None:
+            eval_data = load(c.eval_dataset_name, c.dataset_test_split)
+        return train_data, eval_data
+
+    def prepare_model(self, model, *, task_type: str) -> None:
+        """LoRA (if configured), train mode, optimizer and schedule: sets ``policy``, ``optimizer``, ``scheduler``."""
+        c = self.config
+        if c.use_peft:
+            model = apply_lora(
+                model,
+                r=c.lora_r,
+                alpha=c.lora_alpha,
+                dropout=c.lora_dropout,
+                target_modules=c.lora_target_modules,
+                task_type=task_type,
+            )
+        model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.policy, self.optimizer = self.prepare(model, self.create_optimizer(self.params))
+        self.scheduler = self.create_scheduler(self.optimizer)
+
+    def micro_batches(self, step: int, items: list) -> list[list]:
+        """This process's ``items`` for ``step``, split into ``gradient_accumulation_steps`` micro-batches."""
+        c, acc = self.config, self.accelerator
+        b, accum = c.per_device_train_batch_size, c.gradient_accumulation_steps
+        start = ((step - 1) * acc.num_processes + acc.process_index) * b
+        ids = [shuffled(start + j, tuple(range(len(items))), c.seed) for j in range(b)]
+        return [[items[i] for i in ids[m::accum]] for m in range(accum)]
+
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate_now(self, step: int) -> bool:
+        """True at an intermediate evaluation step (every ``eval_steps``, the last step excluded)."""
+        c = self.config
+        return bool(c.eval_steps) and step % c.eval_steps == 0 and step != c.max_steps
+
+    def conclude(self, history: list[dict[str, float]], evaluate: bool) -> list[dict[str, float]]:
+        """After the last step: final evaluation (logged at ``max_steps``, appended to ``history``), save, finish."""
+        if evaluate:
+            final = self.evaluate()
+            self.metrics.log(final, self.config.max_steps)
+            history.append(final)
+        if self.config.save_model:
+            self.save_model()
+        self.finish()
+        return history
