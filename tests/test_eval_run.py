@@ -48,16 +48,28 @@ def test_generation_files_with_the_sentiment_judge(tmp_path, generation_files, c
     assert (out / "table.md").is_file() and len((out / "samples.jsonl").read_text().splitlines()) == 15
 
 
-def test_tiny_models_generate_and_the_cli_writes_the_report(tmp_path):
+def save_tiny_models(tmp_path, seeds=(0, 1)) -> list[str]:
+    """Folders ``model<seed>`` holding tiny random causal LMs with the tiny tokenizer."""
     tokenizer = tiny_tokenizer()
     folders = []
-    for seed in (0, 1):
+    for seed in seeds:
         folder = tmp_path / f"model{seed}"
         tiny_causal_lm(tokenizer, seed=seed).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         folders.append(str(folder))
+    return folders
+
+
+def tiny_prompts(tmp_path) -> str:
+    """A prompt file in the tiny tokenizer's vocabulary."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("tell me about your day\nwrite one sentence about a cat\ndescribe the city\n")
+    return str(prompts)
+
+
+def test_tiny_models_generate_and_the_cli_writes_the_report(tmp_path):
+    folders = save_tiny_models(tmp_path)
+    prompts = tiny_prompts(tmp_path)
     config = tmp_path / "eval.yaml"
     config.write_text(
         f"models: [{folders[0]}, {folders[1]}]\nprompts: {prompts}\nnum_prompts: 2\nnum_repeats: 2\n"

@@ -52,6 +52,17 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace, rest: list[str]) -> int:
+    from otalign.eval.analysis import ANALYSES
+    from otalign.trainers import ConfigError, parse_config
+
+    if args.kind not in ANALYSES:
+        raise ConfigError(f"unknown analysis {args.kind!r}; choose one of {sorted(ANALYSES)}")
+    config_cls, run = ANALYSES[args.kind]
+    run(parse_config(config_cls, args.config, rest))
+    return 0
+
+
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     from otalign.demos import ppo_demo
     from otalign.trainers import parse_config
@@ -120,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--config", help="YAML file with EvalConfig fields")
     evaluate.set_defaults(handler=_eval, takes_overrides=True)
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="the WPR paper's analyses: penalty-correlation (KL vs Wasserstein), coherence (top-10 candidates)",
+        description="Run one analysis; it writes JSON and a PNG plot to output_dir. Options: KIND, --config "
+        "file.yaml, then --<field> <value> for any field of the analysis' config (e.g. penalty-correlation "
+        "--run_dir runs/wpr, or --policy runs/wpr/model --reference default; coherence --models a,b).",
+    )
+    analyze.add_argument("kind", metavar="KIND", help="penalty-correlation | coherence")
+    analyze.add_argument("--config", help="YAML file with the analysis' config fields")
+    analyze.set_defaults(handler=_analyze, takes_overrides=True)
 
     demo = commands.add_parser(
         "demo",

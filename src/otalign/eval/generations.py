@@ -62,15 +62,21 @@ def prompt_text(prompt: Prompt) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def sample_responses(
-    model, tokenizer, prompts: list[Prompt], seeds: list[int], params, *, batch_size: int, max_prompt_length: int
-) -> list[str]:
-    """One sampled response per prompt (rendered with the tokenizer's chat template), prompt ``i`` with generator
-    seed ``seeds[i]``, through the PPO evaluation's sampler :func:`~otalign.trainers.evaluation.sample_batches`."""
-    from otalign.trainers.evaluation import sample_batches
+def encode_for_sampling(tokenizer, prompts: list[Prompt], max_prompt_length: int) -> tuple[list[str], list[list[int]]]:
+    """Prompts rendered with the tokenizer's chat template (when it has one) and their token ids."""
     from otalign.trainers.rollout import encode_prompts
 
     texts = [render_prompt(p, tokenizer) for p in prompts]
-    ids = encode_prompts(tokenizer, texts, max_prompt_length=max_prompt_length)
+    return texts, encode_prompts(tokenizer, texts, max_prompt_length=max_prompt_length)
+
+
+def sample_responses(
+    model, tokenizer, prompts: list[Prompt], seeds: list[int], params, *, batch_size: int, max_prompt_length: int
+) -> list[str]:
+    """One sampled response per prompt, prompt ``i`` with generator seed ``seeds[i]``, through the PPO
+    evaluation's sampler :func:`~otalign.trainers.evaluation.sample_batches`."""
+    from otalign.trainers.evaluation import sample_batches
+
+    texts, ids = encode_for_sampling(tokenizer, prompts, max_prompt_length)
     batches = sample_batches(model, tokenizer, texts, ids, seeds, params, batch_size)
     return [text for rollout in batches for text in rollout.response_texts]
