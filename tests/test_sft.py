@@ -95,11 +95,15 @@ def test_resume_continues_exactly(tmp_path):
     assert [row["step"] for row in read_metrics(tmp_path / "cut")] == [1, 2, 3, 4]
 
 
-def test_lora_trains_only_adapters(tmp_path):
-    trainer = make_trainer(tmp_path, use_peft=True, lora_r=4, max_steps=2)
+def test_lora_trains_only_adapters_and_saves_a_merged_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(tmp_path, use_peft=True, lora_r=4, max_steps=2, save_model=True)
     names = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     trainer.train()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
 
 
 def test_sft_command_on_chat_rows_logs_eval_loss_and_perplexity(tmp_path):

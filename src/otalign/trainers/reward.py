@@ -213,16 +213,3 @@ class RewardTrainer(SupervisedTrainer):
         chosen, rejected = torch.cat(chosen), torch.cat(rejected)
         metrics = {"loss": float(self.loss(chosen, rejected)), **pair_metrics(chosen, rejected)}
         return {f"eval/{k}": v for k, v in metrics.items()}
-
-    def save_model(self) -> None:
-        """Save a standard ``AutoModelForSequenceClassification`` checkpoint (LoRA merged) and the tokenizer to
-        ``output_dir/model``."""
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.policy)
-            if hasattr(model, "merge_and_unload"):
-                model = model.merge_and_unload()
-            target = self.output_dir / "model"
-            model.save_pretrained(target)
-            self.tokenizer.save_pretrained(target)

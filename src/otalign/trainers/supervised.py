@@ -25,7 +25,7 @@ class SupervisedConfig(TrainerConfig):
     eval_dataset_name: evaluation rows (hub split ``dataset_test_split``); eval_steps: evaluate every this many
         steps (0: only after the last one).
     max_length: most tokens of one example (longer is an error, never truncated).
-    save_model: write the trained model and tokenizer to ``output_dir/model``.
+    save_model: write the trained model (LoRA adapters merged) and tokenizer to ``output_dir/model``.
     """
 
     dataset_name: str | None = None
@@ -106,3 +106,16 @@ class SupervisedTrainer(BaseTrainer):
             self.save_model()
         self.finish()
         return history
+
+    def save_model(self) -> None:
+        """Save the model as a plain checkpoint (LoRA adapters merged, so the next stage loads it like any model)
+        and the tokenizer to ``output_dir/model``."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.policy)
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+            target = self.output_dir / "model"
+            model.save_pretrained(target)
+            self.tokenizer.save_pretrained(target)
