@@ -1,4 +1,4 @@
-"""The ``otalign eval`` config: candidates, prompt subsampling, sampling settings and the judge."""
+"""Configs of ``otalign eval`` (candidates, repeats, judge) and the sampling fields it shares with the analyses."""
 
 from __future__ import annotations
 
@@ -11,7 +11,47 @@ JUDGES = ("reward_fn", "reward_model", "chat_model", "http")
 
 
 @dataclass
-class EvalConfig:
+class SamplingFields:
+    """Prompts and sampling of a run on generations (``otalign eval`` and the analyses).
+
+    Attributes:
+        output_dir: where the outputs go.
+        prompts, prompt_split: ``builtin`` (train/test split) or a .jsonl/.json/.txt prompt file.
+        num_prompts: prompts drawn without replacement (seeded).
+        max_new_tokens, temperature, top_k, top_p: sampling; distributions are ``softmax(logits / temperature)``.
+        batch_size, max_prompt_length, model_dtype: batching, prompt limit (tokens), weights dtype.
+        seed: prompt subsample and sampling noise.
+    """
+
+    output_dir: str = "reports/analysis"
+    prompts: str = "builtin"
+    prompt_split: str = "test"
+    num_prompts: int = 20
+    max_new_tokens: int = 32
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 1.0
+    batch_size: int = 8
+    max_prompt_length: int = 512
+    model_dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+    def params(self):
+        """The :class:`~otalign.trainers.rollout.SamplingParams` of these fields."""
+        from otalign.trainers.rollout import SamplingParams
+
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class EvalConfig(SamplingFields):
     """Settings of a pairwise win-rate evaluation (defaults: the WPR paper's protocol, 50 prompts x 5 repeats).
 
     Candidates (two or more in all; every pair is compared):
@@ -26,7 +66,7 @@ class EvalConfig:
         seed: seeds all of them.
     Generation:
         max_new_tokens, temperature, top_k, top_p: sampling (the paper evaluates at temperature 0.5).
-        generation_batch_size, max_prompt_length, model_dtype: batching, prompt limit (tokens), weights dtype.
+        batch_size, max_prompt_length, model_dtype: batching (also of a chat judge), prompt limit, weights dtype.
     Judge:
         judge: ``reward_fn`` | ``reward_model`` | ``chat_model`` | ``http``.
         judge_reward_fn: built-in reward function name (``reward_fn``).
@@ -45,18 +85,10 @@ class EvalConfig:
     output_dir: str = "reports/eval"
     models: list[str] = field(default_factory=list)
     generation_files: list[str] = field(default_factory=list)
-    prompts: str = "builtin"
-    prompt_split: str = "test"
     num_prompts: int = 50
     num_repeats: int = 5
-    seed: int = 0
     max_new_tokens: int = 128
     temperature: float = 0.5
-    top_k: int = 50
-    top_p: float = 1.0
-    generation_batch_size: int = 8
-    max_prompt_length: int = 1024
-    model_dtype: str = "float32"
     judge: str = "reward_fn"
     judge_reward_fn: str = "sentiment"
     judge_model: str | None = None
@@ -73,17 +105,16 @@ class EvalConfig:
     judge_cache: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if len(self.models) + len(self.generation_files) < 2:
             raise ConfigError("give two or more candidates in all (models and/or generation_files)")
-        for name in ("num_prompts", "num_repeats", "max_new_tokens", "generation_batch_size", "judge_max_new_tokens"):
+        for name in ("num_repeats", "judge_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.judge not in JUDGES:
             raise ConfigError(f"judge must be one of {JUDGES}, got {self.judge!r}")
         if self.judge in ("reward_model", "chat_model") and not self.judge_model:
             raise ConfigError(f"judge {self.judge} needs judge_model (a model id or folder)")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

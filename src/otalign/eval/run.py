@@ -43,7 +43,7 @@ def build_judge(config: EvalConfig) -> Judge:
             load_tokenizer(config.judge_model),
             config.judge_template,
             max_new_tokens=config.judge_max_new_tokens,
-            batch_size=config.generation_batch_size,
+            batch_size=config.batch_size,
         )
     from .http_judge import HTTPJudge
 
@@ -136,9 +136,9 @@ def run_eval(config: EvalConfig, judge: Judge | None = None) -> dict:
 def _generate(config: EvalConfig, model_path: str, prompts: list, repeats: list) -> list[list[str]]:
     """One list of answers per repeat from the model at ``model_path`` (loaded once, freed afterwards)."""
     from otalign.models import load_causal_lm, load_tokenizer
-    from otalign.trainers.rollout import SamplingParams, sample_seeds
+    from otalign.trainers.rollout import sample_seeds
 
-    params = SamplingParams(config.max_new_tokens, config.temperature, config.top_k, config.top_p)
+    params = config.params()
     model = load_causal_lm(model_path, dtype=config.model_dtype).eval()
     tokenizer = load_tokenizer(model_path)
     answers = [
@@ -148,7 +148,7 @@ def _generate(config: EvalConfig, model_path: str, prompts: list, repeats: list)
             [prompts[i] for i in idx],
             sample_seeds(seed, idx),
             params,
-            batch_size=config.generation_batch_size,
+            batch_size=config.batch_size,
             max_prompt_length=config.max_prompt_length,
         )
         for idx, seed in repeats

@@ -17,7 +17,8 @@ import torch
 
 from otalign.trainers.config import ConfigError
 
-from .sampling import SamplingFields, load_model, sampled_logits, save_figure
+from ..config import SamplingFields
+from .sampling import load_model, prompt_subsample, sampled_logits, save_figure
 
 
 @dataclass
@@ -65,7 +66,7 @@ def run_coherence(config: CoherenceConfig) -> dict:
     source, _ = load_model(config.embeddings_from or config.models[0], config.model_dtype)
     embeddings = embedding_matrix(source, dtype=torch.float32)
     del source
-    prompts = config.prompt_subsample()
+    prompts = prompt_subsample(config)
     k = min(config.top_candidates, embeddings.shape[0])
     results = {}
     for path in config.models:

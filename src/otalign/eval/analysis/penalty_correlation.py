@@ -22,7 +22,8 @@ import torch
 
 from otalign.trainers.config import ConfigError
 
-from .sampling import SamplingFields, load_model, sampled_logits, save_figure
+from ..config import SamplingFields
+from .sampling import load_model, prompt_subsample, sampled_logits, save_figure
 
 
 @dataclass
@@ -112,7 +113,7 @@ def from_generations(config: PenaltyCorrelationConfig) -> tuple[np.ndarray, np.n
         max_iter=config.max_iter,
     )
     kl, w = [], []
-    for rollout, logits, ref in sampled_logits(policy, tokenizer, config, config.prompt_subsample(), reference):
+    for rollout, logits, ref in sampled_logits(policy, tokenizer, config, prompt_subsample(config), reference):
         mask = rollout.response_mask
         kl.append(kl_reg.penalty(logits, ref, rollout.responses, mask).per_token[mask])
         w.append(w_reg.penalty(logits, ref, rollout.responses, mask).per_token[mask])
