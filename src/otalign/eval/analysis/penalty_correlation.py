@@ -22,31 +22,23 @@ import torch
 
 from otalign.trainers.config import ConfigError
 
-from ..config import SamplingFields
-from .sampling import load_model, prompt_subsample, sampled_logits, save_figure
+from .penalties import PenaltyFields, response_penalties
+from .sampling import save_figure
 
 
 @dataclass
-class PenaltyCorrelationConfig(SamplingFields):
-    """Settings of ``otalign analyze penalty-correlation`` (sampling fields: :class:`SamplingFields`).
+class PenaltyCorrelationConfig(PenaltyFields):
+    """Settings of ``otalign analyze penalty-correlation`` (model, sampling and penalty fields: :class:`PenaltyFields`).
 
     Attributes:
-        run_dir: a WPR run's output folder (reads its ``metrics.jsonl``); or else
-        policy, reference: models whose per-token penalties are computed on the policy's generations.
+        run_dir: a WPR run's output folder (reads its ``metrics.jsonl``); or else ``policy`` and ``reference``.
         beta_kl, beta_wasserstein: penalty coefficients applied before the joint normalisation.
-        lam, wasserstein_top_k, metric, max_iter: the Wasserstein penalty's settings (top-k capped at V).
     """
 
     output_dir: str = "reports/penalty-correlation"
     run_dir: str | None = None
-    policy: str | None = None
-    reference: str | None = None
     beta_kl: float = 1.0
     beta_wasserstein: float = 1.0
-    lam: float = 100.0
-    wasserstein_top_k: int = 128
-    metric: str = "euclidean"
-    max_iter: int = 1000
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,26 +90,8 @@ def from_metrics(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def from_generations(config: PenaltyCorrelationConfig) -> tuple[np.ndarray, np.ndarray]:
     """Per generated token of the policy: the reverse-KL and the Wasserstein penalty against the reference."""
-    from otalign.regularizers import build_regularizer, embedding_matrix
-
-    policy, tokenizer = load_model(config.policy, config.model_dtype)
-    reference, _ = load_model(config.reference, config.model_dtype)
-    embeddings = embedding_matrix(reference, dtype=torch.float32)
-    kl_reg = build_regularizer("rkl")
-    w_reg = build_regularizer(
-        "wasserstein",
-        embeddings=embeddings,
-        lam=config.lam,
-        top_k=min(config.wasserstein_top_k, embeddings.shape[0]),
-        metric=config.metric,
-        max_iter=config.max_iter,
-    )
-    kl, w = [], []
-    for rollout, logits, ref in sampled_logits(policy, tokenizer, config, prompt_subsample(config), reference):
-        mask = rollout.response_mask
-        kl.append(kl_reg.penalty(logits, ref, rollout.responses, mask).per_token[mask])
-        w.append(w_reg.penalty(logits, ref, rollout.responses, mask).per_token[mask])
-    return torch.cat(kl).numpy(), torch.cat(w).numpy()
+    penalties = response_penalties(config)
+    return torch.cat(penalties.kl).numpy(), torch.cat(penalties.wasserstein).numpy()
 
 
 def plot(result: dict, path: str | Path) -> None:
