@@ -3,17 +3,21 @@
 - ``penalty-correlation`` (:mod:`.penalty_correlation`): KL vs Wasserstein penalties, jointly min-max
   normalised, with Pearson r and the fitted slope (the paper's Figure 5);
 - ``coherence`` (:mod:`.coherence`): mean pairwise embedding distance among each position's top-10
-  next-token candidates, per model (the paper's Table 8).
+  next-token candidates, per model (the paper's Table 8);
+- ``semantic-similarity`` (:mod:`.semantic_similarity`): correlation of each negative penalty with the semantic
+  similarity of the policy's and the reference's answers (the paper's Table 7, MiniLM instead of BERTScore).
 """
 
 from __future__ import annotations
 
 from .coherence import CoherenceConfig, candidate_spread, run_coherence
 from .penalty_correlation import PenaltyCorrelationConfig, correlate, run_penalty_correlation
+from .semantic_similarity import SemanticSimilarityConfig, run_semantic_similarity
 
 ANALYSES = {
     "penalty-correlation": (PenaltyCorrelationConfig, run_penalty_correlation),
     "coherence": (CoherenceConfig, run_coherence),
+    "semantic-similarity": (SemanticSimilarityConfig, run_semantic_similarity),
 }
 """``kind -> (config dataclass, run function)`` of every analysis."""
 
@@ -21,8 +25,10 @@ __all__ = [
     "ANALYSES",
     "CoherenceConfig",
     "PenaltyCorrelationConfig",
+    "SemanticSimilarityConfig",
     "candidate_spread",
     "correlate",
     "run_coherence",
     "run_penalty_correlation",
+    "run_semantic_similarity",
 ]
