@@ -63,6 +63,27 @@ def _analyze(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace, rest: list[str]) -> int:
+    from otalign.pipeline import Pipeline, parse_pipeline_config
+
+    Pipeline(parse_pipeline_config(args.config, rest)).run()
+    return 0
+
+
+def _data(args: argparse.Namespace, rest: list[str]) -> int:
+    from otalign.data.splits import PrepareConfig
+    from otalign.demos.synth import SynthConfig, run
+    from otalign.trainers import ConfigError, parse_config
+
+    if args.action == "synth":
+        run(parse_config(SynthConfig, args.config, rest))
+    elif args.action == "prepare":
+        parse_config(PrepareConfig, args.config, rest).run()
+    else:
+        raise ConfigError(f"unknown data action {args.action!r}; choose synth or prepare")
+    return 0
+
+
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     from otalign.demos import ppo_demo
     from otalign.trainers import parse_config
@@ -143,6 +164,27 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("kind", metavar="KIND", help="penalty-correlation | coherence | semantic-similarity")
     analyze.add_argument("--config", help="YAML file with the analysis' config fields")
     analyze.set_defaults(handler=_analyze, takes_overrides=True)
+
+    pipeline = commands.add_parser(
+        "pipeline",
+        help="sft -> reward -> ppo -> eval from one config, each stage feeding the next, completed stages skipped",
+        description="The RLHF pipeline. Options: --config file.yaml, then --<field> <value> for any PipelineConfig "
+        "field and --<stage>.<field> <value> for a stage's (e.g. --dataset pairs.jsonl --sft.max_steps 100 "
+        "--ppo.regularizer wasserstein).",
+    )
+    pipeline.add_argument("--config", help="YAML file with PipelineConfig fields and per-stage sections")
+    pipeline.set_defaults(handler=_pipeline, takes_overrides=True)
+
+    data = commands.add_parser(
+        "data",
+        help="datasets: synth (preference pairs from a model and a reward), prepare (convert + 20/40/40 split)",
+        description="ACTION synth: --<field> <value> for any SynthConfig field (model_name_or_path, prompts, "
+        "num_samples, output, ...). ACTION prepare: --dataset FILE --dataset_format hh-rlhf|tldr|preference "
+        "--output_dir DIR [--seed N --on_error skip].",
+    )
+    data.add_argument("action", metavar="ACTION", help="synth | prepare")
+    data.add_argument("--config", help="YAML file with the action's config fields")
+    data.set_defaults(handler=_data, takes_overrides=True)
 
     demo = commands.add_parser(
         "demo",

@@ -7,7 +7,10 @@ paired with their preferred responses"), reward ``prompt``/``chosen``/``rejected
 
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import dataclass, field
+from pathlib import Path
 
 STAGES = ("sft", "reward", "rl")
 PAPER_FRACTIONS = (0.2, 0.4, 0.4)
@@ -39,3 +42,77 @@ def stage_rows(split: dict[str, list[dict]]) -> dict[str, list[dict]]:
         "reward": [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in split["reward"]],
         "rl": [{"prompt": r["prompt"]} for r in split["rl"]],
     }
+
+
+def prepare_stage_files(
+    source: str,
+    folder: str | Path,
+    *,
+    dataset_format: str = "preference",
+    seed: int = 0,
+    fractions: tuple[float, float, float] = PAPER_FRACTIONS,
+    on_error: str = "raise",
+) -> dict:
+    """Read ``source`` (``preference`` rows, or ``hh-rlhf`` / ``tldr`` in their published schemas), split it with
+    :func:`paper_split` and write ``preferences.jsonl`` (all pairs) and ``sft.jsonl``, ``reward.jsonl``,
+    ``rl.jsonl`` (:func:`stage_rows`) to ``folder``.
+
+    Returns:
+        ``{"pairs", "skipped" (problem -> row numbers), "sft", "reward", "rl" (row counts)}``.
+
+    Raises:
+        ValueError: an unknown format, a bad row (with ``on_error="raise"``), or an empty split.
+    """
+    from .conversion import Converted, write_jsonl
+    from .hh_rlhf import load_hh_rlhf
+    from .preference import load_preference_data, read_rows
+    from .tldr import load_tldr
+
+    loaders = {"hh-rlhf": load_hh_rlhf, "tldr": load_tldr}
+    if dataset_format == "preference":
+        load_preference_data(source)  # validates every row (file, row, field) before anything is written
+        converted = Converted(rows=read_rows(source), total=0)
+    elif dataset_format in loaders:
+        converted = loaders[dataset_format](source, on_error=on_error)
+    else:
+        raise ValueError(f"unknown dataset format {dataset_format!r}; choose preference, {', '.join(loaders)}")
+    folder = Path(folder)
+    rows = converted.rows
+    write_jsonl(rows, folder / "preferences.jsonl")
+    split = stage_rows(paper_split(rows, seed, fractions))
+    for stage, part in split.items():
+        if not part:
+            raise ValueError(f"{source}: {len(rows)} pairs leave the {stage} split empty; use more data")
+        write_jsonl(part, folder / f"{stage}.jsonl")
+    return {"pairs": len(rows), "skipped": converted.skipped, **{k: len(v) for k, v in split.items()}}
+
+
+@dataclass
+class PrepareConfig:
+    """Settings of ``otalign data prepare`` (see :func:`prepare_stage_files`).
+
+    dataset: the input file (or Hugging Face dataset name). dataset_format: ``preference``, ``hh-rlhf`` or ``tldr``.
+    output_dir: where the files go. seed, split_fractions: the split. on_error: ``raise`` or ``skip`` bad rows.
+    """
+
+    dataset: str | None = None
+    dataset_format: str = "preference"
+    output_dir: str = "data/prepared"
+    seed: int = 0
+    split_fractions: list[float] = field(default_factory=lambda: list(PAPER_FRACTIONS))
+    on_error: str = "raise"
+
+    def run(self) -> dict:
+        """Prepare the files and print a summary; returns :func:`prepare_stage_files`' counts."""
+        if self.dataset is None:
+            raise ValueError("set dataset (a file in dataset_format)")
+        counts = prepare_stage_files(
+            self.dataset,
+            self.output_dir,
+            dataset_format=self.dataset_format,
+            seed=self.seed,
+            fractions=tuple(self.split_fractions),
+            on_error=self.on_error,
+        )
+        print(f"[otalign] {self.output_dir}: {json.dumps(counts)}", flush=True)
+        return counts

@@ -1,0 +1,215 @@
+"""``otalign pipeline``: data -> sft -> reward -> ppo -> eval from one config, each stage feeding the next.
+
+Layout under ``output_dir``::
+
+    data/    preferences.jsonl (synthesized or converted), sft.jsonl, reward.jsonl, rl.jsonl (the paper's split)
+    sft/     SFTTrainer run; sft/model is the policy the later stages start from
+    reward/  RewardTrainer run from sft/model (10% of its pairs held out); reward/model scores PPO's responses
+    ppo/     PPOTrainer run from sft/model with reward/model as its reward (any regularizer)
+    eval/    win rates of ppo/model against sft/model, judged by reward/model (``otalign eval``)
+
+A stage that finished leaves a ``COMPLETE`` file in its folder and is skipped by later runs; an unfinished
+trainer stage resumes from its latest checkpoint (with ``save_steps`` > 0). Each stage's settings are a
+section of the config holding fields of its own config class (``sft:`` :class:`~otalign.trainers.SFTConfig`,
+``reward:`` ``RewardConfig``, ``ppo:`` ``PPOConfig``, ``eval:`` :class:`~otalign.eval.config.EvalConfig`,
+``synth:`` :class:`~otalign.demos.synth.SynthConfig`); the links between stages (model paths, datasets,
+output folders) are filled in unless a section sets them. On the command line ``--sft.max_steps 10`` sets a
+section field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from otalign.trainers.config import ConfigError, check_keys, coerce, field_types, parse_config
+
+STAGES = ("data", "sft", "reward", "ppo", "eval")
+FORMATS = ("preference", "hh-rlhf", "tldr")
+MARKER = "COMPLETE"
+
+
+def _section_classes() -> dict[str, type]:
+    from otalign.demos.synth import SynthConfig
+    from otalign.eval.config import EvalConfig
+    from otalign.trainers import PPOConfig, RewardConfig, SFTConfig
+
+    return {"synth": SynthConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig}
+
+
+@dataclass
+class PipelineConfig:
+    """The whole pipeline.
+
+    output_dir: the run folder (layout in the module docstring). model_name_or_path: the base model SFT starts from.
+    seed: every stage's seed (unless its section sets one) and the data split's.
+    dataset: ``synth`` (a synthetic preference set from the base model and the sentiment reward, see
+        ``otalign data synth``) or a file in ``dataset_format``: ``preference`` (prompt/chosen/rejected rows),
+        ``hh-rlhf`` or ``tldr`` (the published schemas, see :mod:`otalign.data`). on_error: ``raise`` or ``skip``
+        bad rows of a converted dataset (skips are counted in ``data/summary.json``).
+    split_fractions: SFT / reward / RL shares of the pairs (the paper's 0.2 / 0.4 / 0.4).
+    stages: the stages to run, in order. synth, sft, reward, ppo, eval: per-stage settings.
+    """
+
+    output_dir: str = "runs/pipeline"
+    model_name_or_path: str = "default"
+    seed: int = 0
+    dataset: str = "synth"
+    dataset_format: str = "preference"
+    on_error: str = "raise"
+    split_fractions: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.4])
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    synth: dict = field(default_factory=dict)
+    sft: dict = field(default_factory=dict)
+    reward: dict = field(default_factory=dict)
+    ppo: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"stages: unknown stage(s) {unknown}; choose from {STAGES}")
+        if self.dataset_format not in FORMATS:
+            raise ConfigError(f"dataset_format must be one of {FORMATS}, got {self.dataset_format!r}")
+        if len(self.split_fractions) != 3:
+            raise ConfigError(f"split_fractions needs three shares (sft, reward, rl), got {self.split_fractions}")
+        for name, cls in _section_classes().items():
+            types_ = field_types(cls)
+            section = getattr(self, name)
+            check_keys(list(section), types_, name)
+            setattr(self, name, {k: coerce(v, types_[k], f"{name}: {k}") for k, v in section.items()})
+
+
+def parse_pipeline_config(config_file: str | Path | None = None, argv: list[str] | None = None) -> PipelineConfig:
+    """:class:`PipelineConfig` from a YAML file and ``--key value`` / ``--section.key value`` overrides."""
+    top, sections = [], {}
+    argv = list(argv or [])
+    i = 0
+    while i < len(argv):
+        key, eq, value = argv[i].lstrip("-").partition("=")
+        if "." in key and argv[i].startswith("--"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"command line: --{key} needs a value")
+                value, i = argv[i + 1], i + 1
+            section, _, name = key.partition(".")
+            sections.setdefault(section, {})[name.replace("-", "_")] = value
+        else:
+            top.append(argv[i])
+        i += 1
+    config = parse_config(PipelineConfig, config_file, top)
+    classes = _section_classes()
+    check_keys(list(sections), {name: None for name in classes}, "command line")
+    for section, values in sections.items():
+        types_ = field_types(classes[section])
+        check_keys(list(values), types_, f"command line (section {section})")
+        getattr(config, section).update({k: coerce(v, types_[k], f"--{section}.{k}") for k, v in values.items()})
+    return config
+
+
+class Pipeline:
+    """Runs the stages of a :class:`PipelineConfig` (see the module docstring)."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.root = Path(config.output_dir)
+        self.data = self.root / "data"
+
+    def folder(self, stage: str) -> Path:
+        return self.root / stage
+
+    def model(self, stage: str) -> str:
+        """The saved model of a trainer stage."""
+        return str(self.folder(stage) / "model")
+
+    def done(self, stage: str) -> bool:
+        return (self.folder(stage) / MARKER).is_file()
+
+    def run(self) -> dict[str, str]:
+        """Run every configured stage in order; returns ``{stage: "ran" | "skipped"}``."""
+        status = {}
+        for stage in self.config.stages:
+            if self.done(stage):
+                print(f"[otalign] pipeline: {stage} already complete ({self.folder(stage) / MARKER}), skipping")
+                status[stage] = "skipped"
+                continue
+            print(f"[otalign] pipeline: running {stage}", flush=True)
+            summary = getattr(self, f"run_{stage}")()
+            marker = self.folder(stage) / MARKER
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps(summary or {}, indent=2), encoding="utf-8")
+            status[stage] = "ran"
+        return status
+
+    def _section(self, name: str, defaults: dict):
+        """The stage's config object: ``defaults`` (links, seed) overridden by the config's section."""
+        return _section_classes()[name](**{**defaults, **getattr(self.config, name)})
+
+    def _trainer_defaults(self, stage: str) -> dict:
+        return {"output_dir": str(self.folder(stage)), "seed": self.config.seed, "resume": True}
+
+    def run_data(self) -> dict:
+        """Synthesize or read the preference pairs, then split them 20/40/40 into the stages' files."""
+        from otalign.data.splits import prepare_stage_files
+
+        c = self.config
+        source, dataset_format = c.dataset, c.dataset_format
+        if source == "synth":
+            from otalign.demos import synth
+
+            defaults = {"output": str(self.data / "synth.jsonl"), "model_name_or_path": c.model_name_or_path}
+            source, dataset_format = str(synth.run(self._section("synth", {**defaults, "seed": c.seed}))), "preference"
+        fractions = tuple(c.split_fractions)
+        return prepare_stage_files(
+            source, self.data, dataset_format=dataset_format, seed=c.seed, fractions=fractions, on_error=c.on_error
+        )
+
+    def run_sft(self) -> dict:
+        from otalign.trainers import SFTTrainer
+
+        defaults = {
+            **self._trainer_defaults("sft"),
+            "model_name_or_path": self.config.model_name_or_path,
+            "dataset_name": str(self.data / "sft.jsonl"),
+        }
+        return {"metrics": SFTTrainer(self._section("sft", defaults)).train()[-1]}
+
+    def run_reward(self) -> dict:
+        from otalign.trainers import RewardTrainer
+
+        defaults = {
+            **self._trainer_defaults("reward"),
+            "model_name_or_path": self.model("sft"),
+            "dataset_name": str(self.data / "reward.jsonl"),
+        }
+        if "eval_dataset_name" not in self.config.reward:
+            defaults["eval_split_size"] = 0.1  # held-out pairs for the pairwise accuracy
+        return {"metrics": RewardTrainer(self._section("reward", defaults)).train()[-1]}
+
+    def run_ppo(self) -> dict:
+        from otalign.trainers import PPOTrainer
+
+        defaults = {
+            **self._trainer_defaults("ppo"),
+            "model_name_or_path": self.model("sft"),
+            "reward_fn": None,
+            "reward_model_name_or_path": self.model("reward"),
+            "prompts": str(self.data / "rl.jsonl"),
+        }
+        history = PPOTrainer(self._section("ppo", defaults)).train()
+        return {"metrics": history[-1] if history else {}}
+
+    def run_eval(self) -> dict:
+        from otalign.eval.run import run_eval
+
+        defaults = {
+            "output_dir": str(self.folder("eval")),
+            "models": [self.model("sft"), self.model("ppo")],
+            "prompts": "builtin" if self.config.dataset == "synth" else str(self.data / "rl.jsonl"),
+            "judge": "reward_model",
+            "judge_model": self.model("reward"),
+            "seed": self.config.seed,
+        }
+        run_eval(self._section("eval", defaults))
+        return {"winrates": str(self.folder("eval") / "winrates.json")}
