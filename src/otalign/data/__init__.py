@@ -1,7 +1,30 @@
-"""Datasets: the prompt sets RL trains and evaluates on (built-in or local files), validated up front."""
+"""Datasets: prompt sets for RL, preference and SFT rows, the paper datasets' loaders and the paper's split."""
 
 from __future__ import annotations
 
+from .apps import load_apps
+from .conversion import Converted, RowError
+from .hh_rlhf import load_hh_rlhf
 from .prompts import BUILTIN, Prompt, load_prompts, parse_prompts, render_prompt, validate_prompt
+from .sft import SFTExample, load_sft_data
+from .splits import paper_split, prepare_stage_files, stage_rows
+from .tldr import load_tldr
 
-__all__ = ["BUILTIN", "Prompt", "load_prompts", "parse_prompts", "render_prompt", "validate_prompt"]
+__all__ = [
+    "BUILTIN",
+    "Converted",
+    "Prompt",
+    "RowError",
+    "SFTExample",
+    "load_apps",
+    "load_hh_rlhf",
+    "load_prompts",
+    "load_sft_data",
+    "load_tldr",
+    "paper_split",
+    "parse_prompts",
+    "prepare_stage_files",
+    "render_prompt",
+    "stage_rows",
+    "validate_prompt",
+]
