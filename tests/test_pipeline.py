@@ -12,7 +12,7 @@ from transformers import AutoConfig
 
 from otalign.cli import main
 from otalign.demos.synth import SynthConfig, synthesize
-from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
 from otalign.pipeline import STAGES, Pipeline, parse_pipeline_config
 from otalign.trainers import ConfigError, read_metrics
 
@@ -22,18 +22,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 FAST = {"progress_bar": False, "per_device_train_batch_size": 2}
 
 
-def tiny_model_dir(tmp_path: Path) -> str:
-    tokenizer = tiny_tokenizer()
-    folder = tmp_path / "base"
-    tiny_causal_lm(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def tiny_pipeline_yaml(tmp_path: Path) -> Path:
     config = {
         "output_dir": str(tmp_path / "run"),
-        "model_name_or_path": tiny_model_dir(tmp_path),
+        "model_name_or_path": save_tiny_model(tmp_path / "base"),
         "dataset": str(FIXTURES / "preference_pairs.jsonl"),
         "sft": {**FAST, "max_steps": 2, "learning_rate": 1e-3},
         "reward": {**FAST, "max_steps": 2, "learning_rate": 1e-3},

@@ -11,7 +11,7 @@ import torch
 
 from otalign.cli import main
 from otalign.data.preference import PreferencePair
-from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
 from otalign.trainers import ConfigError, PPOConfig, PPOTrainer, read_metrics
 from otalign.trainers.reward import RewardConfig, RewardTrainer, held_out
 
@@ -120,13 +120,10 @@ def test_lora_reward_model_saves_merged_standard_checkpoint(tmp_path):
 
 
 def test_reward_command_from_a_causal_lm_folder(tmp_path):
-    tokenizer = tiny_tokenizer()
-    model_dir = tmp_path / "sft"
-    tiny_causal_lm(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "sft")
     out = tmp_path / "run"
     pairs = str(FIXTURES / "preference_pairs.jsonl")
-    argv = ["reward", "--model_name_or_path", str(model_dir), "--dataset_name", pairs, "--eval_dataset_name", pairs]
+    argv = ["reward", "--model_name_or_path", model_dir, "--dataset_name", pairs, "--eval_dataset_name", pairs]
     assert main([*argv, "--output_dir", str(out), "--max_steps", "1", "--progress_bar", "false"]) == 0
     assert "eval/accuracy" in read_metrics(out)[-1]
     assert (out / "model" / "config.json").is_file()

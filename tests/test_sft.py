@@ -10,7 +10,7 @@ import pytest
 
 from otalign.cli import main
 from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
-from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
 from otalign.trainers import read_metrics
 from otalign.trainers.sft import SFTConfig, SFTTrainer
 
@@ -107,10 +107,7 @@ def test_lora_trains_only_adapters_and_saves_a_merged_model(tmp_path):
 
 
 def test_sft_command_on_chat_rows_logs_eval_loss_and_perplexity(tmp_path):
-    tokenizer = chat_tokenizer()
-    model_dir = tmp_path / "tiny"
-    tiny_causal_lm(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "tiny", chat_tokenizer())
     config = tmp_path / "sft.yaml"
     config.write_text(f"model_name_or_path: {model_dir}\ndataset_name: {CHAT}\neval_dataset_name: {CHAT}\n")
     out = tmp_path / "run"

@@ -70,3 +70,12 @@ def tiny_causal_lm(tokenizer, *, seed: int = 0, hidden_size: int = 32, num_layer
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.eval()
+
+
+def save_tiny_model(folder, tokenizer=None, *, seed: int = 0) -> str:
+    """Write :func:`tiny_causal_lm` and its tokenizer (default :func:`tiny_tokenizer`) to ``folder``, for code that
+    loads models by path (commands, pipelines); returns the folder as a string."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    tiny_causal_lm(tokenizer, seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
