@@ -108,3 +108,29 @@ def test_unknown_analysis_is_a_clean_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["analyze", "bert-score"])
     assert exit_info.value.code == 2 and "unknown analysis 'bert-score'" in capsys.readouterr().err
+
+
+def test_beta_sweep_trains_each_grid_point_and_writes_json_and_plot(tmp_path):
+    (model,) = save_tiny_models(tmp_path, seeds=(0,))
+    out = tmp_path / "sweep"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        f"output_dir: {out}\nregularizers: [rkl, wasserstein]\nbetas: [0.01, 0.1]\n"
+        f"eval_prompts: {tiny_prompts(tmp_path)}\nnum_eval_prompts: 3\n"
+        f"ppo:\n  model_name_or_path: {model}\n  prompts: {tiny_prompts(tmp_path)}\n  max_steps: 1\n"
+        "  per_device_train_batch_size: 2\n  response_length: 4\n  wpr_top_k: 8\n  wpr_max_iter: 50\n"
+    )
+    assert main(["analyze", "beta-sweep", "--config", str(config)]) == 0
+    report = json.loads((out / "beta_sweep.json").read_text())
+    grid = [(r["regularizer"], r["beta"]) for r in report["runs"]]
+    assert grid == [("rkl", 0.01), ("rkl", 0.1), ("wasserstein", 0.01), ("wasserstein", 0.1)]
+    assert all(0.0 <= r["win_rate"] <= 1.0 for r in report["runs"])
+    assert all((out / f"{r}-beta{b:g}" / "metrics.jsonl").is_file() for r, b in grid)
+    assert (out / "beta_sweep.png").is_file()
+
+
+def test_beta_sweep_rejects_an_unknown_ppo_field():
+    from otalign.eval.analysis import BetaSweepConfig
+
+    with pytest.raises(ConfigError, match="ppo: unknown option 'max_step'; did you mean max_steps"):
+        BetaSweepConfig(ppo={"max_step": 3}).base_ppo()

@@ -5,11 +5,14 @@
 - ``coherence`` (:mod:`.coherence`): mean pairwise embedding distance among each position's top-10
   next-token candidates, per model (the paper's Table 8);
 - ``semantic-similarity`` (:mod:`.semantic_similarity`): correlation of each negative penalty with the semantic
-  similarity of the policy's and the reference's answers (the paper's Table 7, MiniLM instead of BERTScore).
+  similarity of the policy's and the reference's answers (the paper's Table 7, MiniLM instead of BERTScore);
+- ``beta-sweep`` (:mod:`.beta_sweep`): PPO over a grid of beta per regularizer, win rate and reward vs beta
+  (the paper's Figure 4).
 """
 
 from __future__ import annotations
 
+from .beta_sweep import BetaSweepConfig, run_beta_sweep
 from .coherence import CoherenceConfig, candidate_spread, run_coherence
 from .penalty_correlation import PenaltyCorrelationConfig, correlate, run_penalty_correlation
 from .semantic_similarity import SemanticSimilarityConfig, run_semantic_similarity
@@ -18,16 +21,19 @@ ANALYSES = {
     "penalty-correlation": (PenaltyCorrelationConfig, run_penalty_correlation),
     "coherence": (CoherenceConfig, run_coherence),
     "semantic-similarity": (SemanticSimilarityConfig, run_semantic_similarity),
+    "beta-sweep": (BetaSweepConfig, run_beta_sweep),
 }
 """``kind -> (config dataclass, run function)`` of every analysis."""
 
 __all__ = [
     "ANALYSES",
+    "BetaSweepConfig",
     "CoherenceConfig",
     "PenaltyCorrelationConfig",
     "SemanticSimilarityConfig",
     "candidate_spread",
     "correlate",
+    "run_beta_sweep",
     "run_coherence",
     "run_penalty_correlation",
     "run_semantic_similarity",
