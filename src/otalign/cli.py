@@ -156,12 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser(
         "analyze",
         help="the WPR paper's analyses: penalty-correlation (KL vs Wasserstein), coherence (top-10 candidates), "
-        "semantic-similarity (penalties vs answer similarity)",
+        "semantic-similarity (penalties vs answer similarity), beta-sweep (PPO over a beta grid)",
         description="Run one analysis; it writes JSON and a PNG plot to output_dir. Options: KIND, --config "
         "file.yaml, then --<field> <value> for any field of the analysis' config (e.g. penalty-correlation "
         "--run_dir runs/wpr, or --policy runs/wpr/model --reference default; coherence --models a,b).",
     )
-    analyze.add_argument("kind", metavar="KIND", help="penalty-correlation | coherence | semantic-similarity")
+    analyze.add_argument(
+        "kind", metavar="KIND", help="penalty-correlation | coherence | semantic-similarity | beta-sweep"
+    )
     analyze.add_argument("--config", help="YAML file with the analysis' config fields")
     analyze.set_defaults(handler=_analyze, takes_overrides=True)
 
