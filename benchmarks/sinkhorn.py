@@ -136,9 +136,7 @@ def print_table(rows: list[dict]) -> None:
                 f"{row['device']:<7}{row['problems']:>9}  {name:<16}{res['seconds']:>10.3f}{res['l1_error']:>14.2e}"
                 f"{speed:>9.1f}x{note}"
             )
-        print(
-            f"{'':<18}{row['otalign']['iterations']} iterations each, max cost/eps {row['max_cost_over_eps']:.0f}"
-        )
+        print(f"{'':<18}{row['otalign']['iterations']} iterations each, max cost/eps {row['max_cost_over_eps']:.0f}")
 
 
 def main() -> None:

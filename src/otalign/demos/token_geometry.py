@@ -40,7 +40,9 @@ def run(eps: float = 0.01, out_dir: str | None = None) -> dict:
             continue
         policy = torch.tensor(probs, dtype=torch.float64)
         solved = sinkhorn(policy, ref, cost, eps, tol=1e-10)
-        self_term = sinkhorn(policy, policy, cost, eps, tol=1e-10).value + sinkhorn(ref, ref, cost, eps, tol=1e-10).value
+        self_term = (
+            sinkhorn(policy, policy, cost, eps, tol=1e-10).value + sinkhorn(ref, ref, cost, eps, tol=1e-10).value
+        )
         rows[name] = {
             "kl": float((policy * (policy / ref).log()).sum()),
             "js": jensen_shannon(policy, ref),
@@ -51,7 +53,9 @@ def run(eps: float = 0.01, out_dir: str | None = None) -> dict:
     print(f"WPR Figure 1: distances to the reference (eps={eps}, euclidean cost on toy embeddings)")
     print(f"{'policy':<20}{'KL':>10}{'JS':>10}{'Sinkhorn':>12}{'S-divergence':>14}")
     for name, row in rows.items():
-        print(f"{name:<20}{row['kl']:>10.4f}{row['js']:>10.4f}{row['sinkhorn']:>12.4f}{row['sinkhorn_divergence']:>14.4f}")
+        print(
+            f"{name:<20}{row['kl']:>10.4f}{row['js']:>10.4f}{row['sinkhorn']:>12.4f}{row['sinkhorn_divergence']:>14.4f}"
+        )
     print("KL and JS cannot tell a synonym from an unrelated token; the OT distances can.")
     if out_dir is not None:
         path = Path(out_dir)
