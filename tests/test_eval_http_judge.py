@@ -140,3 +140,35 @@ def test_interrupted_evaluation_resumes_from_its_cache(server, tmp_path):
     assert WinRate.of(resumed).rate == pytest.approx((3 + 0.5 * 3) / 6)
     again = compare(make_judge(server, cache_path=cache)[0], prompts, xs, ys, np.random.default_rng(0))
     assert len(server.requests) == 7 and again == resumed  # a finished run costs nothing the second time
+
+
+def test_otalign_eval_with_the_http_judge_resumes_from_its_default_cache(server, tmp_path, monkeypatch):
+    from otalign.eval.config import EvalConfig
+    from otalign.eval.run import run_eval
+
+    prompts = [f"question {i}" for i in range(4)]
+    files = []
+    for name, answer in (("good", "a good answer"), ("bad", "a bad answer")):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "response": answer}) + "\n" for p in prompts))
+        files.append(str(path))
+    monkeypatch.setenv("JUDGE_KEY", "sk-env")
+    config = EvalConfig(
+        output_dir=str(tmp_path / "out"),
+        generation_files=files,
+        num_prompts=4,
+        num_repeats=2,
+        judge="http",
+        judge_base_url=server.base_url,
+        judge_model_name="gpt-test",
+        judge_api_key_env="JUDGE_KEY",
+        judge_backoff=0.01,
+    )
+    result = run_eval(config)
+    assert result["judge"] == "http:gpt-test" and result["pairs"][0]["win_rate_mean"] == 1.0
+    paid = len(server.requests)
+    assert server.requests[0]["auth"] == "Bearer sk-env"
+    # 2 repeats x 4 prompts; a comparison repeated with the same order is the same request, asked once
+    assert 4 <= paid == len((tmp_path / "out" / "judge_cache.jsonl").read_text().splitlines()) <= 8
+    run_eval(config)
+    assert len(server.requests) == paid  # every answer came from the cache

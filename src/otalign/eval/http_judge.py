@@ -4,7 +4,7 @@ Robust to a flaky or rate-limited service: every request has a timeout; timeouts
 and 5xx are retried with exponential backoff (honouring a numeric ``Retry-After``); a client-side rate limit
 spaces requests; answers go to an on-disk :class:`~otalign.eval.cache.ResponseCache` keyed by the request
 (URL, model, messages, sampling settings; never the API key), so a resumed evaluation pays only for what
-it has not asked yet.
+it has not asked yet, and a request made twice (same prompt, answers and order) is paid once.
 """
 
 from __future__ import annotations
