@@ -8,8 +8,9 @@ Layout under ``output_dir``::
     ppo/     PPOTrainer run from sft/model with reward/model as its reward (any regularizer)
     eval/    win rates of ppo/model against sft/model, judged by reward/model (``otalign eval``)
 
-A stage that finished leaves a ``COMPLETE`` file in its folder and is skipped by later runs; an unfinished
-trainer stage resumes from its latest checkpoint (with ``save_steps`` > 0). Each stage's settings are a
+A stage that finished leaves a ``COMPLETE`` file (its summary, JSON) in its folder and is skipped by later runs,
+whatever the config says now (delete the file, or the folder, to run it again); an unfinished trainer stage
+resumes from its latest checkpoint (with ``save_steps`` > 0). Each stage's settings are a
 section of the config holding fields of its own config class (``sft:`` :class:`~otalign.trainers.SFTConfig`,
 ``reward:`` ``RewardConfig``, ``ppo:`` ``PPOConfig``, ``eval:`` :class:`~otalign.eval.config.EvalConfig`,
 ``synth:`` :class:`~otalign.demos.synth.SynthConfig`); the links between stages (model paths, datasets,

@@ -128,7 +128,8 @@ def parse_rows(rows: list[object], where: str) -> list[PreferencePair] | list[La
     return examples
 
 
-def _fields(row: object, names: tuple[str, ...], where: str) -> dict:
+def require_fields(row: object, names: tuple[str, ...], where: str) -> dict:
+    """``row`` if it is an object holding every field of ``names``; ``ValueError`` naming ``where`` otherwise."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with fields {list(names)}, got {type(row).__name__}")
     missing = [n for n in names if n not in row]
@@ -139,7 +140,7 @@ def _fields(row: object, names: tuple[str, ...], where: str) -> dict:
 
 def parse_pair(row: object, where: str) -> PreferencePair:
     """A validated :class:`PreferencePair` from one row; ``ValueError`` names ``where`` and the field."""
-    row = _fields(row, PAIRED_FIELDS, where)
+    row = require_fields(row, PAIRED_FIELDS, where)
     prompt, chosen, rejected = (check_text(row, name, where) for name in PAIRED_FIELDS)
     check_same_form(row, PAIRED_FIELDS, where)
     ref = [optional_logp(row, name, where) for name in ("ref_chosen_logps", "ref_rejected_logps")]
@@ -150,7 +151,7 @@ def parse_pair(row: object, where: str) -> PreferencePair:
 
 def parse_labeled(row: object, where: str) -> LabeledCompletion:
     """A validated :class:`LabeledCompletion` from one row; ``ValueError`` names ``where`` and the field."""
-    row = _fields(row, UNPAIRED_FIELDS, where)
+    row = require_fields(row, UNPAIRED_FIELDS, where)
     prompt, completion = check_text(row, "prompt", where), check_text(row, "completion", where)
     check_same_form(row, ("prompt", "completion"), where)
     if not isinstance(row["label"], bool):

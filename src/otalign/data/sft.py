@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .preference import Text, _fields, check_same_form, check_text, encode, read_rows
+from .preference import Text, check_same_form, check_text, encode, read_rows, require_fields
 
 IGNORE_INDEX = -100
 """Label of a token left out of the loss (``torch.nn.functional.cross_entropy``'s default ``ignore_index``)."""
@@ -45,14 +45,14 @@ def parse_sft_rows(rows: list[object], where: str) -> list[SFTExample]:
 
 
 def _parse_pair(row: object, where: str) -> SFTExample:
-    row = _fields(row, ("prompt", "completion"), where)
+    row = require_fields(row, ("prompt", "completion"), where)
     prompt, completion = check_text(row, "prompt", where), check_text(row, "completion", where)
     check_same_form(row, ("prompt", "completion"), where)
     return SFTExample(prompt=prompt, completion=completion)
 
 
 def _parse_conversation(row: object, where: str) -> SFTExample:
-    row = _fields(row, ("messages",), where)
+    row = require_fields(row, ("messages",), where)
     messages = check_text(row, "messages", where)
     if not isinstance(messages, list):
         raise ValueError(f"{where}, field 'messages': expected a list of messages, got a string")

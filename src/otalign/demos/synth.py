@@ -17,6 +17,7 @@ from pathlib import Path
 from otalign.data.conversion import Converted, write_jsonl
 from otalign.data.prompts import Prompt, load_prompts
 from otalign.eval.generations import prompt_text, sample_responses
+from otalign.trainers.config import ConfigError
 from otalign.trainers.rollout import SamplingParams, sample_seeds
 
 
@@ -48,8 +49,6 @@ class SynthConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from otalign.trainers.config import ConfigError
-
         if self.num_samples < 2:
             raise ConfigError(f"num_samples must be >= 2, got {self.num_samples}")
         if self.min_margin < 0:

@@ -145,10 +145,12 @@ class RewardTrainer(SupervisedTrainer):
             sides = []
             for side in ("chosen", "rejected"):
                 prompt_ids, response_ids = encode(self.tokenizer, example.prompt, getattr(example, side), where)
-                if not response_ids or len(prompt_ids) + len(response_ids) > self.config.max_length:
+                length = len(prompt_ids) + len(response_ids)
+                if not response_ids:
+                    raise ValueError(f"{where}, field {side!r}: the response encodes to no tokens")
+                if length > self.config.max_length:
                     raise ValueError(
-                        f"{where}, field {side!r}: {len(prompt_ids) + len(response_ids)} tokens, more than "
-                        f"max_length={self.config.max_length} (or an empty response)"
+                        f"{where}, field {side!r}: {length} tokens, more than max_length={self.config.max_length}"
                     )
                 sides.append((prompt_ids, response_ids))
             pairs.append(tuple(sides))

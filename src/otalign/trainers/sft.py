@@ -116,6 +116,8 @@ class SFTTrainer(SupervisedTrainer):
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.train_rows = self._encode(train_data, c.dataset_name or "train_data", limit)
         if c.packing:
+            if limit is not None and c.max_length > limit:
+                raise ValueError(f"packing: max_length={c.max_length} is more than the model's context of {limit}")
             self.train_rows = pack(self.train_rows, c.max_length, c.seed)
         self.eval_rows = self._encode(eval_data, c.eval_dataset_name or "eval_data", limit) if eval_data else None
         self.prepare_model(model, task_type="CAUSAL_LM")
