@@ -90,6 +90,8 @@ def test_bad_input_is_reported_with_file_and_row(tmp_path, generation_files):
         EvalConfig(generation_files=[happy])
     with pytest.raises(ConfigError, match="needs judge_model"):
         EvalConfig(generation_files=[happy, sad], judge="chat_model")
+    with pytest.raises(ConfigError, match="judge_template: unknown judge template 'poem'"):
+        EvalConfig(generation_files=[happy, sad], judge="http", judge_template="poem")
     short = write_jsonl(tmp_path / "short.jsonl", [{"prompt": "Write about day 0.", "response": "ok"}])
     with pytest.raises(ValueError, match="happy has 11 prompt"):
         run_eval(EvalConfig(output_dir=str(tmp_path / "o"), generation_files=[happy, short]))
@@ -101,3 +103,21 @@ def test_bad_input_is_reported_with_file_and_row(tmp_path, generation_files):
         ["happy", "happy-2"],
         ["happy-3"],
     )
+
+
+def test_chat_model_judge_from_config_counts_malformed_verdicts(tmp_path, generation_files):
+    (judge,) = save_tiny_models(tmp_path, seeds=(5,))
+    config = EvalConfig(
+        output_dir=str(tmp_path / "out"),
+        generation_files=list(generation_files[:2]),
+        num_prompts=3,
+        num_repeats=1,
+        judge="chat_model",
+        judge_model=judge,
+        judge_template="{prompt} a : {response_a} b : {response_b}",
+        judge_max_new_tokens=3,
+    )
+    (pair,) = run_eval(config)["pairs"]
+    assert sum(pair["total"][k] for k in ("wins", "ties", "losses", "malformed")) == 3
+    rows = [json.loads(line) for line in (tmp_path / "out" / "comparisons.jsonl").read_text().splitlines()]
+    assert all((r["verdict"] is None) == (r["score"] is None) for r in rows)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from otalign.trainers.config import ConfigError
 
+from .templates import render_judge_prompt
+
 JUDGES = ("reward_fn", "reward_model", "chat_model", "http")
 
 
@@ -115,6 +117,11 @@ class EvalConfig(SamplingFields):
             raise ConfigError(f"judge must be one of {JUDGES}, got {self.judge!r}")
         if self.judge in ("reward_model", "chat_model") and not self.judge_model:
             raise ConfigError(f"judge {self.judge} needs judge_model (a model id or folder)")
+        if self.judge in ("chat_model", "http"):
+            try:
+                render_judge_prompt(self.judge_template, "prompt", "a", "b")
+            except (ValueError, KeyError, IndexError) as err:
+                raise ConfigError(f"judge_template: {err}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
