@@ -111,3 +111,15 @@ def test_pipeline_on_the_default_model_with_synthetic_demo_data(tmp_path):
         assert (tmp_path / "run" / stage / "COMPLETE").is_file(), stage
     for stage in ("sft", "reward", "ppo"):
         assert read_metrics(tmp_path / "run" / stage)
+
+
+def test_data_synth_command_writes_pairs_or_explains_why_not(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"tell about the {w} .\n" for w in ("cat", "dog", "sun", "rain", "food", "city")))
+    out = tmp_path / "synth.jsonl"
+    argv = ["data", "synth", "--model_name_or_path", save_tiny_model(tmp_path / "base"), "--prompts", str(prompts)]
+    argv += ["--output", str(out), "--num_samples", "4", "--max_new_tokens", "6", "--temperature", "2.0"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(set(row) == {"prompt", "chosen", "rejected"} for row in rows)
+    assert f"kept {len(rows)} of 6 rows" in capsys.readouterr().out

@@ -5,7 +5,7 @@ Layout under ``output_dir``::
     data/    preferences.jsonl (synthesized or converted), sft.jsonl, reward.jsonl, rl.jsonl (the paper's split)
     sft/     SFTTrainer run; sft/model is the policy the later stages start from
     reward/  RewardTrainer run from sft/model (10% of its pairs held out); reward/model scores PPO's responses
-    ppo/     PPOTrainer run from sft/model with reward/model as its reward (any regularizer)
+    ppo/     PPOTrainer run from sft/model with reward/model as its reward and critic backbone (any regularizer)
     eval/    win rates of ppo/model against sft/model, judged by reward/model (``otalign eval``)
 
 A stage that finished leaves a ``COMPLETE`` file (its summary, JSON) in its folder and is skipped by later runs,
@@ -196,6 +196,7 @@ class Pipeline:
             "model_name_or_path": self.model("sft"),
             "reward_fn": None,
             "reward_model_name_or_path": self.model("reward"),
+            "critic_model_name_or_path": self.model("reward"),  # the paper initialises the critic from the RM
             "prompts": str(self.data / "rl.jsonl"),
         }
         history = PPOTrainer(self._section("ppo", defaults)).train()
