@@ -111,6 +111,8 @@ def test_pipeline_on_the_default_model_with_synthetic_demo_data(tmp_path):
         assert (tmp_path / "run" / stage / "COMPLETE").is_file(), stage
     for stage in ("sft", "reward", "ppo"):
         assert read_metrics(tmp_path / "run" / stage)
+        assert (tmp_path / "run" / stage / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "run" / "eval" / "winrates.json").read_text())
 
 
 def test_data_synth_command_writes_pairs_or_explains_why_not(tmp_path, capsys):

@@ -112,8 +112,9 @@ def test_sft_command_on_chat_rows_logs_eval_loss_and_perplexity(tmp_path):
     config.write_text(f"model_name_or_path: {model_dir}\ndataset_name: {CHAT}\neval_dataset_name: {CHAT}\n")
     out = tmp_path / "run"
     argv = ["sft", "--config", str(config), "--output_dir", str(out), "--max_steps", "2"]
-    assert main([*argv, "--per_device_train_batch_size", "2", "--progress_bar", "false"]) == 0
+    assert main([*argv, "--per_device_train_batch_size", "2", "--progress_bar", "false", "--eval_steps", "1"]) == 0
     rows = read_metrics(out)
+    assert "eval/loss" in rows[0] and rows[0]["step"] == 1  # intermediate evaluation every eval_steps
     assert rows[-1]["eval/perplexity"] == pytest.approx(2.718281828 ** rows[-1]["eval/loss"], rel=1e-6)
     assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
     assert json.loads((out / "config.json").read_text())["dataset_name"] == CHAT
