@@ -169,3 +169,15 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     for row_one, row_two in zip(one, two, strict=True):
         for key in ("loss", "accuracy", "rewards/chosen", "rewards/margins", "lr"):
             assert row_two[key] == pytest.approx(row_one[key], rel=1e-4, abs=1e-6), key
+
+
+def test_rows_longer_than_the_model_context_are_rejected(tmp_path):
+    tokenizer = tiny_tokenizer()
+    long = PreferencePair("the " * 130, "good .", "bad .")
+    with pytest.raises(ValueError, match="more than the model's context of 128"):
+        RewardTrainer(
+            RewardConfig(output_dir=str(tmp_path), max_length=1000),
+            model=tiny_causal_lm(tokenizer),
+            tokenizer=tokenizer,
+            train_data=[long],
+        )

@@ -97,8 +97,8 @@ class RewardTrainer(SupervisedTrainer):
         accelerator: an existing ``accelerate.Accelerator``.
 
     Raises:
-        ValueError: unpaired or bad rows (naming source, row and field), rows longer than ``max_length``:
-            all before training.
+        ValueError: unpaired or bad rows (naming source, row and field), rows longer than ``max_length`` or the
+            model's context: all before training.
     """
 
     progress_keys = ("loss", "accuracy", "rewards/margins")
@@ -132,6 +132,10 @@ class RewardTrainer(SupervisedTrainer):
             model = reward_model_from_causal_lm(model, pad)
         if model.config.num_labels != 1:
             raise ValueError(f"a reward model has one output (num_labels=1), got {model.config.num_labels}")
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        longest = max(len(p) + len(r) for pair in train_pairs + (self.eval_pairs or []) for p, r in pair)
+        if limit is not None and longest > limit:
+            raise ValueError(f"a row has {longest} tokens, more than the model's context of {limit}; lower max_length")
         self.prepare_model(model, task_type="SEQ_CLS")
 
     def _encode(self, examples: list, source: str) -> list[Pair]:
