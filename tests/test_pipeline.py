@@ -125,3 +125,34 @@ def test_data_synth_command_writes_pairs_or_explains_why_not(tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and all(set(row) == {"prompt", "chosen", "rejected"} for row in rows)
     assert f"kept {len(rows)} of 6 rows" in capsys.readouterr().out
+
+
+def test_pipeline_on_hh_rlhf_conversations(tmp_path):
+    """HH-RLHF transcripts flow through as chat messages: SFT on the chosen replies, reward pairs, PPO prompts."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}answer : {{ m['content'] }} <eos> "
+        "{% else %}{{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}answer : {% endif %}"
+    )
+    argv = [
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--model_name_or_path",
+        save_tiny_model(tmp_path / "base", tokenizer),
+    ]
+    argv += [
+        "--dataset",
+        str(FIXTURES / "hh_rlhf.jsonl"),
+        "--dataset_format",
+        "hh-rlhf",
+        "--stages",
+        "data,sft,reward,ppo",
+    ]
+    argv += ["--split_fractions", "0.34,0.33,0.33", "--sft.max_steps", "1", "--reward.max_steps", "1"]
+    argv += ["--ppo.max_steps", "1", "--ppo.response_length", "4", "--ppo.per_device_train_batch_size", "1"]
+    argv += [f"--{stage}.progress_bar=false" for stage in ("sft", "reward", "ppo")]
+    status = Pipeline(parse_pipeline_config(None, argv)).run()
+    assert status == {"data": "ran", "sft": "ran", "reward": "ran", "ppo": "ran"}
+    rl = json.loads((tmp_path / "run" / "data" / "rl.jsonl").read_text())
+    assert rl["prompt"][0]["role"] == "user"
+    assert read_metrics(tmp_path / "run" / "ppo")[0]["step"] == 1
