@@ -19,3 +19,22 @@ def torch_single_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def two_process_cli():
+    """``run(args)``: ``otalign <args>`` as a 2-process CPU launch (gloo, ``torch.distributed.run``); the test fails
+    with the launch's stderr if it does."""
+    import os
+    import subprocess
+    import sys
+
+    def run(args: list[str]) -> None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [*command, "-m", "otalign.cli", *args], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    return run

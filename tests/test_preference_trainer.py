@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from otalign.data.preference import load_preference_data
-from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
 from otalign.trainers import ConfigError, PreferenceConfig, PreferenceTrainer, parse_config, read_metrics
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -209,21 +209,14 @@ def test_bad_config_values_raise_clear_errors(argv, message):
         parse_config(PreferenceConfig, None, argv)
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_process_cli):
     """``otalign dpo`` under a 2-process CPU launch (gloo) logs the metrics of one process with twice the batch:
     the data order follows the global sample index and the AOT sort spans both processes."""
-    import os
-    import subprocess
-    import sys
-
-    tokenizer = tiny_tokenizer()
-    tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    save_tiny_model(tmp_path / "tiny")
     settings = dict(loss_type="aot_paired", token_weighting="otpo", max_steps=3, learning_rate=3e-3)
     make_trainer(tmp_path / "one", per_device_train_batch_size=4, **settings).train()
     argv = [f"--{k}={v}" for k, v in settings.items()]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "otalign.cli", "dpo", f"--model_name_or_path={tmp_path / 'tiny'}", f"--dataset_name={PAIRS}"]
+    command = ["dpo", f"--model_name_or_path={tmp_path / 'tiny'}", f"--dataset_name={PAIRS}"]
     command += [
         f"--output_dir={tmp_path / 'two'}",
         "--per_device_train_batch_size=2",
@@ -231,9 +224,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
         "--save_model=false",
         *argv,
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    two_process_cli(command)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]
     for row_one, row_two in zip(one, two, strict=True):

@@ -147,23 +147,16 @@ def test_too_long_example_is_an_error(tmp_path):
         make_trainer(tmp_path, max_length=4)
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_process_cli):
     """``otalign sft`` under a 2-process CPU launch (gloo) logs the metrics of one process with twice the batch:
     the data order follows the global sample index and the loss is the token mean over both processes."""
-    import os
-    import subprocess
-    import sys
-
     model_dir = save_tiny_model(tmp_path / "tiny")
     settings = dict(max_steps=3, learning_rate=1e-2)
     make_trainer(tmp_path / "one", per_device_train_batch_size=4, **settings).train()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "otalign.cli", "sft", f"--model_name_or_path={model_dir}", f"--dataset_name={PAIRS}"]
+    command = ["sft", f"--model_name_or_path={model_dir}", f"--dataset_name={PAIRS}"]
     command += [f"--output_dir={tmp_path / 'two'}", "--per_device_train_batch_size=2", "--progress_bar=false"]
     command += ["--save_model=false", *[f"--{k}={v}" for k, v in settings.items()]]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    two_process_cli(command)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]
     for row_one, row_two in zip(one, two, strict=True):
