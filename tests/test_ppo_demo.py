@@ -1,4 +1,4 @@
-"""The main job end to end on the embedded default model, at a tiny scale (slow: loads SmolLM2-135M)."""
+"""The main job end to end, on a tiny random model saved to disk (``make demo`` itself runs the default model)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 from otalign.cli import main
 from otalign.demos.ppo_demo import DemoConfig
+from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
 from otalign.trainers import ConfigError, parse_config
 
 
@@ -22,11 +23,14 @@ def test_token_geometry_stays_reachable(tmp_path, capsys):
     assert main(["token-geometry", "--out", str(tmp_path)]) == 0
 
 
-@pytest.mark.slow
-def test_demo_writes_the_report(tmp_path):
+def test_demo_writes_the_report(tmp_path, torch_single_thread):
+    model_dir = tmp_path / "tiny"
+    tokenizer = tiny_tokenizer()
+    tiny_causal_lm(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--max_steps", "1", "--batch_size", "2", "--response_length", "4"]
-    argv += ["--eval_prompts", "2", "--wpr_max_iter", "50"]
+    argv = ["demo", "--out", str(out), "--model_name_or_path", str(model_dir), "--max_steps", "2"]
+    argv += ["--batch_size", "4", "--response_length", "6", "--eval_prompts", "4", "--wpr_top_k", "8"]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == {"reference", "wpr", "rkl"}
@@ -34,8 +38,9 @@ def test_demo_writes_the_report(tmp_path):
         for key in ("reward_mean", "reward_ci95", "kl_per_token", "ot_per_token"):
             assert key in method, (name, key)
     assert report["methods"]["reference"]["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
+    assert report["methods"]["reference"]["ot_per_token"] == pytest.approx(0.0, abs=1e-6)  # debiased distance
     assert 0.0 <= report["methods"]["wpr"]["win_rate"] <= 1.0
     assert (out / "frontier.png").stat().st_size > 10_000
     samples = (out / "samples.md").read_text()
-    assert samples.count("**reference**") == 2 and samples.count("**wpr**") == 2
+    assert samples.count("**reference**") == 4 and samples.count("**wpr**") == 4
     assert (out / "wpr" / "metrics.jsonl").is_file() and (out / "rkl" / "metrics.jsonl").is_file()
