@@ -211,3 +211,13 @@ def test_stage_rows_feed_each_stage(tmp_path):
     load_sft_data(str(write_jsonl(stages["sft"], tmp_path / "sft.jsonl")))
     load_preference_data(str(write_jsonl(stages["reward"], tmp_path / "reward.jsonl")))
     assert load_prompts(str(write_jsonl(stages["rl"], tmp_path / "rl.jsonl"))) == [stages["rl"][0]["prompt"]]
+
+
+def test_builtin_demo_preferences_prefer_positive_replies():
+    from otalign.rewards import sentiment_reward
+
+    pairs = load_preference_data("builtin")
+    assert len(pairs) == 80 and all(p.prompt[0]["role"] == "user" for p in pairs)
+    chosen = sentiment_reward([], [p.chosen[0]["content"] for p in pairs])
+    rejected = sentiment_reward([], [p.rejected[0]["content"] for p in pairs])
+    assert all(c > r for c, r in zip(chosen, rejected, strict=True))

@@ -95,10 +95,9 @@ def test_synthesize_picks_best_and_worst_and_counts_ties():
 
 
 @pytest.mark.slow
-def test_pipeline_on_the_default_model_with_synthetic_demo_data(tmp_path):
+def test_pipeline_on_the_default_model_with_the_builtin_demo_data(tmp_path):
     config = {
         "output_dir": str(tmp_path / "run"),
-        "synth": {"num_samples": 2, "max_new_tokens": 8, "prompts_split": "test"},
         "sft": {**FAST, "max_steps": 1, "max_length": 256},
         "reward": {**FAST, "max_steps": 1, "max_length": 256},
         "ppo": {**FAST, "max_steps": 1, "response_length": 8},

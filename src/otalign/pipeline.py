@@ -45,10 +45,11 @@ class PipelineConfig:
 
     output_dir: the run folder (layout in the module docstring). model_name_or_path: the base model SFT starts from.
     seed: every stage's seed (unless its section sets one) and the data split's.
-    dataset: ``synth`` (a synthetic preference set from the base model and the sentiment reward, see
-        ``otalign data synth``) or a file in ``dataset_format``: ``preference`` (prompt/chosen/rejected rows),
-        ``hh-rlhf`` or ``tldr`` (the published schemas, see :mod:`otalign.data`). on_error: ``raise`` or ``skip``
-        bad rows of a converted dataset (skips are counted in ``data/summary.json``).
+    dataset: ``builtin`` (the packaged demo preference set, made by ``otalign data synth`` with the default
+        model), ``synth`` (a new synthetic set from the base model and the sentiment reward) or a file in
+        ``dataset_format``: ``preference`` (prompt/chosen/rejected rows), ``hh-rlhf`` or ``tldr`` (the published
+        schemas, see :mod:`otalign.data`). on_error: ``raise`` or ``skip`` bad rows of a converted dataset (skips
+        are counted in ``data/COMPLETE``).
     split_fractions: SFT / reward / RL shares of the pairs (the paper's 0.2 / 0.4 / 0.4).
     stages: the stages to run, in order. synth, sft, reward, ppo, eval: per-stage settings.
     """
@@ -56,7 +57,7 @@ class PipelineConfig:
     output_dir: str = "runs/pipeline"
     model_name_or_path: str = "default"
     seed: int = 0
-    dataset: str = "synth"
+    dataset: str = "builtin"
     dataset_format: str = "preference"
     on_error: str = "raise"
     split_fractions: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.4])
@@ -208,7 +209,7 @@ class Pipeline:
         defaults = {
             "output_dir": str(self.folder("eval")),
             "models": [self.model("sft"), self.model("ppo")],
-            "prompts": "builtin" if self.config.dataset == "synth" else str(self.data / "rl.jsonl"),
+            "prompts": "builtin" if self.config.dataset in ("builtin", "synth") else str(self.data / "rl.jsonl"),
             "judge": "reward_model",
             "judge_model": self.model("reward"),
             "seed": self.config.seed,

@@ -6,10 +6,10 @@ assistant turn(s)); all fields of a row take the same form. Optional reference c
 precomputed sequence log-probabilities in nats: ``ref_chosen_logps`` and ``ref_rejected_logps``
 (paired) or ``ref_logps`` (unpaired), in every row or in none.
 
-Sources: a local ``.jsonl`` (one object per line), ``.json`` (a list of objects) or ``.parquet`` file
-(needs ``pyarrow``), or a Hugging Face dataset name (needs the ``datasets`` package and a reachable
-hub). Every row is validated before anything trains; an error names the source, the 1-based row and
-the field. No row is dropped; unknown extra columns are ignored.
+Sources: ``builtin`` (the packaged demo set), a local ``.jsonl`` (one object per line), ``.json`` (a list of
+objects) or ``.parquet`` file (needs ``pyarrow``), or a Hugging Face dataset name (needs the ``datasets``
+package and a reachable hub). Every row is validated before anything trains; an error names the source, the
+1-based row and the field. No row is dropped; unknown extra columns are ignored.
 
 :func:`encode` turns a prompt and a completion into token ids: plain text is tokenized as is (special
 tokens such as BOS added to the prompt) and the completion gets the EOS token appended;
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 Text = str | list[dict[str, str]]
@@ -74,8 +75,16 @@ def load_preference_data(source: str, split: str = "train") -> list[PreferencePa
     return parse_rows(read_rows(source, split), source)
 
 
+BUILTIN_PREFERENCES = "builtin"
+"""The name of the packaged demo preference set: 80 pairs over the built-in training prompts, made by
+``otalign data synth`` (the default model's best and worst of 4 samples by the sentiment reward)."""
+
+
 def read_rows(source: str, split: str = "train") -> list[dict]:
-    """Raw rows (dicts) of a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset's ``split``."""
+    """Raw rows (dicts) of a ``.jsonl``/``.json``/``.parquet`` file, a Hugging Face dataset's ``split``, or the
+    packaged demo preference set (``"builtin"``)."""
+    if source == BUILTIN_PREFERENCES:
+        source = str(resources.files("otalign.data") / "builtin" / "sentiment_preferences.jsonl")
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
