@@ -38,3 +38,21 @@ def two_process_cli():
         assert done.returncode == 0, done.stderr[-3000:]
 
     return run
+
+
+@pytest.fixture
+def assert_resume_matches():
+    """``check(full_dir, resumed_dir, resumed_steps)``: the resumed run logged exactly ``resumed_steps`` and every
+    non-timing metric of those steps equals the uninterrupted run's."""
+    from otalign.trainers import read_metrics
+
+    def check(full_dir, resumed_dir, resumed_steps):
+        full = [row for row in read_metrics(full_dir) if row["step"] in resumed_steps]
+        resumed = read_metrics(resumed_dir)
+        assert [row["step"] for row in resumed] == list(resumed_steps)
+        for row_full, row_resumed in zip(full, resumed, strict=True):
+            for key in row_full:
+                if not key.startswith("time/"):
+                    assert row_full[key] == row_resumed[key], key
+
+    return check

@@ -109,7 +109,7 @@ def test_reward_rises_on_a_learnable_reward(tmp_path):
     assert history[-1]["kl/exact"] > history[0]["kl/exact"]
 
 
-def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, assert_resume_matches):
     full = make_trainer(tmp_path / "full", max_steps=4, save_steps=2, save_total_limit=None, regularizer="wasserstein")
     full.train()
     checkpoint = tmp_path / "full" / "checkpoints" / "checkpoint-2"
@@ -123,13 +123,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
         resume_from_checkpoint=str(checkpoint),
     )
     resumed.train()
-    a = [r for r in read_metrics(tmp_path / "full") if r["step"] > 2]
-    b = read_metrics(tmp_path / "resumed")
-    assert [r["step"] for r in b] == [3, 4]
-    for row_a, row_b in zip(a, b, strict=True):
-        for key in row_a:
-            if not key.startswith("time/"):
-                assert row_a[key] == row_b[key], key
+    assert_resume_matches(tmp_path / "full", tmp_path / "resumed", [3, 4])
 
 
 def test_resume_flag_truncates_metrics_written_after_the_checkpoint(tmp_path):
@@ -165,7 +159,7 @@ def test_prompt_file_rows_are_validated(tmp_path):
     with pytest.raises(ValueError, match=r"p.jsonl, row 2: missing field 'prompt'"):
         load_prompts(str(path))
     path.write_text('{"prompt": "a"}\n{"prompt": "  "}\n')
-    with pytest.raises(ValueError, match=r"row 2, field 'prompt': empty prompt"):
+    with pytest.raises(ValueError, match=r"row 2, field 'prompt': empty text"):
         load_prompts(str(path))
     assert len(load_prompts("builtin", "train")) == 80 and len(load_prompts("builtin", "test")) == 40
     assert not set(load_prompts("builtin", "train")) & set(load_prompts("builtin", "test"))

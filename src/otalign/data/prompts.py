@@ -16,6 +16,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from .preference import check_text
+
 BUILTIN = "builtin"
 SPLITS = ("train", "test")
 Prompt = str | list[dict[str, str]]
@@ -71,17 +73,7 @@ def validate_prompt(row: object, where: str) -> Prompt:
     prompt = row.get("prompt") if isinstance(row, dict) else row
     if isinstance(row, dict) and "prompt" not in row:
         raise ValueError(f"{where}: missing field 'prompt' (fields: {sorted(row)})")
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError(f"{where}, field 'prompt': empty prompt")
-        return prompt
-    if isinstance(prompt, list) and prompt:
-        for j, message in enumerate(prompt):
-            ok = isinstance(message, dict) and isinstance(message.get("role"), str)
-            if not (ok and isinstance(message.get("content"), str)):
-                raise ValueError(f"{where}, field 'prompt', message {j}: need string 'role' and 'content'")
-        return prompt
-    raise ValueError(f"{where}, field 'prompt': expected a non-empty string or list of messages, got {prompt!r:.80}")
+    return check_text({"prompt": prompt}, "prompt", where)
 
 
 def render_prompt(prompt: Prompt, tokenizer, *, use_chat_template: bool = True) -> str:
