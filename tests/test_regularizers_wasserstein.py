@@ -68,12 +68,52 @@ def test_duplicate_slots_have_no_mass_and_are_dropped_when_padding():
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_matches_pot_on_the_truncated_problem(metric):
+def test_difference_transport_matches_pot(metric):
+    """Excess (a-b)+ onto deficit (b-a)+, normalised, KL(P || alpha beta^T): value m * OT and potentials
+    u (excess atoms) and -v (deficit atoms) against POT's log-domain Sinkhorn in float64."""
+    lam = 10.0
+    policy, ref, actions, embeddings = _problem_inputs(n=3, vocab=30)
+    problem = build_problem(policy, ref, actions, embeddings, top_k=5, metric=metric)
+    solution = solve_problem(problem, lam, tol=1e-12, max_iter=20000)
+    for row in range(3):
+        a, b = problem.a[row].numpy(), problem.b[row].numpy()
+        held = a > 0
+        excess, deficit = np.flatnonzero(a > b), np.flatnonzero(b > a)
+        moved = (a - b)[excess].sum()
+        alpha, beta = (a - b)[excess] / moved, (b - a)[deficit] / moved
+        cost = problem.cost[row].numpy()[np.ix_(excess, deficit)]
+        plan, log = ot.bregman.sinkhorn_log(alpha, beta, cost, 1 / lam, numItermax=20000, stopThr=1e-14, log=True)
+        kl = (plan * np.log(plan / np.outer(alpha, beta))).sum()
+        assert float(solution.value[row]) == pytest.approx(moved * ((plan * cost).sum() + kl / lam), abs=1e-9)
+        # POT: P = exp(log_u + log_v - C/eps); ours: P = alpha beta exp((u + v - C)/eps), phi = u | -v (+ shift).
+        u = (log["log_u"] - np.log(alpha)) / lam
+        v = (log["log_v"] - np.log(beta)) / lam
+        theirs = np.concatenate([u, -v])
+        ours = solution.potential[row].numpy()[np.concatenate([excess, deficit])]
+        np.testing.assert_allclose(ours - ours[0], theirs - theirs[0], atol=1e-8)
+        np.testing.assert_allclose(a[held] @ solution.potential[row].numpy()[held], float(solution.value[row]))
+
+
+def test_difference_transport_is_zero_at_equality_and_tends_to_the_full_value():
+    policy, ref, actions, embeddings = _problem_inputs(n=3, vocab=30)
+    same = solve_problem(build_problem(policy, policy, actions, embeddings, top_k=5), 100.0)
+    assert torch.equal(same.value, torch.zeros(3, dtype=same.value.dtype))
+    assert torch.equal(same.penalty, torch.zeros(3, dtype=same.value.dtype))
+    # As lambda grows both forms approach W1(a, b) (the unregularised LP, POT's emd2).
+    problem = build_problem(policy, ref, actions, embeddings, top_k=5)
+    difference = solve_problem(problem, 1000.0, tol=1e-10, max_iter=50000).value
+    for row in range(3):
+        exact = ot.emd2(problem.a[row].numpy(), problem.b[row].numpy(), problem.cost[row].numpy())
+        assert float(difference[row]) == pytest.approx(exact, abs=5e-3)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_full_transport_matches_pot(metric):
     lam = 10.0
     policy, ref, actions, embeddings = _problem_inputs(n=3, vocab=30)
     problem = build_problem(policy, ref, actions, embeddings, top_k=5, metric=metric)
     assert problem.a[:, -1].min() > 0.01  # the dust atom is in play
-    solution = solve_problem(problem, lam, tol=1e-12, max_iter=20000)
+    solution = solve_problem(problem, lam, transport="full", tol=1e-12, max_iter=20000)
     for row in range(3):
         keep = torch.cat([problem.distinct[row], torch.tensor([True])])
         a, b = problem.a[row][keep].numpy(), problem.b[row][keep].numpy()
@@ -92,11 +132,12 @@ def _full_cover_setup(seed=4, vocab=6):
     return policy[0], ref[0], embeddings
 
 
-def test_shift_convention_with_a_support_that_covers_the_vocabulary():
+@pytest.mark.parametrize("transport", ["difference", "full"])
+def test_shift_convention_with_a_support_that_covers_the_vocabulary(transport):
     """sum_y pi_theta(y) penalty(y) = OT value, every y sampled once at its own position."""
     policy, ref, embeddings = _full_cover_setup()
     vocab = policy.shape[0]
-    reg = WassersteinRegularizer(embeddings, lam=10.0, top_k=vocab, tol=1e-7, max_iter=20000)
+    reg = WassersteinRegularizer(embeddings, lam=10.0, top_k=vocab, tol=1e-7, max_iter=20000, transport=transport)
     out = reg.penalty(policy.expand(1, vocab, vocab), ref.expand(1, vocab, vocab), torch.arange(vocab)[None])
     expectation = float((policy.softmax(-1) * out.per_token[0].double()).sum())
     assert out.stats["wasserstein/dust_mass"] < 1e-6
@@ -105,17 +146,19 @@ def test_shift_convention_with_a_support_that_covers_the_vocabulary():
     assert out.stats["penalty/mean"] == pytest.approx(float(out.per_token.mean()), abs=1e-6)
 
 
-def test_penalty_is_the_finite_difference_gradient_of_the_value():
+@pytest.mark.parametrize("transport", ["difference", "full"])
+def test_penalty_is_the_finite_difference_gradient_of_the_value(transport):
     lam, step = 10.0, 1e-5
     policy, ref, embeddings = _full_cover_setup(seed=7)
     vocab = policy.shape[0]
     problem = build_problem(policy[None], ref[None], torch.tensor([0]), embeddings, top_k=vocab)
+    assert ((problem.a - problem.b)[:, :-1].abs() > 10 * step).all()  # away from the kinks of the difference form
     tokens = problem.tokens[0].tolist()
-    potential = solve_problem(problem, lam, tol=1e-13, max_iter=50000).potential[0, :-1]
+    potential = solve_problem(problem, lam, transport=transport, tol=1e-13, max_iter=50000).potential[0, :-1]
 
     def value(a: torch.Tensor) -> float:
         moved = TruncatedProblem(a=a, b=problem.b, cost=problem.cost, tokens=problem.tokens, distinct=problem.distinct)
-        return float(solve_problem(moved, lam, tol=1e-13, max_iter=50000).value[0])
+        return float(solve_problem(moved, lam, transport=transport, tol=1e-13, max_iter=50000).value[0])
 
     for slot in range(1, vocab):
         direction = torch.zeros_like(problem.a)
@@ -124,7 +167,9 @@ def test_penalty_is_the_finite_difference_gradient_of_the_value():
         assert grad == pytest.approx(float(potential[slot] - potential[0]), abs=1e-6), tokens[slot]
 
     # The regularizer's float32 penalties are the same potentials (up to float32 rounding).
-    reg = WassersteinRegularizer(embeddings.float(), lam=lam, top_k=vocab, tol=1e-7, max_iter=20000)
+    reg = WassersteinRegularizer(
+        embeddings.float(), lam=lam, top_k=vocab, tol=1e-7, max_iter=20000, transport=transport
+    )
     out = reg.penalty(policy.expand(1, vocab, vocab), ref.expand(1, vocab, vocab), torch.arange(vocab)[None])
     assert torch.allclose(out.per_token[0].double(), potential[torch.argsort(torch.tensor(tokens))], atol=2e-5)
 
@@ -143,9 +188,11 @@ def _figure_1_stats(reg, policy: str) -> dict[str, float]:
     return reg.penalty(logits[0], logits[1], torch.tensor([[0]])).stats
 
 
-@pytest.mark.parametrize("debias", [False, True])
-def test_figure_1_wasserstein_orders_kitten_closer_while_js_ties(debias):
-    reg = WassersteinRegularizer(FIGURE_1_EMBEDDINGS, lam=100.0, top_k=4, debias=debias, tol=1e-6, max_iter=5000)
+@pytest.mark.parametrize(("transport", "debias"), [("difference", False), ("full", False), ("full", True)])
+def test_figure_1_wasserstein_orders_kitten_closer_while_js_ties(transport, debias):
+    reg = WassersteinRegularizer(
+        FIGURE_1_EMBEDDINGS, lam=100.0, top_k=4, transport=transport, debias=debias, tol=1e-6, max_iter=5000
+    )
     kitten, table = _figure_1_stats(reg, "kitten"), _figure_1_stats(reg, "table")
     assert kitten["sinkhorn/marginal_err"] < 1e-4 and table["sinkhorn/marginal_err"] < 1e-4
     assert kitten["wasserstein/value"] < table["wasserstein/value"]
@@ -157,15 +204,18 @@ def test_figure_1_wasserstein_orders_kitten_closer_while_js_ties(debias):
 
 def test_debiased_penalty_vanishes_when_the_policy_is_the_reference():
     policy, ref, actions, embeddings = _problem_inputs(n=4, vocab=40, dtype=torch.float32, scale=1.0)
-    reg = WassersteinRegularizer(embeddings, top_k=8, debias=True)
+    reg = WassersteinRegularizer(embeddings, top_k=8, transport="full", debias=True)
     same = reg.penalty(policy[None], policy[None], actions[None])
     assert same.per_token.abs().max() < 1e-6
     assert abs(same.stats["wasserstein/value"]) < 1e-6
     other = reg.penalty(policy[None], ref[None], actions[None])
     assert other.stats["wasserstein/value"] > 1e-3  # the Sinkhorn divergence is positive
     # Without debiasing the value at equality is the entropic offset, still the expectation of the penalty.
-    plain = WassersteinRegularizer(embeddings, top_k=8).penalty(policy[None], policy[None], actions[None])
-    assert plain.stats["wasserstein/value"] < 0
+    full = WassersteinRegularizer(embeddings, top_k=8, transport="full")
+    assert full.penalty(policy[None], policy[None], actions[None]).stats["wasserstein/value"] < 0
+    # The difference transport is exactly 0 there without debiasing.
+    difference = WassersteinRegularizer(embeddings, top_k=8).penalty(policy[None], policy[None], actions[None])
+    assert torch.equal(difference.per_token, torch.zeros_like(difference.per_token))
 
 
 def test_chunking_and_masking():
@@ -234,8 +284,16 @@ def test_robust_inputs_give_finite_penalties():
     policy[4, 5] = 60.0  # a (numerically) point mass not on the sampled token: its probability underflows
     actions[4] = 6
     for metric in ("euclidean", "cosine"):
-        for lam, debias, knn in [(100.0, False, None), (1e4, False, None), (100.0, True, 5)]:
-            reg = WassersteinRegularizer(embeddings, lam=lam, top_k=5, metric=metric, debias=debias, knn=knn)
+        for lam, transport, debias, knn in [
+            (100.0, "difference", False, None),
+            (1e4, "difference", False, None),
+            (100.0, "difference", False, 5),
+            (1e4, "full", False, None),
+            (100.0, "full", True, 5),
+        ]:
+            reg = WassersteinRegularizer(
+                embeddings, lam=lam, top_k=5, metric=metric, transport=transport, debias=debias, knn=knn
+            )
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 half_policy = policy.to(dtype)
                 half_policy[4, 5] = 60.0 if dtype != torch.float16 else 30.0
@@ -264,6 +322,10 @@ def test_configuration_and_input_errors():
         WassersteinRegularizer(torch.zeros(10, dtype=torch.long), top_k=2)
     with pytest.raises(ValueError, match="embeddings"):
         build_regularizer("wasserstein")
+    with pytest.raises(ValueError, match="transport must be one of"):
+        WassersteinRegularizer(embeddings, top_k=2, transport="partial")
+    with pytest.raises(ValueError, match="debias=True needs transport='full'"):
+        WassersteinRegularizer(embeddings, top_k=2, debias=True)
 
     reg = WassersteinRegularizer(embeddings, top_k=2, dust_cost=0.5)
     logits = torch.randn(2, 3, 12)

@@ -6,7 +6,7 @@ then evaluate the reference and both policies on the held-out prompts with the s
 write a report directory:
 
 - ``report.json``: per method, mean reward (95% CI), win rate against the reference by the reward (95% CI),
-  exact KL and entropic OT distance (Sinkhorn divergence) to the reference per token, settings and timings;
+  exact KL and entropic OT distance (difference transport) to the reference per token, settings and timings;
 - ``frontier.png``: reward vs KL and reward vs OT distance, per method (with the training trajectories);
 - ``samples.md``: the three models' answers side by side;
 - ``wpr/`` and ``rkl/``: each run's ``metrics.jsonl`` and ``config.json``.
@@ -159,9 +159,9 @@ def run(demo: DemoConfig) -> dict:
 
     clock.say(f"evaluating reference, WPR and RKL on {len(test_prompts)} held-out prompts")
     config = trainers["wpr"].config
-    wpr = trainers["wpr"].regularizer  # the distance is measured debiased: 0 for the reference itself
+    wpr = trainers["wpr"].regularizer  # the difference transport is 0 for the reference itself
     ot_regularizer = build_regularizer(
-        "wasserstein", embeddings=wpr.embeddings, lam=wpr.lam, top_k=wpr.top_k, max_iter=wpr.max_iter, debias=True
+        "wasserstein", embeddings=wpr.embeddings, lam=wpr.lam, top_k=wpr.top_k, max_iter=wpr.max_iter
     )
     device = trainers["wpr"].accelerator.device
     texts = [render_prompt(p, tokenizer) for p in test_prompts]
@@ -197,8 +197,9 @@ def run(demo: DemoConfig) -> dict:
             "ci95": "normal approximation, 1.96 standard errors over held-out prompts",
             "win_rate": "share of held-out prompts where the method's reward beats the reference's (ties 1/2)",
             "kl_per_token": "exact full-vocabulary KL(pi || pi_ref) in nats, averaged over generated tokens",
-            "ot_per_token": "Sinkhorn divergence to pi_ref (entropic OT, lambda as in training, debiased so the "
-            "reference scores 0; cost: Euclidean distance of the reference's token embeddings), per token",
+            "ot_per_token": "entropic OT distance to pi_ref (the policy's excess mass moved onto its deficit, lambda "
+            "as in training, 0 for the reference; cost: Euclidean distance of the reference's token embeddings), "
+            "per token",
             "distributions": f"softmax(logits / temperature), temperature {config.temperature}",
         },
     }

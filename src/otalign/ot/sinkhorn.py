@@ -42,6 +42,10 @@ class SinkhornResult:
             the iterations (its column marginals are exact up to rounding; in float32 the
             materialised plan carries an extra relative error of about 1e-7 * cost / eps).
         plan: (B, n, m) optimal plan when ``return_plan=True``, else ``None``.
+        u: (B, n) the same potentials in the product-reference form
+            ``P_ij = a_i b_j exp((u_i + v_j - C_ij)/eps)``, i.e. ``u = f - eps log a``; finite on zero-mass
+            atoms (there: the soft c-transform ``-eps log sum_j b_j exp((v_j - C_ij)/eps)``).
+        v: (B, m) likewise, ``v = g - eps log b``.
     """
 
     f: torch.Tensor
@@ -50,6 +54,8 @@ class SinkhornResult:
     n_iter: int
     marginal_error: torch.Tensor
     plan: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
 
 def sinkhorn(
@@ -59,7 +65,7 @@ def sinkhorn(
     eps: float,
     *,
     max_iter: int = 1000,
-    tol: float = 1e-6,
+    tol: float | torch.Tensor = 1e-6,
     scaling: float = 0.5,
     check_every: int = 5,
     return_plan: bool = False,
@@ -79,7 +85,7 @@ def sinkhorn(
         eps: entropic regularization (> 0) in cost units (``1 / lambda`` in the WPR paper).
         max_iter: iterations allowed at the target ``eps``.
         tol: stop once every problem's L1 marginal error ``||P1 - a||_1`` is <= ``tol``
-            (absolute, in mass units).
+            (absolute, in mass units): a number, or a (B,) tensor of per-problem tolerances.
         scaling: eps-scaling factor in [0, 1): a warm start runs one log-domain update per
             eps from the cost range down to ``eps``, multiplying by ``scaling`` each time.
             ``0`` disables eps-scaling.
@@ -130,7 +136,7 @@ def sinkhorn(
     f = u + eps * a.log()
     g = v + eps * b.log()
     value = _dual_value(a, b, u, v, eps)
-    result = SinkhornResult(f=f, g=g, value=value, n_iter=n_iter, marginal_error=err, plan=plan)
+    result = SinkhornResult(f=f, g=g, value=value, n_iter=n_iter, marginal_error=err, plan=plan, u=u, v=v)
     return _squeeze(result) if unbatched else result
 
 
@@ -150,4 +156,6 @@ def _squeeze(result: SinkhornResult) -> SinkhornResult:
         n_iter=result.n_iter,
         marginal_error=result.marginal_error[0],
         plan=None if result.plan is None else result.plan[0],
+        u=result.u[0],
+        v=result.v[0],
     )

@@ -19,14 +19,26 @@ and the sampled token :math:`y` (DESIGN.md, "WPR penalty"):
    between non-neighbours than the dust holds (its Sinkhorn then never converges and the potentials grow
    with the iteration count), which DESIGN.md note 3 rules out. With finite costs every problem is feasible.
 4. **Entropic OT** with :math:`\varepsilon = 1/\lambda` by :func:`otalign.ot.sinkhorn` (stabilised,
-   with eps-scaling, stopping on the marginal error), all positions of a chunk in one batched call:
+   with eps-scaling, stopping on the marginal error), all positions of a chunk in one batched call.
+   By default (``transport="difference"``, :func:`_solve_difference`) only the mass the two distributions
+   do not share is moved: the policy's excess :math:`(a-b)_+` onto its deficit :math:`(b-a)_+`,
+   :math:`W = m\cdot\min \langle P,C\rangle + \varepsilon\,\mathrm{KL}(P\|\alpha\beta^\top)` with
+   :math:`m` the total variation and :math:`\alpha,\beta` the normalised excess and deficit. For the
+   metric costs used here the unregularised optimum leaves the shared mass in place, so both forms tend
+   to :math:`W_1(a, b)` as :math:`\lambda\to\infty`; the difference form is 0 at :math:`a = b` and is
+   solvable to tolerance at the paper's :math:`\lambda = 100`, where the full form is not (its plan is
+   nearly diagonal, Sinkhorn needs tens of thousands of iterations and its potentials swing by whole
+   cost units until then — measured on SmolLM2 embeddings, see ``benchmarks/penalty.py``).
+   ``transport="full"`` (:func:`_solve_full`) keeps the paper's
    :math:`\mathrm{OT}_\varepsilon(a,b) = \min_{P1=a, P^\top 1=b} \langle P,C\rangle + \varepsilon\sum P(\log P-1)`.
-5. **Penalty.** The policy-side potential :math:`\phi = f` (:math:`P = e^{(f_i + g_j - C_{ij})/\varepsilon}`,
-   :math:`f = \partial\,\mathrm{OT}_\varepsilon/\partial a`; the sign of DESIGN.md note 5), averaged over
-   the problem and its transpose (:func:`solve_problem` says why), shifted per position by :math:`t` so that
-   :math:`\sum_{i \in S \cup \{\text{dust}\}} a_i \phi_i = \mathrm{OT}_\varepsilon(a,b)` (note 6): the
+5. **Penalty.** The gradient of the value with respect to the policy's masses along the simplex (the
+   sign of DESIGN.md note 5: large where the policy puts mass the reference lacks): difference form
+   :math:`\phi_i = u_i` on excess atoms, :math:`-v_i` on deficit atoms (product-reference potentials,
+   :func:`_solve_difference`); full form :math:`\phi = f` (:math:`P = e^{(f_i + g_j - C_{ij})/\varepsilon}`),
+   averaged over the problem and its transpose (:func:`_solve_full` says why). Shifted per position by
+   :math:`t` so that :math:`\sum_{i \in S \cup \{\text{dust}\}} a_i \phi_i` equals the value (note 6): the
    sampled token's :math:`\phi_y` is then an unbiased one-sample estimate of the distance.
-   With ``debias=True`` the distance is the Sinkhorn divergence
+   With ``debias=True`` (full form) the distance is the Sinkhorn divergence
    :math:`\mathrm{OT}_\varepsilon(a,b) - \frac12\mathrm{OT}_\varepsilon(a,a) - \frac12\mathrm{OT}_\varepsilon(b,b)`
    with gradient :math:`\phi = \frac12(f_{ab} + g_{ba}) - \frac12(f_{aa} + g_{aa})`, exactly zero when
    :math:`a = b`.
@@ -284,16 +296,107 @@ def build_problem(
     return truncated_problem(support, embeddings, metric=metric, radius=radius, dust_cost=dust_cost)
 
 
+TRANSPORTS = ("difference", "full")
+
+
 def solve_problem(
     problem: TruncatedProblem,
     lam: float,
     *,
+    transport: str = "difference",
     debias: bool = False,
     max_iter: int = 1000,
     tol: float = 1e-4,
 ) -> WassersteinSolution:
-    r"""Solve a batch of truncated problems with one :func:`otalign.ot.sinkhorn` call and shift the
-    policy-side potentials so that ``sum_i a_i phi_i`` equals the value (the module docstring, step 5).
+    r"""Solve a batch of truncated problems and shift the policy-side potentials so that
+    ``sum_i a_i phi_i`` equals the value (the module docstring, step 5).
+
+    ``transport="difference"`` (:func:`_solve_difference`) moves only the mass the two distributions
+    do not share; ``"full"`` (:func:`_solve_full`) is the entropic OT between the whole distributions.
+
+    Args:
+        problem: the problems (n positions).
+        lam: lambda; eps = 1 / lam.
+        transport: ``difference`` or ``full``.
+        debias: (``full`` only) use the Sinkhorn divergence.
+        max_iter: Sinkhorn iterations allowed at the target eps.
+        tol: stop once every problem's L1 marginal error is <= tol (mass units of the policy).
+    """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    if transport == "difference":
+        if debias:
+            raise ValueError("debias applies to transport='full'; transport='difference' is already 0 at equality")
+        potential, value, n_iter, error = _solve_difference(problem, lam, max_iter=max_iter, tol=tol)
+    else:
+        potential, value, n_iter, error = _solve_full(problem, lam, debias=debias, max_iter=max_iter, tol=tol)
+    a = problem.a
+    held = a > 0
+    potential = torch.where(held, potential, torch.full_like(potential, -math.inf))
+    shift = value - torch.where(held, a * potential, torch.zeros_like(potential)).sum(1)
+    return WassersteinSolution(potential=potential + shift[:, None], value=value, n_iter=n_iter, marginal_error=error)
+
+
+def _solve_difference(
+    problem: TruncatedProblem, lam: float, *, max_iter: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    r"""Entropic transport of the policy's excess onto its deficit.
+
+    With :math:`\delta^+ = (a - b)_+`, :math:`\delta^- = (b - a)_+` (equal masses :math:`m`, the total
+    variation) and their normalisations :math:`\alpha = \delta^+/m`, :math:`\beta = \delta^-/m`:
+
+    .. math::
+        W(a, b) = m \cdot \min_{P1=\alpha,\ P^\top 1=\beta}
+            \langle P, C\rangle + \varepsilon\,\mathrm{KL}(P \,\|\, \alpha\beta^\top).
+
+    For a metric cost (zero on the diagonal, triangle inequality — Euclidean/cosine distances with the dust
+    priced as here) the unregularised problem leaves the shared mass in place, so :math:`W` tends to the
+    full problem's :math:`W_1` as eps -> 0; it is 0 exactly when :math:`a = b`. Unlike the full problem,
+    whose near-diagonal plan at eps << cost makes Sinkhorn converge only after tens of thousands of
+    iterations (and its potentials swing by whole cost units meanwhile), the excess and deficit have
+    disjoint supports, and Sinkhorn converges in hundreds.
+
+    With potentials :math:`(u, v)` in the product-reference form
+    :math:`P = \alpha_i\beta_j e^{(u_i + v_j - C_{ij})/\varepsilon}` (:attr:`~otalign.ot.SinkhornResult.u`), :math:`W = m(\langle\alpha, u\rangle + \langle\beta, v\rangle)`
+    and its gradient along the simplex is :math:`\phi_i = u_i` where :math:`a_i > b_i`, :math:`-v_i` where
+    :math:`a_i < b_i` (the derivative of ``W`` along :math:`e_i - e_k` is :math:`\phi_i - \phi_k`); on
+    an atom with :math:`a_i = b_i` (a kink) the midpoint :math:`(u_i - v_i)/2`. Positions with ``a == b``
+    get value 0 and phi 0. The tolerance and the reported marginal error are in the policy's mass units
+    (``m`` times the normalised problem's).
+
+    Returns:
+        ``(phi, value, n_iter, marginal_error)``, phi (n, s + 1) unshifted.
+    """
+    a, b, cost = problem.a, problem.b, problem.cost
+    excess, deficit = (a - b).clamp_min(0.0), (b - a).clamp_min(0.0)
+    moved = 0.5 * (excess.sum(1) + deficit.sum(1))
+    live = (excess.sum(1) > 0) & (deficit.sum(1) > 0)
+    if not bool(live.any()):
+        return torch.zeros_like(a), torch.zeros_like(moved), 0, torch.zeros_like(moved)
+    m = moved[live, None]
+    solved = sinkhorn(
+        excess[live] / excess[live].sum(1, keepdim=True),
+        deficit[live] / deficit[live].sum(1, keepdim=True),
+        cost[live],
+        1.0 / lam,
+        max_iter=max_iter,
+        tol=tol / m[:, 0],
+    )
+    u, v = solved.u, solved.v
+    phi = torch.zeros(a.shape, dtype=u.dtype, device=u.device)
+    value, error = torch.zeros_like(phi[:, 0]), torch.zeros_like(phi[:, 0])
+    alpha, beta = excess[live] / m, deficit[live] / m
+    balanced = 0.5 * (u - v)
+    phi[live] = torch.where(excess[live] > 0, u, torch.where(deficit[live] > 0, -v, balanced))
+    value[live] = m[:, 0] * ((alpha * u).sum(1) + (beta * v).sum(1))
+    error[live] = m[:, 0] * solved.marginal_error
+    return phi, value, solved.n_iter, error
+
+
+def _solve_full(
+    problem: TruncatedProblem, lam: float, *, debias: bool, max_iter: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    r"""The paper's entropic OT between the whole truncated distributions, one batched Sinkhorn call.
 
     The policy's potential is the average :math:`\phi = \frac12(f_{ab} + g_{ba})` of its potentials in
     :math:`\mathrm{OT}(a, b)` and in the transposed problem :math:`\mathrm{OT}(b, a)` (the costs are
@@ -304,12 +407,8 @@ def solve_problem(
     Averaging the two orders cancels that split (exactly when :math:`a = b`), at twice the Sinkhorn work.
     With ``debias`` the self terms use :math:`\frac12(f_{aa} + g_{aa})`, which has no such ambiguity.
 
-    Args:
-        problem: the problems (n positions).
-        lam: lambda; eps = 1 / lam.
-        debias: use the Sinkhorn divergence (also solves OT(a, a) and OT(b, b), in the same batch).
-        max_iter: Sinkhorn iterations allowed at the target eps.
-        tol: stop once every problem's L1 marginal error is <= tol (mass units).
+    Returns:
+        ``(phi, value, n_iter, marginal_error)``, phi (n, s + 1) unshifted, -inf where ``a`` is 0.
     """
     a, b, cost = problem.a, problem.b, problem.cost
     firsts, seconds = [a, b], [b, a]
@@ -330,15 +429,8 @@ def solve_problem(
     if debias:
         potential = potential - 0.5 * (f[2] + g[2])
         value = value - 0.5 * (values[2] + values[3])
-    held = a > 0
-    potential = torch.where(held, potential, torch.full_like(potential, -math.inf))
-    shift = value - torch.where(held, a * potential, torch.zeros_like(potential)).sum(1)
-    return WassersteinSolution(
-        potential=potential + shift[:, None],
-        value=value,
-        n_iter=solved.n_iter,
-        marginal_error=solved.marginal_error.unflatten(0, (len(firsts), -1)).amax(0),
-    )
+    error = solved.marginal_error.unflatten(0, (len(firsts), -1)).amax(0)
+    return potential, value, solved.n_iter, error
 
 
 class WassersteinRegularizer(Regularizer):
@@ -359,12 +451,17 @@ class WassersteinRegularizer(Regularizer):
         knn: optional k1 (paper: 512): pairs that are not k1-nearest neighbours cost twice the dust cost.
         knn_cache_dir: folder caching the k1-NN radii under the embedding's content hash.
         dust_cost: ``"max"`` or a number >= 0 (module docstring, step 3).
+        transport: ``"difference"`` (default): transport only the mass the policy and the reference do not
+            share (:func:`_solve_difference`; 0 at equality, converges at lambda = 100); ``"full"``: the
+            paper's entropic OT between the whole distributions (:func:`_solve_full`), which at
+            lambda * cost >> 1 needs far more than ``max_iter`` iterations (see ``sinkhorn/marginal_err``).
         max_iter: Sinkhorn iterations allowed at the target eps.
         tol: Sinkhorn stopping tolerance on the L1 marginal error (mass units).
-        debias: penalize with the Sinkhorn divergence (zero when the policy equals the reference).
+        debias: (``transport="full"``) penalize with the Sinkhorn divergence (zero at equality).
         max_chunk_elements: see :class:`~otalign.regularizers.base.Regularizer`. Log-softmax runs on
-            ``max_chunk_elements // V`` positions at a time, Sinkhorn on ``max_chunk_elements // (2 (2k+2)^2)``
-            (half that when debiased), the embedding gather on ``max_chunk_elements // ((2k+1) d)``.
+            ``max_chunk_elements // V`` positions at a time, Sinkhorn on ``max_chunk_elements // (c (2k+2)^2)``
+            (c = 1 for the difference form, 2 full, 4 debiased), the embedding gather on
+            ``max_chunk_elements // ((2k+1) d)``.
     """
 
     name = "wasserstein"
@@ -379,6 +476,7 @@ class WassersteinRegularizer(Regularizer):
         knn: int | None = None,
         knn_cache_dir: str | os.PathLike | None = None,
         dust_cost: str | float = "max",
+        transport: str = "difference",
         max_iter: int = 1000,
         tol: float = 1e-4,
         debias: bool = False,
@@ -400,6 +498,10 @@ class WassersteinRegularizer(Regularizer):
             if number is None or not (math.isfinite(number) and number >= 0):
                 raise ValueError(f"dust_cost must be 'max' or a finite number >= 0, got {dust_cost!r}")
             dust_cost = number
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if debias and transport != "full":
+            raise ValueError("debias=True needs transport='full' (the difference transport is already 0 at equality)")
         if max_iter < 1 or not tol > 0:
             raise ValueError(f"need max_iter >= 1 and tol > 0, got max_iter={max_iter}, tol={tol}")
         self.embeddings = embeddings.detach()
@@ -408,12 +510,13 @@ class WassersteinRegularizer(Regularizer):
             self.radius = knn_radius(self.embeddings, knn, metric=metric, cache_dir=knn_cache_dir)
         self.lam, self.top_k, self.metric, self.knn = lam, top_k, metric, knn
         self.dust_cost, self.max_iter, self.tol, self.debias = dust_cost, max_iter, tol, debias
+        self.transport = transport
 
     def __repr__(self) -> str:
         return (
             f"WassersteinRegularizer(V={self.embeddings.shape[0]}, d={self.embeddings.shape[1]}, lam={self.lam}, "
             f"top_k={self.top_k}, metric={self.metric!r}, knn={self.knn}, dust_cost={self.dust_cost!r}, "
-            f"debias={self.debias})"
+            f"transport={self.transport!r}, debias={self.debias})"
         )
 
     def _penalize(self, positions: Positions) -> tuple[torch.Tensor, StatAccumulator]:
@@ -435,7 +538,7 @@ class WassersteinRegularizer(Regularizer):
         support = Support.cat(parts)
 
         slots = 2 * self.top_k + 2
-        per_problem = slots * slots * (4 if self.debias else 2)
+        per_problem = slots * slots * {"difference": 1, "full": 4 if self.debias else 2}[self.transport]
         gather = self.max_chunk_elements // ((slots - 1) * self.embeddings.shape[1])
         for start, stop in chunk_bounds(positions.count, self.max_chunk_elements // per_problem):
             problem = truncated_problem(
@@ -446,7 +549,9 @@ class WassersteinRegularizer(Regularizer):
                 dust_cost=self.dust_cost,
                 block_positions=max(1, gather),
             )
-            solution = solve_problem(problem, self.lam, debias=self.debias, max_iter=self.max_iter, tol=self.tol)
+            solution = solve_problem(
+                problem, self.lam, transport=self.transport, debias=self.debias, max_iter=self.max_iter, tol=self.tol
+            )
             values[start:stop] = solution.penalty
             stats.add_mean("wasserstein/value", solution.value)
             stats.add_max("sinkhorn/iters", solution.n_iter)

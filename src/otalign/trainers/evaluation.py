@@ -155,6 +155,8 @@ def ot_values(
             radius=reg.radius,
             dust_cost=reg.dust_cost,
         )
-        solution = solve_problem(problem, reg.lam, debias=reg.debias, max_iter=reg.max_iter, tol=reg.tol)
+        solution = solve_problem(
+            problem, reg.lam, transport=reg.transport, debias=reg.debias, max_iter=reg.max_iter, tol=reg.tol
+        )
         totals.index_add_(0, r, solution.value.double())
     return totals.float()

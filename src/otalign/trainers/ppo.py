@@ -70,8 +70,8 @@ class PPOConfig(TrainerConfig):
         regularizer: ``kl``/``rkl``, ``fkl``, ``js``, ``alpha``, ``tv``, ``chi2`` or ``wasserstein``.
         beta: penalty coefficient (None: :data:`DEFAULT_BETA`).
         f_alpha: the alpha-divergence's alpha; kl_estimator: ``k1``/``k2``/``k3`` (RKL only).
-        wpr_lambda, wpr_top_k, wpr_metric, wpr_knn, wpr_debias, wpr_max_iter, wpr_tol: see
-            :class:`otalign.regularizers.WassersteinRegularizer` (lam, top_k, metric, knn, debias, ...).
+        wpr_lambda, wpr_top_k, wpr_metric, wpr_knn, wpr_transport, wpr_debias, wpr_max_iter, wpr_tol: see
+            :class:`otalign.regularizers.WassersteinRegularizer` (lam, top_k, metric, knn, transport, ...).
         wpr_embeddings: ``input`` or ``output`` embeddings of the reference model define the cost.
     PPO:
         gamma, lam: GAE (1.0, 0.95). cliprange: policy ratio clip (0.2). cliprange_value: value clip
@@ -104,6 +104,7 @@ class PPOConfig(TrainerConfig):
     wpr_metric: str = "euclidean"
     wpr_knn: int | None = None
     wpr_embeddings: str = "input"
+    wpr_transport: str = "difference"
     wpr_debias: bool = False
     wpr_max_iter: int = 1000
     wpr_tol: float = 1e-5
@@ -163,6 +164,7 @@ def regularizer_from_config(config: PPOConfig, ref_model):
             top_k=config.wpr_top_k,
             metric=config.wpr_metric,
             knn=config.wpr_knn,
+            transport=config.wpr_transport,
             debias=config.wpr_debias,
             max_iter=config.wpr_max_iter,
             tol=config.wpr_tol,
