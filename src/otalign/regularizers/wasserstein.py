@@ -357,10 +357,11 @@ def _solve_difference(
     disjoint supports, and Sinkhorn converges in hundreds.
 
     With potentials :math:`(u, v)` in the product-reference form
-    :math:`P = \alpha_i\beta_j e^{(u_i + v_j - C_{ij})/\varepsilon}` (:attr:`~otalign.ot.SinkhornResult.u`), :math:`W = m(\langle\alpha, u\rangle + \langle\beta, v\rangle)`
-    and its gradient along the simplex is :math:`\phi_i = u_i` where :math:`a_i > b_i`, :math:`-v_i` where
-    :math:`a_i < b_i` (the derivative of ``W`` along :math:`e_i - e_k` is :math:`\phi_i - \phi_k`); on
-    an atom with :math:`a_i = b_i` (a kink) the midpoint :math:`(u_i - v_i)/2`. Positions with ``a == b``
+    :math:`P = \alpha_i\beta_j e^{(u_i + v_j - C_{ij})/\varepsilon}` (:attr:`~otalign.ot.SinkhornResult.u`),
+    :math:`W = m(\langle\alpha, u\rangle + \langle\beta, v\rangle)`, and its gradient along the simplex
+    is :math:`\phi_i = u_i` where :math:`a_i > b_i` and :math:`-v_i` where :math:`a_i < b_i` (the
+    derivative of ``W`` along :math:`e_i - e_k` is :math:`\phi_i - \phi_k`); on an atom with
+    :math:`a_i = b_i` (a kink) the midpoint :math:`(u_i - v_i)/2`. Positions with ``a == b``
     get value 0 and phi 0. The tolerance and the reported marginal error are in the policy's mass units
     (``m`` times the normalised problem's).
 
