@@ -13,6 +13,9 @@ already hold. The official design's memory is computed, not measured: a symmetri
 CSR (float32 values, int64 column indices and row pointers), ``2 * V * 512`` entries at most. The paper
 reports 12.8 GB for it and the Wasserstein penalty at 0.117 vs 0.005 h per 1k steps for KL (23x).
 
+``--embeddings default`` prices tokens with the default model's real input embeddings instead (V = 49152;
+their pairwise distances are about 3, so lambda * cost is 200-600 at lambda = 100).
+
 Each top_k runs both WPR transport forms (``--transport``): ``difference`` (the default, the policy's excess
 mass onto its deficit) and ``full`` (the paper's OT between the whole distributions); ``marg.err`` shows which
 of them reached the tolerance within ``--max-iter``.
@@ -94,6 +97,11 @@ def measure(spec: dict) -> dict:
     policy, ref, actions, embeddings = make_inputs(
         spec["batch"], spec["steps"], spec["vocab"], spec["dim"], device, seed=spec["seed"]
     )
+    if spec["embeddings"] == "default":
+        from otalign.models.default import default_model_path
+        from otalign.regularizers import load_embedding_matrix
+
+        embeddings = load_embedding_matrix(default_model_path(), dtype=torch.float32, device=device)
     if spec["method"] == "rkl":
         reg = FDivergenceRegularizer("rkl")
     else:
@@ -179,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-iter", type=int, default=1000, help="Sinkhorn iterations (regularizer default)")
     parser.add_argument("--tol", type=float, default=1e-4, help="Sinkhorn tolerance (regularizer default)")
+    parser.add_argument(
+        "--embeddings",
+        choices=["random", "default"],
+        default="random",
+        help="random N(0, 1/(2d)) rows, or the default model's (SmolLM2-135M, V=49152) input embeddings",
+    )
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when available")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (median)")
@@ -203,8 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "repeats": args.repeats,
         "seed": 0,
+        "embeddings": args.embeddings,
     }
-    print(f"B={batch} T={steps} lam={args.lam} max_iter={args.max_iter} tol={args.tol} threads={args.threads}")
+    print(
+        f"B={batch} T={steps} lam={args.lam} max_iter={args.max_iter} tol={args.tol} threads={args.threads} "
+        f"embeddings={args.embeddings}"
+    )
     rows, raw = [], []
     for device in devices:
         for vocab in vocabs:
