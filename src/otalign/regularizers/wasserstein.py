@@ -370,27 +370,21 @@ def _solve_difference(
     """
     a, b, cost = problem.a, problem.b, problem.cost
     excess, deficit = (a - b).clamp_min(0.0), (b - a).clamp_min(0.0)
-    moved = 0.5 * (excess.sum(1) + deficit.sum(1))
-    live = (excess.sum(1) > 0) & (deficit.sum(1) > 0)
+    excess_mass, deficit_mass = excess.sum(1, keepdim=True), deficit.sum(1, keepdim=True)
+    moved = 0.5 * (excess_mass + deficit_mass)[:, 0]
+    live = (excess_mass[:, 0] > 0) & (deficit_mass[:, 0] > 0)
     if not bool(live.any()):
         return torch.zeros_like(a), torch.zeros_like(moved), 0, torch.zeros_like(moved)
-    m = moved[live, None]
-    solved = sinkhorn(
-        excess[live] / excess[live].sum(1, keepdim=True),
-        deficit[live] / deficit[live].sum(1, keepdim=True),
-        cost[live],
-        1.0 / lam,
-        max_iter=max_iter,
-        tol=tol / m[:, 0],
-    )
+    # Each side normalised by its own sum, so that both are exactly balanced for the solver.
+    alpha, beta = excess[live] / excess_mass[live], deficit[live] / deficit_mass[live]
+    m = moved[live]
+    solved = sinkhorn(alpha, beta, cost[live], 1.0 / lam, max_iter=max_iter, tol=tol / m)
     u, v = solved.u, solved.v
     phi = torch.zeros(a.shape, dtype=u.dtype, device=u.device)
     value, error = torch.zeros_like(phi[:, 0]), torch.zeros_like(phi[:, 0])
-    alpha, beta = excess[live] / m, deficit[live] / m
-    balanced = 0.5 * (u - v)
-    phi[live] = torch.where(excess[live] > 0, u, torch.where(deficit[live] > 0, -v, balanced))
-    value[live] = m[:, 0] * ((alpha * u).sum(1) + (beta * v).sum(1))
-    error[live] = m[:, 0] * solved.marginal_error
+    phi[live] = torch.where(alpha > 0, u, torch.where(beta > 0, -v, 0.5 * (u - v)))
+    value[live] = m * ((alpha * u).sum(1) + (beta * v).sum(1))
+    error[live] = m * solved.marginal_error
     return phi, value, solved.n_iter, error
 
 
