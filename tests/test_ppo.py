@@ -76,7 +76,14 @@ def make_trainer(tmp_path, *, policy_seed: int = 0, prompt_list: list[str] | Non
 
 @pytest.mark.parametrize("name", REGULARIZER_NAMES)
 def test_one_rollout_and_update_per_regularizer(tmp_path, name):
-    trainer = make_trainer(tmp_path, regularizer=name, max_steps=1, num_mini_batches=2, gradient_accumulation_steps=2)
+    trainer = make_trainer(
+        tmp_path,
+        regularizer=name,
+        max_steps=1,
+        per_device_train_batch_size=1,
+        num_mini_batches=2,
+        gradient_accumulation_steps=2,
+    )  # a rollout of 1 x 2 x 2 = 4 prompts, as TRL counts
     before = [p.detach().clone() for p in trainer.params]
     (metrics,) = trainer.train()
     for key in EXPECTED:

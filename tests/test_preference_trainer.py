@@ -184,7 +184,13 @@ def test_bad_input_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"preference_pairs.jsonl, row 1, field 'chosen': prompt \+ completion have"):
         make_trainer(tmp_path, max_length=8)
     with pytest.raises(ValueError, match="too few for 4 micro-batches with both"):
-        make_trainer(tmp_path, dataset_name=UNPAIRED, loss_type="kto", gradient_accumulation_steps=4)
+        make_trainer(
+            tmp_path,
+            dataset_name=UNPAIRED,
+            loss_type="kto",
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=4,
+        )
     with pytest.raises(ConfigError, match="set dataset_name"):
         make_trainer(tmp_path, dataset_name=None)
 
@@ -194,7 +200,6 @@ def test_bad_input_fails_before_training(tmp_path):
     [
         (["--loss_type", "orpo"], "unknown loss_type 'orpo'"),
         (["--token_weighting", "otpo", "--loss_type", "kto"], "token_weighting otpo needs a pairwise loss_type"),
-        (["--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2"], "must be divisible"),
         (["--beta", "0"], "beta must be > 0"),
     ],
 )

@@ -1,223 +1,267 @@
-"""Command-line entry point: ``otalign <command> [options]``.
+"""Command-line entry point: ``otalign <command> [--config FILE] [--field value ...]``.
 
-Each command is a thin wrapper: parse arguments, build the objects, call the library. Commands backed by
-a config dataclass (``ppo``, ``demo``) take ``--config file.yaml`` and ``--key value`` overrides that map
-1:1 onto the dataclass fields (see :func:`otalign.trainers.parse_config`).
+Every command is one row of :data:`COMMANDS`: its name, one line of help, its config dataclass and what runs it.
+The options of a command are the fields of its config (:class:`otalign.config.ConfigParser`: ``--help`` lists each
+with type, default, choices and help), read from ``--config file.yaml`` and then the command line. Adding a command
+is adding a row; its logic stays in the library.
+
+Every user error (missing or unreadable file, bad YAML, unknown key, wrong type, invalid value, a bad data row)
+ends in one line ``otalign <command>: error: ...`` on stderr and exit status 2; ``OTALIGN_DEBUG=1`` re-raises
+it with its traceback instead.
 """
 
 from __future__ import annotations
 
-import argparse
+import difflib
+import inspect
+import os
 import sys
+from dataclasses import dataclass
+
+USER_ERRORS = (ValueError, OSError, ImportError)
+"""Exceptions reported as one line: config and data problems (``ConfigError``, ``RowError`` and the loaders'
+``ValueError``), files (``OSError``) and missing optional packages (``ImportError``)."""
 
 
-def _ppo(args: argparse.Namespace, rest: list[str]) -> int:
-    from otalign.trainers import PPOConfig, PPOTrainer, parse_config
+@dataclass(frozen=True)
+class Command:
+    """One command of the table.
 
-    config = parse_config(PPOConfig, args.config, rest)
-    PPOTrainer(config).train()
-    return 0
+    Attributes:
+        name: what the user types after ``otalign`` (``"data synth"`` for an action of a group).
+        help: one line for ``otalign --help``.
+        config: ``"module:ConfigClass"``, the dataclass whose fields are the options.
+        run: ``"module:function"`` called with the config, or ``"module:Class().method"``: ``Class(config).method()``.
+            An ``int`` result is the exit status.
+        example: options shown in the command's ``--help`` as an example.
+    """
 
+    name: str
+    help: str
+    config: str
+    run: str
+    example: str = ""
 
-def _dpo(args: argparse.Namespace, rest: list[str]) -> int:
-    from otalign.trainers import PreferenceConfig, PreferenceTrainer, parse_config
+    def config_class(self) -> type:
+        from otalign.config import resolve
 
-    config = parse_config(PreferenceConfig, args.config, rest)
-    PreferenceTrainer(config).train()
-    return 0
+        return resolve(self.config)
 
+    def execute(self, config) -> object:
+        from otalign.config import resolve
 
-def _sft(args: argparse.Namespace, rest: list[str]) -> int:
-    from otalign.trainers import parse_config
-    from otalign.trainers.sft import SFTConfig, SFTTrainer
-
-    SFTTrainer(parse_config(SFTConfig, args.config, rest)).train()
-    return 0
-
-
-def _reward(args: argparse.Namespace, rest: list[str]) -> int:
-    from otalign.trainers import parse_config
-    from otalign.trainers.reward import RewardConfig, RewardTrainer
-
-    RewardTrainer(parse_config(RewardConfig, args.config, rest)).train()
-    return 0
-
-
-def _eval(args: argparse.Namespace, rest: list[str]) -> int:
-    from otalign.eval.config import EvalConfig
-    from otalign.eval.run import run_eval
-    from otalign.trainers import parse_config
-
-    run_eval(parse_config(EvalConfig, args.config, rest))
-    return 0
+        target, construct, method = self.run.partition("().")
+        if construct:
+            return getattr(resolve(target)(config), method)()
+        return resolve(target)(config)
 
 
-def _analyze(args: argparse.Namespace, rest: list[str]) -> int:
-    from otalign.eval.analysis import ANALYSES
-    from otalign.trainers import ConfigError, parse_config
+@dataclass(frozen=True)
+class Group:
+    """A command whose actions come from a registry (``otalign analyze <kind>``): each entry's ``target`` runs the
+    config, its ``config`` setting is the config class, its help the action's."""
 
-    if args.kind not in ANALYSES:
-        raise ConfigError(f"unknown analysis {args.kind!r}; choose one of {sorted(ANALYSES)}")
-    config_cls, run = ANALYSES[args.kind]
-    run(parse_config(config_cls, args.config, rest))
-    return 0
+    name: str
+    help: str
+    registry: str
 
+    def commands(self) -> list[Command]:
+        from otalign.config import resolve
 
-def _pipeline(args: argparse.Namespace, rest: list[str]) -> int:
-    from otalign.pipeline import Pipeline, parse_pipeline_config
-
-    Pipeline(parse_pipeline_config(args.config, rest)).run()
-    return 0
-
-
-def _data(args: argparse.Namespace, rest: list[str]) -> int:
-    from otalign.data.splits import PrepareConfig
-    from otalign.demos.synth import SynthConfig, run
-    from otalign.trainers import ConfigError, parse_config
-
-    if args.action == "synth":
-        run(parse_config(SynthConfig, args.config, rest))
-    elif args.action == "prepare":
-        parse_config(PrepareConfig, args.config, rest).run()
-    else:
-        raise ConfigError(f"unknown data action {args.action!r}; choose synth or prepare")
-    return 0
+        registry = resolve(self.registry)
+        return [
+            Command(f"{self.name} {entry.name}", entry.help, _spec(entry.info["config"]), _spec(entry.resolve()))
+            for entry in registry.entries.values()
+        ]
 
 
-def _demo(args: argparse.Namespace, rest: list[str]) -> int:
-    from otalign.demos import ppo_demo
-    from otalign.trainers import parse_config
-
-    return ppo_demo.main(parse_config(ppo_demo.DemoConfig, args.config, rest))
+def _spec(obj) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
 
 
-def _token_geometry(args: argparse.Namespace, rest: list[str]) -> int:
-    from otalign.demos import token_geometry
+COMMANDS: tuple[Command | Group, ...] = (
+    Command(
+        "ppo",
+        "RLHF with PPO and a pluggable regularizer (kl, fkl, js, alpha, tv, chi2, wasserstein)",
+        "otalign.trainers.ppo:PPOConfig",
+        "otalign.trainers.ppo:PPOTrainer().train",
+        "--regularizer wasserstein --beta 0.05 --max_steps 200 --resume",
+    ),
+    Command(
+        "dpo",
+        "preference optimization: DPO, IPO, hinge, AOT (paired/unpaired), KTO; optional OTPO token weights",
+        "otalign.trainers.preference:PreferenceConfig",
+        "otalign.trainers.preference:PreferenceTrainer().train",
+        "--dataset_name pairs.jsonl --loss_type aot --token_weighting otpo",
+    ),
+    Command(
+        "sft",
+        "supervised fine-tuning on prompt/completion pairs or conversations (loss on responses only)",
+        "otalign.trainers.sft:SFTConfig",
+        "otalign.trainers.sft:SFTTrainer().train",
+        "--dataset_name sft.jsonl --packing --use_peft --eval_dataset_name held_out.jsonl",
+    ),
+    Command(
+        "reward",
+        "Bradley-Terry reward model on prompt/chosen/rejected pairs (a sequence-classification checkpoint)",
+        "otalign.trainers.reward:RewardConfig",
+        "otalign.trainers.reward:RewardTrainer().train",
+        "--model_name_or_path runs/sft/model --dataset_name pairs.jsonl --eval_split_size 0.1",
+    ),
+    Command(
+        "eval",
+        "pairwise win rates of two or more models or generation files (reward, chat-model or HTTP judge)",
+        "otalign.eval.config:EvalConfig",
+        "otalign.eval.run:run_eval",
+        "--models a,b --judge http --judge_base_url http://127.0.0.1:8000/v1 --num_prompts 50",
+    ),
+    Group(
+        "analyze",
+        "the WPR paper's analyses: penalty-correlation, coherence, semantic-similarity, beta-sweep",
+        "otalign.eval.analysis:ANALYSES",
+    ),
+    Command(
+        "pipeline",
+        "sft -> reward -> ppo -> eval from one config, each stage feeding the next, completed stages skipped",
+        "otalign.pipeline:PipelineConfig",
+        "otalign.pipeline:Pipeline().run",
+        "--dataset pairs.jsonl --sft.max_steps 100 --ppo.regularizer wasserstein",
+    ),
+    Command(
+        "data synth",
+        "synthetic preference pairs from a model and a reward function",
+        "otalign.demos.synth:SynthConfig",
+        "otalign.demos.synth:run",
+        "--num_samples 4 --output pairs.jsonl",
+    ),
+    Command(
+        "data prepare",
+        "convert a dataset (preference, hh-rlhf, tldr) and split it 20/40/40 into the stages' files",
+        "otalign.data.splits:PrepareConfig",
+        "otalign.data.splits:PrepareConfig.run",
+        "--dataset hh.jsonl --dataset_format hh-rlhf --output_dir data/prepared",
+    ),
+    Command(
+        "demo",
+        "the main job: WPR vs RKL PPO on the default model, evaluated on held-out prompts",
+        "otalign.demos.ppo_demo:DemoConfig",
+        "otalign.demos.ppo_demo:main",
+        "--max_steps 8 --out reports/demo",
+    ),
+    Command(
+        "token-geometry",
+        "the WPR paper's Figure 1 example (KL/JS vs OT)",
+        "otalign.demos.token_geometry:TokenGeometryConfig",
+        "otalign.demos.token_geometry:main",
+        "--eps 0.01",
+    ),
+)
+"""The commands, in ``otalign --help`` order."""
 
-    token_geometry.run(eps=args.eps, out_dir=args.out)
-    return 0
+
+class UsageError(Exception):
+    """An unknown command or action."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _top_help() -> str:
     from otalign import __version__
 
-    parser = argparse.ArgumentParser(prog="otalign", description="Align language models with optimal transport.")
-    parser.add_argument("--version", action="version", version=f"otalign {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    lines = [
+        "usage: otalign COMMAND [--config FILE] [--field value ...]",
+        "",
+        f"Align language models with optimal transport (otalign {__version__}).",
+        "",
+        "commands:",
+    ]
+    width = max(len(c.name) for c in COMMANDS) + 2
+    lines += [f"  {c.name:<{width}}{c.help}" for c in COMMANDS]
+    lines += ["", "otalign COMMAND --help lists the command's options; OTALIGN_DEBUG=1 shows tracebacks of errors."]
+    return "\n".join(lines)
 
-    ppo = commands.add_parser(
-        "ppo",
-        help="RLHF with PPO and a pluggable regularizer (kl, fkl, js, alpha, tv, chi2, wasserstein)",
-        description="PPO. Options: --config file.yaml, then --<field> <value> for any PPOConfig field "
-        "(e.g. --regularizer wasserstein --beta 0.05 --max_steps 200 --resume).",
-    )
-    ppo.add_argument("--config", help="YAML file with PPOConfig fields")
-    ppo.set_defaults(handler=_ppo, takes_overrides=True)
 
-    dpo = commands.add_parser(
-        "dpo",
-        help="preference optimization: DPO, IPO, hinge, AOT (paired/unpaired), KTO; optional OTPO token weights",
-        description="Preference optimization. Options: --config file.yaml, then --<field> <value> for any "
-        "PreferenceConfig field (e.g. --dataset_name pairs.jsonl --loss_type aot_paired --token_weighting otpo).",
-    )
-    dpo.add_argument("--config", help="YAML file with PreferenceConfig fields")
-    dpo.set_defaults(handler=_dpo, takes_overrides=True)
+def find_command(argv: list[str]) -> tuple[Command | Group, list[str]]:
+    """The command ``argv`` starts with (one word, or a group and its action) and the remaining arguments."""
+    names = [c.name for c in COMMANDS]
+    word = argv[0]
+    for candidate in COMMANDS:
+        if isinstance(candidate, Group) and candidate.name == word:
+            actions = candidate.commands()
+            if len(argv) < 2 or argv[1] in ("-h", "--help"):
+                return candidate, argv[1:]
+            for action in actions:
+                if action.name == f"{word} {argv[1]}":
+                    return action, argv[2:]
+            kinds = [a.name.split(" ", 1)[1] for a in actions]
+            raise UsageError(
+                f"unknown {resolve_kind(candidate)} {argv[1]!r}; choose one of {kinds}{_mean(argv[1], kinds)}"
+            )
+        if candidate.name == word:
+            return candidate, argv[1:]
+    actions = [n.split(" ", 1)[1] for n in names if n.startswith(f"{word} ")]
+    if actions:
+        if len(argv) >= 2 and f"{word} {argv[1]}" in names:
+            return COMMANDS[names.index(f"{word} {argv[1]}")], argv[2:]
+        got = repr(argv[1]) if len(argv) >= 2 else "none"
+        raise UsageError(
+            f"unknown action {got}; choose one of {actions}{_mean(argv[1] if len(argv) > 1 else '', actions)}"
+        )
+    firsts = sorted({n.split(" ")[0] for n in names})
+    raise UsageError(f"unknown command {word!r}; choose one of {firsts}{_mean(word, firsts)}")
 
-    sft = commands.add_parser(
-        "sft",
-        help="supervised fine-tuning on prompt/completion pairs or conversations (loss on responses only)",
-        description="SFT. Options: --config file.yaml, then --<field> <value> for any SFTConfig field "
-        "(e.g. --dataset_name sft.jsonl --packing --use_peft --eval_dataset_name held_out.jsonl).",
-    )
-    sft.add_argument("--config", help="YAML file with SFTConfig fields")
-    sft.set_defaults(handler=_sft, takes_overrides=True)
 
-    reward = commands.add_parser(
-        "reward",
-        help="Bradley-Terry reward model on prompt/chosen/rejected pairs (a sequence-classification checkpoint)",
-        description="Reward-model training. Options: --config file.yaml, then --<field> <value> for any "
-        "RewardConfig field (e.g. --model_name_or_path runs/sft/model --dataset_name pairs.jsonl "
-        "--eval_split_size 0.1).",
-    )
-    reward.add_argument("--config", help="YAML file with RewardConfig fields")
-    reward.set_defaults(handler=_reward, takes_overrides=True)
+def resolve_kind(group: Group) -> str:
+    from otalign.config import resolve
 
-    evaluate = commands.add_parser(
-        "eval",
-        help="pairwise win rates of two or more models or generation files, judged by a reward, a chat model or "
-        "an OpenAI-compatible endpoint",
-        description="Win rates (mean ± std over repeats, ties count half, answer order randomised). Options: "
-        "--config file.yaml, then --<field> <value> for any EvalConfig field (e.g. --models a,b --judge http "
-        "--judge_base_url http://127.0.0.1:8000/v1 --num_prompts 50 --num_repeats 5).",
-    )
-    evaluate.add_argument("--config", help="YAML file with EvalConfig fields")
-    evaluate.set_defaults(handler=_eval, takes_overrides=True)
+    return resolve(group.registry).kind
 
-    analyze = commands.add_parser(
-        "analyze",
-        help="the WPR paper's analyses: penalty-correlation (KL vs Wasserstein), coherence (top-10 candidates), "
-        "semantic-similarity (penalties vs answer similarity), beta-sweep (PPO over a beta grid)",
-        description="Run one analysis; it writes JSON and a PNG plot to output_dir. Options: KIND, --config "
-        "file.yaml, then --<field> <value> for any field of the analysis' config (e.g. penalty-correlation "
-        "--run_dir runs/wpr, or --policy runs/wpr/model --reference default; coherence --models a,b).",
-    )
-    analyze.add_argument(
-        "kind", metavar="KIND", help="penalty-correlation | coherence | semantic-similarity | beta-sweep"
-    )
-    analyze.add_argument("--config", help="YAML file with the analysis' config fields")
-    analyze.set_defaults(handler=_analyze, takes_overrides=True)
 
-    pipeline = commands.add_parser(
-        "pipeline",
-        help="sft -> reward -> ppo -> eval from one config, each stage feeding the next, completed stages skipped",
-        description="The RLHF pipeline. Options: --config file.yaml, then --<field> <value> for any PipelineConfig "
-        "field and --<stage>.<field> <value> for a stage's (e.g. --dataset pairs.jsonl --sft.max_steps 100 "
-        "--ppo.regularizer wasserstein).",
-    )
-    pipeline.add_argument("--config", help="YAML file with PipelineConfig fields and per-stage sections")
-    pipeline.set_defaults(handler=_pipeline, takes_overrides=True)
+def _mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
-    data = commands.add_parser(
-        "data",
-        help="datasets: synth (preference pairs from a model and a reward), prepare (convert + 20/40/40 split)",
-        description="ACTION synth: --<field> <value> for any SynthConfig field (model_name_or_path, prompts, "
-        "num_samples, output, ...). ACTION prepare: --dataset FILE --dataset_format hh-rlhf|tldr|preference "
-        "--output_dir DIR [--seed N --on_error skip].",
-    )
-    data.add_argument("action", metavar="ACTION", help="synth | prepare")
-    data.add_argument("--config", help="YAML file with the action's config fields")
-    data.set_defaults(handler=_data, takes_overrides=True)
 
-    demo = commands.add_parser(
-        "demo",
-        help="the main job: WPR vs RKL PPO on the default model, evaluated on held-out prompts",
-        description="Train WPR and RKL PPO briefly, evaluate both and the reference, write a report. "
-        "Options: --config file.yaml, then --<field> <value> for any DemoConfig field "
-        "(out, model_name_or_path, max_steps, batch_size, response_length, learning_rate, use_peft, ...).",
-    )
-    demo.add_argument("--config", help="YAML file with DemoConfig fields")
-    demo.set_defaults(handler=_demo, takes_overrides=True)
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
-    geometry = commands.add_parser("token-geometry", help="the WPR paper's Figure 1 example (KL/JS vs OT)")
-    geometry.add_argument("--eps", type=float, default=0.01, help="entropic regularization (cost units)")
-    geometry.add_argument("--out", default="reports/token-geometry", help="output directory")
-    geometry.set_defaults(handler=_token_geometry, takes_overrides=False)
-    return parser
+
+def _description(command: Command, cls: type) -> str:
+    doc = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
+    example = f" Example: otalign {command.name} {command.example}" if command.example else ""
+    return f"{command.help}. {doc}{example}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and not args.takes_overrides:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
-        return args.handler(args, rest)
-    except ValueError as err:  # config and input errors: one clear line, no traceback
-        from otalign.trainers import ConfigError
+    """Run ``otalign <argv>``; returns the exit status (user errors: one line on stderr, ``SystemExit(2)``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_help())
+        return 0
+    if argv[0] == "--version":
+        from otalign import __version__
 
-        if isinstance(err, ConfigError):
-            parser.exit(2, f"otalign {args.command}: error: {err}\n")
-        raise
+        print(f"otalign {__version__}")
+        return 0
+    name = argv[0]
+    try:
+        command, rest = find_command(argv)
+        name = command.name
+        if isinstance(command, Group):
+            width = max(len(a.name) for a in command.commands()) + 2
+            print(f"usage: otalign {command.name} KIND [--config FILE] [--field value ...]\n\n{command.help}\n")
+            print("\n".join(f"  {a.name:<{width}}{a.help}" for a in command.commands()))
+            return 0
+        from otalign.config import ConfigParser
+
+        cls = command.config_class()
+        parser = ConfigParser(cls, prog=f"otalign {command.name}", description=_description(command, cls))
+        config = parser.parse(rest)
+        result = command.execute(config)
+    except (UsageError, *USER_ERRORS) as err:
+        if os.environ.get("OTALIGN_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"otalign {name}: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

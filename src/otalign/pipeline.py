@@ -20,94 +20,71 @@ section field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from otalign.trainers.config import ConfigError, check_keys, coerce, field_types, parse_config
+from otalign.config import Config, ConfigError, check_section, parse_config, resolve
+from otalign.data.conversion import ON_ERROR
+from otalign.data.splits import DATASET_FORMATS
 
 STAGES = ("data", "sft", "reward", "ppo", "eval")
-FORMATS = ("preference", "hh-rlhf", "tldr")
 MARKER = "COMPLETE"
 
 
 def _section_classes() -> dict[str, type]:
-    from otalign.demos.synth import SynthConfig
-    from otalign.eval.config import EvalConfig
-    from otalign.trainers import PPOConfig, RewardConfig, SFTConfig
+    return {
+        f.name: resolve(f.metadata["section"]) for f in dataclasses.fields(PipelineConfig) if "section" in f.metadata
+    }
 
-    return {"synth": SynthConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig}
+
+def _section(stage: str, config: str) -> dataclasses.Field:
+    return field(default_factory=dict, metadata={"help": f"settings of the {stage}", "section": config})
 
 
 @dataclass
-class PipelineConfig:
-    """The whole pipeline.
+class PipelineConfig(Config):
+    """The whole pipeline (layout in the module docstring)."""
 
-    output_dir: the run folder (layout in the module docstring). model_name_or_path: the base model SFT starts from.
-    seed: every stage's seed (unless its section sets one) and the data split's.
-    dataset: ``builtin`` (the packaged demo preference set, made by ``otalign data synth`` with the default
-        model), ``synth`` (a new synthetic set from the base model and the sentiment reward) or a file in
-        ``dataset_format``: ``preference`` (prompt/chosen/rejected rows), ``hh-rlhf`` or ``tldr`` (the published
-        schemas, see :mod:`otalign.data`). on_error: ``raise`` or ``skip`` bad rows of a converted dataset (skips
-        are counted in ``data/COMPLETE``).
-    split_fractions: SFT / reward / RL shares of the pairs (the paper's 0.2 / 0.4 / 0.4).
-    stages: the stages to run, in order. synth, sft, reward, ppo, eval: per-stage settings.
-    """
-
-    output_dir: str = "runs/pipeline"
-    model_name_or_path: str = "default"
-    seed: int = 0
-    dataset: str = "builtin"
-    dataset_format: str = "preference"
-    on_error: str = "raise"
-    split_fractions: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.4])
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
-    synth: dict = field(default_factory=dict)
-    sft: dict = field(default_factory=dict)
-    reward: dict = field(default_factory=dict)
-    ppo: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
+    output_dir: str = field(default="runs/pipeline", metadata={"help": "the run folder"})
+    model_name_or_path: str = field(default="default", metadata={"help": "the base model SFT starts from"})
+    seed: int = field(default=0, metadata={"help": "every stage's seed (unless its section sets one) and the split's"})
+    dataset: str = field(
+        default="builtin",
+        metadata={"help": "'builtin' (the packaged demo pairs), 'synth' (new pairs from the base model) or a file"},
+    )
+    dataset_format: str = field(
+        default="preference", metadata={"help": "schema of a dataset file", "choices": DATASET_FORMATS}
+    )
+    on_error: str = field(
+        default="raise",
+        metadata={"help": "raise on or skip (and count) bad rows of a converted dataset", "choices": ON_ERROR},
+    )
+    split_fractions: list[float] = field(
+        default_factory=lambda: [0.2, 0.4, 0.4],
+        metadata={"help": "SFT / reward / RL shares of the pairs (the paper's)", "check": "[0, 1]"},
+    )
+    stages: list[str] = field(
+        default_factory=lambda: list(STAGES), metadata={"help": "the stages to run, in order", "choices": STAGES}
+    )
+    synth: dict = _section("synth stage (dataset synth)", "otalign.demos.synth:SynthConfig")
+    sft: dict = _section("sft stage", "otalign.trainers.sft:SFTConfig")
+    reward: dict = _section("reward stage", "otalign.trainers.reward:RewardConfig")
+    ppo: dict = _section("ppo stage", "otalign.trainers.ppo:PPOConfig")
+    eval: dict = _section("eval stage", "otalign.eval.config:EvalConfig")
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown:
-            raise ConfigError(f"stages: unknown stage(s) {unknown}; choose from {STAGES}")
-        if self.dataset_format not in FORMATS:
-            raise ConfigError(f"dataset_format must be one of {FORMATS}, got {self.dataset_format!r}")
+        super().__post_init__()
         if len(self.split_fractions) != 3:
             raise ConfigError(f"split_fractions needs three shares (sft, reward, rl), got {self.split_fractions}")
         for name, cls in _section_classes().items():
-            types_ = field_types(cls)
-            section = getattr(self, name)
-            check_keys(list(section), types_, name)
-            setattr(self, name, {k: coerce(v, types_[k], f"{name}: {k}") for k, v in section.items()})
+            setattr(self, name, check_section(cls, getattr(self, name), name))
 
 
 def parse_pipeline_config(config_file: str | Path | None = None, argv: list[str] | None = None) -> PipelineConfig:
     """:class:`PipelineConfig` from a YAML file and ``--key value`` / ``--section.key value`` overrides."""
-    top, sections = [], {}
-    argv = list(argv or [])
-    i = 0
-    while i < len(argv):
-        key, eq, value = argv[i].lstrip("-").partition("=")
-        if "." in key and argv[i].startswith("--"):
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"command line: --{key} needs a value")
-                value, i = argv[i + 1], i + 1
-            section, _, name = key.partition(".")
-            sections.setdefault(section, {})[name.replace("-", "_")] = value
-        else:
-            top.append(argv[i])
-        i += 1
-    config = parse_config(PipelineConfig, config_file, top)
-    classes = _section_classes()
-    check_keys(list(sections), {name: None for name in classes}, "command line")
-    for section, values in sections.items():
-        types_ = field_types(classes[section])
-        check_keys(list(values), types_, f"command line (section {section})")
-        getattr(config, section).update({k: coerce(v, types_[k], f"--{section}.{k}") for k, v in values.items()})
-    return config
+    return parse_config(PipelineConfig, config_file, argv)
 
 
 class Pipeline:

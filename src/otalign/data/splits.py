@@ -12,8 +12,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from otalign.config import Config
+
+from .conversion import ON_ERROR
+
 STAGES = ("sft", "reward", "rl")
 PAPER_FRACTIONS = (0.2, 0.4, 0.4)
+DATASET_FORMATS = ("preference", "hh-rlhf", "tldr")
+"""Input schemas of ``otalign data prepare`` and the pipeline (see :mod:`otalign.data`)."""
 
 
 def paper_split(rows: list, seed: int = 0, fractions: tuple[float, float, float] = PAPER_FRACTIONS) -> dict[str, list]:
@@ -88,19 +94,20 @@ def prepare_stage_files(
 
 
 @dataclass
-class PrepareConfig:
-    """Settings of ``otalign data prepare`` (see :func:`prepare_stage_files`).
+class PrepareConfig(Config):
+    """Settings of ``otalign data prepare`` (see :func:`prepare_stage_files`)."""
 
-    dataset: the input file (or Hugging Face dataset name). dataset_format: ``preference``, ``hh-rlhf`` or ``tldr``.
-    output_dir: where the files go. seed, split_fractions: the split. on_error: ``raise`` or ``skip`` bad rows.
-    """
-
-    dataset: str | None = None
-    dataset_format: str = "preference"
-    output_dir: str = "data/prepared"
-    seed: int = 0
-    split_fractions: list[float] = field(default_factory=lambda: list(PAPER_FRACTIONS))
-    on_error: str = "raise"
+    dataset: str | None = field(default=None, metadata={"help": "the input file (or Hugging Face dataset name)"})
+    dataset_format: str = field(
+        default="preference", metadata={"help": "schema of the input rows", "choices": DATASET_FORMATS}
+    )
+    output_dir: str = field(default="data/prepared", metadata={"help": "where the files go"})
+    seed: int = field(default=0, metadata={"help": "seed of the split"})
+    split_fractions: list[float] = field(
+        default_factory=lambda: list(PAPER_FRACTIONS),
+        metadata={"help": "SFT / reward / RL shares of the pairs", "check": "[0, 1]"},
+    )
+    on_error: str = field(default="raise", metadata={"help": "raise on or skip bad rows", "choices": ON_ERROR})
 
     def run(self) -> dict:
         """Prepare the files and print a summary; returns :func:`prepare_stage_files`' counts."""

@@ -20,63 +20,57 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from otalign.config import MIXED_PRECISION, Config
 from otalign.data import load_prompts, render_prompt
+from otalign.generation import encode_prompts
 from otalign.models import frozen_copy, load_causal_lm, load_tokenizer
 from otalign.regularizers import build_regularizer
 from otalign.rewards import build_reward
 from otalign.trainers import PPOConfig, PPOTrainer, read_metrics
 from otalign.trainers.evaluation import EvalResult, evaluate_policy
-from otalign.trainers.rollout import encode_prompts
 
 METHODS = {"wpr": "wasserstein", "rkl": "rkl"}
 
 
 @dataclass
-class DemoConfig:
-    """Settings of the demo (defaults: 2 CPU cores, 10 minutes).
+class DemoConfig(Config):
+    """Settings of the demo (defaults: 2 CPU cores, 10 minutes); evaluation uses ``seed + 1``."""
 
-    Attributes:
-        out: report directory.
-        model_name_or_path: policy/reference model (``default``: the embedded SmolLM2-135M-Instruct).
-        max_steps: PPO steps per method.
-        batch_size: rollouts per step.
-        response_length: new tokens per response.
-        learning_rate: AdamW learning rate (for the LoRA adapters when ``use_peft``).
-        use_peft: train LoRA adapters (r=``lora_r``) instead of all weights.
-        critic_freeze_backbone: train only the critic's value head.
-        beta_wpr, beta_rkl: penalty coefficients of the two methods.
-        wpr_max_iter: Sinkhorn iterations allowed per WPR penalty call (bounds the penalty's time).
-        wpr_top_k: tokens of each distribution kept in the WPR support (paper: 128).
-        eval_prompts: held-out prompts evaluated (0: all 40).
-        eval_batch_size: prompts per evaluation batch.
-        mixed_precision: ``no`` | ``bf16`` | ``fp16`` (GPU).
-        seed: training seed; evaluation uses ``seed + 1``.
-        time_budget_minutes: the wall time the run announces and checks itself against.
-    """
-
-    out: str = "reports/demo"
-    model_name_or_path: str = "default"
-    max_steps: int = 8
-    batch_size: int = 8
-    response_length: int = 16
-    learning_rate: float = 3e-4
-    use_peft: bool = True
-    lora_r: int = 8
-    critic_freeze_backbone: bool = True
-    beta_wpr: float = 0.05
-    beta_rkl: float = 0.05
-    wpr_max_iter: int = 300
-    wpr_top_k: int = 128
-    eval_prompts: int = 0
-    eval_batch_size: int = 20
-    mixed_precision: str = "no"
-    seed: int = 0
-    time_budget_minutes: float = 10.0
+    out: str = field(default="reports/demo", metadata={"help": "report directory"})
+    model_name_or_path: str = field(
+        default="default", metadata={"help": "policy/reference model ('default': the embedded SmolLM2-135M-Instruct)"}
+    )
+    max_steps: int = field(default=8, metadata={"help": "PPO steps per method", "check": ">= 1"})
+    batch_size: int = field(default=8, metadata={"help": "rollouts per step", "check": ">= 1"})
+    response_length: int = field(default=16, metadata={"help": "new tokens per response", "check": ">= 1"})
+    learning_rate: float = field(
+        default=3e-4, metadata={"help": "AdamW learning rate (of the LoRA adapters with use_peft)", "check": ">= 0"}
+    )
+    use_peft: bool = field(default=True, metadata={"help": "train LoRA adapters instead of all weights"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (alpha = 2 r)", "check": ">= 1"})
+    critic_freeze_backbone: bool = field(default=True, metadata={"help": "train only the critic's value head"})
+    beta_wpr: float = field(default=0.05, metadata={"help": "penalty coefficient of WPR", "check": ">= 0"})
+    beta_rkl: float = field(default=0.05, metadata={"help": "penalty coefficient of RKL", "check": ">= 0"})
+    wpr_max_iter: int = field(
+        default=300, metadata={"help": "Sinkhorn iterations per WPR penalty call (bounds its time)", "check": ">= 1"}
+    )
+    wpr_top_k: int = field(
+        default=128, metadata={"help": "tokens of each distribution in the WPR support (paper: 128)", "check": ">= 1"}
+    )
+    eval_prompts: int = field(default=0, metadata={"help": "held-out prompts evaluated (0: all 40)", "check": ">= 0"})
+    eval_batch_size: int = field(default=20, metadata={"help": "prompts per evaluation batch", "check": ">= 1"})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "accelerate autocast (GPU)", "choices": MIXED_PRECISION}
+    )
+    seed: int = field(default=0, metadata={"help": "training seed"})
+    time_budget_minutes: float = field(
+        default=10.0, metadata={"help": "wall time the run announces and checks itself against", "check": "> 0"}
+    )
 
 
 class Clock:

@@ -11,48 +11,41 @@ Default: the embedded model answering the built-in training prompts, scored by t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from otalign.config import MODEL_DTYPES, Config
 from otalign.data.conversion import Converted, write_jsonl
 from otalign.data.prompts import Prompt, load_prompts
 from otalign.eval.generations import prompt_text, sample_responses
-from otalign.trainers.config import ConfigError
-from otalign.trainers.rollout import SamplingParams, sample_seeds
+from otalign.generation import SamplingParams, sample_seeds
+from otalign.rewards import REWARD_FUNCTIONS
 
 
 @dataclass
-class SynthConfig:
-    """Settings of ``otalign data synth``.
+class SynthConfig(Config):
+    """Settings of ``otalign data synth``."""
 
-    output: the JSONL file written. model_name_or_path, model_dtype: the sampling model.
-    prompts, prompts_split: the prompt set (``builtin`` or a file, see :func:`otalign.data.load_prompts`).
-    reward_fn: built-in reward function name scoring the responses. num_samples: responses per prompt (>= 2).
-    max_new_tokens, temperature, top_k, top_p: sampling. batch_size: prompts per generation batch.
-    min_margin: smallest best-minus-worst score difference kept. seed: sampling seed.
-    """
-
-    output: str = "data/synth_preferences.jsonl"
-    model_name_or_path: str = "default"
-    model_dtype: str = "float32"
-    prompts: str = "builtin"
-    prompts_split: str = "train"
-    reward_fn: str = "sentiment"
-    num_samples: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    batch_size: int = 16
-    max_prompt_length: int = 256
-    min_margin: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 2:
-            raise ConfigError(f"num_samples must be >= 2, got {self.num_samples}")
-        if self.min_margin < 0:
-            raise ConfigError(f"min_margin must be >= 0, got {self.min_margin}")
+    output: str = field(default="data/synth_preferences.jsonl", metadata={"help": "the JSONL file written"})
+    model_name_or_path: str = field(default="default", metadata={"help": "the sampling model"})
+    model_dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": MODEL_DTYPES})
+    prompts: str = field(default="builtin", metadata={"help": "'builtin' or a .jsonl/.json/.txt prompt file"})
+    prompts_split: str = field(default="train", metadata={"help": "split of the built-in prompts"})
+    reward_fn: str = field(
+        default="sentiment",
+        metadata={"help": "reward function scoring the responses", "choices": REWARD_FUNCTIONS.names},
+    )
+    num_samples: int = field(default=4, metadata={"help": "responses sampled per prompt", "check": ">= 2"})
+    max_new_tokens: int = field(default=32, metadata={"help": "new tokens per response at most", "check": ">= 1"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "check": "> 0"})
+    top_k: int = field(default=50, metadata={"help": "sample from the top-k tokens (0: all)", "check": ">= 0"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass", "check": "(0, 1]"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per generation batch", "check": ">= 1"})
+    max_prompt_length: int = field(default=256, metadata={"help": "longest prompt in tokens", "check": ">= 1"})
+    min_margin: float = field(
+        default=0.0, metadata={"help": "smallest best-minus-worst score difference kept", "check": ">= 0"}
+    )
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
 
 
 def synthesize(model, tokenizer, prompts: list[Prompt], reward_fn, config: SynthConfig) -> Converted:
@@ -101,10 +94,7 @@ def synthesize(model, tokenizer, prompts: list[Prompt], reward_fn, config: Synth
 def run(config: SynthConfig) -> Path:
     """Load the model, prompts and reward of ``config``, synthesize, write ``config.output``; prints a summary."""
     from otalign.models import load_causal_lm, load_tokenizer
-    from otalign.rewards import REWARD_FUNCTIONS
 
-    if config.reward_fn not in REWARD_FUNCTIONS:
-        raise ValueError(f"unknown reward_fn {config.reward_fn!r}; choose one of {sorted(REWARD_FUNCTIONS)}")
     model = load_causal_lm(config.model_name_or_path, dtype=config.model_dtype).eval()
     tokenizer = load_tokenizer(config.model_name_or_path)
     prompts = load_prompts(config.prompts, config.prompts_split)

@@ -9,10 +9,12 @@ policy 1 (a synonym) far closer to the reference than policy 2.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from otalign.config import Config
 from otalign.ot import euclidean, sinkhorn
 
 VOCABULARY = ("cat", "kitten", "dog", "table")
@@ -63,3 +65,16 @@ def run(eps: float = 0.01, out_dir: str | None = None) -> dict:
         (path / "token_geometry.json").write_text(json.dumps(rows, indent=2))
         print(f"wrote {path / 'token_geometry.json'}")
     return rows
+
+
+@dataclass
+class TokenGeometryConfig(Config):
+    """Settings of ``otalign token-geometry``."""
+
+    eps: float = field(default=0.01, metadata={"help": "entropic regularization (cost units)", "check": "> 0"})
+    out: str = field(default="reports/token-geometry", metadata={"help": "output directory"})
+
+
+def main(config: TokenGeometryConfig) -> dict:
+    """:func:`run` with the config's settings."""
+    return run(eps=config.eps, out_dir=config.out)

@@ -2,52 +2,47 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-from otalign.trainers.config import ConfigError
+from otalign.config import MODEL_DTYPES, Config, ConfigError, redefault
+from otalign.registry import Registry
+from otalign.rewards import REWARD_FUNCTIONS
 
 from .templates import render_judge_prompt
 
-JUDGES = ("reward_fn", "reward_model", "chat_model", "http")
+JUDGES = Registry("judge")
+"""Every ``judge`` of ``otalign eval``: the factory taking the :class:`EvalConfig`, one-line help."""
+JUDGES.add("reward_fn", "otalign.eval.run:reward_fn_judge", help="the higher built-in reward (judge_reward_fn) wins")
+JUDGES.add("reward_model", "otalign.eval.run:reward_model_judge", help="the higher reward-model score wins")
+JUDGES.add("chat_model", "otalign.eval.run:chat_model_judge", help="a local chat model picks A or B")
+JUDGES.add("http", "otalign.eval.run:http_judge", help="an OpenAI-compatible endpoint picks A or B")
 
 
 @dataclass
-class SamplingFields:
-    """Prompts and sampling of a run on generations (``otalign eval`` and the analyses).
+class SamplingFields(Config):
+    """Prompts and sampling of a run on generations (``otalign eval`` and the analyses); distributions are
+    ``softmax(logits / temperature)``."""
 
-    Attributes:
-        output_dir: where the outputs go.
-        prompts, prompt_split: ``builtin`` (train/test split) or a .jsonl/.json/.txt prompt file.
-        num_prompts: prompts drawn without replacement (seeded).
-        max_new_tokens, temperature, top_k, top_p: sampling; distributions are ``softmax(logits / temperature)``.
-        batch_size, max_prompt_length, model_dtype: batching, prompt limit (tokens), weights dtype.
-        seed: prompt subsample and sampling noise.
-    """
-
-    output_dir: str = "reports/analysis"
-    prompts: str = "builtin"
-    prompt_split: str = "test"
-    num_prompts: int = 20
-    max_new_tokens: int = 32
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 1.0
-    batch_size: int = 8
-    max_prompt_length: int = 512
-    model_dtype: str = "float32"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("num_prompts", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+    output_dir: str = field(default="reports/analysis", metadata={"help": "where the outputs go"})
+    prompts: str = field(default="builtin", metadata={"help": "'builtin' or a .jsonl/.json/.txt prompt file"})
+    prompt_split: str = field(default="test", metadata={"help": "split of the built-in prompts (train or test)"})
+    num_prompts: int = field(
+        default=20, metadata={"help": "prompts drawn without replacement (seeded)", "check": ">= 1"}
+    )
+    max_new_tokens: int = field(default=32, metadata={"help": "new tokens per answer at most", "check": ">= 1"})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature", "check": "> 0"})
+    top_k: int = field(default=50, metadata={"help": "sample from the top-k tokens (0: all)", "check": ">= 0"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass", "check": "(0, 1]"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch", "check": ">= 1"})
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "longest prompt in tokens (longer is an error)", "check": ">= 1"}
+    )
+    model_dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": MODEL_DTYPES})
+    seed: int = field(default=0, metadata={"help": "prompt subsample and sampling noise"})
 
     def params(self):
-        """The :class:`~otalign.trainers.rollout.SamplingParams` of these fields."""
-        from otalign.trainers.rollout import SamplingParams
+        """The :class:`~otalign.generation.SamplingParams` of these fields."""
+        from otalign.generation import SamplingParams
 
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
@@ -56,65 +51,63 @@ class SamplingFields:
 class EvalConfig(SamplingFields):
     """Settings of a pairwise win-rate evaluation (defaults: the WPR paper's protocol, 50 prompts x 5 repeats).
 
-    Candidates (two or more in all; every pair is compared):
-        models: model ids or folders (``default``: the embedded model); each generates its answers.
-        generation_files: JSONL files of ``{"prompt", "response"}`` rows; with files, their prompts (identical
-            in every file) are the evaluation set.
-    Prompts and repeats:
-        prompts, prompt_split: the prompt set models answer when no generation file is given (``builtin`` or
-            a .jsonl/.json/.txt file; the split picks the built-in train/test set).
-        num_prompts: prompts drawn (without replacement) per repeat.
-        num_repeats: repeats, each with its own subsample, sampling noise and answer orders.
-        seed: seeds all of them.
-    Generation:
-        max_new_tokens, temperature, top_k, top_p: sampling (the paper evaluates at temperature 0.5).
-        batch_size, max_prompt_length, model_dtype: batching (also of a chat judge), prompt limit, weights dtype.
-    Judge:
-        judge: ``reward_fn`` | ``reward_model`` | ``chat_model`` | ``http``.
-        judge_reward_fn: built-in reward function name (``reward_fn``).
-        judge_model: reward model (``reward_model``) or chat model (``chat_model``) id or folder.
-        judge_tie_tolerance: score difference a reward judge counts as a tie.
-        judge_template: ``helpfulness`` | ``summarization`` | a format string (chat and HTTP judges).
-        judge_max_new_tokens: answer length of a chat or HTTP judge.
-        judge_base_url, judge_model_name, judge_api_key_env: the OpenAI-compatible endpoint, model and the
-            environment variable holding the API key.
-        judge_timeout, judge_max_retries, judge_backoff, judge_requests_per_second: HTTP robustness settings.
-        judge_cache: HTTP answer cache (None: ``<output_dir>/judge_cache.jsonl``).
-    Output:
-        output_dir: ``winrates.json``, ``table.md``, ``comparisons.jsonl``, ``samples.jsonl``.
+    Two or more candidates in all (``models`` and ``generation_files``); every pair is compared, ties count half.
+    With generation files, their prompts (identical in every file) are the evaluation set. ``output_dir`` gets
+    ``winrates.json``, ``table.md``, ``comparisons.jsonl`` and ``samples.jsonl``.
     """
 
-    output_dir: str = "reports/eval"
-    models: list[str] = field(default_factory=list)
-    generation_files: list[str] = field(default_factory=list)
-    num_prompts: int = 50
-    num_repeats: int = 5
-    max_new_tokens: int = 128
-    temperature: float = 0.5
-    judge: str = "reward_fn"
-    judge_reward_fn: str = "sentiment"
-    judge_model: str | None = None
-    judge_tie_tolerance: float = 0.0
-    judge_template: str = "helpfulness"
-    judge_max_new_tokens: int = 256
-    judge_base_url: str = "https://api.openai.com/v1"
-    judge_model_name: str = "gpt-4o-2024-05-13"
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    judge_timeout: float = 60.0
-    judge_max_retries: int = 5
-    judge_backoff: float = 1.0
-    judge_requests_per_second: float | None = None
-    judge_cache: str | None = None
+    output_dir: str = redefault(SamplingFields, "output_dir", "reports/eval")
+    models: list[str] = field(
+        default_factory=list, metadata={"help": "model ids or folders ('default': the embedded model) to compare"}
+    )
+    generation_files: list[str] = field(
+        default_factory=list, metadata={"help": "JSONL files of {prompt, response} rows to compare"}
+    )
+    num_prompts: int = redefault(SamplingFields, "num_prompts", 50)
+    num_repeats: int = field(
+        default=5, metadata={"help": "repeats, each with its own subsample, noise and answer orders", "check": ">= 1"}
+    )
+    max_new_tokens: int = redefault(SamplingFields, "max_new_tokens", 128)
+    temperature: float = redefault(SamplingFields, "temperature", 0.5)
+    judge: str = field(default="reward_fn", metadata={"help": "who decides each comparison", "choices": JUDGES.names})
+    judge_reward_fn: str = field(
+        default="sentiment",
+        metadata={"help": "built-in reward function (judge reward_fn)", "choices": REWARD_FUNCTIONS.names},
+    )
+    judge_model: str | None = field(
+        default=None, metadata={"help": "reward model (reward_model) or chat model (chat_model) id or folder"}
+    )
+    judge_tie_tolerance: float = field(
+        default=0.0, metadata={"help": "score difference a reward judge counts as a tie", "check": ">= 0"}
+    )
+    judge_template: str = field(
+        default="helpfulness",
+        metadata={"help": "'helpfulness', 'summarization' or a format string (chat and HTTP judges)"},
+    )
+    judge_max_new_tokens: int = field(
+        default=256, metadata={"help": "answer length of a chat or HTTP judge", "check": ">= 1"}
+    )
+    judge_base_url: str = field(default="https://api.openai.com/v1", metadata={"help": "OpenAI-compatible endpoint"})
+    judge_model_name: str = field(default="gpt-4o-2024-05-13", metadata={"help": "model name sent to the endpoint"})
+    judge_api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "environment variable holding the endpoint's API key"}
+    )
+    judge_timeout: float = field(default=60.0, metadata={"help": "seconds per HTTP request", "check": "> 0"})
+    judge_max_retries: int = field(default=5, metadata={"help": "HTTP retries per request", "check": ">= 0"})
+    judge_backoff: float = field(
+        default=1.0, metadata={"help": "first retry delay in seconds (doubles per retry)", "check": ">= 0"}
+    )
+    judge_requests_per_second: float | None = field(
+        default=None, metadata={"help": "HTTP rate limit (none: unlimited)", "check": "> 0"}
+    )
+    judge_cache: str | None = field(
+        default=None, metadata={"help": "HTTP answer cache (none: <output_dir>/judge_cache.jsonl)"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if len(self.models) + len(self.generation_files) < 2:
             raise ConfigError("give two or more candidates in all (models and/or generation_files)")
-        for name in ("num_repeats", "judge_max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.judge not in JUDGES:
-            raise ConfigError(f"judge must be one of {JUDGES}, got {self.judge!r}")
         if self.judge in ("reward_model", "chat_model") and not self.judge_model:
             raise ConfigError(f"judge {self.judge} needs judge_model (a model id or folder)")
         if self.judge in ("chat_model", "http"):
@@ -122,6 +115,3 @@ class EvalConfig(SamplingFields):
                 render_judge_prompt(self.judge_template, "prompt", "a", "b")
             except (ValueError, KeyError, IndexError) as err:
                 raise ConfigError(f"judge_template: {err}") from None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)

@@ -64,7 +64,7 @@ def prompt_text(prompt: Prompt) -> str:
 
 def encode_for_sampling(tokenizer, prompts: list[Prompt], max_prompt_length: int) -> tuple[list[str], list[list[int]]]:
     """Prompts rendered with the tokenizer's chat template (when it has one) and their token ids."""
-    from otalign.trainers.rollout import encode_prompts
+    from otalign.generation import encode_prompts
 
     texts = [render_prompt(p, tokenizer) for p in prompts]
     return texts, encode_prompts(tokenizer, texts, max_prompt_length=max_prompt_length)
@@ -74,8 +74,8 @@ def sample_responses(
     model, tokenizer, prompts: list[Prompt], seeds: list[int], params, *, batch_size: int, max_prompt_length: int
 ) -> list[str]:
     """One sampled response per prompt, prompt ``i`` with generator seed ``seeds[i]``, through the PPO
-    evaluation's sampler :func:`~otalign.trainers.evaluation.sample_batches`."""
-    from otalign.trainers.evaluation import sample_batches
+    evaluation's sampler :func:`~otalign.generation.sample_batches`."""
+    from otalign.generation import sample_batches
 
     texts, ids = encode_for_sampling(tokenizer, prompts, max_prompt_length)
     batches = sample_batches(model, tokenizer, texts, ids, seeds, params, batch_size)

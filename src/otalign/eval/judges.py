@@ -87,7 +87,7 @@ class ChatModelJudge(Judge):
         batch_size: int = 8,
         max_prompt_length: int = 4096,
     ) -> None:
-        from otalign.trainers.rollout import SamplingParams
+        from otalign.generation import SamplingParams
 
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=1)  # top-1: greedy

@@ -20,31 +20,49 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import EvalConfig
+from .config import JUDGES, EvalConfig
 from .generations import common_prompts, prompt_text, read_generations, sample_responses
 from .judges import ChatModelJudge, Judge, RewardJudge
 from .winrate import WinRate, compare, mean_std, subsample
 
 
 def build_judge(config: EvalConfig) -> Judge:
-    """The judge ``config.judge`` names, built from the ``judge_*`` fields."""
-    from otalign.models import load_causal_lm, load_tokenizer
+    """The judge ``config.judge`` names (a :data:`~otalign.eval.config.JUDGES` entry), built from the ``judge_*``
+    fields."""
+    return JUDGES.build(config.judge, config=config)
+
+
+def reward_fn_judge(config: EvalConfig) -> Judge:
+    """The higher built-in reward ``judge_reward_fn`` wins (ties within ``judge_tie_tolerance``)."""
     from otalign.rewards import build_reward
 
-    if config.judge == "reward_fn":
-        return RewardJudge(build_reward(config.judge_reward_fn), config.judge_tie_tolerance)
-    if config.judge == "reward_model":
-        reward = build_reward(reward_model=config.judge_model, retokenize=True, dtype=config.model_dtype)
-        return RewardJudge(reward, config.judge_tie_tolerance)
-    if config.judge == "chat_model":
-        model = load_causal_lm(config.judge_model, dtype=config.model_dtype).eval()
-        return ChatModelJudge(
-            model,
-            load_tokenizer(config.judge_model),
-            config.judge_template,
-            max_new_tokens=config.judge_max_new_tokens,
-            batch_size=config.batch_size,
-        )
+    return RewardJudge(build_reward(config.judge_reward_fn), config.judge_tie_tolerance)
+
+
+def reward_model_judge(config: EvalConfig) -> Judge:
+    """The higher score of the reward model ``judge_model`` wins."""
+    from otalign.rewards import build_reward
+
+    reward = build_reward(reward_model=config.judge_model, retokenize=True, dtype=config.model_dtype)
+    return RewardJudge(reward, config.judge_tie_tolerance)
+
+
+def chat_model_judge(config: EvalConfig) -> Judge:
+    """The local chat model ``judge_model`` answers ``judge_template`` with A or B."""
+    from otalign.models import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(config.judge_model, dtype=config.model_dtype).eval()
+    return ChatModelJudge(
+        model,
+        load_tokenizer(config.judge_model),
+        config.judge_template,
+        max_new_tokens=config.judge_max_new_tokens,
+        batch_size=config.batch_size,
+    )
+
+
+def http_judge(config: EvalConfig) -> Judge:
+    """An OpenAI-compatible endpoint answers ``judge_template`` with A or B (cached, retried, rate-limited)."""
     from .http_judge import HTTPJudge
 
     return HTTPJudge(
@@ -135,8 +153,8 @@ def run_eval(config: EvalConfig, judge: Judge | None = None) -> dict:
 
 def _generate(config: EvalConfig, model_path: str, prompts: list, repeats: list) -> list[list[str]]:
     """One list of answers per repeat from the model at ``model_path`` (loaded once, freed afterwards)."""
+    from otalign.generation import sample_seeds
     from otalign.models import load_causal_lm, load_tokenizer
-    from otalign.trainers.rollout import sample_seeds
 
     params = config.params()
     model = load_causal_lm(model_path, dtype=config.model_dtype).eval()

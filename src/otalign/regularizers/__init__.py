@@ -6,6 +6,8 @@ Every regularizer has ``penalty(policy_logits, ref_logits, actions, mask=None) -
 
 from __future__ import annotations
 
+from otalign.registry import Registry
+
 from .base import LOG_PROB_FLOOR, PenaltyOutput, Regularizer
 from .embeddings import check_vocab_size, embedding_matrix, load_embedding_matrix
 from .f_divergence import F_DIVERGENCES, KL_ESTIMATORS, FDivergenceRegularizer, exact_f_divergence, f_over_x
@@ -18,28 +20,43 @@ from .wasserstein import (
     solve_problem,
 )
 
-REGULARIZER_NAMES = ("kl", "rkl", "fkl", "js", "alpha", "tv", "chi2", "wasserstein")
+REGULARIZERS = Registry("regularizer")
+"""Every regularizer: name, class, default ``beta`` (WPR paper Table 10, TL;DR column), one-line help."""
+_F = "otalign.regularizers.f_divergence:FDivergenceRegularizer"
+REGULARIZERS.add("kl", _F, help="reverse KL at the sampled token (alias of rkl)", defaults={"kind": "rkl"}, beta=0.005)
+REGULARIZERS.add("rkl", _F, help="reverse KL(pi ‖ pi_ref) at the sampled token", defaults={"kind": "rkl"}, beta=0.005)
+REGULARIZERS.add("fkl", _F, help="forward KL(pi_ref ‖ pi)", defaults={"kind": "fkl"}, beta=0.05)
+REGULARIZERS.add("js", _F, help="Jensen-Shannon divergence", defaults={"kind": "js"}, beta=0.05)
+REGULARIZERS.add("alpha", _F, help="alpha-divergence (f_alpha)", defaults={"kind": "alpha"}, beta=0.01)
+REGULARIZERS.add("tv", _F, help="total variation", defaults={"kind": "tv"}, beta=0.01)
+REGULARIZERS.add("chi2", _F, help="chi-squared divergence", defaults={"kind": "chi2"}, beta=0.001)
+REGULARIZERS.add(
+    "wasserstein",
+    "otalign.regularizers.wasserstein:WassersteinRegularizer",
+    help="entropic Wasserstein distance over token embeddings (WPR); needs embeddings=",
+    beta=0.05,
+)
+REGULARIZER_NAMES = REGULARIZERS.names()
 
 
 def build_regularizer(name: str, **kwargs) -> Regularizer:
-    """The regularizer called ``name`` (one of :data:`REGULARIZER_NAMES`; ``kl`` is ``rkl``).
+    """The regularizer called ``name`` in :data:`REGULARIZERS` (``kl`` is ``rkl``).
 
-    ``kwargs`` go to :class:`WassersteinRegularizer` for ``wasserstein`` (``embeddings`` is required)
-    and to :class:`FDivergenceRegularizer` otherwise (``alpha``, ``estimator``, ``max_chunk_elements``).
+    ``kwargs`` go to its class: :class:`WassersteinRegularizer` for ``wasserstein`` (``embeddings`` is required),
+    :class:`FDivergenceRegularizer` for the others (``alpha``, ``estimator``, ``max_chunk_elements``).
     """
-    if name == "wasserstein":
-        if "embeddings" not in kwargs:
-            raise ValueError("the wasserstein regularizer needs embeddings=<(V, d) tensor> (see embedding_matrix)")
-        return WassersteinRegularizer(**kwargs)
-    if name not in REGULARIZER_NAMES:
+    if name not in REGULARIZERS:
         raise ValueError(f"unknown regularizer {name!r}; choose one of {REGULARIZER_NAMES}")
-    return FDivergenceRegularizer(name, **kwargs)
+    if name == "wasserstein" and "embeddings" not in kwargs:
+        raise ValueError("the wasserstein regularizer needs embeddings=<(V, d) tensor> (see embedding_matrix)")
+    return REGULARIZERS.build(name, **kwargs)
 
 
 __all__ = [
     "F_DIVERGENCES",
     "KL_ESTIMATORS",
     "LOG_PROB_FLOOR",
+    "REGULARIZERS",
     "REGULARIZER_NAMES",
     "FDivergenceRegularizer",
     "PenaltyOutput",

@@ -1,7 +1,7 @@
 r"""The Wasserstein policy regularization (WPR) penalty: an entropic OT potential over token embeddings.
 
 At each generated position, with policy :math:`a = \pi_\theta(\cdot)`, reference :math:`b = \pi_{ref}(\cdot)`
-and the sampled token :math:`y` (DESIGN.md, "WPR penalty"):
+and the sampled token :math:`y` (docs/design.md, "WPR penalty"):
 
 1. **Support.** :math:`S = \text{top-}k(a) \cup \text{top-}k(b) \cup \{y\}`, stored in ``2k + 1`` slots
    (slot 0 is :math:`y`); a slot repeating a token of an earlier slot is a *duplicate* and carries no mass,
@@ -17,7 +17,8 @@ and the sampled token :math:`y` (DESIGN.md, "WPR penalty"):
    A non-neighbour pair costs :math:`2 c_d`, the price of the path :math:`i \to \text{dust} \to j`: the
    paper's :math:`+\infty` makes the truncated problem infeasible whenever the policy moves more mass
    between non-neighbours than the dust holds (its Sinkhorn then never converges and the potentials grow
-   with the iteration count), which DESIGN.md note 3 rules out. With finite costs every problem is feasible.
+   with the iteration count), which docs/design.md ("WPR penalty", 3) rules out. With finite costs every problem is
+   feasible.
 4. **Entropic OT** with :math:`\varepsilon = 1/\lambda` by :func:`otalign.ot.sinkhorn` (stabilised,
    with eps-scaling, stopping on the marginal error), all positions of a chunk in one batched call.
    By default (``transport="difference"``, :func:`_solve_difference`) only the mass the two distributions
@@ -32,11 +33,11 @@ and the sampled token :math:`y` (DESIGN.md, "WPR penalty"):
    ``transport="full"`` (:func:`_solve_full`) keeps the paper's
    :math:`\mathrm{OT}_\varepsilon(a,b) = \min_{P1=a, P^\top 1=b} \langle P,C\rangle + \varepsilon\sum P(\log P-1)`.
 5. **Penalty.** The gradient of the value with respect to the policy's masses along the simplex (the
-   sign of DESIGN.md note 5: large where the policy puts mass the reference lacks): difference form
+   sign of docs/design.md ("WPR penalty", 5): large where the policy puts mass the reference lacks): difference form
    :math:`\phi_i = u_i` on excess atoms, :math:`-v_i` on deficit atoms (product-reference potentials,
    :func:`_solve_difference`); full form :math:`\phi = f` (:math:`P = e^{(f_i + g_j - C_{ij})/\varepsilon}`),
    averaged over the problem and its transpose (:func:`_solve_full` says why). Shifted per position by
-   :math:`t` so that :math:`\sum_{i \in S \cup \{\text{dust}\}} a_i \phi_i` equals the value (note 6): the
+   :math:`t` so that :math:`\sum_{i \in S \cup \{\text{dust}\}} a_i \phi_i` equals the value (docs/design.md, 6): the
    sampled token's :math:`\phi_y` is then an unbiased one-sample estimate of the distance.
    With ``debias=True`` (full form) the distance is the Sinkhorn divergence
    :math:`\mathrm{OT}_\varepsilon(a,b) - \frac12\mathrm{OT}_\varepsilon(a,a) - \frac12\mathrm{OT}_\varepsilon(b,b)`

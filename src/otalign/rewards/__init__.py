@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 
+from otalign.registry import Registry
+
 from .base import FunctionReward, Reward, RewardFn
 from .model import ModelReward, same_tokenizer
 from .sentiment import sentiment_reward
 
-REWARD_FUNCTIONS: dict[str, RewardFn] = {"sentiment": sentiment_reward}
-"""Built-in reward functions, selectable by name (``reward_fn: sentiment``)."""
+REWARD_FUNCTIONS = Registry("reward function")
+"""Built-in reward functions ``fn(prompts, responses, **columns) -> scores``, selectable by name (``reward_fn``)."""
+REWARD_FUNCTIONS.add("sentiment", sentiment_reward, help="VADER compound sentiment of the response, in [-1, 1]")
 
 
 def build_reward(

@@ -146,7 +146,7 @@ class BaseTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        self.state.samples_seen += c.per_device_train_batch_size * acc.num_processes
+        self.state.samples_seen += c.step_batch_size * acc.num_processes
         return lr
 
     progress_keys: tuple[str, ...] = ()

@@ -1,20 +1,20 @@
 """Held-out evaluation of a policy against its reference: reward, exact KL and OT distance per response.
 
 Every policy is sampled with the same per-prompt seeds (common random numbers, see
-:func:`otalign.trainers.rollout.sample_seeds`), so two policies that agree on a prompt produce the same
+:func:`otalign.generation.sample_seeds`), so two policies that agree on a prompt produce the same
 response and differences between methods are not sampling noise.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from otalign.generation import SamplingParams, response_logits, sample_batches, sample_seeds
+
 from . import ppo_math as pm
-from .rollout import Rollout, SamplingParams, generate, response_logits, sample_seeds
 
 
 @dataclass
@@ -69,16 +69,6 @@ def _ci95(values: list[float]) -> float:
         return float("nan")
     mean = _mean(values)
     return 1.96 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
-def sample_batches(
-    policy, tokenizer, prompt_texts: list[str], prompt_ids: list[list[int]], seeds: list[int], params, batch_size: int
-) -> Iterator[Rollout]:
-    """One :class:`~otalign.trainers.rollout.Rollout` per ``batch_size`` prompts, prompt ``i`` sampled with
-    generator seed ``seeds[i]`` (:func:`sample_seeds`), so a response does not depend on the batching."""
-    for start in range(0, len(prompt_ids), batch_size):
-        stop = min(start + batch_size, len(prompt_ids))
-        yield generate(policy, tokenizer, prompt_ids[start:stop], prompt_texts[start:stop], seeds[start:stop], params)
 
 
 @torch.no_grad()

@@ -19,31 +19,24 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from otalign.data import Prompt, load_prompts, render_prompt
 from otalign.models import ValueModel, apply_lora, frozen_copy, load_causal_lm, load_tokenizer
-from otalign.regularizers import REGULARIZER_NAMES, build_regularizer, embedding_matrix
+from otalign.regularizers import KL_ESTIMATORS, REGULARIZERS, build_regularizer, embedding_matrix
+from otalign.regularizers.embeddings import EMBEDDING_SOURCES
+from otalign.regularizers.wasserstein import METRICS, TRANSPORTS
 from otalign.rewards import REWARD_FUNCTIONS, Reward, build_reward
 
 from . import ppo_math as pm
 from .base import BaseTrainer
-from .config import ConfigError, TrainerConfig
+from .config import ConfigError, TrainerConfig, redefault
 from .rollout import Rollout, SamplingParams, encode_prompts, generate, response_logits, response_values, sample_seeds
 
-DEFAULT_BETA = {
-    "kl": 0.005,
-    "rkl": 0.005,
-    "fkl": 0.05,
-    "js": 0.05,
-    "alpha": 0.01,
-    "tv": 0.01,
-    "chi2": 0.001,
-    "wasserstein": 0.05,
-}
-"""beta per regularizer when the config leaves it unset: WPR paper Table 10 (TL;DR column)."""
+DEFAULT_BETA = {name: REGULARIZERS.default(name, "beta") for name in REGULARIZERS}
+"""beta per regularizer when the config leaves it unset (registered in :data:`otalign.regularizers.REGULARIZERS`)."""
 
 MAX_STATS = ("sinkhorn/iters", "sinkhorn/marginal_err")
 """Regularizer statistics reduced by maximum across processes (the others are token-weighted means)."""
@@ -53,101 +46,102 @@ MAX_STATS = ("sinkhorn/iters", "sinkhorn/marginal_err")
 class PPOConfig(TrainerConfig):
     """PPO hyperparameters (defaults: WPR paper Table 9) on top of :class:`TrainerConfig`.
 
-    Data and sampling:
-        prompts: ``builtin`` or a prompt file (see :func:`otalign.data.load_prompts`); ``prompts_split``
-            picks the built-in split. ``per_device_train_batch_size`` prompts per process per step.
-        use_chat_template: wrap each prompt as a user turn when the tokenizer has a chat template.
-        max_prompt_length: longest prompt in tokens (longer ones are an error, never truncated).
-        response_length: new tokens sampled per response at most.
-        temperature, top_k, top_p: sampling (0.8, 50, 1.0).
-    Models and reward:
-        critic_model_name_or_path: critic backbone (e.g. the reward model); default: the policy's weights.
-        critic_freeze_backbone: train only the critic's value head (cheap; the backbone runs without grad).
-        reward_fn: a built-in reward function name (``sentiment``), or None when using a reward model.
-        reward_model_name_or_path: a sequence-classification reward model (then set ``reward_fn: null``).
-        reward_retokenize: let a reward model with another tokenizer score re-tokenized text.
-    Regularizer:
-        regularizer: ``kl``/``rkl``, ``fkl``, ``js``, ``alpha``, ``tv``, ``chi2`` or ``wasserstein``.
-        beta: penalty coefficient (None: :data:`DEFAULT_BETA`).
-        f_alpha: the alpha-divergence's alpha; kl_estimator: ``k1``/``k2``/``k3`` (RKL only).
-        wpr_lambda, wpr_top_k, wpr_metric, wpr_knn, wpr_transport, wpr_debias, wpr_max_iter, wpr_tol: see
-            :class:`otalign.regularizers.WassersteinRegularizer` (lam, top_k, metric, knn, transport, ...).
-        wpr_embeddings: ``input`` or ``output`` embeddings of the reference model define the cost.
-    PPO:
-        gamma, lam: GAE (1.0, 0.95). cliprange: policy ratio clip (0.2). cliprange_value: value clip
-            (None: off). vf_coef: value loss weight. num_ppo_epochs: passes per rollout batch (1).
-        num_mini_batches: optimizer steps per pass. whiten_advantages, whiten_rewards: batch whitening.
-        reward_clip: clip scores to [-reward_clip, reward_clip]. missing_eos_penalty: subtracted from the
-            score of a response that hit ``response_length`` without EOS.
+    Batches as TRL's ``PPOConfig``: a rollout has ``per_device_train_batch_size * gradient_accumulation_steps *
+    num_mini_batches`` prompts per process (:attr:`step_batch_size`), each optimizer step one mini-batch of
+    ``gradient_accumulation_steps`` micro-batches of ``per_device_train_batch_size``. The Wasserstein fields are
+    those of :class:`otalign.regularizers.WassersteinRegularizer` (lam, top_k, metric, knn, transport, ...).
     """
 
-    output_dir: str = "runs/ppo"
-    prompts: str = "builtin"
-    prompts_split: str = "train"
-    use_chat_template: bool = True
-    max_prompt_length: int = 512
-    response_length: int = 256
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 1.0
-    critic_model_name_or_path: str | None = None
-    critic_freeze_backbone: bool = False
-    reward_fn: str | None = "sentiment"
-    reward_model_name_or_path: str | None = None
-    reward_retokenize: bool = False
-    regularizer: str = "rkl"
-    beta: float | None = None
-    f_alpha: float = 0.5
-    kl_estimator: str = "k1"
-    wpr_lambda: float = 100.0
-    wpr_top_k: int = 128
-    wpr_metric: str = "euclidean"
-    wpr_knn: int | None = None
-    wpr_embeddings: str = "input"
-    wpr_transport: str = "difference"
-    wpr_debias: bool = False
-    wpr_max_iter: int = 1000
-    wpr_tol: float = 1e-5
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float | None = 0.2
-    vf_coef: float = 0.1
-    num_ppo_epochs: int = 1
-    num_mini_batches: int = 1
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-    reward_clip: float | None = None
-    missing_eos_penalty: float | None = None
-    save_model: bool = True
+    output_dir: str = redefault(TrainerConfig, "output_dir", "runs/ppo")
+    prompts: str = field(default="builtin", metadata={"help": "'builtin' or a .jsonl/.json/.txt prompt file"})
+    prompts_split: str = field(default="train", metadata={"help": "split of the built-in prompts (train or test)"})
+    use_chat_template: bool = field(
+        default=True, metadata={"help": "wrap each prompt as a user turn when the tokenizer has a chat template"}
+    )
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "longest prompt in tokens (longer is an error)", "check": ">= 1"}
+    )
+    response_length: int = field(
+        default=256, metadata={"help": "new tokens sampled per response at most", "check": ">= 1"}
+    )
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature", "check": "> 0"})
+    top_k: int = field(default=50, metadata={"help": "sample from the top-k tokens (0: all)", "check": ">= 0"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass", "check": "(0, 1]"})
+    critic_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "critic backbone, e.g. the reward model (none: the policy's weights)"}
+    )
+    critic_freeze_backbone: bool = field(
+        default=False, metadata={"help": "train only the critic's value head (the backbone runs without grad)"}
+    )
+    reward_fn: str | None = field(
+        default="sentiment",
+        metadata={"help": "built-in reward function (none with a reward model)", "choices": REWARD_FUNCTIONS.names},
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "sequence-classification reward model (set reward_fn none)"}
+    )
+    reward_retokenize: bool = field(
+        default=False, metadata={"help": "let a reward model with another tokenizer score re-tokenized text"}
+    )
+    regularizer: str = field(
+        default="rkl", metadata={"help": "per-token penalty of the policy", "choices": REGULARIZERS.names}
+    )
+    beta: float | None = field(
+        default=None, metadata={"help": "penalty coefficient (none: the regularizer's default)", "check": ">= 0"}
+    )
+    f_alpha: float = field(default=0.5, metadata={"help": "alpha of the alpha-divergence", "check": "(0, 1)"})
+    kl_estimator: str = field(
+        default="k1", metadata={"help": "KL estimator of the sampled token (rkl only)", "choices": KL_ESTIMATORS}
+    )
+    wpr_lambda: float = field(default=100.0, metadata={"help": "WPR entropic scale lambda (1/epsilon)", "check": "> 0"})
+    wpr_top_k: int = field(
+        default=128, metadata={"help": "tokens of each distribution in the WPR support", "check": ">= 1"}
+    )
+    wpr_metric: str = field(default="euclidean", metadata={"help": "WPR token cost", "choices": METRICS})
+    wpr_knn: int | None = field(
+        default=None, metadata={"help": "sparse k-nearest-neighbour cost graph (none: dense)", "check": ">= 1"}
+    )
+    wpr_embeddings: str = field(
+        default="input", metadata={"help": "reference embeddings defining the cost", "choices": EMBEDDING_SOURCES}
+    )
+    wpr_transport: str = field(default="difference", metadata={"help": "WPR transport form", "choices": TRANSPORTS})
+    wpr_debias: bool = field(default=False, metadata={"help": "debiased (Sinkhorn divergence) WPR penalty"})
+    wpr_max_iter: int = field(default=1000, metadata={"help": "Sinkhorn iterations at most", "check": ">= 1"})
+    wpr_tol: float = field(default=1e-5, metadata={"help": "Sinkhorn marginal tolerance", "check": "> 0"})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount", "check": "[0, 1]"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda", "check": "[0, 1]"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip", "check": "> 0"})
+    cliprange_value: float | None = field(default=0.2, metadata={"help": "value clip (none: off)", "check": "> 0"})
+    vf_coef: float = field(default=0.1, metadata={"help": "value loss weight", "check": ">= 0"})
+    num_ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch", "check": ">= 1"})
+    num_mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass", "check": ">= 1"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages over the global batch"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "whiten per-token rewards over the global batch"})
+    reward_clip: float | None = field(
+        default=None, metadata={"help": "clip scores to [-reward_clip, reward_clip] (none: off)", "check": "> 0"}
+    )
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "subtracted from the score of a response without EOS (none: off)"}
+    )
+    save_model: bool = field(default=True, metadata={"help": "write the trained policy to output_dir/model"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.regularizer not in REGULARIZER_NAMES:
-            raise ConfigError(f"unknown regularizer {self.regularizer!r}; choose one of {REGULARIZER_NAMES}")
-        if self.reward_model_name_or_path is None and self.reward_fn not in REWARD_FUNCTIONS:
-            raise ConfigError(
-                f"unknown reward function {self.reward_fn!r}; choose one of {sorted(REWARD_FUNCTIONS)} "
-                "or set reward_model_name_or_path"
-            )
+        if self.reward_model_name_or_path is None and self.reward_fn is None:
+            raise ConfigError("set reward_fn (a built-in reward function) or reward_model_name_or_path", "reward_fn")
         if self.reward_model_name_or_path is not None and self.reward_fn is not None:
             raise ConfigError("set reward_fn: null when using reward_model_name_or_path (one reward only)")
-        split = self.num_mini_batches * self.gradient_accumulation_steps
-        if self.per_device_train_batch_size % split:
-            raise ConfigError(
-                f"per_device_train_batch_size={self.per_device_train_batch_size} must be divisible by "
-                f"num_mini_batches * gradient_accumulation_steps = {split}"
-            )
-        for name in ("max_prompt_length", "response_length", "num_ppo_epochs", "num_mini_batches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
-            raise ConfigError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+
+    @property
+    def step_batch_size(self) -> int:
+        """Prompts per process per rollout: ``per_device_train_batch_size * gradient_accumulation_steps *
+        num_mini_batches``."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
 
     @property
     def beta_value(self) -> float:
         """``beta`` or the regularizer's default."""
-        return DEFAULT_BETA[self.regularizer] if self.beta is None else self.beta
+        return REGULARIZERS.default(self.regularizer, "beta") if self.beta is None else self.beta
 
     @property
     def sampling(self) -> SamplingParams:
@@ -275,7 +269,7 @@ class PPOTrainer(BaseTrainer):
     # ------------------------------------------------------------------ data
     def batch_indices(self) -> list[int]:
         """Global sample indices of this process's prompts for the next step (from ``state.samples_seen``)."""
-        acc, b = self.accelerator, self.config.per_device_train_batch_size
+        acc, b = self.accelerator, self.config.step_batch_size
         start = self.state.samples_seen + acc.process_index * b
         return list(range(start, start + b))
 
@@ -293,7 +287,7 @@ class PPOTrainer(BaseTrainer):
         history = []
         start = self.begin()
         self.print(
-            f"PPO: {c.max_steps} steps x {c.per_device_train_batch_size * acc.num_processes} rollouts, "
+            f"PPO: {c.max_steps} steps x {c.step_batch_size * acc.num_processes} rollouts, "
             f"regularizer={self.regularizer!r}, beta={self.beta}, device={acc.device}, processes={acc.num_processes}"
         )
         for step in self.steps(start):
@@ -374,7 +368,7 @@ class PPOTrainer(BaseTrainer):
                     self.optimizer.zero_grad(set_to_none=True)
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
-            self.state.samples_seen += c.per_device_train_batch_size * acc.num_processes
+            self.state.samples_seen += c.step_batch_size * acc.num_processes
             timer.lap("update")
 
             # 3. metrics over the whole data-parallel batch.

@@ -14,28 +14,30 @@ One step, read top to bottom in :meth:`PreferenceTrainer.train`, per micro-batch
    labelled completions (a pair's chosen completion desirable, its rejected one undesirable).
 
 Data: paired ``prompt/chosen/rejected`` or unpaired ``prompt/completion/label`` rows
-(:mod:`otalign.data.preference`). Each step every process takes ``per_device_train_batch_size``
-pairs (or labelled completions, desirable and undesirable in the dataset's proportion, at least one
-of each) from seeded per-epoch permutations; the position in the data follows from the step, so
+(:mod:`otalign.data.preference`). Each step every process takes ``per_device_train_batch_size`` x
+``gradient_accumulation_steps`` pairs (or labelled completions, desirable and undesirable in the dataset's
+proportion, at least one of each) from seeded per-epoch permutations; the position in the data follows from the step, so
 resuming from a checkpoint continues exactly where the run stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from otalign.data.preference import Example, PreferencePair, encode, load_preference_data
 from otalign.losses import otpo_weights, sequence_logps
+from otalign.losses.aot import AOT_LOSSES
 from otalign.models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
 
 from .base import BaseTrainer
-from .config import ConfigError, TrainerConfig
+from .config import ConfigError, TrainerConfig, redefault
 from .ppo import Timer
 from .preference_batch import SequenceBatch, collate, completion_logps
-from .preference_losses import PAIRWISE_LOSSES, PREFERENCE_LOSSES, build_preference_loss
+from .preference_losses import PAIRWISE_LOSSES, PREFERENCE_LOSSES, build_preference_loss, loss_options
 
 TOKEN_WEIGHTINGS = ("none", "otpo")
 Key = tuple[str, int, str]
@@ -46,64 +48,59 @@ Key = tuple[str, int, str]
 class PreferenceConfig(TrainerConfig):
     """Preference-optimization settings (TRL ``DPOConfig``/``KTOConfig`` names) on top of :class:`TrainerConfig`.
 
-    Data:
-        dataset_name: a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset name;
-            ``dataset_train_split`` picks the hub split. eval_dataset_name: paired rows evaluated after
-            training (``eval/...`` metrics), hub split ``dataset_test_split``.
-            ``per_device_train_batch_size`` pairs (or labelled completions) per process per step, split
-            into ``gradient_accumulation_steps`` micro-batches.
-        max_length: most tokens of prompt + completion (a longer row is an error, never truncated).
-    Loss:
-        loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``aot_paired``, ``aot_unpaired`` or ``kto``.
-        beta: inverse temperature (DPO, hinge, KTO), IPO's regularization, AOT's scale/margin.
-        label_smoothing: conservative DPO (``sigmoid`` only). aot_h: AOT's ``logistic``/``hinge2``/``lsq``.
-        desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U.
-        token_weighting: ``none`` or ``otpo`` (pairwise losses), with ``otpo_eps1``, ``otpo_eps2``.
-    Reference:
-        ref_model_name_or_path: the frozen reference (default: a copy of the policy before training).
-        precompute_ref_log_probs: compute all reference log-probs once up front, then free the model.
-        The dataset's ``ref_chosen_logps``/``ref_rejected_logps`` (or ``ref_logps``) columns, when present,
-        replace the reference model (not with OTPO or KTO, which need per-token or mismatched-pair values).
+    Each step every process takes ``per_device_train_batch_size`` pairs (or labelled completions) per micro-batch,
+    ``gradient_accumulation_steps`` micro-batches per step.
+    The dataset's ``ref_chosen_logps``/``ref_rejected_logps`` (or ``ref_logps``) columns, when present, replace the
+    reference model (not with OTPO or KTO, which need per-token or mismatched-pair values).
     """
 
-    output_dir: str = "runs/dpo"
-    learning_rate: float = 1e-6
-    dataset_name: str | None = None
-    dataset_train_split: str = "train"
-    dataset_test_split: str = "test"
-    eval_dataset_name: str | None = None
-    max_length: int = 1024
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    aot_h: str = "logistic"
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
-    token_weighting: str = "none"
-    otpo_eps1: float = 1.0
-    otpo_eps2: float = 0.2
-    ref_model_name_or_path: str | None = None
-    precompute_ref_log_probs: bool = False
-    save_model: bool = True
+    output_dir: str = redefault(TrainerConfig, "output_dir", "runs/dpo")
+    learning_rate: float = redefault(TrainerConfig, "learning_rate", 1e-6)
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "a .jsonl/.json/.parquet file, 'builtin', or a Hugging Face dataset name"}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "split of dataset_name to train on"})
+    dataset_test_split: str = field(default="test", metadata={"help": "split of eval_dataset_name to evaluate"})
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "paired rows evaluated after training (eval/... metrics)"}
+    )
+    max_length: int = field(
+        default=1024, metadata={"help": "most tokens of prompt + completion (longer is an error)", "check": ">= 2"}
+    )
+    loss_type: str = field(default="sigmoid", metadata={"help": "the loss", "choices": PREFERENCE_LOSSES.names})
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "inverse temperature (DPO, hinge, KTO), IPO's regularization, AOT's scale", "check": "> 0"},
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "conservative DPO label-flip probability (sigmoid only)", "check": "[0, 0.5)"}
+    )
+    aot_h: str = field(default="logistic", metadata={"help": "AOT's convex surrogate h", "choices": tuple(AOT_LOSSES)})
+    desirable_weight: float = field(default=1.0, metadata={"help": "KTO's lambda_D", "check": "> 0"})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO's lambda_U", "check": "> 0"})
+    token_weighting: str = field(
+        default="none", metadata={"help": "OTPO token weights (pairwise losses)", "choices": TOKEN_WEIGHTINGS}
+    )
+    otpo_eps1: float = field(default=1.0, metadata={"help": "OTPO entropic regularization", "check": "> 0"})
+    otpo_eps2: float = field(default=0.2, metadata={"help": "OTPO marginal relaxation", "check": "> 0"})
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "the frozen reference (none: a copy of the policy before training)"}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "compute all reference log-probs once up front, then free the model"}
+    )
+    save_model: bool = field(default=True, metadata={"help": "write the trained model to output_dir/model"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.loss_type not in PREFERENCE_LOSSES:
-            raise ConfigError(f"unknown loss_type {self.loss_type!r}; choose one of {list(PREFERENCE_LOSSES)}")
-        if self.token_weighting not in TOKEN_WEIGHTINGS:
-            raise ConfigError(f"unknown token_weighting {self.token_weighting!r}; choose one of {TOKEN_WEIGHTINGS}")
+        self.loss_type = PREFERENCE_LOSSES.canonical(self.loss_type)
         if self.token_weighting == "otpo" and self.loss_type not in PAIRWISE_LOSSES:
-            raise ConfigError(f"token_weighting otpo needs a pairwise loss_type {PAIRWISE_LOSSES}")
-        if self.per_device_train_batch_size % self.gradient_accumulation_steps:
-            raise ConfigError(
-                f"per_device_train_batch_size={self.per_device_train_batch_size} must be divisible by "
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
-            )
-        for name in ("beta", "otpo_eps1", "otpo_eps2", "desirable_weight", "undesirable_weight"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+            raise ConfigError(f"token_weighting otpo needs a pairwise loss_type {PAIRWISE_LOSSES}", "token_weighting")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        used = loss_options(self.loss_type)
+        for name in ("label_smoothing", "aot_h", "desirable_weight", "undesirable_weight"):
+            if name not in used and getattr(self, name) != defaults[name]:
+                raise ConfigError(f"{name} does not apply to loss_type {self.loss_type!r}", name)
 
 
 @functools.lru_cache(maxsize=8)
@@ -292,7 +289,7 @@ class PreferenceTrainer(BaseTrainer):
         Unpaired data: desirable then undesirable completions (``pairs`` = 0). ``labels``: (N,) bool.
         """
         c, acc = self.config, self.accelerator
-        b, accum = c.per_device_train_batch_size, c.gradient_accumulation_steps
+        b, accum = c.step_batch_size, c.gradient_accumulation_steps
         if self.paired:
             start = ((step - 1) * acc.num_processes + acc.process_index) * b
             rows = tuple(range(len(self.train_data)))
@@ -317,14 +314,14 @@ class PreferenceTrainer(BaseTrainer):
         Raises:
             ValueError: a micro-batch would miss desirable or undesirable completions.
         """
-        b, accum = self.config.per_device_train_batch_size, self.config.gradient_accumulation_steps
+        b, accum = self.config.step_batch_size, self.config.gradient_accumulation_steps
         good = tuple(i for i, e in enumerate(self.train_data) if e.label)
         bad = tuple(i for i, e in enumerate(self.train_data) if not e.label)
         n_good = min(max(round(b * len(good) / len(self.train_data)), 1), b - 1)
         if min(n_good, b - n_good) < accum:
             raise ValueError(
-                f"unpaired data: per_device_train_batch_size={b} gives {n_good} desirable and {b - n_good} undesirable "
-                f"completions per step, too few for {accum} micro-batches with both; raise the batch size"
+                f"unpaired data: {b} completions per process per step give {n_good} desirable and "
+                f"{b - n_good} undesirable completions, too few for {accum} micro-batches with both; raise the batch"
             )
         return good, bad, n_good
 
@@ -362,7 +359,7 @@ class PreferenceTrainer(BaseTrainer):
         start = self.begin()
         self.print(
             f"preference optimization: loss={c.loss_type}, token_weighting={c.token_weighting}, beta={c.beta}, "
-            f"{c.max_steps} steps x {c.per_device_train_batch_size * acc.num_processes} "
+            f"{c.max_steps} steps x {c.step_batch_size * acc.num_processes} "
             f"{'pairs' if self.paired else 'completions'}, device={acc.device}, processes={acc.num_processes}"
         )
         for step in self.steps(start):

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from otalign.losses import aot_loss, dpo_loss, kto_loss
-
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "aot_paired", "aot_unpaired", "kto")
-PAIRWISE_LOSSES = ("sigmoid", "ipo", "hinge", "aot_paired")
+from otalign.registry import Registry
 
 
 @dataclass
@@ -96,20 +94,68 @@ class KTOLoss:
         return loss, {"kto/z0": float(z0)}
 
 
-def build_preference_loss(
-    name: str,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    aot_h: str = "logistic",
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-):
-    """The loss object called ``name`` (one of :data:`PREFERENCE_LOSSES`)."""
-    if name in ("sigmoid", "ipo", "hinge"):
-        return DPOFamilyLoss(name, beta, label_smoothing)
-    if name in ("aot_paired", "aot_unpaired"):
-        return AOTLoss(name == "aot_paired", beta, aot_h)
-    if name == "kto":
-        return KTOLoss(beta, desirable_weight, undesirable_weight)
-    raise ValueError(f"unknown loss_type {name!r}; choose one of {list(PREFERENCE_LOSSES)}")
+PREFERENCE_LOSSES = Registry("loss_type")
+"""Every ``loss_type``: class, constructor constants, whether it is pairwise, the config options it reads (config
+name -> constructor argument), one-line help. Names as TRL 1.16's ``DPOConfig.loss_type``."""
+PREFERENCE_LOSSES.add(
+    "sigmoid",
+    DPOFamilyLoss,
+    help="DPO: -log sigmoid(beta m); label_smoothing s gives conservative DPO",
+    defaults={"kind": "sigmoid"},
+    paired=True,
+    options={"beta": "beta", "label_smoothing": "label_smoothing"},
+)
+PREFERENCE_LOSSES.add(
+    "ipo",
+    DPOFamilyLoss,
+    help="IPO: (m - 1/(2 beta))^2 on per-token mean log-probs",
+    defaults={"kind": "ipo"},
+    paired=True,
+    options={"beta": "beta"},
+)
+PREFERENCE_LOSSES.add(
+    "hinge",
+    DPOFamilyLoss,
+    help="SLiC hinge: max(0, 1 - beta m)",
+    defaults={"kind": "hinge"},
+    paired=True,
+    options={"beta": "beta"},
+)
+PREFERENCE_LOSSES.add(
+    "aot",
+    AOTLoss,
+    help="AOT paired: sorted margins of the batch (stochastic dominance), h = aot_h",
+    defaults={"paired": True},
+    paired=True,
+    options={"beta": "beta", "aot_h": "h"},
+)
+PREFERENCE_LOSSES.add(
+    "aot_unpaired",
+    AOTLoss,
+    help="AOT unpaired: sorted chosen vs sorted rejected log-ratios",
+    defaults={"paired": False},
+    paired=False,
+    options={"beta": "beta", "aot_h": "h"},
+)
+PREFERENCE_LOSSES.add(
+    "kto",
+    KTOLoss,
+    help="KTO on labelled completions, reference point from mismatched pairs",
+    paired=False,
+    options={"beta": "beta", "desirable_weight": "desirable_weight", "undesirable_weight": "undesirable_weight"},
+)
+PREFERENCE_LOSSES.alias("aot_paired", "aot")
+PAIRWISE_LOSSES = tuple(name for name, entry in PREFERENCE_LOSSES.entries.items() if entry.info["paired"])
+
+
+def loss_options(name: str) -> dict[str, str]:
+    """The config options the loss ``name`` reads (config name -> constructor argument)."""
+    return PREFERENCE_LOSSES.entry(name).info["options"]
+
+
+def build_preference_loss(name: str, **options):
+    """The loss object called ``name`` (a :data:`PREFERENCE_LOSSES` name) from config ``options`` (``beta``,
+    ``label_smoothing``, ``aot_h``, ``desirable_weight``, ``undesirable_weight``); the options it does not read are
+    ignored (:class:`~otalign.trainers.PreferenceConfig` rejects the ones set away from their defaults)."""
+    kwargs = {arg: options[opt] for opt, arg in loss_options(name).items() if opt in options}
+    return PREFERENCE_LOSSES.build(name, **kwargs)

@@ -16,7 +16,7 @@ trainer's (chat template for conversations, EOS after plain-text responses). The
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from otalign.data.preference import PreferencePair, encode, load_preference_data
 from otalign.models import load_tokenizer
 from otalign.models.reward_head import load_reward_model, reward_model_from_causal_lm
 
-from .config import ConfigError
+from .config import ConfigError, redefault
 from .ppo import Timer
 from .preference_batch import collate
 from .supervised import SupervisedConfig, SupervisedTrainer
@@ -37,22 +37,24 @@ Pair = tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]
 @dataclass
 class RewardConfig(SupervisedConfig):
     """Reward-model settings (TRL ``RewardConfig`` names): the dataset options of :class:`SupervisedConfig`
-    (``per_device_train_batch_size`` counts pairs), and
+    (``per_device_train_batch_size`` counts pairs); ``model_name_or_path`` is a causal LM (e.g. the SFT output)
+    or a sequence-classification checkpoint."""
 
-    model_name_or_path: a causal LM (e.g. the SFT output) or a sequence-classification checkpoint.
-    eval_split_size: share of the training pairs held out for evaluation (seeded), instead of ``eval_dataset_name``.
-    center_rewards_coefficient: weight of the mean squared summed pair reward (None: off).
-    """
-
-    output_dir: str = "runs/reward"
-    learning_rate: float = 1e-5
-    eval_split_size: float = 0.0
-    center_rewards_coefficient: float | None = None
+    output_dir: str = redefault(SupervisedConfig, "output_dir", "runs/reward")
+    learning_rate: float = redefault(SupervisedConfig, "learning_rate", 1e-5)
+    eval_split_size: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of the pairs held out for evaluation (instead of eval_dataset_name)",
+            "check": "[0, 1)",
+        },
+    )
+    center_rewards_coefficient: float | None = field(
+        default=None, metadata={"help": "weight of the mean squared summed pair reward (none: off)", "check": ">= 0"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.eval_split_size < 1.0:
-            raise ConfigError(f"eval_split_size must be in [0, 1), got {self.eval_split_size}")
         if self.eval_split_size and self.eval_dataset_name:
             raise ConfigError("set eval_dataset_name or eval_split_size, not both")
 
@@ -174,7 +176,7 @@ class RewardTrainer(SupervisedTrainer):
         start = self.begin()
         self.print(
             f"reward model: {len(self.train_pairs)} training pairs, {len(self.eval_pairs or [])} held out, "
-            f"{c.max_steps} steps x {c.per_device_train_batch_size * acc.num_processes} pairs, device={acc.device}"
+            f"{c.max_steps} steps x {c.step_batch_size * acc.num_processes} pairs, device={acc.device}"
         )
         for step in self.steps(start):
             timer = Timer(acc.device)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
 from otalign.models import load_causal_lm, load_tokenizer
 
+from .config import redefault
 from .ppo import Timer
 from .supervised import SupervisedConfig, SupervisedTrainer
 
@@ -34,14 +35,13 @@ Row = tuple[list[int], list[int]]
 
 @dataclass
 class SFTConfig(SupervisedConfig):
-    """SFT settings (TRL ``SFTConfig`` names): the dataset options of :class:`SupervisedConfig`, and
+    """SFT settings (TRL ``SFTConfig`` names): the dataset options of :class:`SupervisedConfig`, and packing."""
 
-    packing: concatenate examples into rows of exactly ``max_length`` tokens.
-    """
-
-    output_dir: str = "runs/sft"
-    learning_rate: float = 2e-5
-    packing: bool = False
+    output_dir: str = redefault(SupervisedConfig, "output_dir", "runs/sft")
+    learning_rate: float = redefault(SupervisedConfig, "learning_rate", 2e-5)
+    packing: bool = field(
+        default=False, metadata={"help": "concatenate examples into rows of exactly max_length tokens"}
+    )
 
 
 def pack(rows: list[Row], length: int, seed: int) -> list[Row]:
@@ -146,7 +146,7 @@ class SFTTrainer(SupervisedTrainer):
         start = self.begin()
         self.print(
             f"SFT: {len(self.train_rows)} {'packed rows' if c.packing else 'examples'}, {c.max_steps} steps x "
-            f"{c.per_device_train_batch_size * acc.num_processes}, device={acc.device}, processes={acc.num_processes}"
+            f"{c.step_batch_size * acc.num_processes}, device={acc.device}, processes={acc.num_processes}"
         )
         for step in self.steps(start):
             timer = Timer(acc.device)

@@ -1,14 +1,14 @@
 """What the SFT and reward-model trainers share: dataset options, model preparation, data order, evaluation cadence.
 
 Both train one model on a fixed dataset of items (encoded examples or pairs). Each step every process takes
-``per_device_train_batch_size`` items from seeded per-epoch permutations, split into
+``per_device_train_batch_size * gradient_accumulation_steps`` items from seeded per-epoch permutations, in
 ``gradient_accumulation_steps`` micro-batches; the position follows from the step, so a resumed run
 continues exactly where it stopped. Evaluation runs every ``eval_steps`` and after the last step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from otalign.models import apply_lora
 
@@ -19,34 +19,26 @@ from .preference import shuffled
 
 @dataclass
 class SupervisedConfig(TrainerConfig):
-    """Dataset and evaluation options shared by :class:`~otalign.trainers.SFTConfig` and ``RewardConfig``.
+    """Dataset and evaluation options shared by :class:`~otalign.trainers.SFTConfig` and ``RewardConfig``."""
 
-    dataset_name: a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset (split ``dataset_train_split``).
-    eval_dataset_name: evaluation rows (hub split ``dataset_test_split``); eval_steps: evaluate every this many
-        steps (0: only after the last one).
-    max_length: most tokens of one example (longer is an error, never truncated).
-    save_model: write the trained model (LoRA adapters merged) and tokenizer to ``output_dir/model``.
-    """
-
-    dataset_name: str | None = None
-    dataset_train_split: str = "train"
-    dataset_test_split: str = "test"
-    eval_dataset_name: str | None = None
-    eval_steps: int = 0
-    max_length: int = 1024
-    save_model: bool = True
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "a .jsonl/.json/.parquet file or a Hugging Face dataset name"}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "split of dataset_name to train on"})
+    dataset_test_split: str = field(default="test", metadata={"help": "split of eval_dataset_name to evaluate"})
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "evaluation rows (file or dataset name)"})
+    eval_steps: int = field(
+        default=0, metadata={"help": "evaluate every this many steps (0: only after the last one)", "check": ">= 0"}
+    )
+    max_length: int = field(
+        default=1024, metadata={"help": "most tokens of one example (longer is an error)", "check": ">= 2"}
+    )
+    save_model: bool = field(
+        default=True, metadata={"help": "write the trained model (LoRA merged) and tokenizer to output_dir/model"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.per_device_train_batch_size % self.gradient_accumulation_steps:
-            raise ConfigError(
-                f"per_device_train_batch_size={self.per_device_train_batch_size} must be divisible by "
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
-            )
-        if self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
-        if self.eval_steps < 0:
-            raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps}")
 
 
 class SupervisedTrainer(BaseTrainer):
@@ -83,7 +75,7 @@ class SupervisedTrainer(BaseTrainer):
     def micro_batches(self, step: int, items: list) -> list[list]:
         """This process's ``items`` for ``step``, split into ``gradient_accumulation_steps`` micro-batches."""
         c, acc = self.config, self.accelerator
-        b, accum = c.per_device_train_batch_size, c.gradient_accumulation_steps
+        b, accum = c.step_batch_size, c.gradient_accumulation_steps
         start = ((step - 1) * acc.num_processes + acc.process_index) * b
         ids = [shuffled(start + j, tuple(range(len(items))), c.seed) for j in range(b)]
         return [[items[i] for i in ids[m::accum]] for m in range(accum)]

@@ -12,18 +12,39 @@
 
 from __future__ import annotations
 
+from otalign.registry import Registry
+
 from .beta_sweep import BetaSweepConfig, run_beta_sweep
 from .coherence import CoherenceConfig, candidate_spread, run_coherence
 from .penalty_correlation import PenaltyCorrelationConfig, correlate, run_penalty_correlation
 from .semantic_similarity import SemanticSimilarityConfig, run_semantic_similarity
 
-ANALYSES = {
-    "penalty-correlation": (PenaltyCorrelationConfig, run_penalty_correlation),
-    "coherence": (CoherenceConfig, run_coherence),
-    "semantic-similarity": (SemanticSimilarityConfig, run_semantic_similarity),
-    "beta-sweep": (BetaSweepConfig, run_beta_sweep),
-}
-"""``kind -> (config dataclass, run function)`` of every analysis."""
+ANALYSES = Registry("analysis")
+"""Every ``otalign analyze <kind>``: run function, its config dataclass (``config``), one-line help."""
+ANALYSES.add(
+    "penalty-correlation",
+    run_penalty_correlation,
+    help="KL vs Wasserstein penalties of a policy's generations, Pearson r and slope (Figure 5)",
+    config=PenaltyCorrelationConfig,
+)
+ANALYSES.add(
+    "coherence",
+    run_coherence,
+    help="mean embedding distance among each position's top-10 candidates, per model (Table 8)",
+    config=CoherenceConfig,
+)
+ANALYSES.add(
+    "semantic-similarity",
+    run_semantic_similarity,
+    help="correlation of each negative penalty with answer similarity (Table 7, MiniLM)",
+    config=SemanticSimilarityConfig,
+)
+ANALYSES.add(
+    "beta-sweep",
+    run_beta_sweep,
+    help="PPO over a beta grid per regularizer: win rate and reward vs beta (Figure 4)",
+    config=BetaSweepConfig,
+)
 
 __all__ = [
     "ANALYSES",

@@ -16,52 +16,52 @@ from pathlib import Path
 
 import numpy as np
 
-from otalign.trainers.config import ConfigError, check_keys, coerce, field_types
+from otalign.config import Config, ConfigError, check_section
+from otalign.regularizers import REGULARIZERS
 
 from ..winrate import subsample
 from .sampling import save_figure
 
 
 @dataclass
-class BetaSweepConfig:
-    """Settings of ``otalign analyze beta-sweep``.
+class BetaSweepConfig(Config):
+    """Settings of ``otalign analyze beta-sweep``."""
 
-    Attributes:
-        output_dir: ``beta_sweep.json``, ``beta_sweep.png`` and one PPO run folder per (regularizer, beta).
-        ppo_config: YAML file with the base :class:`~otalign.trainers.PPOConfig` (None: its defaults).
-        ppo: PPOConfig field overrides applied on top (e.g. ``{max_steps: 200, model_name_or_path: ...}``).
-        regularizers, betas: the grid.
-        eval_prompts, eval_split, num_eval_prompts: held-out prompts (a seeded subsample).
-        eval_batch_size, seed: evaluation batching and sampling seed.
-    """
-
-    output_dir: str = "reports/beta-sweep"
-    ppo_config: str | None = None
-    ppo: dict = field(default_factory=dict)
-    regularizers: list[str] = field(default_factory=lambda: ["rkl", "wasserstein"])
-    betas: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
-    eval_prompts: str = "builtin"
-    eval_split: str = "test"
-    num_eval_prompts: int = 40
-    eval_batch_size: int = 16
-    seed: int = 0
+    output_dir: str = field(
+        default="reports/beta-sweep",
+        metadata={"help": "beta_sweep.json, beta_sweep.png and one PPO run folder per (regularizer, beta)"},
+    )
+    ppo_config: str | None = field(default=None, metadata={"help": "YAML file with the base PPOConfig"})
+    ppo: dict = field(
+        default_factory=dict,
+        metadata={"help": "PPOConfig overrides on top of ppo_config", "section": "otalign.trainers.ppo:PPOConfig"},
+    )
+    regularizers: list[str] = field(
+        default_factory=lambda: ["rkl", "wasserstein"],
+        metadata={"help": "regularizers of the grid", "choices": REGULARIZERS.names},
+    )
+    betas: list[float] = field(
+        default_factory=lambda: [0.01, 0.05, 0.1], metadata={"help": "betas of the grid", "check": ">= 0"}
+    )
+    eval_prompts: str = field(default="builtin", metadata={"help": "held-out prompts ('builtin' or a file)"})
+    eval_split: str = field(default="test", metadata={"help": "split of the built-in prompts"})
+    num_eval_prompts: int = field(
+        default=40, metadata={"help": "prompts evaluated (seeded subsample)", "check": ">= 1"}
+    )
+    eval_batch_size: int = field(default=16, metadata={"help": "prompts per evaluation batch", "check": ">= 1"})
+    seed: int = field(default=0, metadata={"help": "evaluation sampling seed"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.regularizers or not self.betas:
             raise ConfigError("regularizers and betas must not be empty")
-        if any(b < 0 for b in self.betas):
-            raise ConfigError(f"betas must be >= 0, got {self.betas}")
-        if self.num_eval_prompts < 1 or self.eval_batch_size < 1:
-            raise ConfigError("num_eval_prompts and eval_batch_size must be >= 1")
 
     def base_ppo(self):
         """The base PPOConfig: the file, then the ``ppo`` overrides (checked and converted like the file's)."""
         from otalign.trainers import PPOConfig, parse_config
 
         base = parse_config(PPOConfig, self.ppo_config)
-        types_ = field_types(PPOConfig)
-        check_keys(list(self.ppo), types_, "ppo")
-        return dataclasses.replace(base, **{k: coerce(v, types_[k], f"ppo.{k}") for k, v in self.ppo.items()})
+        return dataclasses.replace(base, **check_section(PPOConfig, self.ppo, "ppo"))
 
 
 def run_beta_sweep(config: BetaSweepConfig) -> dict:
@@ -96,9 +96,9 @@ def train_and_evaluate(ppo, prompts: list, config: BetaSweepConfig, reference=No
     """Train one PPO run; ``(policy's EvalResult, reference's EvalResult)`` on ``prompts`` (the reference is
     evaluated only when ``reference`` is None: every run starts from the same model)."""
     from otalign.data import render_prompt
+    from otalign.generation import encode_prompts
     from otalign.trainers import PPOTrainer
     from otalign.trainers.evaluation import evaluate_policy
-    from otalign.trainers.rollout import encode_prompts
 
     trainer = PPOTrainer(ppo)
     trainer.train()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from otalign.trainers.config import ConfigError
+from otalign.config import ConfigError, redefault
+from otalign.regularizers.wasserstein import METRICS
 
 from ..config import SamplingFields
 from .sampling import load_model, prompt_subsample, sampled_logits, save_figure
@@ -23,29 +24,24 @@ from .sampling import load_model, prompt_subsample, sampled_logits, save_figure
 
 @dataclass
 class CoherenceConfig(SamplingFields):
-    """Settings of ``otalign analyze coherence`` (sampling fields: :class:`SamplingFields`).
+    """Settings of ``otalign analyze coherence`` (sampling fields: :class:`SamplingFields`)."""
 
-    Attributes:
-        models: model ids or folders to compare (same tokenizer as ``embeddings_from``).
-        embeddings_from: model whose input embeddings define the distances (None: the first model).
-        top_candidates: candidates per position (paper: 10).
-        metric: ``euclidean`` or ``cosine`` (1 - cosine similarity).
-    """
-
-    output_dir: str = "reports/coherence"
-    models: list[str] = field(default_factory=list)
-    embeddings_from: str | None = None
-    top_candidates: int = 10
-    metric: str = "euclidean"
+    output_dir: str = redefault(SamplingFields, "output_dir", "reports/coherence")
+    models: list[str] = field(
+        default_factory=list, metadata={"help": "model ids or folders to compare (same tokenizer)"}
+    )
+    embeddings_from: str | None = field(
+        default=None, metadata={"help": "model whose input embeddings define the distances (none: the first)"}
+    )
+    top_candidates: int = field(default=10, metadata={"help": "candidates per position (paper: 10)", "check": ">= 2"})
+    metric: str = field(
+        default="euclidean", metadata={"help": "distance (cosine: 1 - cosine similarity)", "choices": METRICS}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.models:
             raise ConfigError("give one or more models")
-        if self.top_candidates < 2:
-            raise ConfigError(f"top_candidates must be >= 2, got {self.top_candidates}")
-        if self.metric not in ("euclidean", "cosine"):
-            raise ConfigError(f"metric must be euclidean or cosine, got {self.metric!r}")
 
 
 def candidate_spread(logits: torch.Tensor, embeddings: torch.Tensor, k: int, metric: str = "euclidean") -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from otalign.regularizers.wasserstein import METRICS
 
 from ..config import SamplingFields
 from .sampling import load_model, prompt_subsample, sampled_logits
@@ -12,19 +14,17 @@ from .sampling import load_model, prompt_subsample, sampled_logits
 
 @dataclass
 class PenaltyFields(SamplingFields):
-    """A policy, its reference, and the penalties' settings (sampling fields: :class:`SamplingFields`).
+    """A policy, its reference (same tokenizer; the reference's input embeddings define the cost), and the WPR
+    penalty's settings (top-k capped at the vocabulary); sampling fields: :class:`SamplingFields`."""
 
-    Attributes:
-        policy, reference: model ids or folders (same tokenizer); the reference's input embeddings define the cost.
-        lam, wasserstein_top_k, metric, max_iter: the WPR penalty's settings (top-k capped at the vocabulary).
-    """
-
-    policy: str | None = None
-    reference: str | None = None
-    lam: float = 100.0
-    wasserstein_top_k: int = 128
-    metric: str = "euclidean"
-    max_iter: int = 1000
+    policy: str | None = field(default=None, metadata={"help": "the policy model id or folder"})
+    reference: str | None = field(default=None, metadata={"help": "the reference model id or folder"})
+    lam: float = field(default=100.0, metadata={"help": "WPR entropic scale lambda (1/epsilon)", "check": "> 0"})
+    wasserstein_top_k: int = field(
+        default=128, metadata={"help": "tokens of each distribution in the WPR support", "check": ">= 1"}
+    )
+    metric: str = field(default="euclidean", metadata={"help": "WPR token cost", "choices": METRICS})
+    max_iter: int = field(default=1000, metadata={"help": "Sinkhorn iterations at most", "check": ">= 1"})
 
 
 @dataclass

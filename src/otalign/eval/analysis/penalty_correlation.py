@@ -14,13 +14,13 @@ Points come from either
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from otalign.trainers.config import ConfigError
+from otalign.config import ConfigError, redefault
 
 from .penalties import PenaltyFields, response_penalties
 from .sampling import save_figure
@@ -28,17 +28,15 @@ from .sampling import save_figure
 
 @dataclass
 class PenaltyCorrelationConfig(PenaltyFields):
-    """Settings of ``otalign analyze penalty-correlation`` (model, sampling and penalty fields: :class:`PenaltyFields`).
+    """Settings of ``otalign analyze penalty-correlation`` (model, sampling and penalty fields: :class:`PenaltyFields`);
+    give ``run_dir`` or else ``policy`` and ``reference``."""
 
-    Attributes:
-        run_dir: a WPR run's output folder (reads its ``metrics.jsonl``); or else ``policy`` and ``reference``.
-        beta_kl, beta_wasserstein: penalty coefficients applied before the joint normalisation.
-    """
-
-    output_dir: str = "reports/penalty-correlation"
-    run_dir: str | None = None
-    beta_kl: float = 1.0
-    beta_wasserstein: float = 1.0
+    output_dir: str = redefault(PenaltyFields, "output_dir", "reports/penalty-correlation")
+    run_dir: str | None = field(default=None, metadata={"help": "a WPR run's output folder (reads its metrics.jsonl)"})
+    beta_kl: float = field(default=1.0, metadata={"help": "KL coefficient before the joint normalisation"})
+    beta_wasserstein: float = field(
+        default=1.0, metadata={"help": "Wasserstein coefficient before the joint normalisation"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

