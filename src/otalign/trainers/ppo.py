@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -70,8 +70,9 @@ class PPOConfig(TrainerConfig):
         regularizer: ``kl``/``rkl``, ``fkl``, ``js``, ``alpha``, ``tv``, ``chi2`` or ``wasserstein``.
         beta: penalty coefficient (None: :data:`DEFAULT_BETA`).
         f_alpha: the alpha-divergence's alpha; kl_estimator: ``k1``/``k2``/``k3`` (RKL only).
-        wpr_lambda, wpr_top_k, wpr_metric, wpr_knn, wpr_transport, wpr_debias, wpr_max_iter, wpr_tol: see
-            :class:`otalign.regularizers.WassersteinRegularizer` (lam, top_k, metric, knn, transport, ...).
+        wpr_lambda, wpr_top_k, wpr_metric, wpr_knn, wpr_transport, wpr_smooth_tau, wpr_debias, wpr_max_iter,
+            wpr_tol: see :class:`otalign.regularizers.WassersteinRegularizer` (lam, top_k, metric, knn,
+            transport, smooth_tau, ...).
         wpr_embeddings: ``input`` or ``output`` embeddings of the reference model define the cost.
     PPO:
         gamma, lam: GAE (1.0, 0.95). cliprange: policy ratio clip (0.2). cliprange_value: value clip
@@ -104,7 +105,11 @@ class PPOConfig(TrainerConfig):
     wpr_metric: str = "euclidean"
     wpr_knn: int | None = None
     wpr_embeddings: str = "input"
-    wpr_transport: str = "difference"
+    wpr_transport: str = "smooth"
+    wpr_smooth_tau: float | None = field(
+        default=None,
+        metadata={"help": "WPR smooth form's tau in cost units (None: 5% of the mean embedding distance)"},
+    )
     wpr_debias: bool = False
     wpr_max_iter: int = 1000
     wpr_tol: float = 1e-5
@@ -165,6 +170,7 @@ def regularizer_from_config(config: PPOConfig, ref_model):
             metric=config.wpr_metric,
             knn=config.wpr_knn,
             transport=config.wpr_transport,
+            smooth_tau=config.wpr_smooth_tau,
             debias=config.wpr_debias,
             max_iter=config.wpr_max_iter,
             tol=config.wpr_tol,
