@@ -1,5 +1,6 @@
 """The WPR penalty: the truncated problem it builds, POT agreement, the shift convention, finite-difference
-gradients, the paper's Figure 1 example, debiasing, robustness and errors."""
+gradients, the paper's Figure 1 example, debiasing, the smooth default's vanishing noise near the reference
+(also in a PPO step), robustness and errors."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from otalign.regularizers import (
     WassersteinRegularizer,
     build_problem,
     build_regularizer,
+    default_smooth_tau,
+    smooth_distance,
     solve_problem,
 )
 from otalign.regularizers.wasserstein import select_support
+from otalign.trainers import PPOConfig, PPOTrainer
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -132,33 +136,50 @@ def _full_cover_setup(seed=4, vocab=6):
     return policy[0], ref[0], embeddings
 
 
-@pytest.mark.parametrize("transport", ["difference", "full"])
-def test_shift_convention_with_a_support_that_covers_the_vocabulary(transport):
-    """sum_y pi_theta(y) penalty(y) = OT value, every y sampled once at its own position."""
+@pytest.mark.parametrize(
+    ("transport", "tau"), [("difference", None), ("full", None), ("smooth", None), ("smooth", 50.0)]
+)
+def test_shift_convention_with_a_support_that_covers_the_vocabulary(transport, tau):
+    """sum_y pi_theta(y) penalty(y) = the distance, every y sampled once at its own position (unbiasedness);
+    for the smooth form both beyond tau (the default here) and inside the quadratic zone (tau = 50)."""
     policy, ref, embeddings = _full_cover_setup()
     vocab = policy.shape[0]
-    reg = WassersteinRegularizer(embeddings, lam=10.0, top_k=vocab, tol=1e-7, max_iter=20000, transport=transport)
+    reg = WassersteinRegularizer(
+        embeddings, lam=10.0, top_k=vocab, tol=1e-7, max_iter=20000, transport=transport, smooth_tau=tau
+    )
     out = reg.penalty(policy.expand(1, vocab, vocab), ref.expand(1, vocab, vocab), torch.arange(vocab)[None])
     expectation = float((policy.softmax(-1) * out.per_token[0].double()).sum())
     assert out.stats["wasserstein/dust_mass"] < 1e-6
     assert out.stats["wasserstein/support_size"] == vocab
     assert expectation == pytest.approx(out.stats["wasserstein/value"], abs=1e-5)
     assert out.stats["penalty/mean"] == pytest.approx(float(out.per_token.mean()), abs=1e-6)
+    if tau is not None:  # inside the zone: the distance is the blend of the difference form's, and smaller
+        difference = WassersteinRegularizer(
+            embeddings, lam=10.0, top_k=vocab, tol=1e-7, max_iter=20000, transport="difference"
+        )
+        plain = difference.penalty(policy[None, None], ref[None, None], torch.zeros(1, 1, dtype=torch.long))
+        value = torch.tensor(plain.stats["wasserstein/value"])
+        assert out.stats["wasserstein/value"] == pytest.approx(float(smooth_distance(value, tau)[0]), rel=1e-5)
+        assert out.stats["wasserstein/value"] < 0.5 * float(value)
 
 
-@pytest.mark.parametrize("transport", ["difference", "full"])
+@pytest.mark.parametrize("transport", ["difference", "full", "smooth"])
 def test_penalty_is_the_finite_difference_gradient_of_the_value(transport):
+    """phi_slot - phi_0 = d value / d(a_slot - a_0) at the converged solution; the smooth form inside its
+    quadratic zone (tau = 3 x the difference-form value), where its gradient is h'(W) times the difference form's."""
     lam, step = 10.0, 1e-5
     policy, ref, embeddings = _full_cover_setup(seed=7)
     vocab = policy.shape[0]
     problem = build_problem(policy[None], ref[None], torch.tensor([0]), embeddings, top_k=vocab)
     assert ((problem.a - problem.b)[:, :-1].abs() > 10 * step).all()  # away from the kinks of the difference form
     tokens = problem.tokens[0].tolist()
-    potential = solve_problem(problem, lam, transport=transport, tol=1e-13, max_iter=50000).potential[0, :-1]
+    tau = 3 * float(solve_problem(problem, lam).value[0]) if transport == "smooth" else None
+    settings = dict(transport=transport, tau=tau, tol=1e-13, max_iter=50000)
+    potential = solve_problem(problem, lam, **settings).potential[0, :-1]
 
     def value(a: torch.Tensor) -> float:
         moved = TruncatedProblem(a=a, b=problem.b, cost=problem.cost, tokens=problem.tokens, distinct=problem.distinct)
-        return float(solve_problem(moved, lam, transport=transport, tol=1e-13, max_iter=50000).value[0])
+        return float(solve_problem(moved, lam, **settings).value[0])
 
     for slot in range(1, vocab):
         direction = torch.zeros_like(problem.a)
@@ -168,7 +189,7 @@ def test_penalty_is_the_finite_difference_gradient_of_the_value(transport):
 
     # The regularizer's float32 penalties are the same potentials (up to float32 rounding).
     reg = WassersteinRegularizer(
-        embeddings.float(), lam=lam, top_k=vocab, tol=1e-7, max_iter=20000, transport=transport
+        embeddings.float(), lam=lam, top_k=vocab, tol=1e-7, max_iter=20000, transport=transport, smooth_tau=tau
     )
     out = reg.penalty(policy.expand(1, vocab, vocab), ref.expand(1, vocab, vocab), torch.arange(vocab)[None])
     assert torch.allclose(out.per_token[0].double(), potential[torch.argsort(torch.tensor(tokens))], atol=2e-5)
@@ -179,6 +200,7 @@ FIGURE_1_EMBEDDINGS = torch.tensor([[0.0, 0.0], [0.15, 0.05], [0.6, 0.3], [3.0, 
 FIGURE_1 = {
     "reference": [0.85, 0.05, 0.05, 0.05],
     "kitten": [0.05, 0.85, 0.05, 0.05],
+    "dog": [0.05, 0.05, 0.85, 0.05],
     "table": [0.05, 0.05, 0.05, 0.85],
 }
 
@@ -188,14 +210,16 @@ def _figure_1_stats(reg, policy: str) -> dict[str, float]:
     return reg.penalty(logits[0], logits[1], torch.tensor([[0]])).stats
 
 
-@pytest.mark.parametrize(("transport", "debias"), [("difference", False), ("full", False), ("full", True)])
+@pytest.mark.parametrize(
+    ("transport", "debias"), [("smooth", False), ("difference", False), ("full", False), ("full", True)]
+)
 def test_figure_1_wasserstein_orders_kitten_closer_while_js_ties(transport, debias):
     reg = WassersteinRegularizer(
         FIGURE_1_EMBEDDINGS, lam=100.0, top_k=4, transport=transport, debias=debias, tol=1e-6, max_iter=5000
     )
-    kitten, table = _figure_1_stats(reg, "kitten"), _figure_1_stats(reg, "table")
-    assert kitten["sinkhorn/marginal_err"] < 1e-4 and table["sinkhorn/marginal_err"] < 1e-4
-    assert kitten["wasserstein/value"] < table["wasserstein/value"]
+    kitten, dog, table = (_figure_1_stats(reg, name) for name in ("kitten", "dog", "table"))
+    assert max(s["sinkhorn/marginal_err"] for s in (kitten, dog, table)) < 1e-4
+    assert kitten["wasserstein/value"] < dog["wasserstein/value"] < table["wasserstein/value"]
     assert table["wasserstein/value"] - kitten["wasserstein/value"] > 2.0  # moving 0.8 mass ~3.6 vs ~0.16 away
     js = FDivergenceRegularizer("js")
     assert _figure_1_stats(js, "kitten")["js/exact"] == pytest.approx(_figure_1_stats(js, "table")["js/exact"])
@@ -216,6 +240,144 @@ def test_debiased_penalty_vanishes_when_the_policy_is_the_reference():
     # The difference transport is exactly 0 there without debiasing.
     difference = WassersteinRegularizer(embeddings, top_k=8).penalty(policy[None], policy[None], actions[None])
     assert torch.equal(difference.per_token, torch.zeros_like(difference.per_token))
+
+
+def _pot_difference(problem: TruncatedProblem, row: int, lam: float) -> tuple[float, np.ndarray, np.ndarray]:
+    """Independent difference-form value and shifted penalties (on the atoms with policy mass) from POT."""
+    a, b = problem.a[row].numpy(), problem.b[row].numpy()
+    excess, deficit = np.flatnonzero(a > b), np.flatnonzero(b > a)
+    moved = (a - b)[excess].sum()
+    alpha, beta = (a - b)[excess] / moved, (b - a)[deficit] / moved
+    cost = problem.cost[row].numpy()[np.ix_(excess, deficit)]
+    plan, log = ot.bregman.sinkhorn_log(alpha, beta, cost, 1 / lam, numItermax=20000, stopThr=1e-14, log=True)
+    value = moved * ((plan * cost).sum() + (plan * np.log(plan / np.outer(alpha, beta))).sum() / lam)
+    phi = np.zeros_like(a)
+    phi[excess] = (log["log_u"] - np.log(alpha)) / lam
+    phi[deficit] = -(log["log_v"] - np.log(beta)) / lam
+    held = a > 0
+    phi[held] += value - a[held] @ phi[held]
+    return value, phi, held
+
+
+@pytest.mark.parametrize("zone", ["inside", "beyond"])
+def test_smooth_transport_matches_the_blend_of_pot(zone):
+    """D = h_tau(W) and psi = h'(W) (phi - W) + D from POT's difference-form solution, with tau above every
+    position's W (the quadratic zone) or below (then exactly the difference form)."""
+    lam = 10.0
+    policy, ref, actions, embeddings = _problem_inputs(n=3, vocab=30)
+    problem = build_problem(policy, ref, actions, embeddings, top_k=5)
+    values = solve_problem(problem, lam, tol=1e-12, max_iter=20000).value
+    tau = 2.0 * float(values.max()) if zone == "inside" else 0.5 * float(values.min())
+    solution = solve_problem(problem, lam, transport="smooth", tau=tau, tol=1e-12, max_iter=20000)
+    for row in range(3):
+        value, phi, held = _pot_difference(problem, row, lam)
+        x = min(value / tau, 1.0)
+        distance = value * x * (2 - x) if zone == "inside" else value
+        slope = x * (4 - 3 * x)
+        assert float(solution.value[row]) == pytest.approx(distance, abs=1e-9)
+        np.testing.assert_allclose(
+            solution.potential[row].numpy()[held], slope * (phi[held] - value) + distance, atol=1e-8
+        )
+        assert float(problem.a[row][held] @ solution.potential[row][held]) == pytest.approx(distance, abs=1e-10)
+        assert bool(torch.isneginf(solution.potential[row][~torch.from_numpy(held)]).all())
+
+
+def test_smooth_blend_is_c1_monotone_and_below_the_distance():
+    tau = 0.3
+    w = torch.linspace(0, 2 * tau, 601, dtype=torch.float64)
+    h, slope = smooth_distance(w, tau)
+    assert h[0] == 0 and slope[0] == 0
+    assert (h <= w + 1e-15).all() and (torch.diff(h) >= 0).all()
+    assert torch.equal(h[w >= tau], w[w >= tau]) and (slope <= 4 / 3 + 1e-12).all()
+    step = 1e-6  # the derivative is h' everywhere, across tau too (C1)
+    grid = torch.tensor([0.01, 0.1, 2 * tau / 3, tau - 1e-3, tau, tau + 1e-3, 0.5], dtype=torch.float64)
+    numeric = (smooth_distance(grid + step, tau)[0] - smooth_distance(grid - step, tau)[0]) / (2 * step)
+    assert torch.allclose(numeric, smooth_distance(grid, tau)[1], atol=1e-6)
+    assert torch.equal(smooth_distance(w, 0.0)[0], w)  # tau = 0: the difference form
+    assert smooth_distance(torch.tensor([-1e-9]), tau)[0] == 0  # rounding below 0 maps to 0
+
+
+def test_smooth_default_is_exactly_zero_at_equality_and_tends_to_a_transport_distance():
+    policy, ref, actions, embeddings = _problem_inputs(n=3, vocab=30)
+    reg = WassersteinRegularizer(embeddings, lam=1000.0, top_k=5, tol=1e-10, max_iter=50000)
+    assert reg.transport == "smooth"
+    assert reg.tau == pytest.approx(0.05 * float(torch.pdist(embeddings).mean()), rel=1e-6)  # all 30 rows
+    same = reg.penalty(policy[None], policy[None], actions[None])
+    assert torch.equal(same.per_token, torch.zeros_like(same.per_token)) and same.stats["wasserstein/value"] == 0
+    # lambda -> infinity: D -> h_tau(W1), = W1 where W1 >= tau (POT's emd2, the unregularised LP).
+    problem = build_problem(policy, ref, actions, embeddings, top_k=5)
+    smooth = reg.solve(problem).value
+    for row in range(3):
+        exact = ot.emd2(problem.a[row].numpy(), problem.b[row].numpy(), problem.cost[row].numpy())
+        assert exact > reg.tau
+        assert float(smooth[row]) == pytest.approx(exact, abs=5e-3)
+    near = build_problem(policy, policy + 0.02 * ref, actions, embeddings, top_k=5)  # W1 < tau: the blend of W1
+    smooth = reg.solve(near).value
+    for row in range(3):
+        exact = ot.emd2(near.a[row].numpy(), near.b[row].numpy(), near.cost[row].numpy())
+        assert exact < reg.tau
+        assert float(smooth[row]) == pytest.approx(float(smooth_distance(torch.tensor(exact), reg.tau)[0]), abs=1e-4)
+
+
+def _noise_stds(transport: str, deltas, n=256, vocab=400, dim=16, top_k=16) -> list[float]:
+    """Per-token std of the sampled-token penalty at reference logits 3 N(0,1), policy = reference + delta N(0,1)."""
+    embeddings = torch.randn(vocab, dim, generator=_gen(11)) / math.sqrt(2 * dim)
+    ref = 3 * torch.randn(n, vocab, generator=_gen(12))
+    noise = torch.randn(n, vocab, generator=_gen(13))
+    reg = WassersteinRegularizer(embeddings, lam=100.0, top_k=top_k, transport=transport)
+    stds = []
+    for delta in deltas:
+        policy = ref + delta * noise
+        actions = torch.multinomial(policy.softmax(-1), 1, generator=_gen(14))[:, 0]
+        stds.append(float(reg.penalty(policy[None], ref[None], actions[None]).per_token.std()))
+    return stds
+
+
+def test_smooth_penalty_noise_vanishes_linearly_with_the_distance_to_the_reference():
+    """The issue's setting at lambda = 100: the difference form's per-token spread is of the order of the costs
+    at any delta; the smooth form's scales like delta (std / delta within a factor 2 over three decades)."""
+    deltas = [1e-6, 1e-5, 1e-4, 1e-3]
+    smooth = _noise_stds("smooth", deltas)
+    difference = _noise_stds("difference", deltas)
+    assert min(difference) > 0.1
+    ratios = [std / delta for std, delta in zip(smooth, deltas, strict=True)]
+    assert max(ratios) < 2 * min(ratios), ratios
+    assert smooth[0] < 1e-4 and smooth[2] < 1e-2
+
+
+def test_ppo_step_one_penalty_is_zero_when_the_policy_is_the_reference(tmp_path):
+    """Full fine-tuning, policy = reference (and the reference's weights + 1e-6 noise, the float noise of a
+    real run): the default WPR penalty's logged step-1 mean is ~0."""
+    from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    for name, noise in [("same", 0.0), ("noisy", 1e-6)]:
+        policy = tiny_causal_lm(tokenizer, seed=0)
+        with torch.no_grad():
+            for param in policy.parameters():
+                param.add_(noise * torch.randn(param.shape, generator=_gen(5)))
+        config = PPOConfig(
+            output_dir=str(tmp_path / name),
+            max_steps=1,
+            per_device_train_batch_size=4,
+            response_length=6,
+            progress_bar=False,
+            save_model=False,
+            regularizer="wasserstein",
+            wpr_top_k=8,
+        )
+        trainer = PPOTrainer(
+            config,
+            policy=policy,
+            ref_model=tiny_causal_lm(tokenizer, seed=0),
+            tokenizer=tokenizer,
+            reward=lambda prompts, responses: [0.0] * len(responses),
+            prompts=["tell me about the cat .", "how was the day ?"],
+        )
+        assert trainer.regularizer.transport == "smooth"
+        (metrics,) = trainer.train()
+        assert abs(metrics["penalty/mean"]) < 1e-3, (name, metrics)
+        assert metrics["wasserstein/value"] < 1e-6
 
 
 def test_chunking_and_masking():
@@ -285,7 +447,8 @@ def test_robust_inputs_give_finite_penalties():
     actions[4] = 6
     for metric in ("euclidean", "cosine"):
         for lam, transport, debias, knn in [
-            (100.0, "difference", False, None),
+            (100.0, "smooth", False, None),
+            (1e4, "smooth", False, 5),
             (1e4, "difference", False, None),
             (100.0, "difference", False, 5),
             (1e4, "full", False, None),
@@ -326,6 +489,13 @@ def test_configuration_and_input_errors():
         WassersteinRegularizer(embeddings, top_k=2, transport="partial")
     with pytest.raises(ValueError, match="debias=True needs transport='full'"):
         WassersteinRegularizer(embeddings, top_k=2, debias=True)
+    for bad in (-0.1, math.inf, "auto", True):
+        with pytest.raises(ValueError, match="smooth_tau must be None or a finite number >= 0"):
+            WassersteinRegularizer(embeddings, top_k=2, smooth_tau=bad)
+    problem = build_problem(torch.randn(1, 10), torch.randn(1, 10), torch.tensor([0]), embeddings, top_k=2)
+    with pytest.raises(ValueError, match="transport='smooth' needs tau"):
+        solve_problem(problem, 100.0, transport="smooth")
+    assert default_smooth_tau(embeddings[:1]) == 0.0
 
     reg = WassersteinRegularizer(embeddings, top_k=2, dust_cost=0.5)
     logits = torch.randn(2, 3, 12)

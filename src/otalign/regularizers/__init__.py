@@ -17,6 +17,8 @@ from .wasserstein import (
     WassersteinRegularizer,
     WassersteinSolution,
     build_problem,
+    default_smooth_tau,
+    smooth_distance,
     solve_problem,
 )
 
@@ -67,10 +69,12 @@ __all__ = [
     "WassersteinSolution",
     "build_problem",
     "build_regularizer",
+    "default_smooth_tau",
     "check_vocab_size",
     "embedding_matrix",
     "exact_f_divergence",
     "f_over_x",
     "load_embedding_matrix",
+    "smooth_distance",
     "solve_problem",
 ]

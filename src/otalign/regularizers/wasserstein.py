@@ -21,8 +21,9 @@ and the sampled token :math:`y` (docs/design.md, "WPR penalty"):
    feasible.
 4. **Entropic OT** with :math:`\varepsilon = 1/\lambda` by :func:`otalign.ot.sinkhorn` (stabilised,
    with eps-scaling, stopping on the marginal error), all positions of a chunk in one batched call.
-   By default (``transport="difference"``, :func:`_solve_difference`) only the mass the two distributions
-   do not share is moved: the policy's excess :math:`(a-b)_+` onto its deficit :math:`(b-a)_+`,
+   The difference transport (:func:`_solve_difference`; ``transport="difference"``, and the solve under the
+   default ``transport="smooth"``) moves only the mass the two distributions do not share: the policy's
+   excess :math:`(a-b)_+` onto its deficit :math:`(b-a)_+`,
    :math:`W = m\cdot\min \langle P,C\rangle + \varepsilon\,\mathrm{KL}(P\|\alpha\beta^\top)` with
    :math:`m` the total variation and :math:`\alpha,\beta` the normalised excess and deficit. For the
    metric costs used here the unregularised optimum leaves the shared mass in place, so both forms tend
@@ -43,6 +44,13 @@ and the sampled token :math:`y` (docs/design.md, "WPR penalty"):
    :math:`\mathrm{OT}_\varepsilon(a,b) - \frac12\mathrm{OT}_\varepsilon(a,a) - \frac12\mathrm{OT}_\varepsilon(b,b)`
    with gradient :math:`\phi = \frac12(f_{ab} + g_{ba}) - \frac12(f_{aa} + g_{aa})`, exactly zero when
    :math:`a = b`.
+6. **Smoothing** (``transport="smooth"``, the default; :func:`smooth_distance`). The difference form is
+   positively homogeneous in the moved mass, so its penalties stay of the order of the costs however close
+   the policy is to the reference: an unbiased but pure-noise reward near the reference. The default
+   distance is :math:`D = h_\tau(W)` with :math:`W` the difference-form value and the C1 blend
+   :math:`h_\tau(W) = W^2 (2\tau - W)/\tau^2` for :math:`W < \tau`, :math:`W` beyond; its penalty
+   :math:`h_\tau'(W)(\phi - W) + D` has a per-token spread that vanishes linearly with the distance
+   (:class:`WassersteinRegularizer` gives the argument; ``docs/wpr-penalty.md`` the measurements).
 
 Units: costs, potentials, values and penalties are in the cost's units (embedding distance).
 The sampled token's mass is floored at :math:`e^{-80}` (:data:`~otalign.regularizers.base.LOG_PROB_FLOOR`):
@@ -297,7 +305,57 @@ def build_problem(
     return truncated_problem(support, embeddings, metric=metric, radius=radius, dust_cost=dust_cost)
 
 
-TRANSPORTS = ("difference", "full")
+TRANSPORTS = ("smooth", "difference", "full")
+SMOOTH_MASS = 0.05
+"""Default smoothing scale of ``transport="smooth"`` as a share of moved mass: ``tau`` is this times the mean
+embedding distance (:func:`default_smooth_tau`), the difference-form distance of moving 5% of the mass a
+typical token distance."""
+
+
+def default_smooth_tau(
+    embeddings: torch.Tensor, metric: str = "euclidean", *, mass: float = SMOOTH_MASS, sample: int = 1024
+) -> float:
+    """``mass`` times the mean cost between distinct embedding rows, from ``sample`` evenly spaced rows.
+
+    Args:
+        embeddings: (V, d) token embeddings.
+        metric: ``euclidean`` or ``cosine``, as the cost.
+        mass: share of moved mass, >= 0.
+        sample: rows used (all when V <= sample), spaced evenly over the vocabulary (deterministic).
+
+    Returns:
+        tau in cost units (0 for a single row).
+    """
+    vocab = embeddings.shape[0]
+    if vocab < 2:
+        return 0.0
+    rows = torch.linspace(0, vocab - 1, min(vocab, sample), device=embeddings.device).round().long().unique()
+    points = embeddings[rows].to(torch.promote_types(embeddings.dtype, torch.float32))
+    cost = pairwise_cost(points, points, metric)
+    count = rows.numel()
+    return float(mass * (cost.sum() - cost.diagonal().sum()) / (count * (count - 1)))
+
+
+def smooth_distance(value: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The C1 blend :math:`h_\tau` of ``transport="smooth"`` and its derivative, elementwise.
+
+    .. math::
+        h_\tau(W) = \begin{cases} W^2 (2\tau - W)/\tau^2 & 0 \le W < \tau \\ W & W \ge \tau \end{cases},
+        \qquad h_\tau'(W) = x(4 - 3x),\ x = \min(W/\tau, 1).
+
+    :math:`h(0) = h'(0) = 0`, :math:`h(\tau) = \tau`, :math:`h'(\tau) = 1`; :math:`0 \le h(W) \le W`
+    (:math:`W - h = W(\tau - W)^2/\tau^2`) and :math:`0 \le h' \le 4/3` (largest at :math:`W = 2\tau/3`).
+    Negative values (solver rounding) map to 0. ``tau = 0`` is the identity.
+
+    Returns:
+        ``(h(value), h'(value))``, each shaped like ``value`` (cost units, and unitless).
+    """
+    if tau <= 0:
+        return value, torch.ones_like(value)
+    x = (value / tau).clamp(0.0, 1.0)
+    inside = value < tau
+    distance = torch.where(inside, value.clamp_min(0.0) * x * (2.0 - x), value)
+    return distance, torch.where(inside, x * (4.0 - 3.0 * x), torch.ones_like(value))
 
 
 def solve_problem(
@@ -305,29 +363,42 @@ def solve_problem(
     lam: float,
     *,
     transport: str = "difference",
+    tau: float | None = None,
     debias: bool = False,
     max_iter: int = 1000,
     tol: float = 1e-4,
 ) -> WassersteinSolution:
     r"""Solve a batch of truncated problems and shift the policy-side potentials so that
-    ``sum_i a_i phi_i`` equals the value (the module docstring, step 5).
+    ``sum_i a_i phi_i`` equals the value (the module docstring, steps 5 and 6).
 
     ``transport="difference"`` (:func:`_solve_difference`) moves only the mass the two distributions
-    do not share; ``"full"`` (:func:`_solve_full`) is the entropic OT between the whole distributions.
+    do not share; ``"smooth"`` is its distance through :func:`smooth_distance`, with penalty
+    :math:`h_\tau'(W)(\phi - W) + h_\tau(W)` (:class:`WassersteinRegularizer`); ``"full"``
+    (:func:`_solve_full`) is the entropic OT between the whole distributions.
+
+    The returned ``potential`` is the per-support gradient (penalty of every support atom and the dust);
+    ``penalty`` (slot 0) is the sampled token's. Use this one function for both, so that they agree.
+    The regularizer's default (``smooth``, its :attr:`~WassersteinRegularizer.tau`) is
+    :meth:`WassersteinRegularizer.solve`; this function's default is the plain difference form.
 
     Args:
         problem: the problems (n positions).
         lam: lambda; eps = 1 / lam.
-        transport: ``difference`` or ``full``.
+        transport: ``smooth``, ``difference`` or ``full``.
+        tau: (``smooth`` only, required) the smoothing scale in cost units, >= 0 (:func:`default_smooth_tau`).
         debias: (``full`` only) use the Sinkhorn divergence.
         max_iter: Sinkhorn iterations allowed at the target eps.
         tol: stop once every problem's L1 marginal error is <= tol (mass units of the policy).
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-    if transport == "difference":
+    if transport == "smooth" and (tau is None or not (math.isfinite(tau) and tau >= 0)):
+        raise ValueError(
+            f"transport='smooth' needs tau, a finite number >= 0 in cost units (see default_smooth_tau), got {tau!r}"
+        )
+    if transport != "full":
         if debias:
-            raise ValueError("debias applies to transport='full'; transport='difference' is already 0 at equality")
+            raise ValueError(f"debias applies to transport='full'; transport={transport!r} is already 0 at equality")
         potential, value, n_iter, error = _solve_difference(problem, lam, max_iter=max_iter, tol=tol)
     else:
         potential, value, n_iter, error = _solve_full(problem, lam, debias=debias, max_iter=max_iter, tol=tol)
@@ -335,7 +406,12 @@ def solve_problem(
     held = a > 0
     potential = torch.where(held, potential, torch.full_like(potential, -math.inf))
     shift = value - torch.where(held, a * potential, torch.zeros_like(potential)).sum(1)
-    return WassersteinSolution(potential=potential + shift[:, None], value=value, n_iter=n_iter, marginal_error=error)
+    potential = potential + shift[:, None]
+    if transport == "smooth":
+        distance, slope = smooth_distance(value, tau)
+        smoothed = slope[:, None] * (potential - value[:, None]) + distance[:, None]
+        potential, value = torch.where(held, smoothed, potential), distance
+    return WassersteinSolution(potential=potential, value=value, n_iter=n_iter, marginal_error=error)
 
 
 def _solve_difference(
@@ -432,11 +508,43 @@ def _solve_full(
 class WassersteinRegularizer(Regularizer):
     r"""The WPR penalty (module docstring) for PPO: ``penalty(policy_logits, ref_logits, actions, mask)``.
 
+    **Default distance** (``transport="smooth"``). With :math:`W(a, b)` the difference-form value
+    (:func:`_solve_difference`) and :math:`\tau` = ``smooth_tau`` (cost units), the distance at each position is
+
+    .. math::
+        D(a, b) = h_\tau(W(a, b)),\qquad
+        h_\tau(W) = \begin{cases} W^2 (2\tau - W)/\tau^2 & W < \tau \\ W & W \ge \tau \end{cases}
+
+    (:func:`smooth_distance`): exactly the difference-form distance once it exceeds :math:`\tau`, quadratic
+    (:math:`\approx 2W^2/\tau`, second order in :math:`a - b` like the KL) below, 0 only at :math:`a = b`.
+    **Gradient.** :math:`h_\tau` is C1, so along the simplex :math:`\nabla D = h_\tau'(W)\,\nabla W` with
+    :math:`h_\tau'(W) = x(4 - 3x)`, :math:`x = \min(W/\tau, 1)`. With :math:`\phi` the difference form's
+    penalties (shifted so that :math:`\sum_i a_i\phi_i = W`) the penalty of atom :math:`i` is
+
+    .. math::
+        \psi_i = h_\tau'(W)\,(\phi_i - W) + D, \qquad \textstyle\sum_i a_i \psi_i = D,
+
+    so the sampled token's :math:`\psi_y` is an unbiased one-sample estimate of :math:`D` (and
+    :meth:`solve` gives :math:`\psi` on the whole support + dust, for a penalty-in-the-loss surrogate
+    :math:`\sum_i \pi_\theta(i)\psi_i`).
+    **Variance.** :math:`W` is positively homogeneous in the moved mass (it is :math:`m` times a transport
+    cost between the normalised excess and deficit), so :math:`\phi` is 0-homogeneous: its spread over
+    tokens, :math:`\sigma_\phi = \mathrm{std}_{y\sim a}\,\phi_y`, stays of the order of the costs as
+    :math:`b \to a`. The smooth penalty's spread is :math:`h_\tau'(W)\,\sigma_\phi \le 4 (W/\tau)\,\sigma_\phi`,
+    and :math:`W \le m\,c_{max}` with :math:`m = \frac12\|a - b\|_1`: it vanishes linearly with the
+    distance to the reference (policy logits at distance :math:`\delta` give :math:`m = O(\delta)`), and is
+    the difference form's spread once :math:`W \ge \tau` (as :math:`\lambda` grows, :math:`D \to h_\tau(W_1)`,
+    :math:`= W_1` wherever :math:`W_1 \ge \tau`). The default
+    :math:`\tau` = :data:`SMOOTH_MASS` x the mean embedding distance (:func:`default_smooth_tau`: moving 5%
+    of the mass a typical token distance) meets, on SmolLM2 embeddings at lambda = 100, a spread
+    <= 1e-3 at logit noise 1e-6 and <= 1e-2 at 1e-4 (``benchmarks/penalty_noise.py``, ``docs/wpr-penalty.md``).
+    It costs one difference-form solve, so it runs at that form's speed.
+
     Stats (means over generated positions unless noted): ``penalty/mean``; ``wasserstein/value`` (the
-    entropic OT value, or the Sinkhorn divergence when debiased); ``sinkhorn/iters`` and
-    ``sinkhorn/marginal_err`` (largest over chunks); ``wasserstein/support_size`` (distinct support tokens,
-    dust excluded); ``wasserstein/dust_mass`` (mass outside the support, averaged over policy and
-    reference); ``kl/exact`` (full-vocabulary :math:`\mathrm{KL}(\pi_\theta\|\pi_{ref})`, for comparison).
+    distance: :math:`D` for ``smooth``, the entropic OT value, or the Sinkhorn divergence when debiased);
+    ``sinkhorn/iters`` and ``sinkhorn/marginal_err`` (largest over chunks); ``wasserstein/support_size``
+    (distinct support tokens, dust excluded); ``wasserstein/dust_mass`` (mass outside the support, averaged
+    over policy and reference); ``kl/exact`` (full-vocabulary :math:`\mathrm{KL}(\pi_\theta\|\pi_{ref})`).
 
     Args:
         embeddings: (V, d) token embeddings defining the cost (e.g. :func:`embedding_matrix` of the
@@ -447,16 +555,19 @@ class WassersteinRegularizer(Regularizer):
         knn: optional k1 (paper: 512): pairs that are not k1-nearest neighbours cost twice the dust cost.
         knn_cache_dir: folder caching the k1-NN radii under the embedding's content hash.
         dust_cost: ``"max"`` or a number >= 0 (module docstring, step 3).
-        transport: ``"difference"`` (default): transport only the mass the policy and the reference do not
-            share (:func:`_solve_difference`; 0 at equality, converges at lambda = 100); ``"full"``: the
-            paper's entropic OT between the whole distributions (:func:`_solve_full`), which at
-            lambda * cost >> 1 needs far more than ``max_iter`` iterations (see ``sinkhorn/marginal_err``).
+        transport: ``"smooth"`` (default, above); ``"difference"``: the difference-form distance :math:`W`
+            itself and its penalties :math:`\phi` (:func:`_solve_difference`; 0 at equality, converges at
+            lambda = 100, but pure noise near the reference); ``"full"``: the paper's entropic OT between the
+            whole distributions (:func:`_solve_full`), which at lambda * cost >> 1 needs far more than
+            ``max_iter`` iterations (see ``sinkhorn/marginal_err``).
+        smooth_tau: (``smooth``) :math:`\tau` in cost units, >= 0 (0: the difference form), or None
+            (:func:`default_smooth_tau` of ``embeddings``); the value used is :attr:`tau`.
         max_iter: Sinkhorn iterations allowed at the target eps.
         tol: Sinkhorn stopping tolerance on the L1 marginal error (mass units).
         debias: (``transport="full"``) penalize with the Sinkhorn divergence (zero at equality).
         max_chunk_elements: see :class:`~otalign.regularizers.base.Regularizer`. Log-softmax runs on
             ``max_chunk_elements // V`` positions at a time, Sinkhorn on ``max_chunk_elements // (c (2k+2)^2)``
-            (c = 1 for the difference form, 2 full, 4 debiased), the embedding gather on
+            (c = 1 for the difference and smooth forms, 2 full, 4 debiased), the embedding gather on
             ``max_chunk_elements // ((2k+1) d)``.
     """
 
@@ -472,7 +583,8 @@ class WassersteinRegularizer(Regularizer):
         knn: int | None = None,
         knn_cache_dir: str | os.PathLike | None = None,
         dust_cost: str | float = "max",
-        transport: str = "difference",
+        transport: str = "smooth",
+        smooth_tau: float | None = None,
         max_iter: int = 1000,
         tol: float = 1e-4,
         debias: bool = False,
@@ -497,7 +609,12 @@ class WassersteinRegularizer(Regularizer):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if debias and transport != "full":
-            raise ValueError("debias=True needs transport='full' (the difference transport is already 0 at equality)")
+            raise ValueError(f"debias=True needs transport='full' (transport={transport!r} is already 0 at equality)")
+        if smooth_tau is not None:
+            number = None if isinstance(smooth_tau, (str, bool)) else float(smooth_tau)
+            if number is None or not (math.isfinite(number) and number >= 0):
+                raise ValueError(f"smooth_tau must be None or a finite number >= 0, got {smooth_tau!r}")
+            smooth_tau = number
         if max_iter < 1 or not tol > 0:
             raise ValueError(f"need max_iter >= 1 and tol > 0, got max_iter={max_iter}, tol={tol}")
         self.embeddings = embeddings.detach()
@@ -507,12 +624,29 @@ class WassersteinRegularizer(Regularizer):
         self.lam, self.top_k, self.metric, self.knn = lam, top_k, metric, knn
         self.dust_cost, self.max_iter, self.tol, self.debias = dust_cost, max_iter, tol, debias
         self.transport = transport
+        self.tau = default_smooth_tau(self.embeddings, metric) if smooth_tau is None else smooth_tau
+        """tau of the smooth form in cost units (used only when ``transport="smooth"``)."""
 
     def __repr__(self) -> str:
         return (
             f"WassersteinRegularizer(V={self.embeddings.shape[0]}, d={self.embeddings.shape[1]}, lam={self.lam}, "
             f"top_k={self.top_k}, metric={self.metric!r}, knn={self.knn}, dust_cost={self.dust_cost!r}, "
-            f"transport={self.transport!r}, debias={self.debias})"
+            f"transport={self.transport!r}, tau={self.tau:.4g}, debias={self.debias})"
+        )
+
+    def solve(self, problem: TruncatedProblem) -> WassersteinSolution:
+        """Solve ``problem`` (e.g. from :func:`build_problem` with this regularizer's settings) as
+        :meth:`penalty` does: ``.potential`` (n, s + 1) is the per-support gradient (the penalty of every
+        support atom and the dust, ``-inf`` where the policy has no mass), ``.penalty`` the sampled token's,
+        ``.value`` the distance."""
+        return solve_problem(
+            problem,
+            self.lam,
+            transport=self.transport,
+            tau=self.tau,
+            debias=self.debias,
+            max_iter=self.max_iter,
+            tol=self.tol,
         )
 
     def _penalize(self, positions: Positions) -> tuple[torch.Tensor, StatAccumulator]:
@@ -534,7 +668,7 @@ class WassersteinRegularizer(Regularizer):
         support = Support.cat(parts)
 
         slots = 2 * self.top_k + 2
-        per_problem = slots * slots * {"difference": 1, "full": 4 if self.debias else 2}[self.transport]
+        per_problem = slots * slots * (1 if self.transport != "full" else 4 if self.debias else 2)
         gather = self.max_chunk_elements // ((slots - 1) * self.embeddings.shape[1])
         for start, stop in chunk_bounds(positions.count, self.max_chunk_elements // per_problem):
             problem = truncated_problem(
@@ -545,9 +679,7 @@ class WassersteinRegularizer(Regularizer):
                 dust_cost=self.dust_cost,
                 block_positions=max(1, gather),
             )
-            solution = solve_problem(
-                problem, self.lam, transport=self.transport, debias=self.debias, max_iter=self.max_iter, tol=self.tol
-            )
+            solution = self.solve(problem)
             values[start:stop] = solution.penalty
             stats.add_mean("wasserstein/value", solution.value)
             stats.add_max("sinkhorn/iters", solution.n_iter)

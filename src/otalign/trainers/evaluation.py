@@ -128,7 +128,7 @@ def ot_values(
     """(B,) entropic OT value to the reference summed over each response's positions, solved exactly as the
     Wasserstein regularizer ``reg`` does (same support, cost, dust and Sinkhorn settings), ``chunk``
     positions per batched solve."""
-    from otalign.regularizers import build_problem, solve_problem
+    from otalign.regularizers import build_problem
 
     rows, cols = mask.nonzero(as_tuple=True)
     totals = torch.zeros(mask.shape[0], dtype=torch.float64, device=mask.device)
@@ -145,8 +145,6 @@ def ot_values(
             radius=reg.radius,
             dust_cost=reg.dust_cost,
         )
-        solution = solve_problem(
-            problem, reg.lam, transport=reg.transport, debias=reg.debias, max_iter=reg.max_iter, tol=reg.tol
-        )
+        solution = reg.solve(problem)
         totals.index_add_(0, r, solution.value.double())
     return totals.float()

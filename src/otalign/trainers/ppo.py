@@ -104,7 +104,11 @@ class PPOConfig(TrainerConfig):
     wpr_embeddings: str = field(
         default="input", metadata={"help": "reference embeddings defining the cost", "choices": EMBEDDING_SOURCES}
     )
-    wpr_transport: str = field(default="difference", metadata={"help": "WPR transport form", "choices": TRANSPORTS})
+    wpr_transport: str = field(default="smooth", metadata={"help": "WPR transport form", "choices": TRANSPORTS})
+    wpr_smooth_tau: float | None = field(
+        default=None,
+        metadata={"help": "WPR smooth-form tau in cost units (none: 5% of mean embedding distance)", "check": "> 0"},
+    )
     wpr_debias: bool = field(default=False, metadata={"help": "debiased (Sinkhorn divergence) WPR penalty"})
     wpr_max_iter: int = field(default=1000, metadata={"help": "Sinkhorn iterations at most", "check": ">= 1"})
     wpr_tol: float = field(default=1e-5, metadata={"help": "Sinkhorn marginal tolerance", "check": "> 0"})
@@ -159,6 +163,7 @@ def regularizer_from_config(config: PPOConfig, ref_model):
             metric=config.wpr_metric,
             knn=config.wpr_knn,
             transport=config.wpr_transport,
+            smooth_tau=config.wpr_smooth_tau,
             debias=config.wpr_debias,
             max_iter=config.wpr_max_iter,
             tol=config.wpr_tol,
