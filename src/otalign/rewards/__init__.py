@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 
 from .base import FunctionReward, Reward, RewardFn
+from .code import ExecutionReward, apps_execution_reward, score_program, score_programs
 from .model import ModelReward, same_tokenizer
 from .sentiment import sentiment_reward
 
-REWARD_FUNCTIONS: dict[str, RewardFn] = {"sentiment": sentiment_reward}
+REWARD_FUNCTIONS: dict[str, RewardFn] = {"sentiment": sentiment_reward, "apps_execution": apps_execution_reward}
 """Built-in reward functions, selectable by name (``reward_fn: sentiment``)."""
 
 
@@ -39,11 +40,15 @@ def build_reward(
 
 __all__ = [
     "REWARD_FUNCTIONS",
+    "ExecutionReward",
     "FunctionReward",
     "ModelReward",
     "Reward",
     "RewardFn",
+    "apps_execution_reward",
     "build_reward",
     "same_tokenizer",
+    "score_program",
+    "score_programs",
     "sentiment_reward",
 ]
