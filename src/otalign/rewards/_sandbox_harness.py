@@ -7,10 +7,10 @@ the expected outputs: the caller compares.
 
 Per test (Linux, running as root, every namespace available)::
 
-    harness ─fork→ A: setpgid; unshare(NEWNET | NEWNS | NEWPID); every mount read-only except a fresh size-capped
-                   tmpfs on the working directory
-      A ─fork→ B: pid 1 of the new pid namespace; mounts its own /proc; reaps; exits with the program's status,
-                  and the kernel then kills everything left in the namespace (double forks, setsid daemons)
+    harness ─fork→ A: setpgid; unshare(NEWNET | NEWNS | NEWPID); every mount read-only, /tmp, /var/tmp and /dev/shm
+                   empty, and a fresh size-capped tmpfs on the working directory
+      A ─fork→ B: pid 1 of the new pid namespace; mounts its own /proc; reaps; exits with the program's status
+                  (or "left a process behind"), and the kernel then kills everything left in the namespace
         B ─fork→ C: stdin = the test input (an anonymous memfd), stdout/stderr/result = pipes to the harness,
                     every other fd closed; rlimits (CPU, AS, FSIZE, NPROC, NOFILE, CORE); setgroups([]),
                     setgid/setuid to an unprivileged uid; no_new_privs; then compiles and runs the program.
@@ -26,7 +26,8 @@ Job: ``{"program", "mode": "stdio"|"call", "fn_name", "inputs": [...], "timeout"
 "isolation": {"net", "mount", "pid", "user"}, "stop_on_error", "preload": [module names]}``, or
 ``{"probe": true, "uid": int}`` to report which isolation this machine allows.
 
-Per-test line: ``{"index", "outcome": "exited"|"signaled"|"timeout"|"output_limit", "returncode", "signal",
+Per-test line: ``{"index", "outcome": "exited"|"signaled"|"timeout"|"output_limit"|"leftover_process",
+"returncode", "signal",
 "stdout", "stderr" (first 4 KB), "channel" (what the program process wrote to fd 3: a compile error or the
 call-based result, as JSON text), "wall"}``. A setup failure (a namespace that cannot be created) ends the run
 with ``{"setup_error": message}`` (reported by A on a pipe no contained process holds).
@@ -58,8 +59,10 @@ MOUNT_FLAGS = {
 }
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 SETUP_ERROR = 125  # exit status of A when containment could not be set up
+LEFTOVER = 121  # exit status of B when the program exited but left a process running in its namespace
 STDERR_KEEP = 4096
 LEAVE_WRITABLE = ("/proc", "/sys", "/dev")  # pseudo file systems (writes there need root); /dev/shm is made read-only
+HIDDEN = ("/tmp", "/var/tmp", "/dev/shm")  # shown empty and read-only to the program
 
 _exit = os._exit  # kept: a program may replace os._exit in its own process, never in the harness
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -98,15 +101,23 @@ def _mount_points():
 
 
 def _read_only_view(workdir, uid, workdir_bytes):
-    """In a fresh mount namespace: every mount read-only (except pseudo file systems) and a private tmpfs of
-    ``workdir_bytes`` on ``workdir``, owned by ``uid``; the cwd moves onto it."""
+    """In a fresh mount namespace: every mount read-only (except pseudo file systems), the shared temporary
+    directories (:data:`HIDDEN`) replaced by empty read-only ones, and a private tmpfs of ``workdir_bytes`` on
+    ``workdir``, owned by ``uid``; the cwd moves onto it."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     for point, flags in _mount_points():
         if point != "/dev/shm" and any(point == p or point.startswith(p + "/") for p in LEAVE_WRITABLE):
             continue
         _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None)
+    hidden = [h for h in HIDDEN if os.path.isdir(h) and not os.path.islink(h)]
+    for point in hidden:  # other users' temporary files stay out of sight
+        _mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+        if workdir.startswith(point.rstrip("/") + "/"):
+            os.makedirs(workdir, exist_ok=True)
     owner = f",uid={uid},gid={uid}" if uid is not None else ""
     _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={workdir_bytes},mode=0700{owner}")
+    for point in hidden:
+        _mount(None, point, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
     os.chdir(workdir)
 
 
@@ -183,10 +194,10 @@ def _program(job, index, stdin_fd, fds):
 
 
 def _status_code(status):
-    """A wait status as one exit code: the code itself (capped at 127) or 128 + the signal."""
+    """A wait status as one exit code: the code itself (capped at 120) or 128 + the signal."""
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
-    return min(os.WEXITSTATUS(status), 127)
+    return min(os.WEXITSTATUS(status), 120)
 
 
 def _init(job, index, stdin_fd, fds):
@@ -205,7 +216,15 @@ def _init(job, index, stdin_fd, fds):
         except ChildProcessError:
             _exit(1)
         if done == pid:
-            _exit(_status_code(status))  # pid 1 exits: the kernel kills the rest of the namespace
+            break
+    while True:  # reap what already exited; a live child left now is a process the program left behind
+        try:
+            done, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if done == 0:
+            _exit(LEFTOVER)
+    _exit(_status_code(status))  # pid 1 exits: the kernel kills the rest of the namespace
 
 
 def _contain(job, index, stdin_fd, fds, setup):
@@ -237,7 +256,7 @@ def _contain(job, index, stdin_fd, fds, setup):
     for fd in (stdin_fd, *fds):
         os.close(fd)
     _, status = os.waitpid(pid, 0)
-    _exit(_status_code(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    _exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
 def _stdin_fd(job, index):
@@ -264,16 +283,18 @@ def _kill_group(pgid):
 
 def _reap_orphans(kill):
     """Reap every exited child; with ``kill``, SIGKILL the process group of any child still alive (orphans a
-    contained program left behind, reparented to this subreaper) until none is left."""
+    contained program left behind, reparented to this subreaper) until none is left. Whether any was alive."""
+    found = False
     for _ in range(1000):
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return found
         if pid:
             continue
         if not kill:
-            return
+            return found
+        found = True
         for child in _children():
             _kill_group(child)
             with contextlib.suppress(ProcessLookupError):
@@ -373,11 +394,14 @@ def _run_one(job, index):
         _, status = os.waitpid(pid, 0)
     _kill_group(pid)
     wall = time.monotonic() - start
-    _reap_orphans(kill=not job["isolation"]["pid"])
+    if _reap_orphans(kill=not job["isolation"]["pid"]) and outcome is None:
+        outcome = "leftover_process"
     returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     if job["isolation"]["pid"] and returncode is not None and returncode > 128:
         returncode, sig = None, returncode - 128  # B's encoding of "the program died of signal N"
+    if job["isolation"]["pid"] and returncode == LEFTOVER and outcome is None:
+        outcome = "leftover_process"
     channel = buffers["channel"].decode("utf-8", "replace")
     return {
         "index": index,

@@ -26,7 +26,7 @@ Verdicts (the APPS reference evaluator's rules, with the differences noted):
   object of the program's reaches this process, so ``__eq__`` tricks cannot fake a pass. A program that exits
   or does not return is a runtime error.
 - a test that exceeds the wall clock or RLIMIT_CPU is a ``timeout``; one that prints more than the output cap,
-  is killed by a signal or exits non-zero is a runtime error.
+  is killed by a signal, exits non-zero or leaves a process running after it exits is a runtime error.
 
 Reward (the paper's adaptive compiler-based reward, Chai et al. 2025)::
 
@@ -195,6 +195,8 @@ def _verdict(run: TestRun, expected, call_based: bool) -> tuple[str, str]:
         return "timeout", "time limit exceeded"
     if run.outcome == "output_limit":
         return "runtime_error", "output limit exceeded"
+    if run.outcome == "leftover_process":
+        return "runtime_error", "left a process running after it exited"
     if run.outcome != "exited" or run.returncode != 0:
         tail = run.stderr.strip().splitlines()[-1:] or [f"exit status {run.returncode}, signal {run.signal}"]
         return "runtime_error", tail[0][-300:]

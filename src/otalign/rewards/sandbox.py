@@ -14,10 +14,13 @@ guarantee                      Linux as root (user, pid, mount, net namespaces) 
 no network                     new network namespace (no interface is up)          refused unless
                                                                                    ``allow_unsandboxed_network``
 no writes outside the workdir  every mount read-only in a private mount namespace;  without a mount namespace only
-                               the workdir is a private tmpfs of ``workdir_mb``     file permissions (uid below)
+                               the workdir is a private tmpfs of ``workdir_mb``;    file permissions (uid below)
+                               /tmp, /var/tmp, /dev/shm are shown empty
 no reads of private files      a separate unprivileged uid per worker slot          same user as the caller
                                (``uid_base + slot``): root-only files unreadable;
-                               its /proc shows only its own processes
+                               its /proc shows only its own processes. World-
+                               readable files (/etc, /usr, the interpreter, a
+                               world-readable project) remain readable
 no process outlives its test   pid namespace: its init exiting kills the rest       harness is a subreaper and kills
                                                                                    orphans; a daemon that escapes
                                                                                    its session may survive
@@ -64,6 +67,7 @@ PRELOAD = tuple(
         "collections.abc",
         "copy",
         "dataclasses",
+        "encodings.idna",
         "datetime",
         "decimal",
         "enum",
@@ -135,7 +139,8 @@ class TestRun:
     """What one test's process did (raw; :mod:`otalign.rewards.code` judges it).
 
     Attributes:
-        outcome: ``exited`` | ``signaled`` | ``timeout`` | ``output_limit``.
+        outcome: ``exited`` | ``signaled`` | ``timeout`` | ``output_limit`` | ``leftover_process`` (it exited
+            leaving a process running; that process was killed).
         returncode: exit status (None when killed by a signal). signal: the signal number, or None.
         stdout: its standard output (UTF-8, undecodable bytes replaced), at most ``output_mb``.
         stderr: the first 4 KB of its standard error.
