@@ -228,10 +228,14 @@ def test_no_writes_outside_the_temporary_directory(suite):
 
 
 def test_machine_is_left_as_it_was(suite):
-    """No process of the sandbox's uids, no leftover temporary directory, the parent's memory within a margin."""
+    """No process of the sandbox's uids, no leftover temporary directory, the parent's memory within a margin; after
+    ``close()`` no child process at all. (Runs last: it closes the module's scorer.)"""
     assert _sandbox_processes() == []
     assert _sandbox_dirs() <= suite["dirs"]
     assert _rss_mb() - suite["rss"] < 64
+    harnesses = {h.proc.pid for h in suite["scorer"].sandbox._harnesses.values() if h.proc is not None}
+    assert set(_children_of(os.getpid())) <= harnesses  # only the idle harnesses (one per worker slot)
+    suite["scorer"].close()
     assert _children_of(os.getpid()) == []
 
 

@@ -1,42 +1,47 @@
-"""Sandbox harness: runs one untrusted program against a list of test inputs, each in a fresh contained process.
+"""Sandbox harness: runs untrusted programs against test inputs, each test in a fresh contained process.
 
 Started by :mod:`otalign.rewards.sandbox` as ``python -I -S <this file>`` in a new session, with a minimal
-environment, ``close_fds`` and the temporary working directory as its cwd. Standard library only; it never
-imports otalign. It reads one JSON job from stdin and writes one JSON line per test to stdout. It never sees
-the expected outputs: the caller compares.
+environment and ``close_fds``; one long-lived harness per worker slot (its own uid). Standard library only; it
+never imports otalign. It never sees the expected outputs: the caller compares.
 
-Per test (Linux, running as root, every namespace available)::
+Protocol (JSON lines on stdin/stdout): first a session ``{"uid", "isolation": {"net", "mount", "pid", "user"},
+"preload": [allowed module names]}``, answered ``{"ready": true}`` or ``{"setup_error": message}``; then any
+number of jobs ``{"program", "mode": "stdio"|"call", "fn_name", "inputs": [...], "timeout", "cpu_seconds",
+"memory_bytes", "file_bytes", "max_processes", "max_open_files", "output_bytes", "workdir_bytes",
+"stop_on_error", "workdir" (without a mount namespace)}``, each answered by one line per test run and then
+``{"done": true}``. ``{"probe": true, "uid": int}`` instead of a session reports which isolation this machine
+allows, and exits.
 
-    harness ─fork→ A: setpgid; unshare(NEWNET | NEWNS | NEWPID); every mount read-only, /tmp, /var/tmp and /dev/shm
-                   empty, and a fresh size-capped tmpfs on the working directory
+Session (Linux as root, every namespace available): the harness enters a new network namespace (no interface
+up) and a new mount namespace in which every mount is read-only and /tmp, /var/tmp and /dev/shm are empty
+read-only tmpfs (holding only the empty working directory). Per test::
+
+    harness ─fork→ A: setpgid; unshare(NEWNS | NEWPID); a fresh size-capped tmpfs, owned by the uid, on the
+                   working directory
       A ─fork→ B: pid 1 of the new pid namespace; mounts its own /proc; reaps; exits with the program's status
                   (or "left a process behind"), and the kernel then kills everything left in the namespace
         B ─fork→ C: stdin = the test input (an anonymous memfd), stdout/stderr/result = pipes to the harness,
                     every other fd closed; rlimits (CPU, AS, FSIZE, NPROC, NOFILE, CORE); setgroups([]),
-                    setgid/setuid to an unprivileged uid; no_new_privs; then compiles and runs the program.
+                    setgid/setuid to the unprivileged uid; no_new_privs; then compiles and runs the program.
 
-The harness (trusted, outside the namespaces) reads the pipes with byte caps and a wall-clock deadline and
+The harness (trusted, outside the pid namespaces) reads the pipes with byte caps and a wall-clock deadline and
 kills A's process group (hence B, hence the namespace) on timeout or overflow. Missing pieces degrade as the
-job's ``isolation`` says (the caller decides whether that is acceptable): without a pid namespace the harness
+session's ``isolation`` says (the caller decides whether that is acceptable): without a pid namespace the harness
 is a child subreaper and kills every orphan reparented to it after each test; without setuid the program runs
-as the harness's user.
-
-Job: ``{"program", "mode": "stdio"|"call", "fn_name", "inputs": [...], "timeout", "cpu_seconds",
-"memory_bytes", "file_bytes", "max_processes", "max_open_files", "output_bytes", "workdir_bytes", "uid",
-"isolation": {"net", "mount", "pid", "user"}, "stop_on_error", "preload": [module names]}``, or
-``{"probe": true, "uid": int}`` to report which isolation this machine allows.
+as the harness's user. Standard-library modules a program imports that are in the allowed ``preload`` list are
+imported by the harness first (the contained uid may be unable to read the interpreter's library directory).
 
 Per-test line: ``{"index", "outcome": "exited"|"signaled"|"timeout"|"output_limit"|"leftover_process",
-"returncode", "signal",
-"stdout", "stderr" (first 4 KB), "channel" (what the program process wrote to fd 3: a compile error or the
-call-based result, as JSON text), "wall"}``. A setup failure (a namespace that cannot be created) ends the run
-with ``{"setup_error": message}`` (reported by A on a pipe no contained process holds).
+"returncode", "signal", "stdout", "stderr" (first 4 KB), "channel" (what the program process wrote to fd 3: a
+compile error or the call-based result, as JSON text), "wall"}``. A setup failure (a namespace that cannot be
+created) ends the job with ``{"setup_error": message}`` (reported by A on a pipe no contained process holds).
 """
 
 import contextlib
 import ctypes
 import json
 import os
+import re
 import resource
 import selectors
 import signal
@@ -64,6 +69,7 @@ STDERR_KEEP = 4096
 LEAVE_WRITABLE = ("/proc", "/sys", "/dev")  # pseudo file systems (writes there need root); /dev/shm is made read-only
 HIDDEN = ("/tmp", "/var/tmp", "/dev/shm")  # shown empty and read-only to the program
 
+_HARNESS_STDIO = None
 _exit = os._exit  # kept: a program may replace os._exit in its own process, never in the harness
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
@@ -100,24 +106,31 @@ def _mount_points():
     return out
 
 
-def _read_only_view(workdir, uid, workdir_bytes):
-    """In a fresh mount namespace: every mount read-only (except pseudo file systems), the shared temporary
-    directories (:data:`HIDDEN`) replaced by empty read-only ones, and a private tmpfs of ``workdir_bytes`` on
-    ``workdir``, owned by ``uid``; the cwd moves onto it."""
+def _read_only_view():
+    """In the calling process's fresh mount namespace: every mount read-only (except pseudo file systems) and the
+    shared temporary directories (:data:`HIDDEN`) replaced by empty read-only tmpfs, the first holding an empty
+    working directory, whose path is returned."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     for point, flags in _mount_points():
         if point != "/dev/shm" and any(point == p or point.startswith(p + "/") for p in LEAVE_WRITABLE):
             continue
         _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None)
     hidden = [h for h in HIDDEN if os.path.isdir(h) and not os.path.islink(h)]
+    if not hidden:
+        raise OSError(f"none of {HIDDEN} is a directory to hold the working directory")
     for point in hidden:  # other users' temporary files stay out of sight
         _mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-        if workdir.startswith(point.rstrip("/") + "/"):
-            os.makedirs(workdir, exist_ok=True)
-    owner = f",uid={uid},gid={uid}" if uid is not None else ""
-    _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={workdir_bytes},mode=0700{owner}")
+    workdir = os.path.join(hidden[0], "otalign-work")
+    os.mkdir(workdir, 0o755)
     for point in hidden:
         _mount(None, point, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+    return workdir
+
+
+def _fresh_workdir(workdir, uid, size):
+    """A new private tmpfs of ``size`` bytes on ``workdir`` (in the caller's own mount namespace); cwd onto it."""
+    owner = f",uid={uid},gid={uid}" if uid is not None else ""
+    _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=0700{owner}")
     os.chdir(workdir)
 
 
@@ -155,7 +168,11 @@ def _program(job, index, stdin_fd, fds):
     home = os.getcwd()
     os.environ.clear()
     os.environ.update({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home})
-    # sys.stdin/stdout/stderr keep wrapping fds 0-2, which now are the test's (their buffers are empty)
+    global _HARNESS_STDIO
+    _HARNESS_STDIO = (sys.stdin, sys.stdout, sys.stderr)  # kept alive: collecting them would close fds 0-2
+    sys.stdin = sys.__stdin__ = open(0, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    sys.stdout = sys.__stdout__ = out_file = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    sys.stderr = sys.__stderr__ = err_file = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
     source, mode, fn_name = job["program"], job["mode"], job["fn_name"]
     args = job["inputs"][index] if mode == "call" else None
     job.clear()  # the program's process keeps nothing of the job but its own source and arguments
@@ -185,11 +202,11 @@ def _program(job, index, stdin_fd, fds):
     except BaseException:
         traceback.print_exc()
         status = 1
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        status = status or 1
+    for stream in {id(f): f for f in (sys.stdout, sys.stderr, out_file, err_file)}.values():
+        try:
+            stream.flush()
+        except BaseException:
+            status = status or 1
     _exit(status & 0xFF)
 
 
@@ -237,12 +254,13 @@ def _contain(job, index, stdin_fd, fds, setup):
             os.dup2(null, fd)
         os.close(null)
         iso = job["isolation"]
-        flags = (CLONE_NEWNET if iso["net"] else 0) | (CLONE_NEWNS if iso["mount"] else 0)
-        flags |= CLONE_NEWPID if iso["pid"] else 0
+        flags = (CLONE_NEWNS if iso["mount"] else 0) | (CLONE_NEWPID if iso["pid"] else 0)
         if flags:
-            _call("unshare", flags)
+            _call("unshare", flags)  # the network namespace is the session's
         if iso["mount"]:
-            _read_only_view(os.getcwd(), job["uid"] if iso["user"] else None, job["workdir_bytes"])
+            _fresh_workdir(job["workdir"], job["uid"] if iso["user"] else None, job["workdir_bytes"])
+        else:
+            os.chdir(job["workdir"])
         if not iso["pid"]:
             os.close(setup)
             _program(job, index, stdin_fd, fds)
@@ -448,7 +466,7 @@ def _probe(uid):
 
     def mount_ns():
         _call("unshare", CLONE_NEWNS)
-        _read_only_view(os.getcwd(), None, 1 << 20)
+        _fresh_workdir(_read_only_view(), None, 1 << 20)
         try:
             open("probe", "w").close()  # noqa: SIM115
         except OSError as e:
@@ -475,24 +493,71 @@ def _probe(uid):
     return results
 
 
+_IMPORT = re.compile(r"(?:^|;)[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import|import[ \t]+([\w., \t]+))", re.MULTILINE)
+
+
+def _imports(program):
+    """Module names (and their parents) that ``program``'s plain import statements name."""
+    names = set()
+    for match in _IMPORT.finditer(program):
+        for part in [match.group(1)] if match.group(1) else match.group(2).split(","):
+            name = part.split()[0] if part.split() else ""
+            while name:
+                names.add(name)
+                name = name.rpartition(".")[0]
+    return names
+
+
+def _session(session):
+    """Enter the session's network and mount namespaces; the working directory of its tests."""
+    iso = session["isolation"]
+    if iso["net"]:
+        _call("unshare", CLONE_NEWNET)
+    if iso["mount"]:
+        _call("unshare", CLONE_NEWNS)
+        workdir = _read_only_view()
+        os.chdir("/")
+        return workdir
+    return None
+
+
+def _serve(session, workdir):
+    allowed = set(session["preload"])
+    while line := sys.stdin.readline():
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        job.update(uid=session["uid"], isolation=session["isolation"])
+        if workdir is not None:
+            job["workdir"] = workdir
+        for name in sorted(_imports(job["program"]) & allowed):  # trusted stdlib code, as the harness's user
+            with contextlib.suppress(Exception):
+                __import__(name)
+        for index in range(len(job["inputs"])):
+            record = _run_one(job, index)
+            print(json.dumps(record), flush=True)
+            if "setup_error" in record or record["channel"].startswith('{"compile_error"'):
+                break
+            failed = record["outcome"] != "exited" or record["returncode"] != 0
+            if failed and job["stop_on_error"]:
+                break
+        print('{"done": true}', flush=True)
+
+
 def main():
-    job = json.loads(sys.stdin.buffer.read())
-    if job.get("probe"):
-        print(json.dumps(_probe(job["uid"])), flush=True)
+    session = json.loads(sys.stdin.readline())
+    if session.get("probe"):
+        print(json.dumps(_probe(session["uid"])), flush=True)
         return
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    for name in job["preload"]:  # imported once here (trusted stdlib code, as the harness's user): the
-        with contextlib.suppress(ImportError):  # contained uid may be unable to read the library directory
-            __import__(name)
-    for index in range(len(job["inputs"])):
-        record = _run_one(job, index)
-        print(json.dumps(record), flush=True)
-        if "setup_error" in record or record["channel"].startswith('{"compile_error"'):
-            break
-        failed = record["outcome"] != "exited" or record["returncode"] != 0
-        if failed and job["stop_on_error"]:
-            break
+    try:
+        workdir = _session(session)
+    except OSError as e:
+        print(json.dumps({"setup_error": f"{type(e).__name__}: {e}"}), flush=True)
+        return
+    print('{"ready": true}', flush=True)
+    _serve(session, workdir)
 
 
 if __name__ == "__main__":

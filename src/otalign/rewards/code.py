@@ -262,6 +262,7 @@ class CodeScorer:
         cache_size: int = 65536,
     ) -> None:
         self.workers = workers or default_workers()
+        self._owns_sandbox = sandbox is None
         self.sandbox = sandbox or Sandbox(config, slots=self.workers)
         self.scheme = scheme or RewardScheme()
         self.cache_size = cache_size
@@ -319,7 +320,10 @@ class CodeScorer:
         return judge(self.sandbox.run(program, tests["inputs"], fn_name=tests["fn_name"]), tests, self.scheme)
 
     def close(self) -> None:
+        """Stop the pool (and the sandbox's harness processes when this scorer made the sandbox)."""
         self._pool.shutdown(wait=True)
+        if self._owns_sandbox:
+            self.sandbox.close()
 
 
 @functools.lru_cache(maxsize=1)

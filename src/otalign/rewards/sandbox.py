@@ -1,9 +1,10 @@
 """Running untrusted programs: one contained child process per test, never in the caller's process.
 
-:class:`Sandbox` starts the stdlib-only harness (``_sandbox_harness.py``) once per program, as
-``python -I -S harness`` in a new session and process group, with ``close_fds``, a minimal environment (``PATH``,
-``LANG`` only: no inherited tokens), stdin carrying the job and a fresh temporary working directory that is
-deleted afterwards. The harness runs each test in its own process and reports raw outputs; the comparison with
+:class:`Sandbox` starts the stdlib-only harness (``_sandbox_harness.py``) as ``python -I -S harness`` in a new
+session and process group, with ``close_fds`` and a minimal environment (``PATH``, ``LANG`` only: no inherited
+tokens), and sends it jobs (program + test inputs) as JSON lines. Each test runs with stdin from the test only and
+a fresh working directory (a private tmpfs, gone with the test; without a mount namespace a temporary directory
+deleted after the program). The harness runs each test in its own process and reports raw outputs; the comparison with
 the expected outputs happens here, in the caller, and the expected outputs never leave it.
 
 Guarantees, by platform (what :func:`detect_isolation` finds is reported by :meth:`Sandbox.describe`):
@@ -32,7 +33,9 @@ wall clock, output size        the harness kills the test's process group at    
                                the harness's group at the job's total deadline
 =============================  =================================================  ==============================
 
-Both the harness and the contained programs run the interpreter given by ``python`` (default: this one) without
+One harness process per worker slot stays up between programs (no interpreter start per program); it is
+restarted when it dies, and killed with the :class:`Sandbox` (``close()``, or when it is collected). Both the
+harness and the contained programs run the interpreter given by ``python`` (default: this one) without
 ``site``: the programs see the standard library only. Modules in ``preload`` are imported by the harness before
 it forks (the contained uid may be unable to read the interpreter's library directory, e.g. under /root);
 importing another module fails unless the library is world-readable.
@@ -44,14 +47,17 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import queue
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
+import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,39 +168,102 @@ def _minimal_env() -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
-def _run_harness(job: dict, python: str, deadline: float) -> tuple[int, str, str]:
-    """Run the harness on ``job`` in a fresh temporary directory; ``(returncode, stdout, stderr)``."""
-    workdir = tempfile.mkdtemp(prefix="otalign-sandbox-")
-    try:
-        uid = job.get("uid")
-        if uid is not None and job.get("isolation", {}).get("user", True) and os.geteuid() == 0:
-            os.chown(workdir, uid, uid)  # without a mount namespace, the program writes here as its uid
-        proc = subprocess.Popen(
-            [python, "-I", "-S", str(HARNESS)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=workdir,
-            env=_minimal_env(),
-            close_fds=True,
-            start_new_session=True,
-        )
-        try:
-            out, err = proc.communicate(json.dumps(job).encode(), timeout=deadline)
-        except subprocess.TimeoutExpired:
-            _kill_session(proc)
-            out, err = proc.communicate()
-            return -signal.SIGKILL, out.decode("utf-8", "replace"), "harness deadline exceeded"
-        finally:
-            _kill_session(proc)
-        return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+def _start_harness(python: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [python, "-I", "-S", str(HARNESS)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=tempfile.TemporaryFile(),  # noqa: SIM115 (read back only when the harness fails)
+        cwd="/",
+        env=_minimal_env(),
+        close_fds=True,
+        start_new_session=True,
+    )
 
 
 def _kill_session(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError, ValueError):
+        proc.stdin.close()
+    proc.wait()
+    proc.stdout.close()
+
+
+def _stderr_tail(proc: subprocess.Popen) -> str:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        proc.stderr.seek(0)
+        return proc.stderr.read()[-2000:].decode("utf-8", "replace").strip()
+    return ""
+
+
+class _Harness:
+    """One long-lived harness process (one worker slot, one uid): sends jobs, reads their JSON lines back with a
+    deadline and a byte cap, and is restarted after it dies or is killed."""
+
+    def __init__(self, python: str, session: dict) -> None:
+        self.python, self.session = python, session
+        self.proc: subprocess.Popen | None = None
+        self._buffer = bytearray()
+
+    def _lines(self, deadline: float, cap: int):
+        """JSON objects the harness writes until ``deadline`` (monotonic seconds); SandboxError on EOF/time/size."""
+        fd = self.proc.stdout.fileno()
+        size = 0
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[: end + 1])
+                del self._buffer[: end + 1]
+                yield json.loads(line)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                self.kill()
+                raise SandboxError("the sandbox harness did not answer within its deadline")
+            chunk = os.read(fd, 1 << 20)
+            size += len(chunk)
+            if not chunk or size > cap:
+                why = "exited" if not chunk else "wrote more than its cap"
+                tail = _stderr_tail(self.proc)
+                self.kill()
+                raise SandboxError(f"the sandbox harness {why}: {tail}")
+            self._buffer += chunk
+
+    def _send(self, message: dict) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as err:
+            tail = _stderr_tail(self.proc)
+            self.kill()
+            raise SandboxError(f"the sandbox harness is gone ({err}): {tail}") from None
+
+    def start(self) -> None:
+        self.proc = _start_harness(self.python)
+        self._buffer.clear()
+        self._send(self.session)
+        answer = next(self._lines(time.monotonic() + 60.0, 1 << 20))
+        if "setup_error" in answer:
+            self.kill()
+            raise SandboxError(f"could not set up the sandbox: {answer['setup_error']}")
+
+    def run(self, job: dict, timeout: float) -> list[dict]:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        self._send(job)
+        records = []
+        cap = len(job["inputs"]) * (6 * job["output_bytes"] + (1 << 16)) + (1 << 20)
+        for record in self._lines(time.monotonic() + timeout, cap):
+            if record.get("done"):
+                return records
+            records.append(record)
+        return records  # unreachable: _lines ends only by raising
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            _kill_session(self.proc)
+            self.proc = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -203,9 +272,15 @@ def detect_isolation(python: str = sys.executable, uid: int = 61000) -> dict[str
     ``{"net", "mount", "pid", "user"}`` -> bool, plus ``"<name>_error"`` messages for what failed."""
     if not sys.platform.startswith("linux"):
         return {"net": False, "mount": False, "pid": False, "user": False, "platform_error": sys.platform}
-    code, out, err = _run_harness({"probe": True, "uid": uid}, python, deadline=60.0)
-    if code != 0:
-        raise SandboxError(f"the sandbox probe failed (exit {code}): {err.strip()[-2000:]}")
+    proc = _start_harness(python)
+    try:
+        out, _ = proc.communicate(json.dumps({"probe": True, "uid": uid}).encode() + b"\n", timeout=60.0)
+    except subprocess.TimeoutExpired:
+        out = b""
+    finally:
+        _kill_session(proc)
+    if proc.returncode != 0 or not out.strip():
+        raise SandboxError(f"the sandbox probe failed (exit {proc.returncode}): {_stderr_tail(proc)}")
     found = json.loads(out)
     if os.geteuid() != 0:
         found["user"] = False  # setuid to another uid needs root
@@ -224,11 +299,12 @@ def describe(isolation: dict) -> str:
 
 
 class Sandbox:
-    """Runs programs against test inputs under :class:`SandboxConfig`; thread-safe (one uid per concurrent run).
+    """Runs programs against test inputs under :class:`SandboxConfig`; thread-safe. Each of its ``slots`` is one
+    long-lived harness process with its own uid; a run takes a free slot (waiting for one if all are busy).
 
     Args:
         config: limits and isolation.
-        slots: the most runs at once (each gets its own uid); the caller's pool should not exceed it.
+        slots: the most runs at once; the caller's pool should not exceed it.
 
     Raises:
         SandboxError: no network namespace can be created and ``allow_unsandboxed_network`` is false.
@@ -238,18 +314,19 @@ class Sandbox:
         self.config = config or SandboxConfig()
         self.slots = slots or default_workers()
         base = self.config.uid_base + 1024 * int(os.environ.get("LOCAL_RANK", "0") or 0)
-        self.isolation = {k: v for k, v in detect_isolation(self.config.python, base).items() if k in ISOLATION}
+        found = detect_isolation(self.config.python, base)
+        self.isolation = {k: bool(found[k]) for k in ISOLATION}
         if not self.isolation["net"] and not self.config.allow_unsandboxed_network:
-            errors = detect_isolation(self.config.python, base).get("net_error", "not Linux")
             raise SandboxError(
-                f"cannot isolate the network of executed programs on this machine ({errors}); pass "
-                "allow_unsandboxed_network=True (env OTALIGN_ALLOW_UNSANDBOXED_NETWORK=1 for the named reward) "
+                f"cannot isolate the network of executed programs on this machine ({found.get('net_error', '?')}); "
+                "pass allow_unsandboxed_network=True (env OTALIGN_ALLOW_UNSANDBOXED_NETWORK=1 for the named reward) "
                 "to run them anyway"
             )
-        self._uids: queue.Queue[int] = queue.Queue()
+        self._free: queue.Queue[int] = queue.Queue()
+        self._harnesses: dict[int, _Harness] = {}
         for slot in range(self.slots):
-            self._uids.put(base + slot)
-        self._lock = threading.Lock()
+            self._free.put(base + slot)
+        self._finalizer = weakref.finalize(self, _close_all, self._harnesses)
         logger.info("code sandbox: %s", describe(self.isolation))
 
     def describe(self) -> str:
@@ -262,43 +339,59 @@ class Sandbox:
         ``stop_on_error``, after a runtime error or timeout).
 
         Raises:
-            SandboxError: the sandbox could not be set up (never for anything the program does).
+            SandboxError: the sandbox could not be set up or its harness failed (never for anything the program
+                does).
         """
         c = self.config
-        uid = self._uids.get()
+        job = {
+            "program": program,
+            "mode": "call" if fn_name else "stdio",
+            "fn_name": fn_name,
+            "inputs": list(inputs),
+            "timeout": float(c.timeout),
+            "cpu_seconds": c.cpu_seconds or max(1, math.ceil(c.timeout)),
+            "memory_bytes": int(c.memory_mb) << 20,
+            "file_bytes": int(c.file_size_mb) << 20,
+            "workdir_bytes": int(c.workdir_mb) << 20,
+            "max_processes": int(c.max_processes),
+            "max_open_files": int(c.max_open_files),
+            "output_bytes": int(c.output_mb * (1 << 20)),
+            "stop_on_error": c.stop_on_error,
+        }
+        uid = self._free.get()
+        workdir = None
         try:
-            job = {
-                "program": program,
-                "mode": "call" if fn_name else "stdio",
-                "fn_name": fn_name,
-                "inputs": list(inputs),
-                "timeout": float(c.timeout),
-                "cpu_seconds": c.cpu_seconds or max(1, int(-(-c.timeout // 1))),
-                "memory_bytes": int(c.memory_mb) << 20,
-                "file_bytes": int(c.file_size_mb) << 20,
-                "workdir_bytes": int(c.workdir_mb) << 20,
-                "max_processes": int(c.max_processes),
-                "max_open_files": int(c.max_open_files),
-                "output_bytes": int(c.output_mb * (1 << 20)),
-                "uid": uid,
-                "isolation": self.isolation,
-                "stop_on_error": c.stop_on_error,
-                "preload": list(c.preload),
-            }
-            deadline = len(job["inputs"]) * (c.timeout + 3.0) + 30.0
-            code, out, err = _run_harness(job, c.python, deadline)
+            harness = self._harnesses.get(uid)
+            if harness is None:
+                session = {"uid": uid, "isolation": self.isolation, "preload": list(c.preload)}
+                harness = self._harnesses[uid] = _Harness(c.python, session)
+            if not self.isolation["mount"]:  # the program writes into a real temporary directory
+                workdir = tempfile.mkdtemp(prefix="otalign-sandbox-")
+                if self.isolation["user"]:
+                    os.chown(workdir, uid, uid)
+                job["workdir"] = workdir
+            records = harness.run(job, timeout=len(job["inputs"]) * (c.timeout + 3.0) + 30.0)
         finally:
-            self._uids.put(uid)
-        runs: list[TestRun] = []
-        for line in out.splitlines():
-            record = json.loads(line)
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+            self._free.put(uid)
+        runs = []
+        for record in records:
             if "setup_error" in record:
                 raise SandboxError(f"could not contain the program: {record['setup_error']}")
             record.pop("index")
             runs.append(TestRun(**record))
-        if code != 0:
-            raise SandboxError(f"the sandbox harness failed (exit {code}): {err.strip()[-2000:]}")
         return runs
+
+    def close(self) -> None:
+        """Stop every harness process (a later run starts new ones)."""
+        _close_all(self._harnesses)
+
+
+def _close_all(harnesses: dict) -> None:
+    for harness in list(harnesses.values()):
+        harness.kill()
+    harnesses.clear()
 
 
 ISOLATION = ("net", "mount", "pid", "user")
