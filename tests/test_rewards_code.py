@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from otalign.rewards.code import (
     RewardScheme,
     call_match,
     extract_program,
+    judge,
     pass_at_k,
     score_program,
     stdio_match,
@@ -223,3 +225,37 @@ def test_ppo_runs_end_to_end_with_the_execution_reward(tmp_path):
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(-1.0 <= r["reward/mean"] <= 1.0 for r in rows)  # random text: compile errors (-1) mostly
+
+
+def test_harness_is_restarted_after_it_dies(scorer):
+    program = "a, b = map(int, input().split())\nprint(a + b)  # restart"
+    scorer.sandbox.run("print(1)", ["\n"])
+    for harness in scorer.sandbox._harnesses.values():
+        if harness.proc is not None:
+            harness.proc.kill()
+            harness.proc.wait()
+    assert scorer.score(program, SUM).status == "passed"
+
+
+def test_degraded_isolation_still_judges_and_kills_leftovers():
+    """Without namespaces or a uid switch (other platforms, no root): same verdicts; a daemon that escaped its
+    session is killed by the harness (a subreaper) and the program scored a runtime error."""
+    config = SandboxConfig(timeout=1.0, allow_unsandboxed_network=True, uid_base=63000)
+    degraded = CodeScorer(config=config, workers=1, cache_size=0)
+    degraded.sandbox.isolation = dict.fromkeys(degraded.sandbox.isolation, False)
+    daemon = (
+        "import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    pid = os.fork()\n    if pid == 0:\n"
+        "        time.sleep(60)\n    print('daemon', pid, file=sys.stderr, flush=True)\n    os._exit(0)\n"
+        "time.sleep(0.1)\na, b = map(int, input().split())\nprint(a + b)\n"
+    )
+    try:
+        results = degraded.score_batch(
+            ["a, b = map(int, input().split())\nprint(a + b)", "print(", "while True: pass"], [SUM] * 3
+        )
+        assert [r.status for r in results] == ["passed", "compile_error", "timeout"]
+        runs = degraded.sandbox.run(daemon, ["1 2\n"])
+        pid = int(runs[0].stderr.split()[1])
+        assert runs[0].outcome == "leftover_process" and judge(runs, {**SUM, "fn_name": None}).status == "runtime_error"
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    finally:
+        degraded.close()

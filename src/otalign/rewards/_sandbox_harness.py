@@ -366,7 +366,7 @@ def _run_one(job, index):
         os.set_blocking(r, False)
         selector.register(r, selectors.EVENT_READ, name)
     deadline, outcome, status = start + job["timeout"], None, None
-    killed = False
+    killed = leftover = False
     while selector.get_map():
         left = deadline - time.monotonic()
         if left <= 0:
@@ -377,7 +377,7 @@ def _run_one(job, index):
             _kill_group(pid)  # on timeout, or a finished program whose leftovers still hold its pipes
             if status is None:
                 _, status = os.waitpid(pid, 0)
-            _reap_orphans(kill=not job["isolation"]["pid"])
+            leftover = _reap_orphans(kill=not job["isolation"]["pid"])
             killed, deadline = True, time.monotonic() + 2.0  # drain what the killed processes left in the pipes
             continue
         for key, _ in selector.select(min(left, 0.05)):
@@ -412,7 +412,8 @@ def _run_one(job, index):
         _, status = os.waitpid(pid, 0)
     _kill_group(pid)
     wall = time.monotonic() - start
-    if _reap_orphans(kill=not job["isolation"]["pid"]) and outcome is None:
+    leftover = _reap_orphans(kill=not job["isolation"]["pid"]) or leftover
+    if leftover and outcome is None:
         outcome = "leftover_process"
     returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
