@@ -52,6 +52,7 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -331,7 +332,9 @@ def default_scorer() -> CodeScorer:
     """The shared scorer of :func:`score_program` and the named reward (created on first use).
     ``OTALIGN_ALLOW_UNSANDBOXED_NETWORK=1`` lets it run where the network cannot be isolated."""
     allow = os.environ.get("OTALIGN_ALLOW_UNSANDBOXED_NETWORK", "") not in ("", "0", "false")
-    return CodeScorer(config=SandboxConfig(allow_unsandboxed_network=allow))
+    scorer = CodeScorer(config=SandboxConfig(allow_unsandboxed_network=allow))
+    print(f"apps_execution sandbox: {scorer.sandbox.describe()}", file=sys.stderr, flush=True)
+    return scorer
 
 
 def score_program(program: str, tests: Mapping | str, *, scorer: CodeScorer | None = None) -> CodeResult:

@@ -327,7 +327,8 @@ class Sandbox:
         for slot in range(self.slots):
             self._free.put(base + slot)
         self._finalizer = weakref.finalize(self, _close_all, self._harnesses)
-        logger.info("code sandbox: %s", describe(self.isolation))
+        log = logger.info if all(self.isolation.values()) else logger.warning
+        log("code sandbox: %s", describe(self.isolation))
 
     def describe(self) -> str:
         """The active isolation in words."""
