@@ -42,7 +42,7 @@ ATTACKS = {
     ),
     "write home and project": (
         f"for p in ['/root/otalign-pwned-{TAG}', {str(PROJECT / f'pwned-{TAG}')!r}, "
-        f"'/tmp/otalign-pwned-{TAG}', '/dev/shm/otalign-pwned-{TAG}']:\n"
+        f"'/tmp/otalign-pwned-{TAG}', '/dev/shm/otalign-pwned-{TAG}', '/run/lock/otalign-pwned-{TAG}']:\n"
         "    try:\n        open(p, 'w').write('x')\n        print('wrote', p)\n    except OSError as e:\n"
         "        print('blocked', p, e)\nraise SystemExit(1)\n",
         ONE,
@@ -216,12 +216,13 @@ def test_no_network(suite):
 
 def test_no_writes_outside_the_temporary_directory(suite):
     written = suite["raw"]["write home and project"][0].stdout
-    assert "wrote" not in written and written.count("blocked") == 4
+    assert "wrote" not in written and written.count("blocked") == 5
     for path in (
         Path(f"/root/otalign-pwned-{TAG}"),
         PROJECT / f"pwned-{TAG}",
         Path(f"/tmp/otalign-pwned-{TAG}"),
         Path(f"/dev/shm/otalign-pwned-{TAG}"),
+        Path(f"/run/lock/otalign-pwned-{TAG}"),
         Path(f"/tmp/otalign-daemon-{TAG}"),
     ):
         assert not path.exists(), path

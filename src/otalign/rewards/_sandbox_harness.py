@@ -16,8 +16,8 @@ Session (Linux as root, every namespace available): the harness enters a new net
 up) and a new mount namespace in which every mount is read-only and /tmp, /var/tmp and /dev/shm are empty
 read-only tmpfs (holding only the empty working directory). Per test::
 
-    harness ─fork→ A: setpgid; unshare(NEWNS | NEWPID); a fresh size-capped tmpfs, owned by the uid, on the
-                   working directory
+    harness ─fork→ A: setpgid; unshare(NEWNS | NEWPID | NEWIPC); a fresh size-capped tmpfs, owned by the uid,
+                   on the working directory (SysV/POSIX IPC objects die with the test's IPC namespace)
       A ─fork→ B: pid 1 of the new pid namespace; mounts its own /proc; reaps; exits with the program's status
                   (or "left a process behind"), and the kernel then kills everything left in the namespace
         B ─fork→ C: stdin = the test input (an anonymous memfd), stdout/stderr/result = pipes to the harness,
@@ -49,7 +49,7 @@ import sys
 import time
 import traceback
 
-CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
 MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
@@ -66,7 +66,7 @@ PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 SETUP_ERROR = 125  # exit status of A when containment could not be set up
 LEFTOVER = 121  # exit status of B when the program exited but left a process running in its namespace
 STDERR_KEEP = 4096
-LEAVE_WRITABLE = ("/proc", "/sys", "/dev")  # pseudo file systems (writes there need root); /dev/shm is made read-only
+LEAVE_WRITABLE = ("/proc", "/sys", "/dev", "/dev/pts")  # pseudo file systems: writes there need root or a tty
 HIDDEN = ("/tmp", "/var/tmp", "/dev/shm")  # shown empty and read-only to the program
 
 _HARNESS_STDIO = None
@@ -112,7 +112,7 @@ def _read_only_view():
     working directory, whose path is returned."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     for point, flags in _mount_points():
-        if point != "/dev/shm" and any(point == p or point.startswith(p + "/") for p in LEAVE_WRITABLE):
+        if point in LEAVE_WRITABLE or point.startswith(("/proc/", "/sys/")):
             continue
         _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None)
     hidden = [h for h in HIDDEN if os.path.isdir(h) and not os.path.islink(h)]
@@ -254,7 +254,7 @@ def _contain(job, index, stdin_fd, fds, setup):
             os.dup2(null, fd)
         os.close(null)
         iso = job["isolation"]
-        flags = (CLONE_NEWNS if iso["mount"] else 0) | (CLONE_NEWPID if iso["pid"] else 0)
+        flags = (CLONE_NEWNS if iso["mount"] else 0) | (CLONE_NEWPID | CLONE_NEWIPC if iso["pid"] else 0)
         if flags:
             _call("unshare", flags)  # the network namespace is the session's
         if iso["mount"]:
@@ -457,7 +457,7 @@ def _probe(uid):
         return (status == 0), message.decode("utf-8", "replace")
 
     def pid_ns():
-        _call("unshare", CLONE_NEWPID)
+        _call("unshare", CLONE_NEWPID | CLONE_NEWIPC)
         child = os.fork()
         if child == 0:
             _exit(0 if os.getpid() == 1 else 1)
