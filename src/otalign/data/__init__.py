@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .apps import load_apps
+from .apps import APPS_MINI, apps_mini_path, load_apps, load_code_problems
 from .conversion import Converted, RowError
 from .hh_rlhf import load_hh_rlhf
 from .prompts import BUILTIN, Prompt, load_prompts, parse_prompts, render_prompt, validate_prompt
@@ -11,12 +11,15 @@ from .splits import paper_split, prepare_stage_files, stage_rows
 from .tldr import load_tldr
 
 __all__ = [
+    "APPS_MINI",
     "BUILTIN",
     "Converted",
     "Prompt",
     "RowError",
     "SFTExample",
+    "apps_mini_path",
     "load_apps",
+    "load_code_problems",
     "load_hh_rlhf",
     "load_prompts",
     "load_sft_data",

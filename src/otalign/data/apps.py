@@ -12,14 +12,24 @@ Output::
 The prompt is the APPS paper's generation format: ``"\\nQUESTION:\\n<question>\\n<starter_code>\\nUse
 Call-Based format\\nANSWER:\\n"`` for problems with ``fn_name`` (``Use Standard Input format`` otherwise; the
 starter-code line only when there is starter code). Problems: ``no tests``, ``bad tests``, plus the generic ones.
+
+The built-in set ``"apps_mini"`` (:data:`APPS_MINI`, shipped as ``builtin/apps_mini.jsonl``) is a dozen small
+problems in this output form (5 introductory, 4 interview, 3 competition; stdin/stdout and
+call-based), each with known-correct ``solutions`` and ``wrong_solutions`` (``{"program", "status"}``: the
+verdict the evaluator must give). It is also a prompt file: its ``tests`` and ``difficulty`` columns reach a
+reward through the prompt rows.
 """
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 from .conversion import Converted, RowError, convert_rows, get, text
 from .preference import read_rows
+
+APPS_MINI = "apps_mini"
+DIFFICULTIES = ("introductory", "interview", "competition")
 
 
 def apps_tests(row: dict) -> dict:
@@ -63,3 +73,28 @@ def apps_row(row: dict) -> dict:
 def load_apps(source: str, split: str = "train", *, on_error: str = "raise") -> Converted:
     """APPS problems of a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset, converted."""
     return convert_rows(read_rows(source, split), source, apps_row, on_error=on_error)
+
+
+def apps_mini_path() -> str:
+    """Path of the built-in APPS-form problem set (a prompt file with ``tests`` and ``difficulty`` columns)."""
+    return str(resources.files("otalign.data") / "builtin" / "apps_mini.jsonl")
+
+
+def _problem_row(row: dict) -> dict:
+    """A row already in the output form (``prompt``, ``tests`` dict or JSON string, optional ``difficulty``)."""
+    if "input_output" in row:
+        return apps_row(row)
+    prompt = text(row, "prompt")
+    tests = get(row, "tests")
+    out = dict(row)
+    out["prompt"] = prompt
+    out["tests"] = apps_tests({"input_output": tests if isinstance(tests, str) else json.dumps(tests)})
+    out.setdefault("difficulty", "unknown")
+    return out
+
+
+def load_code_problems(source: str = APPS_MINI, split: str = "train", *, on_error: str = "raise") -> Converted:
+    """Problems with tests from ``"apps_mini"``, a raw APPS file/dataset (rows with ``input_output``), or a prompt
+    file in the output form (rows with ``prompt`` and ``tests``); every row as :func:`apps_row` gives it."""
+    path = apps_mini_path() if source == APPS_MINI else source
+    return convert_rows(read_rows(path, split), source, _problem_row, on_error=on_error)

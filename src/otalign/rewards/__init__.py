@@ -7,12 +7,18 @@ import os
 from otalign.registry import Registry
 
 from .base import FunctionReward, Reward, RewardFn
+from .code import ExecutionReward, apps_execution_reward, score_program, score_programs
 from .model import ModelReward, same_tokenizer
 from .sentiment import sentiment_reward
 
 REWARD_FUNCTIONS = Registry("reward function")
 """Built-in reward functions ``fn(prompts, responses, **columns) -> scores``, selectable by name (``reward_fn``)."""
 REWARD_FUNCTIONS.add("sentiment", sentiment_reward, help="VADER compound sentiment of the response, in [-1, 1]")
+REWARD_FUNCTIONS.add(
+    "apps_execution",
+    apps_execution_reward,
+    help="run the program against the row's tests in the sandbox: the WPR paper's APPS reward in [-1, 1]",
+)
 
 
 def build_reward(
@@ -42,11 +48,15 @@ def build_reward(
 
 __all__ = [
     "REWARD_FUNCTIONS",
+    "ExecutionReward",
     "FunctionReward",
     "ModelReward",
     "Reward",
     "RewardFn",
+    "apps_execution_reward",
     "build_reward",
     "same_tokenizer",
+    "score_program",
+    "score_programs",
     "sentiment_reward",
 ]
