@@ -153,9 +153,15 @@ class BaseTrainer:
     """Metrics shown next to the progress bar."""
 
     def finish(self) -> None:
-        """Close trackers and wait for all processes."""
+        """Close trackers and wait for all processes.
+
+        The process group stays up (it ends with the process) so that another trainer can follow in the
+        same processes, as the stages of ``otalign pipeline`` do: ``Accelerator.end_training`` would destroy
+        it, and the next stage's collectives would fail.
+        """
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
     def save_model(self) -> None:
         """Save the trained ``self.policy`` (``save_pretrained``) and ``self.tokenizer`` to ``output_dir/model``."""
