@@ -68,9 +68,9 @@ def build(name: str, output_dir: Path, *, processes: int, policy_seed: int = 0, 
         progress_bar=False,
         save_model=False,
         save_total_limit=None,
-        **settings,
-        **overrides,
     )
+    common.update(settings)
+    common.update(overrides)
     tokenizer = tiny_tokenizer()
     policy = tiny_causal_lm(tokenizer, seed=policy_seed)
     if kind == "dpo":
