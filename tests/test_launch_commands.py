@@ -54,9 +54,10 @@ def test_readme_cpu_ppo_command(tmp_path):
     )
     config = write_config(tmp_path / "ppo.yaml", output_dir=str(tmp_path / "two"), **settings)
     cmd = [*LAUNCH, "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
-    done = subprocess.run([*cmd, "-m", "otalign.cli", "ppo", "--config", str(config)], env=CPU, capture_output=True)
-    check(subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode()))
-    assert "2 steps x 4 rollouts" in done.stdout.decode() and "processes=2" in done.stdout.decode()
+    cmd += ["-m", "otalign.cli", "ppo", "--config", str(config)]
+    done = subprocess.run(cmd, env=CPU, capture_output=True, text=True, timeout=300)
+    check(done)
+    assert "2 steps x 4 rollouts" in done.stdout and "processes=2" in done.stdout
     main(["ppo", "--config", str(config), "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size=4"])
     assert_metrics_close(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"))
 

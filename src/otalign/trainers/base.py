@@ -167,9 +167,10 @@ class BaseTrainer:
         """Save the trained ``self.policy`` (``save_pretrained``) and ``self.tokenizer`` to ``output_dir/model``."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        state = acc.get_state_dict(self.policy)  # every process: gathers FSDP / ZeRO-3 shards
         if acc.is_main_process:
             target = self.output_dir / "model"
-            acc.unwrap_model(self.policy).save_pretrained(target)
+            acc.unwrap_model(self.policy).save_pretrained(target, state_dict=state)
             self.tokenizer.save_pretrained(target)
 
 
