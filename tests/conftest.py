@@ -23,14 +23,23 @@ def torch_single_thread():
 
 @pytest.fixture
 def two_process_cli():
-    """``run(args)``: ``otalign <args>`` as a 2-process CPU launch (gloo, ``torch.distributed.run``); the test fails
-    with the launch's stderr if it does."""
+    """``run(args)``: ``otalign <args>`` launched as the README's DDP command on CPU, ``ACCELERATE_USE_CPU=true
+    accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 2 --mixed_precision no -m
+    otalign.cli <args>`` (2 processes, gloo); the test fails with the launch's stderr if it does."""
     import os
+    import socket
     import subprocess
     import sys
+    from pathlib import Path
+
+    config = Path(__file__).parents[1] / "examples" / "accelerate" / "ddp.yaml"
 
     def run(args: list[str]) -> None:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+        command += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", port]
         env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
         done = subprocess.run(
             [*command, "-m", "otalign.cli", *args], env=env, capture_output=True, text=True, timeout=300

@@ -208,6 +208,7 @@ def test_bad_config_values_raise_clear_errors(argv, message):
         parse_config(PreferenceConfig, None, argv)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_process_cli):
     """``otalign dpo`` under a 2-process CPU launch (gloo) logs the metrics of one process with twice the batch:
     the data order follows the global sample index and the AOT sort spans both processes."""

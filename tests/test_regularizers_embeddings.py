@@ -66,3 +66,25 @@ def test_wasserstein_penalty_on_the_models_own_logits(tiny_model):
     reg = WassersteinRegularizer(embedding_matrix(tiny_model, vocab_size=logits.shape[-1]), top_k=8)
     out = reg.penalty(logits.bfloat16(), ref_logits.bfloat16(), ids[:, 1:])
     assert out.per_token.shape == (2, 8) and torch.isfinite(out.per_token).all()
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, weight: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.embed.weight = weight
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def test_embeddings_that_are_not_whole_on_this_process_are_refused():
+    """A reference model partitioned by DeepSpeed ZeRO-3 (a flat empty shard carrying ``ds_shape``) or left on
+    the meta device by FSDP's low-memory loading has no usable cost matrix: refuse it by name, never build
+    the penalty on a shard."""
+    shard = torch.nn.Parameter(torch.empty(0))
+    shard.ds_shape = torch.Size([VOCAB, 16])  # what deepspeed.zero.Init leaves on a partitioned parameter
+    with pytest.raises(ValueError, match=r"not whole on this process \(shape \(0,\), DeepSpeed-partitioned\).*"):
+        embedding_matrix(_Holder(shard))
+    with pytest.raises(ValueError, match="zero3_init_flag: false, fsdp_cpu_ram_efficient_loading: false"):
+        embedding_matrix(_Holder(torch.nn.Parameter(torch.empty(VOCAB, 16, device="meta"))))

@@ -146,6 +146,7 @@ def test_bad_input_is_rejected_before_training(tmp_path):
         make_trainer(tmp_path, max_length=3)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_process_cli):
     """``otalign reward`` under a 2-process CPU launch (gloo) logs the metrics of one process with twice the batch."""
     model_dir = save_tiny_model(tmp_path / "tiny")

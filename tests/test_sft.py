@@ -147,6 +147,7 @@ def test_too_long_example_is_an_error(tmp_path):
         make_trainer(tmp_path, max_length=4)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_process_cli):
     """``otalign sft`` under a 2-process CPU launch (gloo) logs the metrics of one process with twice the batch:
     the data order follows the global sample index and the loss is the token mean over both processes."""

@@ -60,6 +60,15 @@ def embedding_matrix(
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(model).__name__} has no {source} embedding matrix ({getter}() gave {module!r})")
+    if hasattr(weight, "ds_shape") or weight.dim() != 2 or weight.is_meta:
+        # DeepSpeed ZeRO-3 (zero3_init_flag) partitions the weight into a flat shard; FSDP's low-memory
+        # loading leaves it on the meta device: either way this process does not hold the matrix.
+        raise ValueError(
+            f"the {source} embedding matrix of {type(model).__name__} is not whole on this process (shape "
+            f"{tuple(weight.shape)}, {'DeepSpeed-partitioned' if hasattr(weight, 'ds_shape') else weight.device}): "
+            "load the reference model whole on every process (zero3_init_flag: false, "
+            "fsdp_cpu_ram_efficient_loading: false)"
+        )
     matrix = weight.detach().to(dtype=dtype, device=device).clone()
     if vocab_size is not None:
         check_vocab_size(matrix, vocab_size)

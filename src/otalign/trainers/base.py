@@ -153,17 +153,24 @@ class BaseTrainer:
     """Metrics shown next to the progress bar."""
 
     def finish(self) -> None:
-        """Close trackers and wait for all processes."""
+        """Close trackers and wait for all processes.
+
+        The process group stays up (it ends with the process) so that another trainer can follow in the
+        same processes, as the stages of ``otalign pipeline`` do: ``Accelerator.end_training`` would destroy
+        it, and the next stage's collectives would fail.
+        """
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
     def save_model(self) -> None:
         """Save the trained ``self.policy`` (``save_pretrained``) and ``self.tokenizer`` to ``output_dir/model``."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        state = acc.get_state_dict(self.policy)  # every process: gathers FSDP / ZeRO-3 shards
         if acc.is_main_process:
             target = self.output_dir / "model"
-            acc.unwrap_model(self.policy).save_pretrained(target)
+            acc.unwrap_model(self.policy).save_pretrained(target, state_dict=state)
             self.tokenizer.save_pretrained(target)
 
 

@@ -199,6 +199,8 @@ class PreferenceTrainer(BaseTrainer):
         policy.eval()  # dropout off: the log-ratios of policy and reference must be comparable (TRL disable_dropout)
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.policy, self.optimizer = self.prepare(policy, self.create_optimizer(self.params))
+        # FSDP2 replaces the parameters with sharded ones: clip those (the optimizer's), not the originals
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.scheduler = self.create_scheduler(self.optimizer)
 
     # ------------------------------------------------------------------ data

@@ -70,6 +70,8 @@ class SupervisedTrainer(BaseTrainer):
         model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.policy, self.optimizer = self.prepare(model, self.create_optimizer(self.params))
+        # FSDP2 replaces the parameters with sharded ones: clip those (the optimizer's), not the originals
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.scheduler = self.create_scheduler(self.optimizer)
 
     def micro_batches(self, step: int, items: list) -> list[list]:
@@ -104,10 +106,12 @@ class SupervisedTrainer(BaseTrainer):
         and the tokenizer to ``output_dir/model``."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        model = acc.unwrap_model(self.policy)
+        lora = hasattr(model, "merge_and_unload")
+        state = None if lora else acc.get_state_dict(self.policy)  # every process: gathers FSDP / ZeRO-3 shards
         if acc.is_main_process:
-            model = acc.unwrap_model(self.policy)
-            if hasattr(model, "merge_and_unload"):
+            if lora:
                 model = model.merge_and_unload()
             target = self.output_dir / "model"
-            model.save_pretrained(target)
+            model.save_pretrained(target, state_dict=state)
             self.tokenizer.save_pretrained(target)
