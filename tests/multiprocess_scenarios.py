@@ -27,7 +27,7 @@ FIXTURES = TESTS / "fixtures"
 SCENARIOS: dict[str, tuple[str, int, dict]] = {
     # 5 pairs, 4 per step: the epoch's last batch has one pair and is completed from the next epoch's order.
     "dpo_sigmoid": ("dpo", 2, dict(loss_type="sigmoid", rows="pairs5", gradient_accumulation_steps=2, save_steps=1)),
-    "aot_paired": ("dpo", 2, dict(loss_type="aot_paired", rows="pairs", gradient_accumulation_steps=2)),
+    "aot_paired": ("dpo", 2, dict(loss_type="aot", rows="pairs", gradient_accumulation_steps=2)),
     "aot_unpaired": ("dpo", 4, dict(loss_type="aot_unpaired", rows="unpaired16", gradient_accumulation_steps=2)),
     "kto": ("dpo", 4, dict(loss_type="kto", rows="unpaired16", gradient_accumulation_steps=2)),
     "sft": ("sft", 2, dict(rows="sft5", gradient_accumulation_steps=2, save_steps=1)),

@@ -79,6 +79,12 @@ def assert_metrics_close(rows_a: list[dict], rows_b: list[dict]) -> None:
         for key, value in b.items():
             if key.startswith("time/") or value is None:
                 continue
+            if key.startswith("sinkhorn/"):
+                # solver diagnostics of a batched solve depend on which positions share a batch: a batch runs
+                # until its slowest problem converges, so only "converged" is comparable across process counts
+                if key == "sinkhorn/marginal_err":
+                    assert a[key] <= 1e-4 and value <= 1e-4, f"step {b['step']}: {key}"
+                continue
             assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), f"step {b['step']}: {key}"
 
 
