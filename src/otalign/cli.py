@@ -63,6 +63,13 @@ def _analyze(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace, rest: list[str]) -> int:
+    from otalign.sweep import parse_sweep_config, run_sweep
+
+    run_sweep(parse_sweep_config(args.config, rest))
+    return 0
+
+
 def _pipeline(args: argparse.Namespace, rest: list[str]) -> int:
     from otalign.pipeline import Pipeline, parse_pipeline_config
 
@@ -176,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.add_argument("--config", help="YAML file with PipelineConfig fields and per-stage sections")
     pipeline.set_defaults(handler=_pipeline, takes_overrides=True)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="a grid of ppo/dpo runs x seeds, one shared held-out evaluation, frontiers and intervals (resumable)",
+        description="Options: --config sweep.yaml, then --<field> <value> for any SweepConfig field "
+        "(e.g. --aggregate-only, --num_eval_prompts 20).",
+    )
+    sweep.add_argument("--config", help="YAML file with SweepConfig fields")
+    sweep.set_defaults(handler=_sweep, takes_overrides=True)
 
     data = commands.add_parser(
         "data",
