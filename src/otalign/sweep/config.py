@@ -244,11 +244,21 @@ def _grid(values: object, types_: dict, where: str) -> dict:
 def parse_sweep_config(config_file: str | Path | None = None, argv: list[str] | None = None) -> SweepConfig:
     """:class:`SweepConfig` from a YAML file and ``--key value`` overrides; every error names the file and field."""
     try:
-        return parse_config(SweepConfig, config_file, argv)
+        config = parse_config(SweepConfig, config_file, argv)
+        check_cells(config)
+        return config
     except ConfigError as err:
         where = str(config_file) if config_file is not None else "sweep config"
         message = str(err)
         raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+
+
+def check_cells(config: SweepConfig) -> list[Cell]:
+    """The grid's cells, each one's command config built once so a bad value fails before anything runs."""
+    cells = expand_grid(config)
+    for cell in cells:
+        config.cell_config(cell)
+    return cells
 
 
 @dataclass(frozen=True)

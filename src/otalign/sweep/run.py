@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .config import Cell, SweepConfig, expand_grid, trainer_classes
+from .config import Cell, SweepConfig, check_cells, trainer_classes
 from .evaluate import EVAL_FILE, REFERENCE, eval_settings, evaluate_model, read_json, write_json_atomic
 
 TRAINED = "TRAINED"
@@ -133,11 +133,9 @@ def run_sweep(config: SweepConfig) -> dict:
 
     from .aggregate import aggregate
 
-    cells = expand_grid(config)
     if config.aggregate_only:
         return aggregate(config)
-    for cell in cells:  # every cell's config is checked before anything trains
-        config.cell_config(cell)
+    cells = check_cells(config)  # every cell's config is checked before anything trains
     jobs = [Job(None)] + [Job(cell) for cell in cells]
     pending = [job for job in jobs if not is_done(config, job)]
     finished = len(jobs) - len(pending)
