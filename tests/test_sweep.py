@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,6 +199,15 @@ def test_changed_evaluation_settings_redo_the_evaluations_but_not_the_training(t
     assert trained.stat().st_mtime_ns == stamp
     evaluation = json.loads((tmp_path / "out" / "rkl,seed=0" / "eval.json").read_text())
     assert evaluation["settings"]["max_new_tokens"] == 3 and max(evaluation["lengths"]) <= 3
+
+
+def test_a_cell_started_with_other_settings_is_an_error_not_a_silent_skip(tmp_path, capsys):
+    config = write_sweep(tmp_path, "methods:\n  rkl: {regularizer: rkl}\nanalyses: []\n")
+    assert main(["sweep", "--config", config]) == 0
+    Path(config).write_text(Path(config).read_text().replace("max_steps: 2", "max_steps: 3"))
+    with pytest.raises(SystemExit):
+        main(["sweep", "--config", config])
+    assert "cell rkl,seed=0 was started with max_steps=2, the sweep now sets 3" in capsys.readouterr().err
 
 
 def test_dpo_sweep_over_loss_types(tmp_path):

@@ -246,6 +246,17 @@ def semantic_similarity(cells: list[dict], reference: dict, encoder: str) -> dic
     return out
 
 
+def timing(cells: list[dict], reference: dict) -> dict:
+    """Seconds spent: summed training step time, evaluations, and the CPU seconds where recorded."""
+    evals = [reference] + [c["eval"] for c in cells]
+    cpu = [c["trained"].get("session_cpu_s") for c in cells] + [e.get("eval_cpu_s") for e in evals]
+    return {
+        "train_s": sum(c["trained"]["train_s"] for c in cells),
+        "eval_s": sum(e["eval_s"] for e in evals),
+        "cpu_s": sum(cpu) if all(v is not None for v in cpu) else None,
+    }
+
+
 def aggregate(config: SweepConfig) -> dict:
     """Build and write ``results.json``, ``frontier.png`` and ``head_to_head.png`` from the folders; print a table."""
     reference, cells, skipped = load_cells(config)
@@ -267,12 +278,15 @@ def aggregate(config: SweepConfig) -> dict:
                 "seed": c["seed"],
                 **cell_metrics(c["eval"], reference),
                 "train_s": c["trained"]["train_s"],
+                "train_cpu_s": c["trained"].get("session_cpu_s"),
                 "eval_s": c["eval"]["eval_s"],
+                "eval_cpu_s": c["eval"].get("eval_cpu_s"),
                 "last_training_metrics": c["trained"]["last_metrics"],
             }
             for c in cells
         ],
         "settings": settings,
+        "timing": timing(cells, reference),
         "head_to_head": head_to_head(cells, settings, config.match_kl) if settings else {"pairs": []},
         "analyses": {},
         **skipped,

@@ -188,7 +188,7 @@ def evaluate_model(config: SweepConfig, folder: Path, model_path: Path | None) -
     done = read_json(path)
     if done is not None and done.get("settings") == setup.settings:
         return done
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model = setup.reference
     if model_path is not None:
         model = load_causal_lm(model_path, dtype=setup.settings["model_dtype"]).eval()
@@ -219,6 +219,7 @@ def evaluate_model(config: SweepConfig, folder: Path, model_path: Path | None) -
         **{name: values for name, values in result.extra.items()},
         "summary": result.summary(),
         "eval_s": time.perf_counter() - start,
+        "eval_cpu_s": time.process_time() - cpu,
     }
     write_json_atomic(path, record)
     return record

@@ -19,12 +19,15 @@ function :func:`run_job` takes only picklable arguments and leaves all its resul
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from otalign.trainers.config import ConfigError
 
 from .config import Cell, SweepConfig, check_cells, trainer_classes
 from .evaluate import EVAL_FILE, REFERENCE, eval_settings, evaluate_model, read_json, write_json_atomic
@@ -57,9 +60,31 @@ def is_done(config: SweepConfig, job: Job) -> bool:
     return done is not None and done.get("settings") == eval_settings(config)
 
 
+IGNORED_CHANGES = ("resume", "resume_from_checkpoint", "progress_bar", "report_to", "logging_steps")
+"""Config fields a cell may change between runs (they do not change what it trains)."""
+
+
+def check_unchanged(config: SweepConfig, cells: Sequence[Cell]) -> None:
+    """``ConfigError`` when a cell folder was started with other settings than the cell has now (the folder's
+    ``config.json``, written by the trainer), naming the cell and the first field that differs."""
+    for cell in cells:
+        started = read_json(Path(config.output_dir) / cell.name / "config.json")
+        if started is None:
+            continue
+        now = json.loads(json.dumps(config.cell_config(cell).to_dict()))
+        for key in now:
+            if key not in IGNORED_CHANGES and started.get(key) != now[key]:
+                raise ConfigError(
+                    f"cell {cell.name} was started with {key}={started.get(key)!r}, the sweep now sets {now[key]!r}: "
+                    "restore the setting, or delete the cell's folder to train it again"
+                )
+
+
 def train_cell(config: SweepConfig, cell: Cell) -> dict:
     """Train ``cell`` unless its ``TRAINED`` marker exists (resuming from its latest checkpoint); returns the
-    marker's content: the last logged metrics and the summed step time."""
+    marker's content: the last logged metrics, the summed step time (``train_s``, wall clock, all steps) and the
+    wall and CPU seconds of the session that finished it (``session_*_s``, setup included; on a shared machine
+    the CPU time is what the run costs)."""
     from otalign.trainers import read_metrics
 
     folder = Path(config.output_dir) / cell.name
@@ -80,6 +105,7 @@ def train_cell(config: SweepConfig, cell: Cell) -> dict:
         },
     )
     _, trainer_cls = trainer_classes(config.command)
+    wall, cpu = time.perf_counter(), time.process_time()
     trainer = trainer_cls(cell_config)
     trainer.train()
     del trainer
@@ -88,6 +114,8 @@ def train_cell(config: SweepConfig, cell: Cell) -> dict:
     marker = {
         "steps": cell_config.max_steps,
         "train_s": sum(r["time/step"] for r in rows),
+        "session_wall_s": time.perf_counter() - wall,
+        "session_cpu_s": time.process_time() - cpu,
         "last_metrics": rows[-1] if rows else {},
     }
     if not config.keep_checkpoints:
@@ -136,6 +164,7 @@ def run_sweep(config: SweepConfig) -> dict:
     if config.aggregate_only:
         return aggregate(config)
     cells = check_cells(config)  # every cell's config is checked before anything trains
+    check_unchanged(config, cells)
     jobs = [Job(None)] + [Job(cell) for cell in cells]
     pending = [job for job in jobs if not is_done(config, job)]
     finished = len(jobs) - len(pending)
