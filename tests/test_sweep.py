@@ -110,7 +110,7 @@ def test_ppo_sweep_evaluates_every_cell_alike_then_skips_finished_work_and_rebui
         "rkl,beta=0.01,seed=0",
         "rkl,beta=0.01,seed=1",
     ]
-    assert not results["incomplete"] and not results["stale"]
+    assert not results["incomplete"] and not results["stale"] and not results["outside_grid"]
     for name in names:
         assert [r["step"] for r in read_metrics(out / name)] == [1, 2]
         assert not (out / name / "checkpoints").exists()  # removed once the model was saved
@@ -158,6 +158,15 @@ def test_ppo_sweep_evaluates_every_cell_alike_then_skips_finished_work_and_rebui
     assert main(["sweep", "--config", config, "--aggregate-only"]) == 0
     assert json.loads((out / "results.json").read_text()) == results
     assert (out / "frontier.png").is_file()
+
+    # a smaller grid aggregates only its own cells and names the rest
+    smaller = Path(config).read_text().replace("beta: [0.01, 0.1]", "beta: [0.1]")
+    Path(config).write_text(smaller.replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
+    assert main(["sweep", "--config", config, "--aggregate-only"]) == 0
+    partial = json.loads((out / "results.json").read_text())
+    assert [c["name"] for c in partial["cells"]] == [n for n in names if "beta=0.01" not in n or "rkl" in n]
+    assert partial["outside_grid"] == ["wpr,beta=0.01,seed=0", "wpr,beta=0.01,seed=1"]
+    assert partial["incomplete"] == ["rkl,beta=0.01,seed=2", "wpr,beta=0.1,seed=2"]
 
 
 def test_a_killed_cell_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys, assert_resume_matches):

@@ -2,8 +2,8 @@ r"""Aggregating a sweep from its folders alone: ``results.json``, ``frontier.png
 
 Read from every ``<cell>/cell.json`` + ``TRAINED`` + ``eval.json`` and ``reference/eval.json`` (nothing is
 trained or sampled here), so ``otalign sweep --aggregate-only`` rebuilds everything after a crash or on
-another machine. Cells not finished, or evaluated with settings other than the reference's, are listed
-(``incomplete``, ``stale``) and left out.
+another machine. Cells of the grid not finished, evaluated with settings other than the reference's, or
+folders of cells no longer in the grid are listed (``incomplete``, ``stale``, ``outside_grid``) and left out.
 
 Intervals (95%), two kinds, always named:
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SweepConfig
+from .config import SweepConfig, expand_grid
 from .evaluate import EVAL_FILE, REFERENCE, read_json, write_json_atomic
 from .run import CELL_FILE, TRAINED
 
@@ -80,19 +80,25 @@ def per_token(values: list[float], lengths: list[int]) -> np.ndarray:
 
 
 def load_cells(config: SweepConfig) -> tuple[dict, list[dict], dict]:
-    """``(reference eval, finished cells, {"incomplete": [...], "stale": [...]})`` from the folders; each cell
-    is its ``cell.json`` plus ``eval`` and ``trained`` records."""
+    """``(reference eval, finished cells, {"incomplete": [...], "stale": [...], "outside_grid": [...]})`` from the
+    folders; each cell is its ``cell.json`` plus ``eval`` and ``trained`` records. Cells of the grid not finished,
+    evaluated with other settings, or folders of cells no longer in the grid are listed and left out."""
     root = Path(config.output_dir)
     reference = read_json(root / REFERENCE / EVAL_FILE)
     if reference is None:
         raise FileNotFoundError(f"{root / REFERENCE / EVAL_FILE} does not exist: the sweep has not evaluated anything")
     order = {name: i for i, name in enumerate(config.method_specs)}
-    cells, skipped = [], {"incomplete": [], "stale": []}
+    grid = {cell.name for cell in expand_grid(config)}
+    cells, skipped = [], {"incomplete": [], "stale": [], "outside_grid": []}
+    for name in sorted(grid - {p.parent.name for p in root.glob(f"*/{CELL_FILE}")}):
+        skipped["incomplete"].append(name)
     for path in sorted(root.glob(f"*/{CELL_FILE}")):
         cell = read_json(path)
         folder = path.parent
         trained, evaluation = read_json(folder / TRAINED), read_json(folder / EVAL_FILE)
-        if trained is None or evaluation is None:
+        if cell["name"] not in grid:
+            skipped["outside_grid"].append(cell["name"])
+        elif trained is None or evaluation is None:
             skipped["incomplete"].append(cell["name"])
         elif evaluation["settings"] != reference["settings"]:
             skipped["stale"].append(cell["name"])
@@ -340,6 +346,6 @@ def print_table(results: dict) -> None:
             f"head to head at KL {results['head_to_head']['target']['kl_per_token']:.4f}: {pair['setting_a']} beats "
             f"{pair['setting_b']} on {_fmt(pair['win_rate_a'])} of prompts (across seeds)"
         )
-    for key in ("incomplete", "stale"):
+    for key in ("incomplete", "stale", "outside_grid"):
         if results.get(key):
             print(f"{key} cells left out: {', '.join(results[key])}")
