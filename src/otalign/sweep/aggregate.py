@@ -252,6 +252,29 @@ def semantic_similarity(cells: list[dict], reference: dict, encoder: str) -> dic
     return out
 
 
+def environment() -> dict:
+    """Package versions and the machine the aggregate was built on (the runs' own machine when run in one go)."""
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    packages = {}
+    for name in ("otalign", "torch", "transformers", "accelerate", "peft", "numpy", "vaderSentiment"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {
+        "packages": packages,
+        "python": platform.python_version(),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "torch_threads": torch.get_num_threads(),
+        "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
 def timing(cells: list[dict], reference: dict) -> dict:
     """Seconds spent: summed training step time, evaluations, and the CPU seconds where recorded."""
     evals = [reference] + [c["eval"] for c in cells]
@@ -293,6 +316,7 @@ def aggregate(config: SweepConfig) -> dict:
         ],
         "settings": settings,
         "timing": timing(cells, reference),
+        "environment": environment(),
         "head_to_head": head_to_head(cells, settings, config.match_kl) if settings else {"pairs": []},
         "analyses": {},
         **skipped,
@@ -311,7 +335,7 @@ def aggregate(config: SweepConfig) -> dict:
             results["analyses"]["semantic_similarity"] = semantic_similarity(cells, reference, config.encoder)
         except ImportError as err:
             results["analyses"]["semantic_similarity"] = {"skipped": str(err)}
-    root = Path(config.output_dir)
+    root = Path(config.results_dir or config.output_dir)
     write_json_atomic(root / RESULTS, results)
     if settings:
         from .plots import plot_frontier, plot_head_to_head

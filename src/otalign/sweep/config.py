@@ -63,6 +63,9 @@ class SweepConfig:
     output_dir: str = field(
         default="runs/sweep", metadata={"help": "one folder per cell, reference/, results.json and the PNGs"}
     )
+    results_dir: str | None = field(
+        default=None, metadata={"help": "where results.json and the PNGs go (None: output_dir)"}
+    )
     base_config: str | None = field(
         default=None, metadata={"help": "YAML file with the command's config shared by every cell (None: defaults)"}
     )
