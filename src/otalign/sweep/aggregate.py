@@ -144,6 +144,9 @@ def group_settings(cells: list[dict], reference: dict) -> list[dict]:
         group["seeds"] = [c["seed"] for c in members]
         group["cells"] = [c["name"] for c in members]
         group["across_seeds"] = {m: seed_interval([x.get(m) for x in metrics]) for m in METRICS}
+        trainer_eval = [c["trained"].get("eval_metrics", {}) for c in members]
+        for key in sorted({k for e in trainer_eval for k in e if k.startswith("eval/")}):
+            group["across_seeds"][key] = seed_interval([e.get(key) for e in trainer_eval])
         group["across_prompts"] = {
             "reward": prompt_interval([c["eval"]["scores"] for c in members]),
             "win_rate": prompt_interval([wins(c["eval"]["scores"], reference["scores"]) for c in members]),
@@ -311,6 +314,7 @@ def aggregate(config: SweepConfig) -> dict:
                 "eval_s": c["eval"]["eval_s"],
                 "eval_cpu_s": c["eval"].get("eval_cpu_s"),
                 "last_training_metrics": c["trained"]["last_metrics"],
+                "trainer_eval_metrics": c["trained"].get("eval_metrics", {}),
             }
             for c in cells
         ],

@@ -82,9 +82,10 @@ def check_unchanged(config: SweepConfig, cells: Sequence[Cell]) -> None:
 
 def train_cell(config: SweepConfig, cell: Cell) -> dict:
     """Train ``cell`` unless its ``TRAINED`` marker exists (resuming from its latest checkpoint); returns the
-    marker's content: the last logged metrics, the summed step time (``train_s``, wall clock, all steps) and the
-    wall and CPU seconds of the session that finished it (``session_*_s``, setup included; on a shared machine
-    the CPU time is what the run costs)."""
+    marker's content: the last logged training metrics, the trainer's own held-out metrics (``eval/...``, e.g. a
+    preference trainer's pair accuracy on ``eval_dataset_name``), the summed step time (``train_s``, wall clock,
+    all steps) and the wall and CPU seconds of the session that finished it (``session_*_s``, setup included; on
+    a shared machine the CPU time is what the run costs)."""
     from otalign.trainers import read_metrics
 
     folder = Path(config.output_dir) / cell.name
@@ -110,8 +111,10 @@ def train_cell(config: SweepConfig, cell: Cell) -> dict:
     trainer.train()
     del trainer
     gc.collect()
-    rows = [r for r in read_metrics(folder) if "time/step" in r]
+    logged = read_metrics(folder)
+    rows = [r for r in logged if "time/step" in r]
     marker = {
+        "eval_metrics": next((r for r in reversed(logged) if any(k.startswith("eval/") for k in r)), {}),
         "steps": cell_config.max_steps,
         "train_s": sum(r["time/step"] for r in rows),
         "session_wall_s": time.perf_counter() - wall,
