@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from scipy import stats
 from test_eval_run import save_tiny_models, tiny_prompts
 
 from otalign.cli import main
-from otalign.sweep import SweepConfig, expand_grid, parse_sweep_config
+from otalign.sweep import Job, SweepConfig, expand_grid, parse_sweep_config
 from otalign.sweep.aggregate import seed_interval, t_quantile_975
 from otalign.trainers import ConfigError, read_metrics
 
@@ -64,6 +65,9 @@ def test_grid_expands_methods_x_settings_x_seeds_with_readable_names():
     assert (ppo.regularizer, ppo.beta, ppo.seed, ppo.max_steps) == ("wasserstein", 0.05, 0, 8)
     assert ppo.output_dir.endswith("/wpr,learning_rate=0.0001,beta=0.05,seed=0")
     assert ppo.resume and ppo.save_model and ppo.save_steps == 2 and not ppo.progress_bar
+    # what a launcher running cells elsewhere (Ray, a cluster) ships: the config and a job, both picklable
+    config_copy, job = pickle.loads(pickle.dumps((config, Job(cells[0]))))
+    assert job.name == cells[0].name and config_copy.cell_config(job.cell) == ppo
     default = expand_grid(SweepConfig(command="dpo", grid={"loss_type": ["sigmoid", "ipo"]}))
     assert [c.name for c in default] == ["dpo,loss_type=sigmoid,seed=0", "dpo,loss_type=ipo,seed=0"]
 
