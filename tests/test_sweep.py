@@ -254,6 +254,13 @@ def test_t_quantile_and_seed_interval_match_scipy():
     assert seed_interval([0.4])["ci95"] is None and seed_interval([0.4])["mean"] == 0.4
 
 
+def test_aggregate_only_before_any_run_is_a_clean_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--output_dir", str(tmp_path / "nothing"), "--aggregate-only"])
+    err = capsys.readouterr().err
+    assert err.startswith("otalign sweep: error: output_dir: ") and err.endswith("(run the sweep first)\n")
+
+
 def test_parse_sweep_config_names_the_override(tmp_path):
     with pytest.raises(ConfigError, match=r"^sweep config: --num_eval_prompts: expected an integer"):
         parse_sweep_config(None, ["--num_eval_prompts", "many"])

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from otalign.trainers.config import ConfigError
+
 from .config import SweepConfig, expand_grid
 from .evaluate import EVAL_FILE, REFERENCE, read_json, write_json_atomic
 from .run import CELL_FILE, TRAINED
@@ -86,7 +88,7 @@ def load_cells(config: SweepConfig) -> tuple[dict, list[dict], dict]:
     root = Path(config.output_dir)
     reference = read_json(root / REFERENCE / EVAL_FILE)
     if reference is None:
-        raise FileNotFoundError(f"{root / REFERENCE / EVAL_FILE} does not exist: the sweep has not evaluated anything")
+        raise ConfigError(f"output_dir: {root / REFERENCE / EVAL_FILE} does not exist (run the sweep first)")
     order = {name: i for i, name in enumerate(config.method_specs)}
     grid = {cell.name for cell in expand_grid(config)}
     cells, skipped = [], {"incomplete": [], "stale": [], "outside_grid": []}

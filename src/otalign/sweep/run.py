@@ -60,7 +60,15 @@ def is_done(config: SweepConfig, job: Job) -> bool:
     return done is not None and done.get("settings") == eval_settings(config)
 
 
-IGNORED_CHANGES = ("resume", "resume_from_checkpoint", "progress_bar", "report_to", "logging_steps")
+IGNORED_CHANGES = (
+    "resume",
+    "resume_from_checkpoint",
+    "progress_bar",
+    "report_to",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+)
 """Config fields a cell may change between runs (they do not change what it trains)."""
 
 
