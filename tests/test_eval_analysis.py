@@ -125,12 +125,14 @@ def test_beta_sweep_trains_each_grid_point_and_writes_json_and_plot(tmp_path):
     grid = [(r["regularizer"], r["beta"]) for r in report["runs"]]
     assert grid == [("rkl", 0.01), ("rkl", 0.1), ("wasserstein", 0.01), ("wasserstein", 0.1)]
     assert all(0.0 <= r["win_rate"] <= 1.0 for r in report["runs"])
-    assert all((out / f"{r}-beta{b:g}" / "metrics.jsonl").is_file() for r, b in grid)
-    assert (out / "beta_sweep.png").is_file()
+    assert all((out / f"{r},beta={b:g},seed=0" / "metrics.jsonl").is_file() for r, b in grid)
+    assert (out / "beta_sweep.png").is_file() and (out / "frontier.png").is_file()
+    sweep = json.loads((out / "results.json").read_text())  # the same run, as a sweep
+    assert [(c["method"], c["setting"]["beta"]) for c in sweep["cells"]] == grid
 
 
 def test_beta_sweep_rejects_an_unknown_ppo_field():
     from otalign.eval.analysis import BetaSweepConfig
 
-    with pytest.raises(ConfigError, match="ppo: unknown option 'max_step'; did you mean max_steps"):
-        BetaSweepConfig(ppo={"max_step": 3}).base_ppo()
+    with pytest.raises(ConfigError, match="base: unknown option 'max_step'; did you mean max_steps"):
+        BetaSweepConfig(ppo={"max_step": 3}).sweep()

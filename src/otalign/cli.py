@@ -121,6 +121,13 @@ COMMANDS: tuple[Command | Group, ...] = (
         "otalign.eval.analysis:ANALYSES",
     ),
     Command(
+        "sweep",
+        "a grid of ppo/dpo runs x seeds, one shared held-out evaluation, frontiers and intervals (resumable)",
+        "otalign.sweep.config:SweepConfig",
+        "otalign.sweep.run:run_sweep",
+        "--config sweep.yaml --aggregate-only",
+    ),
+    Command(
         "pipeline",
         "sft -> reward -> ppo -> eval from one config, each stage feeding the next, completed stages skipped",
         "otalign.pipeline:PipelineConfig",

@@ -8,11 +8,12 @@ response and differences between methods are not sampling noise.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
-from otalign.generation import SamplingParams, response_logits, sample_batches, sample_seeds
+from otalign.generation import Rollout, SamplingParams, response_logits, sample_batches, sample_seeds
 
 from . import ppo_math as pm
 
@@ -27,6 +28,7 @@ class EvalResult:
         lengths: generated tokens of each response (EOS included).
         kl: summed exact full-vocabulary KL(pi || pi_ref) over each response's tokens (nats).
         ot: summed entropic OT value to the reference over each response's tokens (cost units), or None.
+        extra: per-response values of the ``extras`` measurements of :func:`evaluate_policy`, by name.
     """
 
     prompts: list[str]
@@ -35,6 +37,7 @@ class EvalResult:
     lengths: list[int]
     kl: list[float]
     ot: list[float] | None
+    extra: dict[str, list[float]] = field(default_factory=dict)
 
     def summary(self, reference: EvalResult | None = None) -> dict[str, float]:
         """Means with 95% normal-approximation confidence half-widths; win rate against ``reference``.
@@ -84,6 +87,7 @@ def evaluate_policy(
     seed: int,
     batch_size: int = 16,
     ot_regularizer=None,
+    extras: Mapping[str, Callable[[Rollout, torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
 ) -> EvalResult:
     """Sample one response per prompt from ``policy`` and measure it against ``ref_model``.
 
@@ -97,8 +101,11 @@ def evaluate_policy(
         batch_size: prompts per generation batch.
         ot_regularizer: a :class:`~otalign.regularizers.WassersteinRegularizer` whose per-position OT value
             is summed per response (None: no OT distance).
+        extras: ``name -> fn(rollout, policy_logits, ref_logits) -> (B,)`` further per-response measurements on
+            the same samples (logits: (B, T, V), tempered), collected in ``EvalResult.extra[name]``.
     """
-    result = EvalResult([], [], [], [], [], [] if ot_regularizer is not None else None)
+    extras = dict(extras or {})
+    result = EvalResult([], [], [], [], [], [] if ot_regularizer is not None else None, {k: [] for k in extras})
     seeds = sample_seeds(seed, list(range(len(prompt_ids))))
     for rollout in sample_batches(policy, tokenizer, prompt_texts, prompt_ids, seeds, params, batch_size):
         mask = rollout.response_mask
@@ -114,6 +121,8 @@ def evaluate_policy(
         result.kl += (kl * mask).sum(1).tolist()
         if ot_regularizer is not None:
             result.ot += ot_values(ot_regularizer, policy_logits, ref_logits, rollout.responses, mask).tolist()
+        for name, measure in extras.items():
+            result.extra[name] += measure(rollout, policy_logits, ref_logits).tolist()
     return result
 
 

@@ -1,25 +1,23 @@
-"""Sensitivity to the penalty coefficient (the WPR paper's Figure 4): a grid of beta per regularizer, each a PPO
-run through :class:`~otalign.trainers.PPOTrainer`, evaluated on held-out prompts against the reference.
+"""Sensitivity to the penalty coefficient (the WPR paper's Figure 4): a grid of beta per regularizer.
 
-Every run starts from the same base PPO config (``ppo_config`` file, then the ``ppo`` overrides) with only
-``regularizer`` and ``beta`` changed. Each trained policy and the reference answer the same held-out prompts
-with the same sampling seeds (:func:`~otalign.trainers.evaluation.evaluate_policy`); reported per run: mean
-reward and the win rate against the reference by the run's reward (ties count one half), with 95% intervals.
+A special case of ``otalign sweep`` (:mod:`otalign.sweep`), run through the same code: one method per
+regularizer, its ``betas`` as the method's grid, one seed. Every run starts from the same base PPO config
+(``ppo_config`` file, then the ``ppo`` overrides) with only ``regularizer`` and ``beta`` changed; every trained
+policy and the reference answer the same held-out prompts with the same sampling seeds. Besides the sweep's own
+outputs (``results.json``, ``frontier.png``, one folder per run), it writes ``beta_sweep.json`` (per run: mean
+reward and the win rate against the reference, ties one half, with 95% intervals over prompts) and
+``beta_sweep.png`` (both against beta).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from otalign.config import Config, ConfigError, check_section
+from otalign.config import Config, ConfigError
 from otalign.regularizers import REGULARIZERS
 
-from ..winrate import subsample
 from .sampling import save_figure
 
 
@@ -56,70 +54,52 @@ class BetaSweepConfig(Config):
         if not self.regularizers or not self.betas:
             raise ConfigError("regularizers and betas must not be empty")
 
-    def base_ppo(self):
-        """The base PPOConfig: the file, then the ``ppo`` overrides (checked and converted like the file's)."""
-        from otalign.trainers import PPOConfig, parse_config
+    def sweep(self):
+        """The equivalent :class:`~otalign.sweep.SweepConfig` (``ConfigError`` names a bad ``ppo`` field)."""
+        from otalign.sweep import SweepConfig
 
-        base = parse_config(PPOConfig, self.ppo_config)
-        return dataclasses.replace(base, **check_section(PPOConfig, self.ppo, "ppo"))
+        return SweepConfig(
+            command="ppo",
+            output_dir=self.output_dir,
+            base_config=self.ppo_config,
+            base=dict(self.ppo),
+            methods={r: {"regularizer": r, "grid": {"beta": list(self.betas)}} for r in self.regularizers},
+            seeds=[self.seed],
+            eval_prompts=self.eval_prompts,
+            eval_split=self.eval_split,
+            num_eval_prompts=self.num_eval_prompts,
+            eval_batch_size=self.eval_batch_size,
+            eval_seed=self.seed,
+            analyses=[],
+        )
 
 
 def run_beta_sweep(config: BetaSweepConfig) -> dict:
-    """Train and evaluate every (regularizer, beta); write ``beta_sweep.json`` and ``beta_sweep.png``."""
-    from otalign.data import load_prompts
+    """Train and evaluate every (regularizer, beta) as a sweep; write ``beta_sweep.json`` and ``beta_sweep.png``."""
+    from otalign.sweep import run_sweep
 
+    results = run_sweep(config.sweep())
+    runs = [
+        {
+            "regularizer": c["method"],
+            "beta": c["setting"]["beta"],
+            "run_dir": str(Path(config.output_dir) / c["name"]),
+            "reward_mean": c["reward"],
+            "reward_ci95": c["reward_ci95_prompts"],
+            "win_rate": c["win_rate"],
+            "win_rate_ci95": c["win_rate_ci95_prompts"],
+            "kl_per_token": c["kl_per_token"],
+            "w_per_token": c["w_per_token"],
+        }
+        for c in results["cells"]
+    ]
+    ref = results["reference"]
+    reference = {"reward_mean": ref["reward"], "reward_ci95": ref["reward_ci95_prompts"]}
+    report = {"config": asdict(config), "reference": reference, "runs": runs}
     out = Path(config.output_dir)
-    base = config.base_ppo()
-    prompts = load_prompts(config.eval_prompts, config.eval_split)
-    prompts = [prompts[i] for i in subsample(len(prompts), config.num_eval_prompts, np.random.default_rng(config.seed))]
-    runs, reference = [], None
-    for regularizer in config.regularizers:
-        for beta in config.betas:
-            run_dir = out / f"{regularizer}-beta{beta:g}"
-            ppo = dataclasses.replace(
-                base, regularizer=regularizer, beta=beta, output_dir=str(run_dir), save_model=False, progress_bar=False
-            )
-            result, reference = train_and_evaluate(ppo, prompts, config, reference)
-            runs.append({"regularizer": regularizer, "beta": beta, "run_dir": str(run_dir)})
-            runs[-1].update(result.summary(reference))
-            print(
-                f"{regularizer} beta={beta:g}: reward {result.summary()['reward_mean']:.3f}, "
-                f"win rate vs reference {runs[-1]['win_rate']:.3f}"
-            )
-    report = {"config": asdict(config), "reference": reference.summary(), "runs": runs}
     (out / "beta_sweep.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, out / "beta_sweep.png")
     return report
-
-
-def train_and_evaluate(ppo, prompts: list, config: BetaSweepConfig, reference=None):
-    """Train one PPO run; ``(policy's EvalResult, reference's EvalResult)`` on ``prompts`` (the reference is
-    evaluated only when ``reference`` is None: every run starts from the same model)."""
-    from otalign.data import render_prompt
-    from otalign.generation import encode_prompts
-    from otalign.trainers import PPOTrainer
-    from otalign.trainers.evaluation import evaluate_policy
-
-    trainer = PPOTrainer(ppo)
-    trainer.train()
-    texts = [render_prompt(p, trainer.tokenizer, use_chat_template=ppo.use_chat_template) for p in prompts]
-    ids = encode_prompts(trainer.tokenizer, texts, max_prompt_length=ppo.max_prompt_length)
-    models = [trainer.accelerator.unwrap_model(trainer.policy)] + ([trainer.ref_model] if reference is None else [])
-    results = [
-        evaluate_policy(
-            model,
-            trainer.ref_model,
-            trainer.tokenizer,
-            texts,
-            ids,
-            trainer.reward,
-            params=ppo.sampling,
-            seed=config.seed,
-            batch_size=config.eval_batch_size,
-        )
-        for model in models
-    ]
-    return results[0], reference if reference is not None else results[1]
 
 
 def _plot(report: dict, path: Path) -> None:
