@@ -80,22 +80,9 @@ def test_difference_transport_matches_pot(metric):
     problem = build_problem(policy, ref, actions, embeddings, top_k=5, metric=metric)
     solution = solve_problem(problem, lam, tol=1e-12, max_iter=20000)
     for row in range(3):
-        a, b = problem.a[row].numpy(), problem.b[row].numpy()
-        held = a > 0
-        excess, deficit = np.flatnonzero(a > b), np.flatnonzero(b > a)
-        moved = (a - b)[excess].sum()
-        alpha, beta = (a - b)[excess] / moved, (b - a)[deficit] / moved
-        cost = problem.cost[row].numpy()[np.ix_(excess, deficit)]
-        plan, log = ot.bregman.sinkhorn_log(alpha, beta, cost, 1 / lam, numItermax=20000, stopThr=1e-14, log=True)
-        kl = (plan * np.log(plan / np.outer(alpha, beta))).sum()
-        assert float(solution.value[row]) == pytest.approx(moved * ((plan * cost).sum() + kl / lam), abs=1e-9)
-        # POT: P = exp(log_u + log_v - C/eps); ours: P = alpha beta exp((u + v - C)/eps), phi = u | -v (+ shift).
-        u = (log["log_u"] - np.log(alpha)) / lam
-        v = (log["log_v"] - np.log(beta)) / lam
-        theirs = np.concatenate([u, -v])
-        ours = solution.potential[row].numpy()[np.concatenate([excess, deficit])]
-        np.testing.assert_allclose(ours - ours[0], theirs - theirs[0], atol=1e-8)
-        np.testing.assert_allclose(a[held] @ solution.potential[row].numpy()[held], float(solution.value[row]))
+        value, phi, held = _pot_difference(problem, row, lam)
+        assert float(solution.value[row]) == pytest.approx(value, abs=1e-9)
+        np.testing.assert_allclose(solution.potential[row].numpy()[held], phi[held], atol=1e-8)
 
 
 def test_difference_transport_is_zero_at_equality_and_tends_to_the_full_value():
@@ -243,7 +230,9 @@ def test_debiased_penalty_vanishes_when_the_policy_is_the_reference():
 
 
 def _pot_difference(problem: TruncatedProblem, row: int, lam: float) -> tuple[float, np.ndarray, np.ndarray]:
-    """Independent difference-form value and shifted penalties (on the atoms with policy mass) from POT."""
+    """Independent difference-form value and penalties from POT's log-domain Sinkhorn: POT's plan is
+    exp(log_u + log_v - C/eps), ours alpha beta exp((u + v - C)/eps) with phi = u (excess) | -v (deficit),
+    shifted so that sum_i a_i phi_i = value over the atoms with policy mass (``held``)."""
     a, b = problem.a[row].numpy(), problem.b[row].numpy()
     excess, deficit = np.flatnonzero(a > b), np.flatnonzero(b > a)
     moved = (a - b)[excess].sum()
