@@ -77,7 +77,13 @@ def run_beta_sweep(config: BetaSweepConfig) -> dict:
         for beta in config.betas:
             run_dir = out / f"{regularizer}-beta{beta:g}"
             ppo = dataclasses.replace(
-                base, regularizer=regularizer, beta=beta, output_dir=str(run_dir), save_model=False, progress_bar=False
+                base,
+                regularizer=regularizer,
+                beta=beta,
+                output_dir=str(run_dir),
+                overwrite_output_dir=not base.resume,  # a rerun of the sweep replaces its runs
+                save_model=False,
+                progress_bar=False,
             )
             result, reference = train_and_evaluate(ppo, prompts, config, reference)
             runs.append({"regularizer": regularizer, "beta": beta, "run_dir": str(run_dir)})
