@@ -103,3 +103,12 @@ def test_a_folder_saved_with_save_to_disk_loads_like_a_file(tmp_path):
         load_preference_data(str(tmp_path / "dict"), "test")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_preference_data(str(tmp_path / "missing"))
+
+
+def test_a_text_prompt_beside_whole_conversations_is_implicit_too():
+    from otalign.data.preference import parse_pair
+
+    user = {"role": "user", "content": "Sky?"}
+    row = {"prompt": "Sky?", "chosen": [user, {"role": "assistant", "content": "Blue."}], "rejected": [user]}
+    pair = parse_pair({**row, "rejected": [user, {"role": "assistant", "content": "Green."}]}, "row 1")
+    assert pair.prompt == [user] and pair.chosen == [{"role": "assistant", "content": "Blue."}]

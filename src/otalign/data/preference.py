@@ -166,8 +166,8 @@ def extract_prompt(row: dict) -> dict:
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if not (isinstance(chosen, (str, list)) and isinstance(rejected, type(chosen))):
         return row
-    if "prompt" in row and isinstance(row["prompt"], list) == isinstance(chosen, list):
-        return row
+    if "prompt" in row and not (isinstance(row["prompt"], str) and isinstance(chosen, list)):
+        return row  # an explicit prompt (a text prompt beside whole conversations is TRL's implicit form too)
     idx = 0
     for idx in range(min(len(chosen), len(rejected))):  # noqa: B007 - the loop index is the prefix length
         if chosen[idx] != rejected[idx]:
