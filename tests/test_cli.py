@@ -131,8 +131,10 @@ def test_dpo_beta_minus_one_and_zero_sizes_fail_in_parsing():
         parser.parse(["--per_device_train_batch_size", "0"])
     with pytest.raises(ConfigError, match=r"--learning_rate must be >= 0, got -0.001"):
         parser.parse(["--learning_rate", "-1e-3"])
-    with pytest.raises(ConfigError, match=r"label_smoothing does not apply to loss_type 'aot'"):
-        parser.parse(["--loss_type", "aot", "--label_smoothing", "0.1"])
+    with pytest.raises(ConfigError, match=r"label_smoothing does not apply to loss_type 'sigmoid'"):
+        parser.parse(["--label_smoothing", "0.1"])
+    with pytest.raises(ConfigError, match=r"label_smoothing needs aot_h logistic"):
+        parser.parse(["--loss_type", "aot", "--aot_h", "lsq", "--label_smoothing", "0.1"])
     with pytest.raises(ConfigError, match=r"did you mean 'sigmoid'"):
         parser.parse(["--loss_type", "sigmod"])
 

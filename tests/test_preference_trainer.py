@@ -148,7 +148,7 @@ def test_chat_rows_are_rendered_with_the_template(tmp_path):
     (metrics,) = trainer.train()
     assert metrics["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2 at the start: policy == reference
     with pytest.raises(ValueError, match=r"preference_chat.jsonl, row 1: the chat template does not render"):
-        make_trainer(tmp_path, dataset_name=CHAT)  # the packaged tiny template has no prefix to cut at
+        make_trainer(tmp_path / "again", dataset_name=CHAT)  # the packaged tiny template has no prefix to cut at
 
 
 def test_lora_trains_only_the_adapters(tmp_path):

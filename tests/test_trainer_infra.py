@@ -123,3 +123,32 @@ def test_metrics_jsonl_truncates_on_resume(tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])["reward/mean"] == 2.0
     logger.reset()
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_torn_last_metrics_line_is_skipped_and_repaired_on_resume(tmp_path):
+    acc = Accelerator(cpu=True)
+    logger = MetricsLogger(acc, tmp_path)
+    for step in (1, 2, 3):
+        logger.log({"loss": float(step)}, step)
+    with (tmp_path / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write('{"step": 4, "lo')  # killed mid-write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    logger.truncate_after(2)
+    assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines() == [
+        '{"step": 1, "loss": 1.0}',
+        '{"step": 2, "loss": 2.0}',
+    ]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not valid JSON"):
+        read_metrics(tmp_path)
+
+
+def test_new_run_refuses_a_used_output_dir_without_resume_or_overwrite(tmp_path):
+    from otalign.trainers.base import check_output_dir
+
+    check_output_dir(PPOConfig(output_dir=str(tmp_path)))  # empty: fine
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"already holds a run \(metrics.jsonl\); pass --resume"):
+        check_output_dir(PPOConfig(output_dir=str(tmp_path)))
+    check_output_dir(PPOConfig(output_dir=str(tmp_path), resume=True))
+    check_output_dir(PPOConfig(output_dir=str(tmp_path), overwrite_output_dir=True))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -233,6 +234,7 @@ def _one_line(err: BaseException) -> str:
 
 def _description(command: Command, cls: type) -> str:
     doc = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
+    doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc).replace("``", "")  # reStructuredText roles and literals
     example = f" Example: otalign {command.name} {command.example}" if command.example else ""
     return f"{command.help}. {doc}{example}"
 

@@ -81,8 +81,9 @@ BUILTIN_PREFERENCES = "builtin"
 
 
 def read_rows(source: str, split: str = "train") -> list[dict]:
-    """Raw rows (dicts) of a ``.jsonl``/``.json``/``.parquet`` file, a Hugging Face dataset's ``split``, or the
-    packaged demo preference set (``"builtin"``)."""
+    """Raw rows (dicts) of a ``.jsonl``/``.json``/``.parquet`` file, a folder written by ``save_to_disk`` (its
+    ``split`` for a ``DatasetDict``), a Hugging Face dataset's ``split`` (``datasets.load_dataset``), or the packaged
+    demo preference set (``"builtin"``)."""
     if source == BUILTIN_PREFERENCES:
         source = str(resources.files("otalign.data") / "builtin" / "sentiment_preferences.jsonl")
     path = Path(source)
@@ -112,8 +113,18 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
         import datasets
     except ImportError:
         raise FileNotFoundError(
-            f"dataset {source!r}: no such file, and loading a Hugging Face dataset needs the 'datasets' package"
+            f"dataset {source!r}: no such file, and loading a Hugging Face dataset needs the 'datasets' package "
+            "(pip install 'otalign[data]')"
         ) from None
+    if path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json")):
+        saved = datasets.load_from_disk(str(path))  # a folder written by Dataset(Dict).save_to_disk
+        if isinstance(saved, datasets.DatasetDict):
+            if split not in saved:
+                raise ValueError(f"{path}: no split {split!r}; it has {sorted(saved)}")
+            saved = saved[split]
+        return list(saved)
+    if path.exists() or source.startswith((".", "/", "~")) or path.suffix.lower() in (".jsonl", ".json", ".parquet"):
+        raise FileNotFoundError(f"dataset {source!r}: no such file (nor a folder saved with save_to_disk)")
     return list(datasets.load_dataset(source, split=split))
 
 
@@ -147,8 +158,30 @@ def require_fields(row: object, names: tuple[str, ...], where: str) -> dict:
     return row
 
 
+def extract_prompt(row: dict) -> dict:
+    """TRL's implicit-prompt preference rows: ``chosen``/``rejected`` holding the whole text or conversation and
+    no ``prompt`` (or a plain-text prompt next to conversational completions). The prompt becomes the longest
+    common prefix of the two (messages, or characters less a trailing space, as TRL's ``extract_prompt``); the
+    completions keep the rest. Other rows are returned unchanged."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not (isinstance(chosen, (str, list)) and isinstance(rejected, type(chosen))):
+        return row
+    if "prompt" in row and not (isinstance(row["prompt"], str) and isinstance(chosen, list)):
+        return row  # an explicit prompt (a text prompt beside whole conversations is TRL's implicit form too)
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):  # noqa: B007 - the loop index is the prefix length
+        if chosen[idx] != rejected[idx]:
+            if isinstance(chosen, str) and idx > 0 and chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    return {**row, "prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
+
+
 def parse_pair(row: object, where: str) -> PreferencePair:
-    """A validated :class:`PreferencePair` from one row; ``ValueError`` names ``where`` and the field."""
+    """A validated :class:`PreferencePair` from one row (implicit-prompt rows: :func:`extract_prompt`);
+    ``ValueError`` names ``where`` and the field."""
+    if isinstance(row, dict):
+        row = extract_prompt(row)
     row = require_fields(row, PAIRED_FIELDS, where)
     prompt, chosen, rejected = (check_text(row, name, where) for name in PAIRED_FIELDS)
     check_same_form(row, PAIRED_FIELDS, where)

@@ -92,6 +92,7 @@ def ppo_config(demo: DemoConfig, method: str) -> PPOConfig:
     """The PPO config of one method of the demo."""
     return PPOConfig(
         output_dir=str(Path(demo.out) / method),
+        overwrite_output_dir=True,  # a rerun of the demo replaces its runs
         seed=demo.seed,
         max_steps=demo.max_steps,
         model_name_or_path=demo.model_name_or_path,

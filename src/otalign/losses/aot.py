@@ -67,7 +67,9 @@ def quantile_coupling(n: int, m: int, device: torch.device | None = None) -> tup
     return starts // m, starts // n, (edges[1:] - starts).double() / (n * m)
 
 
-def sorted_ot_loss(u: torch.Tensor, v: torch.Tensor, h: str = "logistic", beta: float = 0.01) -> torch.Tensor:
+def sorted_ot_loss(
+    u: torch.Tensor, v: torch.Tensor, h: str = "logistic", beta: float = 0.01, label_smoothing: float = 0.0
+) -> torch.Tensor:
     r"""One-dimensional OT cost :math:`\int_0^1 h(Q_u(t) - Q_v(t))dt` between two empirical samples.
 
     Args:
@@ -75,15 +77,24 @@ def sorted_ot_loss(u: torch.Tensor, v: torch.Tensor, h: str = "logistic", beta: 
         v: (m,) scores that should be dominated.
         h: ``"logistic"``, ``"hinge2"`` or ``"lsq"`` (module docstring).
         beta: scale (logistic) or margin (hinge2, lsq), > 0.
+        label_smoothing: s in [0, 0.5), logistic only: :math:`(1-s)\,h(z) + s\,h(-z)` (TRL 1.16's AOT).
 
     Returns:
         Scalar loss, differentiable w.r.t. ``u`` and ``v`` (through the sort's permutation).
     """
     check_choice("h", h, tuple(AOT_LOSSES))
     beta = check_positive("beta", beta)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and h != "logistic":
+        raise ValueError(f"label_smoothing applies to h='logistic' only, got h={h!r}")
     i, j, w = quantile_coupling(u.shape[0], v.shape[0], device=u.device)
     u_sorted, v_sorted = torch.sort(u).values, torch.sort(v).values
-    return (w.to(u.dtype) * AOT_LOSSES[h](u_sorted[i] - v_sorted[j], beta)).sum()
+    z = u_sorted[i] - v_sorted[j]
+    losses = AOT_LOSSES[h](z, beta)
+    if label_smoothing:
+        losses = (1.0 - label_smoothing) * losses + label_smoothing * AOT_LOSSES[h](-z, beta)
+    return (w.to(u.dtype) * losses).sum()
 
 
 def aot_loss(
@@ -95,6 +106,7 @@ def aot_loss(
     paired: bool = True,
     h: str = "logistic",
     beta: float = 0.01,
+    label_smoothing: float = 0.0,
     distributed: bool = True,
 ) -> torch.Tensor:
     """AOT loss over the whole data-parallel batch (equations in the module docstring).
@@ -108,6 +120,7 @@ def aot_loss(
             (chosen and rejected are two independent samples, any prompts, any sizes n and m).
         h: ``"logistic"``, ``"hinge2"`` or ``"lsq"``.
         beta: scale (logistic) or margin (hinge2, lsq), > 0.
+        label_smoothing: see :func:`sorted_ot_loss` (logistic only).
         distributed: gather the scores of all processes when ``torch.distributed`` is running.
             Every process must then call this, and gets the loss of the global batch.
 
@@ -124,4 +137,4 @@ def aot_loss(
         u = policy_chosen_logps - ref_chosen_logps
         v = policy_rejected_logps - ref_rejected_logps
     u, v = all_gather_with_grad(u, v.to(u.dtype), enabled=distributed)
-    return sorted_ot_loss(u, v, h=h, beta=beta)
+    return sorted_ot_loss(u, v, h=h, beta=beta, label_smoothing=label_smoothing)

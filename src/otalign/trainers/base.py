@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +25,23 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint
-from .config import TrainerConfig
+from .config import ConfigError, TrainerConfig
 from .metrics import MetricsLogger
+
+
+def check_output_dir(config: TrainerConfig) -> None:
+    """``ConfigError`` if a new run (no ``resume``/``resume_from_checkpoint``) would reuse an ``output_dir`` that holds
+    a run's ``metrics.jsonl`` or checkpoints, unless ``overwrite_output_dir``: never append to or mix with old
+    metrics silently."""
+    if config.resume or config.resume_from_checkpoint or config.overwrite_output_dir:
+        return
+    out = Path(config.output_dir)
+    found = [p.name for p in (out / "metrics.jsonl", out / "checkpoints") if p.exists()]
+    if found:
+        raise ConfigError(
+            f"output_dir {out} already holds a run ({', '.join(found)}); pass --resume to continue it "
+            "or --overwrite_output_dir to start over"
+        )
 
 
 class BaseTrainer:
@@ -46,6 +62,7 @@ class BaseTrainer:
             log_with=config.report_to or None,
             project_dir=str(self.output_dir),
         )
+        check_output_dir(config)
         set_seed(config.seed)
         self.state = TrainerState()
         self.metrics = MetricsLogger(self.accelerator, self.output_dir)
@@ -79,7 +96,14 @@ class BaseTrainer:
         return scheduler
 
     def prepare(self, *objects):
-        """``accelerator.prepare`` the models and optimizer, and register :attr:`state` for checkpoints."""
+        """``accelerator.prepare`` the models and optimizer (with ``gradient_checkpointing``: enabled, non-reentrant,
+        on every model that supports it), and register :attr:`state` for checkpoints."""
+        if self.config.gradient_checkpointing:
+            for obj in objects:
+                if hasattr(obj, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                    obj.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                elif hasattr(obj, "gradient_checkpointing_enable"):
+                    obj.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         prepared = self.accelerator.prepare(*objects)
         self.accelerator.register_for_checkpointing(self.state)
         return prepared
@@ -98,6 +122,8 @@ class BaseTrainer:
             self.print(f"resumed from {path} at step {self.state.global_step}")
         else:
             self.metrics.reset()
+            if c.overwrite_output_dir and self.accelerator.is_main_process:
+                shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)  # never resume into an old run
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2), encoding="utf-8")

@@ -52,7 +52,7 @@ class TrainerConfig(Config):
     learning_rate: float = field(default=1.5e-5, metadata={"help": "AdamW learning rate", "check": ">= 0"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay", "check": ">= 0"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "check": "[0, 1)"})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2", "check": "[0, 1)"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (transformers default)", "check": "[0, 1)"})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon", "check": "> 0"})
     lr_scheduler_type: str = field(
         default="linear",
@@ -68,6 +68,9 @@ class TrainerConfig(Config):
     gradient_accumulation_steps: int = field(
         default=1,
         metadata={"help": "micro-batches per optimizer step (multiplies the batch, as in TRL)", "check": ">= 1"},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in the backward pass (less memory, more time)"}
     )
     mixed_precision: str = field(
         default="no",
@@ -87,6 +90,9 @@ class TrainerConfig(Config):
         default=2, metadata={"help": "keep at most this many checkpoints (none: all)", "check": ">= 1"}
     )
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "start afresh in an output_dir that holds a run (else: an error)"}
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "a checkpoint folder to continue from (overrides resume)"}
     )

@@ -2,7 +2,8 @@
 
 Each JSONL line is ``{"step": int, "<name>": float, ...}`` with slash names (``reward/mean``, ``kl/exact``).
 On resume, lines after the checkpoint's step are dropped first, so a resumed run's file reads exactly
-like an uninterrupted one.
+like an uninterrupted one. A run killed while writing leaves a torn last line: readers skip it and resuming
+removes it; a malformed line anywhere else is an error naming the file and line.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ class MetricsLogger:
         """Drop lines with ``step`` greater than ``step`` (main process), e.g. when resuming from it."""
         if not (self.accelerator.is_main_process and self.path.is_file()):
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = [row for row in _rows(self.path) if row["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        tmp.replace(self.path)
 
     def reset(self) -> None:
         """Start a fresh file (a new, non-resumed run)."""
@@ -53,7 +55,22 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _rows(path: Path) -> list[dict]:
+    """The JSON rows of ``path``; a torn (unparseable) last line is skipped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines):  # written while the run was killed
+                break
+            raise ValueError(f"{path}, line {i}: not valid JSON ({err.msg})") from None
+    return rows
+
+
 def read_metrics(output_dir: str | Path) -> list[dict]:
-    """The rows of ``<output_dir>/metrics.jsonl``."""
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of ``<output_dir>/metrics.jsonl`` (a torn last line from a killed run is skipped)."""
+    return _rows(Path(output_dir) / "metrics.jsonl")

@@ -37,7 +37,7 @@ from .base import BaseTrainer
 from .config import ConfigError, TrainerConfig, redefault
 from .ppo import Timer
 from .preference_batch import SequenceBatch, collate, completion_logps
-from .preference_losses import PAIRWISE_LOSSES, PREFERENCE_LOSSES, build_preference_loss, loss_options
+from .preference_losses import PAIRWISE_LOSSES, PREFERENCE_LOSSES, build_preference_loss, loss_inputs, loss_options
 
 TOKEN_WEIGHTINGS = ("none", "otpo")
 Key = tuple[str, int, str]
@@ -64,6 +64,10 @@ class PreferenceConfig(TrainerConfig):
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "paired rows evaluated after training (eval/... metrics)"}
     )
+    eval_steps: int = field(
+        default=0,
+        metadata={"help": "also evaluate every this many steps (0: only after the last one)", "check": ">= 0"},
+    )
     max_length: int = field(
         default=1024, metadata={"help": "most tokens of prompt + completion (longer is an error)", "check": ">= 2"}
     )
@@ -73,7 +77,7 @@ class PreferenceConfig(TrainerConfig):
         metadata={"help": "inverse temperature (DPO, hinge, KTO), IPO's regularization, AOT's scale", "check": "> 0"},
     )
     label_smoothing: float = field(
-        default=0.0, metadata={"help": "conservative DPO label-flip probability (sigmoid only)", "check": "[0, 0.5)"}
+        default=0.0, metadata={"help": "label-flip probability (robust, aot, aot_unpaired)", "check": "[0, 0.5)"}
     )
     aot_h: str = field(default="logistic", metadata={"help": "AOT's convex surrogate h", "choices": tuple(AOT_LOSSES)})
     desirable_weight: float = field(default=1.0, metadata={"help": "KTO's lambda_D", "check": "> 0"})
@@ -101,6 +105,8 @@ class PreferenceConfig(TrainerConfig):
         for name in ("label_smoothing", "aot_h", "desirable_weight", "undesirable_weight"):
             if name not in used and getattr(self, name) != defaults[name]:
                 raise ConfigError(f"{name} does not apply to loss_type {self.loss_type!r}", name)
+        if self.label_smoothing and "aot_h" in used and self.aot_h != "logistic":
+            raise ConfigError(f"label_smoothing needs aot_h logistic, got {self.aot_h!r}", "label_smoothing")
 
 
 @functools.lru_cache(maxsize=8)
@@ -384,6 +390,8 @@ class PreferenceTrainer(BaseTrainer):
             metrics.update({k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in extra.items()})
             metrics["lr"] = lr
             metrics.update(timer.metrics())
+            if self.eval_data is not None and c.eval_steps and step % c.eval_steps == 0 and step != c.max_steps:
+                metrics.update(self.evaluate())
             history.append(metrics)
             self.end_step(step, metrics)
         if self.eval_data is not None:
@@ -412,10 +420,11 @@ class PreferenceTrainer(BaseTrainer):
                 kl_logps, _ = completion_logps(self.accelerator.unwrap_model(self.policy), kl_batch)
             kl = (sequence_logps(kl_logps, kl_batch.mask), self.reference_logps(kl_keys, kl_batch, None))
         timer.lap("forward")
+        policy_in, ref_in = loss_inputs(self.loss, policy, ref, batch.mask.sum(1))
         if self.loss.paired:
-            loss, stats = self.loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:])
+            loss, stats = self.loss(policy_in[:pairs], policy_in[pairs:], ref_in[:pairs], ref_in[pairs:])
         else:
-            loss, stats = self.loss(policy, ref, labels, *kl)
+            loss, stats = self.loss(policy_in, ref_in, labels, *kl)
         record = {
             "rewards": self.config.beta * (policy - ref).detach(),
             "logps": sequence_logps(token_logps.detach(), batch.mask),

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from otalign.losses import aot_loss, dpo_loss, kto_loss
 from otalign.registry import Registry
@@ -24,11 +25,16 @@ from otalign.registry import Registry
 
 @dataclass
 class DPOFamilyLoss:
-    """DPO (``sigmoid``, with ``label_smoothing``), IPO or hinge: :func:`otalign.losses.dpo_loss`."""
+    """DPO (``sigmoid``), IPO or hinge: :func:`otalign.losses.dpo_loss`.
+
+    ``average_logps``: the trainer divides each sequence log-prob (policy and reference) by the completion's token
+    count before calling the loss (TRL's IPO); the reward metrics keep the summed log-probs.
+    """
 
     kind: str
     beta: float
     label_smoothing: float = 0.0
+    average_logps: bool = False
     paired = True
     needs_kl = False
 
@@ -46,6 +52,24 @@ class DPOFamilyLoss:
 
 
 @dataclass
+class RobustDPOLoss:
+    r"""Robust DPO (Chowdhury et al. 2024; TRL's ``robust``): unbiased under label flips of probability s,
+    :math:`\big(-(1-s)\log\sigma(\beta m) + s\log\sigma(-\beta m)\big)/(1-2s)`, averaged over the pairs."""
+
+    beta: float
+    label_smoothing: float = 0.0
+    paired = True
+    needs_kl = False
+
+    def __call__(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> tuple[torch.Tensor, dict]:
+        s = self.label_smoothing
+        margin = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+        clean = -(1.0 - s) * F.logsigmoid(self.beta * margin)
+        flipped = -s * F.logsigmoid(-self.beta * margin)
+        return ((clean - flipped) / (1.0 - 2.0 * s)).mean(), {}
+
+
+@dataclass
 class AOTLoss:
     """Paired or unpaired AOT (:func:`otalign.losses.aot_loss`), sorted over the whole data-parallel batch.
 
@@ -55,6 +79,7 @@ class AOTLoss:
     paired: bool
     beta: float
     h: str = "logistic"
+    label_smoothing: float = 0.0
     needs_kl = False
 
     def __call__(self, *logps: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -65,7 +90,14 @@ class AOTLoss:
             policy_chosen, policy_rejected = policy[labels], policy[~labels]
             ref_chosen, ref_rejected = ref[labels], ref[~labels]
         loss = aot_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, paired=self.paired, h=self.h, beta=self.beta
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            paired=self.paired,
+            h=self.h,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
         )
         return loss, {}
 
@@ -100,16 +132,16 @@ name -> constructor argument), one-line help. Names as TRL 1.16's ``DPOConfig.lo
 PREFERENCE_LOSSES.add(
     "sigmoid",
     DPOFamilyLoss,
-    help="DPO: -log sigmoid(beta m); label_smoothing s gives conservative DPO",
+    help="DPO: -log sigmoid(beta m)",
     defaults={"kind": "sigmoid"},
     paired=True,
-    options={"beta": "beta", "label_smoothing": "label_smoothing"},
+    options={"beta": "beta"},
 )
 PREFERENCE_LOSSES.add(
     "ipo",
     DPOFamilyLoss,
-    help="IPO: (m - 1/(2 beta))^2 on per-token mean log-probs",
-    defaults={"kind": "ipo"},
+    help="IPO: (m - 1/(2 beta))^2 on per-token mean log-probs (as TRL)",
+    defaults={"kind": "ipo", "average_logps": True},
     paired=True,
     options={"beta": "beta"},
 )
@@ -122,20 +154,27 @@ PREFERENCE_LOSSES.add(
     options={"beta": "beta"},
 )
 PREFERENCE_LOSSES.add(
+    "robust",
+    RobustDPOLoss,
+    help="robust DPO, unbiased under label flips of probability label_smoothing",
+    paired=True,
+    options={"beta": "beta", "label_smoothing": "label_smoothing"},
+)
+PREFERENCE_LOSSES.add(
     "aot",
     AOTLoss,
-    help="AOT paired: sorted margins of the batch (stochastic dominance), h = aot_h",
+    help="AOT paired: sorted margins of the batch (stochastic dominance), h = aot_h, label_smoothing (logistic)",
     defaults={"paired": True},
     paired=True,
-    options={"beta": "beta", "aot_h": "h"},
+    options={"beta": "beta", "aot_h": "h", "label_smoothing": "label_smoothing"},
 )
 PREFERENCE_LOSSES.add(
     "aot_unpaired",
     AOTLoss,
-    help="AOT unpaired: sorted chosen vs sorted rejected log-ratios",
+    help="AOT unpaired: sorted chosen vs sorted rejected log-ratios, h = aot_h, label_smoothing (logistic)",
     defaults={"paired": False},
     paired=False,
-    options={"beta": "beta", "aot_h": "h"},
+    options={"beta": "beta", "aot_h": "h", "label_smoothing": "label_smoothing"},
 )
 PREFERENCE_LOSSES.add(
     "kto",
@@ -151,6 +190,15 @@ PAIRWISE_LOSSES = tuple(name for name, entry in PREFERENCE_LOSSES.entries.items(
 def loss_options(name: str) -> dict[str, str]:
     """The config options the loss ``name`` reads (config name -> constructor argument)."""
     return PREFERENCE_LOSSES.entry(name).info["options"]
+
+
+def loss_inputs(loss, policy: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor):
+    """``(policy, ref)`` sequence log-probs as ``loss`` takes them: divided by the (n,) completion token counts
+    ``lengths`` when the loss averages per token (``average_logps``, TRL's IPO), else unchanged."""
+    if getattr(loss, "average_logps", False):
+        lengths = lengths.to(policy.dtype).clamp_min(1.0)
+        return policy / lengths, ref / lengths
+    return policy, ref
 
 
 def build_preference_loss(name: str, **options):

@@ -1,0 +1,114 @@
+"""Trainer options with TRL's meaning: accumulation multiplies the batch, gradient checkpointing changes nothing but
+memory, DPO evaluates every ``eval_steps``, a used ``output_dir`` is not silently reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from otalign.config import ConfigError
+from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+from otalign.trainers import PreferenceConfig, PreferenceTrainer, SFTConfig, SFTTrainer, read_metrics
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PREFERENCE_PAIRS = str(FIXTURES / "preference_pairs.jsonl")
+SFT_PAIRS = str(FIXTURES / "sft_pairs.jsonl")
+
+
+def sft(tmp_path, **overrides) -> SFTTrainer:
+    tokenizer = tiny_tokenizer()
+    settings = dict(output_dir=str(tmp_path), dataset_name=SFT_PAIRS, max_steps=2, learning_rate=3e-3)
+    settings.update(progress_bar=False, save_model=False, **overrides)
+    return SFTTrainer(SFTConfig(**settings), model=tiny_causal_lm(tokenizer, seed=0), tokenizer=tokenizer)
+
+
+def test_gradient_accumulation_multiplies_the_batch(tmp_path):
+    accumulated = sft(tmp_path / "a", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    history = accumulated.train()
+    assert accumulated.state.samples_seen == 2 * 2 * 2  # 2 steps x 2 micro-batches x 2 examples
+    whole = sft(tmp_path / "b", per_device_train_batch_size=4).train()
+    for a, b in zip(history, whole, strict=True):  # the same examples and the same token-mean loss
+        assert a["num_tokens"] == b["num_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    plain = sft(tmp_path / "a", per_device_train_batch_size=4).train()
+    trainer = sft(tmp_path / "b", per_device_train_batch_size=4, gradient_checkpointing=True)
+    model = trainer.accelerator.unwrap_model(trainer.policy)
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    for a, b in zip(plain, trainer.train(), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_dpo_evaluates_every_eval_steps(tmp_path):
+    tokenizer = tiny_tokenizer()
+    config = PreferenceConfig(
+        output_dir=str(tmp_path),
+        dataset_name=PREFERENCE_PAIRS,
+        eval_dataset_name=PREFERENCE_PAIRS,
+        max_steps=3,
+        eval_steps=1,
+        per_device_train_batch_size=2,
+        progress_bar=False,
+        save_model=False,
+    )
+    PreferenceTrainer(
+        config, policy=tiny_causal_lm(tokenizer), ref_model=tiny_causal_lm(tokenizer), tokenizer=tokenizer
+    ).train()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows if "eval/rewards/accuracies" in r] == [1, 2, 3]
+
+
+def test_a_second_run_into_the_same_output_dir_needs_resume_or_overwrite(tmp_path):
+    sft(tmp_path, per_device_train_batch_size=4, max_steps=1).train()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        sft(tmp_path, per_device_train_batch_size=4, max_steps=1)
+    sft(tmp_path, per_device_train_batch_size=4, max_steps=1, overwrite_output_dir=True).train()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]  # replaced, not appended
+
+
+def test_implicit_prompt_rows_are_split_as_trl_does():
+    from otalign.data.preference import parse_pair
+
+    user = {"role": "user", "content": "What color is the sky?"}
+    row = {
+        "chosen": [user, {"role": "assistant", "content": "It is blue."}],
+        "rejected": [user, {"role": "assistant", "content": "It is green."}],
+    }
+    pair = parse_pair(row, "row 1")  # TRL's extract_prompt docstring example
+    assert pair.prompt == [user]
+    assert pair.chosen == [{"role": "assistant", "content": "It is blue."}]
+    assert pair.rejected == [{"role": "assistant", "content": "It is green."}]
+    pair = parse_pair({"chosen": "The sky is blue.", "rejected": "The sky is green."}, "row 2")
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("The sky is", " blue.", " green.")
+    pair = parse_pair({"prompt": "Q", "chosen": "a", "rejected": "b"}, "row 3")  # an explicit prompt stays
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Q", "a", "b")
+    with pytest.raises(ValueError, match="row 4, field 'prompt': empty text"):
+        parse_pair({"chosen": "yes", "rejected": "no"}, "row 4")
+
+
+def test_a_folder_saved_with_save_to_disk_loads_like_a_file(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from otalign.data.preference import load_preference_data, read_rows
+
+    rows = read_rows(PREFERENCE_PAIRS)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dict"))
+    expected = load_preference_data(PREFERENCE_PAIRS)
+    assert load_preference_data(str(tmp_path / "one")) == expected
+    assert load_preference_data(str(tmp_path / "dict"), "train") == expected
+    with pytest.raises(ValueError, match="no split 'test'"):
+        load_preference_data(str(tmp_path / "dict"), "test")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_preference_data(str(tmp_path / "missing"))
+
+
+def test_a_text_prompt_beside_whole_conversations_is_implicit_too():
+    from otalign.data.preference import parse_pair
+
+    user = {"role": "user", "content": "Sky?"}
+    row = {"prompt": "Sky?", "chosen": [user, {"role": "assistant", "content": "Blue."}], "rejected": [user]}
+    pair = parse_pair({**row, "rejected": [user, {"role": "assistant", "content": "Green."}]}, "row 1")
+    assert pair.prompt == [user] and pair.chosen == [{"role": "assistant", "content": "Blue."}]
