@@ -48,7 +48,8 @@ def test_callable_reward_is_checked():
 
 
 def test_unknown_reward_name_and_ambiguous_spec():
-    with pytest.raises(ValueError, match=r"unknown reward function 'joy'; choose one of \['sentiment'\]"):
+    names = r"\['apps_execution', 'sentiment'\]"
+    with pytest.raises(ValueError, match=rf"unknown reward function 'joy'; choose one of {names}"):
         build_reward("joy")
     with pytest.raises(ValueError, match="exactly one"):
         build_reward("sentiment", "some/model")
