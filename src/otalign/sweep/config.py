@@ -196,8 +196,8 @@ class SweepConfig(Config):
             if clash:
                 raise ConfigError(f"{where}.grid: {clash[0]!r} is also in the top-level grid; keep it in one place")
             methods[name] = {"fields": _fields(spec, types_, where), "grid": own_grid}
+        # name -> {"fields": {...}, "grid": {...}}, checked and converted; an attribute, not a config field
         self.method_specs = methods or {self.command: {"fields": {}, "grid": {}}}
-        """``name -> {"fields": {...}, "grid": {...}}``, checked and converted (not a config field)."""
         for name, values in [("base", self.base)] + [(f"methods.{m}", s["fields"]) for m, s in methods.items()]:
             for key in (SEED_KEY, "output_dir"):
                 if key in values:
