@@ -43,10 +43,11 @@ def _check_side(name: str, hidden: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"{name} responses of pairs {empty} have no valid token")
 
 
-BUCKET_OVERHEAD_FLOPS = 2e7
-"""Fixed cost of one batched solve in the bucketing model of :func:`length_buckets`, in units of one
-cost-matrix entry's hidden-size work (about ``2 H + 256`` flops per padded entry): the per-call overhead of
-the cost matmul and the Sinkhorn loop (a few hundred small tensor operations, ~2 ms on a CPU core)."""
+BUCKET_OVERHEAD_FLOPS = 1e8
+"""Fixed cost of one batched solve in the bucketing model of :func:`length_buckets`, in the model's flops
+(``2 H + 256`` per padded cost entry): the per-call overhead of the cost matmul and the Sinkhorn loop (a
+few hundred small tensor operations) plus the efficiency a larger batched matmul gains. Chosen by a sweep
+on a CPU (``benchmarks/otpo.py``): 2e7 to 3e8 measured alike, 1e9 and above pad too much."""
 
 
 def length_buckets(long: torch.Tensor, short: torch.Tensor, hidden: int, overhead: float = BUCKET_OVERHEAD_FLOPS):

@@ -364,6 +364,124 @@ def scaling_iterations(
     )
 
 
+PLAIN_MAX_EXPONENT = 30.0
+""":func:`plain_iterations` runs when every cost lies in ``[0, PLAIN_MAX_EXPONENT * eps]``: the kernel
+``exp(-C/eps)`` then lies in ``[e^-30, 1]``, far from float32 underflow, and needs no stabilisation."""
+
+
+def run_iterations(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    problem,
+    eps: float,
+    scaling: float,
+    damping: Callable[[float], tuple[float, float]],
+    *,
+    max_iter: int,
+    tol: float | torch.Tensor,
+    check_every: int,
+    balanced: bool,
+    return_plan: bool,
+) -> Iterations:
+    """Solve from scratch: :func:`plain_iterations` when the batch is well conditioned (and it succeeds),
+    else the eps-scaling warm start (:func:`anneal`) and :func:`scaling_iterations`.
+
+    ``problem`` is the :class:`~otalign.ot._validation.Problem` of ``(a, b)`` (its cost and cost statistics);
+    ``damping(eps_k)`` gives (kappa_a, kappa_b) at ``eps_k``.
+    """
+    damp_a, damp_b = damping(eps)
+    common = {"max_iter": max_iter, "tol": tol, "check_every": check_every, "balanced": balanced}
+    if not 0 <= scaling < 1:
+        raise ValueError(f"scaling must be in [0, 1), got {scaling}")
+    conditioned = problem.finite is None and problem.min_cost >= 0 and problem.max_cost <= PLAIN_MAX_EXPONENT * eps
+    if conditioned and (scaling == 0 or problem.cost_range <= eps):  # (no eps-scaling step would run)
+        run = plain_iterations(a, b, problem.cost, eps, damp_a=damp_a, damp_b=damp_b, return_plan=return_plan, **common)
+        if run is not None:
+            return run
+    u, v = anneal(a, b, problem.cost, eps, scaling, damping, cost_range=problem.cost_range, finite=problem.finite)
+    return scaling_iterations(
+        a,
+        b,
+        problem.cost,
+        eps,
+        u,
+        v,
+        damp_a=damp_a,
+        damp_b=damp_b,
+        return_plan=return_plan,
+        finite=problem.finite,
+        max_cost=problem.max_cost,
+        **common,
+    )
+
+
+def plain_iterations(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cost: torch.Tensor,
+    eps: float,
+    *,
+    damp_a: float,
+    damp_b: float,
+    max_iter: int,
+    tol: float | torch.Tensor,
+    check_every: int,
+    balanced: bool,
+    return_plan: bool,
+) -> Iterations | None:
+    """Kernel-domain Sinkhorn for well-conditioned batches (every cost in ``[0, 30 eps]``, all finite).
+
+    ``s = (K (b t))^(-kappa_a)``, ``t = (K^T (a s))^(-kappa_b)`` with ``K = exp(-C/eps)``, i.e. the same
+    damped c-transforms as :func:`scaling_iterations` with ``u = eps log s``, at a fraction of its
+    per-iteration bookkeeping (which dominates small problems). Zero-mass atoms need no special case:
+    their scaling is already the damped c-transform. The batch iterates until every problem meets
+    ``tol`` (same tests as :func:`scaling_iterations`). Returns None if a scaling left the float range
+    (extreme masses); the caller then runs :func:`scaling_iterations`.
+    """
+    batch = a.shape[0]
+    tol = torch.as_tensor(tol, dtype=a.dtype, device=a.device).expand(batch)
+    K = torch.div(cost, -eps).exp_()
+    s, t = torch.ones_like(a), torch.ones_like(b)
+    last_s, last_t = s, t
+    n_iter = 0
+    while True:
+        rows = row_sums(K, b * t)
+        if n_iter % check_every == 0 or n_iter >= max_iter:
+            if balanced:
+                error = (a * s * rows - a).abs().sum(-1)
+            elif n_iter == 0:
+                error = torch.full_like(a[:, 0], math.inf)
+            else:
+                step = torch.maximum((s / last_s).log_().abs_().amax(-1), (t / last_t).log_().abs_().amax(-1))
+                error = eps * step
+            # A non-finite s, t or rows makes the error NaN or inf (from the next check on, at the latest).
+            if n_iter and not bool(torch.isfinite(error).all()):
+                return None
+            converged = error <= tol
+            if n_iter >= max_iter or bool(converged.all()):
+                break
+        if not balanced and ((n_iter + 1) % check_every == 0 or n_iter + 1 >= max_iter):
+            last_s, last_t = s, t  # the change is measured over the iteration that ends at a check
+        s = rows.pow_(-damp_a)
+        cols = torch.bmm((a * s).unsqueeze(1), K).squeeze(1)
+        t = cols.pow_(-damp_b)
+        n_iter += 1
+    scale_a, scale_b = a * s, b * t
+    cols = torch.bmm(scale_a.unsqueeze(1), K).squeeze(1)
+    plan = K.mul_(scale_a.unsqueeze(-1)).mul_(scale_b.unsqueeze(-2)) if return_plan else None
+    return Iterations(
+        u=eps * s.log(),
+        v=eps * t.log(),
+        plan=plan,
+        row_marginal=scale_a * rows,
+        col_marginal=scale_b * cols,
+        n_iter=n_iter,
+        iters=torch.full((batch,), n_iter, dtype=torch.int64, device=a.device),
+        error=error,
+        converged=converged,
+    )
+
+
 def _compact(buffer: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Move problems ``kept`` (increasing indices) of ``buffer`` to its front, in place; return that front."""
     for new, old in enumerate(kept.tolist()):

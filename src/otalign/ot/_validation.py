@@ -21,6 +21,8 @@ class Problem(NamedTuple):
     """Largest minus smallest finite cost (0 when none is finite)."""
     max_cost: float
     """Largest finite cost (0 when none is finite)."""
+    min_cost: float
+    """Smallest cost (0 when none is finite)."""
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -102,7 +104,7 @@ def prepare_problem(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) -> Pro
             highest = float(cost.masked_fill(~finite, -math.inf).amax())
         else:
             lowest = highest = 0.0
-    return Problem(a, b, cost, unbatched, finite, highest - lowest, highest)
+    return Problem(a, b, cost, unbatched, finite, highest - lowest, highest, lowest)
 
 
 def check_equal_mass(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:

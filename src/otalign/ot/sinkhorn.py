@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._scaling import anneal, scaling_iterations
+from ._scaling import run_iterations
 from ._validation import check_equal_mass, check_positive_scalar, prepare_problem
 
 
@@ -123,23 +123,18 @@ def sinkhorn(
 
     # Potentials in the reference parametrisation P = a_i b_j exp((u_i + v_j - C_ij)/eps):
     # unlike f = u + eps log a they stay finite on zero-mass atoms.
-    u, v = anneal(a, b, cost, eps, scaling, lambda _: (1.0, 1.0), cost_range=problem.cost_range, finite=problem.finite)
-    run = scaling_iterations(
+    run = run_iterations(
         a,
         b,
-        cost,
+        problem,
         eps,
-        u,
-        v,
-        damp_a=1.0,
-        damp_b=1.0,
+        scaling,
+        lambda _: (1.0, 1.0),
         max_iter=max_iter,
         tol=tol,
         check_every=check_every,
         balanced=True,
         return_plan=return_plan,
-        finite=problem.finite,
-        max_cost=problem.max_cost,
     )
     result = SinkhornResult(
         f=run.u + eps * a.log(),

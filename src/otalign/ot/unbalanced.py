@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._scaling import anneal, scaling_iterations
+from ._scaling import run_iterations
 from ._validation import check_positive_scalar, prepare_problem
 
 
@@ -129,32 +129,18 @@ def unbalanced_sinkhorn(
     problem = prepare_problem(a, b, cost)
     a, b, cost = problem.a, problem.b, problem.cost
 
-    u, v = anneal(
+    run = run_iterations(
         a,
         b,
-        cost,
+        problem,
         eps,
         scaling,
         lambda eps_k: (_damping(rho_a, eps_k), _damping(rho_b, eps_k)),
-        cost_range=problem.cost_range,
-        finite=problem.finite,
-    )
-    run = scaling_iterations(
-        a,
-        b,
-        cost,
-        eps,
-        u,
-        v,
-        damp_a=_damping(rho_a, eps),
-        damp_b=_damping(rho_b, eps),
         max_iter=max_iter,
         tol=tol,
         check_every=check_every,
         balanced=False,
         return_plan=return_plan,
-        finite=problem.finite,
-        max_cost=problem.max_cost,
     )
     row, col = run.row_marginal, run.col_marginal
     fields = {
