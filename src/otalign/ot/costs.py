@@ -42,13 +42,16 @@ def _squared_distances(
         # Centring shrinks the norms, hence the cancellation in the expansion.
         centre = ((x.sum(-2, keepdim=True) + y.sum(-2, keepdim=True)) / (x.shape[-2] + y.shape[-2])).detach()
         x, y = x - centre, y - centre
-    x_sq = (x * x).sum(-1, keepdim=True)
-    y_sq = (y * y).sum(-1, keepdim=True).transpose(-1, -2)
     # Rounding in the d-term dot products grows like sqrt(d) (random-walk accumulation).
     rounding = 4 * math.sqrt(x.shape[-1]) * torch.finfo(x.dtype).eps
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        x_sq = (x * x).sum(-1, keepdim=True)
+        y_sq = (y * y).sum(-1, keepdim=True).transpose(-1, -2)
         sq = (x_sq + y_sq - 2.0 * (x @ y.transpose(-1, -2))).clamp_min(0)
         return sq, rounding * (x_sq + y_sq).detach()
+    # Squared norms as a reduction (no (..., n, d) temporary).
+    x_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
+    y_sq = torch.linalg.vector_norm(y, dim=-1, keepdim=True).square_().transpose(-1, -2)
     sq = torch.matmul(x, y.transpose(-1, -2)).mul_(-2.0).add_(x_sq).add_(y_sq)
     floor = torch.add(x_sq, y_sq).mul_(rounding)
     return sq.masked_fill_(sq <= floor, 0.0), None
