@@ -29,8 +29,16 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# Every benchmark at a small size (a few minutes on a laptop CPU); each prints a table and writes
+# $(BENCH_OUT)/*.json. The README's numbers come from the larger runs in benchmarks/results/*.json.
+BENCH_OUT ?= benchmarks/results/quick
 bench: $(STAMP)
-	$(PY) benchmarks/sinkhorn.py
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/sinkhorn.py --quick --out $(BENCH_OUT)/sinkhorn.json
+	-$(PY) benchmarks/penalty.py --quick --out $(BENCH_OUT)/penalty.json  # exit 1: its accuracy guard failed
+	$(PY) benchmarks/otpo.py --quick --output $(BENCH_OUT)/otpo.json
+	$(PY) benchmarks/official_wpr.py --out $(BENCH_OUT)/official_wpr.json
+	$(PY) benchmarks/ppo_step.py --batch-size 2 --response-length 8 --steps 1 --out $(BENCH_OUT)/ppo_step.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

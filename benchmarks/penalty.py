@@ -20,6 +20,15 @@ Each top_k runs both WPR transport forms (``--transport``): ``difference`` (the 
 mass onto its deficit) and ``full`` (the paper's OT between the whole distributions); ``marg.err`` shows which
 of them reached the tolerance within ``--max-iter``.
 
+Accuracy guard: on the same logits, a reference run of each form in ``--reference-transports`` is solved to
+``--reference-tol`` (1e-7) with ``--reference-max-iter`` iterations allowed; every per-token penalty of the timed
+runs of that form must be within ``max(1e-3 |reference|, 1e-4)`` of it. The max and 99th-percentile errors
+print beside the timings, and the script exits with status 1, naming the offending rows, above the bound.
+
+Profile (``--profile`` table): per Sinkhorn call of the timed runs, the atoms that carry more than 1e-6 /
+1e-4 / 1e-3 of the (normalised) moved mass on each side, the iterations, the time per iteration and the time
+spent outside Sinkhorn (log-softmax, top-k, gathers, costs).
+
 Results print as a table and go to ``benchmarks/results/penalty.json``. CPU always; CUDA too when available.
 """
 
@@ -114,15 +123,17 @@ def measure(spec: dict) -> dict:
             tol=spec["tol"],
         )
 
-    sinkhorn_seconds = []
+    sinkhorn_seconds, calls = [], []
     solver = wasserstein_module.sinkhorn
 
-    def timed_sinkhorn(*args, **kwargs):
+    def timed_sinkhorn(a, b, *args, **kwargs):
         start = time.perf_counter()
-        result = solver(*args, **kwargs)
+        result = solver(a, b, *args, **kwargs)
         if cuda:
             torch.cuda.synchronize()
-        sinkhorn_seconds.append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        sinkhorn_seconds.append(seconds)
+        calls.append(sinkhorn_profile(a, b, result, seconds))
         return result
 
     wasserstein_module.sinkhorn = timed_sinkhorn
@@ -147,6 +158,45 @@ def measure(spec: dict) -> dict:
         "sinkhorn_seconds": sum(sinkhorn_seconds) / spec["repeats"],
         "peak_bytes": peak,
         "stats": out.stats,
+        "profile": calls[-len(calls) // spec["repeats"] :] if calls else [],
+        "per_token": out.per_token.flatten().tolist(),
+    }
+
+
+MASS_LEVELS = (1e-6, 1e-4, 1e-3)
+
+
+def sinkhorn_profile(a: torch.Tensor, b: torch.Tensor, result, seconds: float) -> dict:
+    """What one Sinkhorn call of the penalty solved: problems, atoms above each mass level per side (means over
+    problems), iterations (slowest and mean), seconds and seconds per iteration."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    iters = result.iters.reshape(-1).float() if result.iters is not None else torch.tensor([float(result.n_iter)])
+    return {
+        "problems": a.shape[0],
+        "atoms": a.shape[1],
+        "atoms_a": {str(level): float((a > level).sum(-1).float().mean()) for level in MASS_LEVELS},
+        "atoms_b": {str(level): float((b > level).sum(-1).float().mean()) for level in MASS_LEVELS},
+        "n_iter": int(result.n_iter),
+        "mean_iters": float(iters.mean()),
+        "converged": float(result.converged.float().mean()) if result.converged is not None else None,
+        "seconds": seconds,
+        "seconds_per_iter": seconds / max(int(result.n_iter), 1),
+    }
+
+
+def accuracy(values: list[float], reference: list[float], rtol: float = 1e-3, atol: float = 1e-4) -> dict:
+    """Per-token error against the reference: max and 99th percentile of ``|p - ref|`` and of
+    ``|p - ref| / max(rtol |ref|, atol)`` (the guard fails above 1)."""
+    p, ref = torch.tensor(values, dtype=torch.float64), torch.tensor(reference, dtype=torch.float64)
+    err = (p - ref).abs()
+    relative = err / torch.clamp(rtol * ref.abs(), min=atol)
+    return {
+        "max_abs_err": float(err.max()),
+        "p99_abs_err": float(torch.quantile(err, 0.99)),
+        "max_err_over_bound": float(relative.max()),
+        "p99_err_over_bound": float(torch.quantile(relative, 0.99)),
+        "tokens_over_bound": int((relative > 1).sum()),
+        "ok": bool((relative <= 1).all()),
     }
 
 
@@ -162,14 +212,50 @@ def run_worker(spec: dict) -> dict:
 def table(rows: list[dict]) -> str:
     header = (
         f"{'device':<7}{'V':>8}{'top_k':>6}{'transport':>11}{'RKL s':>9}{'W s':>9}{'W/RKL':>8}{'sinkhorn':>10}"
-        f"{'iters':>7}{'marg.err':>10}{'RKL MB':>9}{'W MB':>9}{'official GB':>13}"
+        f"{'iters':>7}{'marg.err':>10}{'max err':>9}{'p99 err':>9}{'/bound':>8}{'RKL MB':>8}{'W MB':>8}"
+        f"{'official GB':>12}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
+        acc = row.get("accuracy")
+        errors = (
+            f"{acc['max_abs_err']:>9.1e}{acc['p99_abs_err']:>9.1e}{acc['max_err_over_bound']:>8.2f}"
+            if acc
+            else f"{'-':>9}{'-':>9}{'-':>8}"
+        )
         lines.append(
-            f"{row['device']:<7}{row['vocab']:>8}{row['top_k']:>6}{row['transport']:>11}{row['rkl_seconds']:>9.3f}{row['w_seconds']:>9.2f}"
-            f"{row['ratio']:>8.1f}{row['sinkhorn_share']:>9.0%} {row['iters']:>6.0f}{row['marginal_err']:>10.1e}"
-            f"{row['rkl_peak_mb']:>9.0f}{row['w_peak_mb']:>9.0f}{row['official_gb']:>13.2f}"
+            f"{row['device']:<7}{row['vocab']:>8}{row['top_k']:>6}{row['transport']:>11}{row['rkl_seconds']:>9.3f}"
+            f"{row['w_seconds']:>9.2f}{row['ratio']:>8.1f}{row['sinkhorn_share']:>9.0%} {row['iters']:>6.0f}"
+            f"{row['marginal_err']:>10.1e}{errors}{row['rkl_peak_mb']:>8.0f}{row['w_peak_mb']:>8.0f}"
+            f"{row['official_gb']:>12.2f}"
+        )
+    return "\n".join(lines)
+
+
+def profile_table(rows: list[dict]) -> str:
+    """Where the Wasserstein penalty's time goes, one line per timed run (sums/means over its Sinkhorn calls)."""
+    header = (
+        f"{'V':>7}{'top_k':>6}{'transport':>11}{'atoms':>7}{'a>1e-6':>8}{'a>1e-4':>8}{'a>1e-3':>8}{'b>1e-4':>8}"
+        f"{'iters':>7}{'mean it':>8}{'ms/iter':>9}{'sinkhorn s':>11}{'outside s':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        calls = row["profile"]
+        if not calls:
+            continue
+        problems = sum(c["problems"] for c in calls)
+
+        def mean(key, level, calls=calls, problems=problems):
+            return sum(c[key][level] * c["problems"] for c in calls) / problems
+
+        seconds = sum(c["seconds"] for c in calls)
+        lines.append(
+            f"{row['vocab']:>7}{row['top_k']:>6}{row['transport']:>11}{max(c['atoms'] for c in calls):>7}"
+            f"{mean('atoms_a', '1e-06'):>8.1f}{mean('atoms_a', '0.0001'):>8.1f}{mean('atoms_a', '0.001'):>8.1f}"
+            f"{mean('atoms_b', '0.0001'):>8.1f}{max(c['n_iter'] for c in calls):>7}"
+            f"{sum(c['mean_iters'] * c['problems'] for c in calls) / problems:>8.0f}"
+            f"{1e3 * seconds / sum(c['n_iter'] for c in calls):>9.2f}{seconds:>11.2f}"
+            f"{row['w_seconds'] - seconds:>10.2f}"
         )
     return "\n".join(lines)
 
@@ -196,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when available")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (median)")
+    parser.add_argument(
+        "--reference-transports",
+        nargs="*",
+        default=["difference"],
+        help="forms checked against a reference solve (the full form's reference needs ~1e5 iterations)",
+    )
+    parser.add_argument("--reference-tol", type=float, default=1e-7, help="tolerance of the reference solve")
+    parser.add_argument("--reference-max-iter", type=int, default=50_000, help="iterations the reference may use")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "penalty.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -232,6 +326,24 @@ def main(argv: list[str] | None = None) -> int:
             for top_k, transport in itertools.product(top_ks, args.transport):
                 wpr = run_worker({**base, "method": "wasserstein", "top_k": top_k, "transport": transport})
                 raw.append(wpr)
+                acc = None
+                if transport in args.reference_transports:
+                    reference = run_worker(
+                        {
+                            **base,
+                            "method": "wasserstein",
+                            "top_k": top_k,
+                            "transport": transport,
+                            "tol": args.reference_tol,
+                            "max_iter": args.reference_max_iter,
+                            "repeats": 1,
+                            "reference": True,
+                        }
+                    )
+                    raw.append(reference)
+                    acc = accuracy(wpr["per_token"], reference["per_token"])
+                    acc["reference_iters"] = reference["stats"]["sinkhorn/iters"]
+                    acc["reference_marginal_err"] = reference["stats"]["sinkhorn/marginal_err"]
                 rows.append(
                     {
                         "device": device,
@@ -247,16 +359,37 @@ def main(argv: list[str] | None = None) -> int:
                         "rkl_peak_mb": rkl["peak_bytes"] / 2**20,
                         "w_peak_mb": wpr["peak_bytes"] / 2**20,
                         "official_gb": official_kernel_bytes(vocab) / 1e9,
+                        "accuracy": acc,
+                        "profile": wpr["profile"],
                     }
                 )
                 print(table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else table(rows), flush=True)
     print()
     print(table(rows))
+    print(
+        "(max/p99 err: |penalty - reference| per token, reference solved to tol "
+        f"{args.reference_tol:g}; /bound: max of err / max(1e-3 |ref|, 1e-4))"
+    )
+    print()
+    print("profile of the timed runs (atoms: slots per problem; a/b > level: atoms above that share of the moved")
+    print("mass, mean per problem; iters: slowest problem, mean it: mean per problem)")
+    print(profile_table(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for run in raw:
+        run.pop("per_token", None)
     out.write_text(json.dumps({"settings": common, "rows": rows, "runs": raw}, indent=2))
     print(f"wrote {out}")
-    return 0
+    failed = [row for row in rows if row["accuracy"] and not row["accuracy"]["ok"]]
+    for row in failed:
+        acc = row["accuracy"]
+        print(
+            f"ACCURACY GUARD FAILED: {row['device']} V={row['vocab']} top_k={row['top_k']} {row['transport']}: "
+            f"{acc['tokens_over_bound']} tokens above max(1e-3 |ref|, 1e-4), max err {acc['max_abs_err']:.2e} "
+            f"({acc['max_err_over_bound']:.1f}x the bound)",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

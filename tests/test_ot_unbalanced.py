@@ -76,7 +76,7 @@ def pot_unbalanced(a, b, cost, eps, rho_a, rho_b):
 
 
 def assert_finite_result(res: UnbalancedResult) -> None:
-    for name in ("plan", "f", "g", "value", "potential_change"):
+    for name in ("plan", "f", "g", "u", "v", "value", "potential_change"):
         assert not torch.isnan(getattr(res, name)).any(), f"NaN in {name}"
     assert torch.isfinite(res.plan).all() and torch.isfinite(res.value).all()
 
@@ -121,8 +121,8 @@ def test_matches_pot_sinkhorn_unbalanced(n, m, scale, eps_rel, rho, forbid, coun
             res.value.item(), objective(plan, a, b, cost, eps, rho_a, rho_b), rtol=1e-12, atol=1e-12 * scale
         )
         # Potentials are unique when one marginal is soft: no centring needed.
-        np.testing.assert_allclose(res.f.numpy(), f_ref, rtol=0, atol=1e-9 * max(scale, eps))
-        np.testing.assert_allclose(res.g.numpy(), g_ref, rtol=0, atol=1e-9 * max(scale, eps))
+        np.testing.assert_allclose(res.u.numpy(), f_ref, rtol=0, atol=1e-9 * max(scale, eps))
+        np.testing.assert_allclose(res.v.numpy(), g_ref, rtol=0, atol=1e-9 * max(scale, eps))
 
 
 def test_scalar_rho_is_the_symmetric_pair():
@@ -130,7 +130,7 @@ def test_scalar_rho_is_the_symmetric_pair():
     a, b, cost = (_t(x) for x in random_problem(rng, 5, 6, forbid=0.2))
     one = unbalanced_sinkhorn(a, b, cost, 0.1, 0.7)
     pair = unbalanced_sinkhorn(a, b, cost, 0.1, (0.7, 0.7))
-    for name in ("plan", "f", "g", "value"):
+    for name in ("plan", "f", "g", "u", "v", "value"):
         torch.testing.assert_close(getattr(one, name), getattr(pair, name), rtol=0, atol=0)
 
 
@@ -156,8 +156,8 @@ def test_zero_mass_atoms_match_pot_on_the_reduced_problem():
         np.testing.assert_allclose(
             res.value.item(), objective(plan_ref, a[pa], b[pb], reduced, eps, *rho), rtol=1e-11, atol=1e-12
         )
-        np.testing.assert_allclose(res.f.numpy()[pa], f_ref, rtol=0, atol=1e-10)
-        np.testing.assert_allclose(res.g.numpy()[pb], g_ref, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(res.u.numpy()[pa], f_ref, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(res.v.numpy()[pb], g_ref, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("eps_rel", [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0])
@@ -185,8 +185,8 @@ def test_first_order_optimality(eps_rel):
     # The damped fixed point: P1 = a exp(-f / rho_a) and P^T1 = b exp(-g / rho_b). The stopping rule bounds the
     # last change of the potentials, which understates the distance to the fixed point by ~rho / eps.
     rtol = max(1e-9, 1e-12 * rho_a / eps * 10)
-    np.testing.assert_allclose(row, a * np.exp(-res.f.numpy() / rho_a), rtol=rtol)
-    np.testing.assert_allclose(col, b * np.exp(-res.g.numpy() / rho_b), rtol=rtol)
+    np.testing.assert_allclose(row, a * np.exp(-res.u.numpy() / rho_a), rtol=rtol)
+    np.testing.assert_allclose(col, b * np.exp(-res.v.numpy() / rho_b), rtol=rtol)
 
 
 def test_hard_marginals_reduce_to_balanced_sinkhorn():
@@ -201,7 +201,7 @@ def test_hard_marginals_reduce_to_balanced_sinkhorn():
         torch.testing.assert_close(unb.plan, bal.plan, rtol=0, atol=1e-11)
         shift = eps * (1.0 - xlogy(a, a).sum() - xlogy(b, b).sum())
         assert unb.value.item() == pytest.approx(bal.value.item() + shift, abs=1e-11)
-        df = unb.f + eps * _t(np.log(a)) - bal.f
+        df = unb.u + eps * _t(np.log(a)) - bal.f
         torch.testing.assert_close(df, torch.full_like(df, df.mean().item()), rtol=0, atol=1e-10)
 
 
@@ -222,8 +222,8 @@ def test_envelope_gradient_in_masses(eps, rho):
     a, b, cost = _t(a_np), _t(b_np), _t(c_np)
     rho_a, rho_b = rho
     res = unbalanced_sinkhorn(a, b, cost, eps, rho, **TIGHT)
-    r_a = torch.exp(-res.f / rho_a)
-    r_b = torch.exp(-res.g / rho_b)
+    r_a = torch.exp(-res.u / rho_a)
+    r_b = torch.exp(-res.v / rho_b)
     torch.testing.assert_close(r_a, res.plan.sum(-1) / a, rtol=1e-10, atol=0)
     grad_a = eps * (b.sum() - r_a) + rho_a * (1 - r_a)
     grad_b = eps * (a.sum() - r_b) + rho_b * (1 - r_b)
@@ -262,8 +262,8 @@ def test_batched_equals_per_problem_and_padding_is_neutral():
         torch.testing.assert_close(batched.plan[k, :n, :m], alone.plan, rtol=0, atol=1e-12)
         assert (batched.plan[k, n:] == 0).all() and (batched.plan[k, :, m:] == 0).all()
         torch.testing.assert_close(batched.value[k], alone.value, rtol=0, atol=1e-12)
-        torch.testing.assert_close(batched.f[k, :n], alone.f, rtol=0, atol=1e-11)
-        torch.testing.assert_close(batched.g[k, :m], alone.g, rtol=0, atol=1e-11)
+        torch.testing.assert_close(batched.u[k, :n], alone.u, rtol=0, atol=1e-11)
+        torch.testing.assert_close(batched.v[k, :m], alone.v, rtol=0, atol=1e-11)
 
 
 def test_unbatched_input_gives_the_batch_of_one_squeezed():
@@ -274,7 +274,7 @@ def test_unbatched_input_gives_the_batch_of_one_squeezed():
     assert single.plan.shape == (4, 7) and single.f.shape == (4,) and single.g.shape == (7,)
     assert single.value.shape == () and single.potential_change.shape == ()
     assert single.n_iter == batch.n_iter
-    for name in ("plan", "f", "g", "value", "potential_change"):
+    for name in ("plan", "f", "g", "u", "v", "value", "potential_change"):
         torch.testing.assert_close(getattr(single, name), getattr(batch, name)[0], rtol=0, atol=0)
 
 

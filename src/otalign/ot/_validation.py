@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+
+
+class Problem(NamedTuple):
+    """A validated, batched OT problem (see :func:`prepare_problem`)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    cost: torch.Tensor
+    unbatched: bool
+    finite: torch.Tensor | None
+    """(B, n, m) mask of finite costs, None when every cost is finite."""
+    cost_range: float
+    """Largest minus smallest finite cost (0 when none is finite)."""
+    max_cost: float
+    """Largest finite cost (0 when none is finite)."""
+    min_cost: float
+    """Smallest cost (0 when none is finite)."""
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -25,13 +43,11 @@ def check_positive_scalar(name: str, value: float) -> float:
     return value
 
 
-def prepare_problem(
-    a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def prepare_problem(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) -> Problem:
     """Validate an OT problem and return it batched in the compute dtype.
 
     Accepts a batch ``a`` (B, n), ``b`` (B, m), ``cost`` (B, n, m) or a single problem
-    ``a`` (n,), ``b`` (m,), ``cost`` (n, m). Returns ``(a, b, cost, unbatched)`` with the
+    ``a`` (n,), ``b`` (m,), ``cost`` (n, m). Returns a :class:`Problem` with the
     tensors upcast to float32 (float64 kept) and a leading batch axis added if needed.
 
     Raises:
@@ -76,11 +92,19 @@ def prepare_problem(
             raise ValueError(f"{name} contains negative masses (min {mass.min().item():.3g})")
         if (mass.sum(-1) <= 0).any():
             raise ValueError(f"{name} has a problem with zero total mass")
-    if torch.isnan(cost).any():
+    lowest, highest = (float(x) for x in torch.aminmax(cost))  # one pass; NaN propagates
+    if math.isnan(lowest) or math.isnan(highest):
         raise ValueError("cost contains NaN")
-    if (cost == -math.inf).any():
+    if lowest == -math.inf:
         raise ValueError("cost contains -inf; forbidden pairs are marked with +inf")
-    return a, b, cost, unbatched
+    finite = None
+    if highest == math.inf:
+        finite = torch.isfinite(cost)
+        if bool(finite.any()):
+            highest = float(cost.masked_fill(~finite, -math.inf).amax())
+        else:
+            lowest = highest = 0.0
+    return Problem(a, b, cost, unbatched, finite, highest - lowest, highest, lowest)
 
 
 def check_equal_mass(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:

@@ -29,34 +29,54 @@ def _promote(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return x.to(dtype), y.to(dtype)
 
 
-def _squared_distances(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (squared distances, rounding floor) on centred points."""
+def _squared_distances(
+    x: torch.Tensor, y: torch.Tensor, centred: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return (squared distances, rounding floor) on centred points (``centred``: the caller centred them).
+
+    Without autograd the distances come back already floored (entries below the floor set to 0, floor
+    ``None``), computed in place: on CPU each fresh (..., n, m) temporary costs page faults.
+    """
     x, y = _promote(x, y)
-    # Centring shrinks the norms, hence the cancellation in the expansion.
-    centre = torch.cat([x, y], dim=-2).mean(dim=-2, keepdim=True).detach()
-    x, y = x - centre, y - centre
-    x_sq = (x * x).sum(-1, keepdim=True)
-    y_sq = (y * y).sum(-1, keepdim=True).transpose(-1, -2)
-    sq = (x_sq + y_sq - 2.0 * (x @ y.transpose(-1, -2))).clamp_min(0)
+    if not centred:
+        # Centring shrinks the norms, hence the cancellation in the expansion.
+        centre = ((x.sum(-2, keepdim=True) + y.sum(-2, keepdim=True)) / (x.shape[-2] + y.shape[-2])).detach()
+        x, y = x - centre, y - centre
     # Rounding in the d-term dot products grows like sqrt(d) (random-walk accumulation).
-    floor = 4 * math.sqrt(x.shape[-1]) * torch.finfo(x.dtype).eps * (x_sq + y_sq).detach()
-    return sq, floor
+    rounding = 4 * math.sqrt(x.shape[-1]) * torch.finfo(x.dtype).eps
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        x_sq = (x * x).sum(-1, keepdim=True)
+        y_sq = (y * y).sum(-1, keepdim=True).transpose(-1, -2)
+        sq = (x_sq + y_sq - 2.0 * (x @ y.transpose(-1, -2))).clamp_min(0)
+        return sq, rounding * (x_sq + y_sq).detach()
+    # Squared norms as a reduction (no (..., n, d) temporary).
+    x_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
+    y_sq = torch.linalg.vector_norm(y, dim=-1, keepdim=True).square_().transpose(-1, -2)
+    sq = torch.matmul(x, y.transpose(-1, -2)).mul_(-2.0).add_(x_sq).add_(y_sq)
+    floor = torch.add(x_sq, y_sq).mul_(rounding)
+    return sq.masked_fill_(sq <= floor, 0.0), None
 
 
 @_register
 def sqeuclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances ``||x_i - y_j||^2``: (..., n, d), (..., m, d) -> (..., n, m)."""
     sq, floor = _squared_distances(x, y)
+    if floor is None:
+        return sq
     return torch.where(sq > floor, sq, torch.zeros_like(sq))
 
 
 @_register
-def euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def euclidean(x: torch.Tensor, y: torch.Tensor, *, centred: bool = False) -> torch.Tensor:
     """Euclidean distances ``||x_i - y_j||``: (..., n, d), (..., m, d) -> (..., n, m).
 
-    The gradient at (numerically) zero distance is 0, a valid subgradient.
+    The gradient at (numerically) zero distance is 0, a valid subgradient. ``centred=True`` says the
+    caller already moved both clouds near their joint mean (which float32 accuracy needs when the points
+    share a large offset), saving two copies of the points.
     """
-    sq, floor = _squared_distances(x, y)
+    sq, floor = _squared_distances(x, y, centred)
+    if floor is None:
+        return sq.sqrt_()
     positive = sq > floor
     return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 

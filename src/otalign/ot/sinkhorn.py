@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._scaling import anneal, scaling_iterations
+from ._scaling import run_iterations
 from ._validation import check_equal_mass, check_positive_scalar, prepare_problem
 
 
@@ -46,6 +46,9 @@ class SinkhornResult:
             ``P_ij = a_i b_j exp((u_i + v_j - C_ij)/eps)``, i.e. ``u = f - eps log a``; finite on zero-mass
             atoms (there: the soft c-transform ``-eps log sum_j b_j exp((v_j - C_ij)/eps)``).
         v: (B, m) likewise, ``v = g - eps log b``.
+        converged: (B,) bool, True where the problem reached ``tol`` (on a fresh kernel) within ``max_iter``.
+        iters: (B,) int64 iterations each problem ran at the target ``eps`` before it was frozen (converged
+            problems stop iterating while the rest of the batch goes on; ``n_iter`` is their maximum).
     """
 
     f: torch.Tensor
@@ -56,6 +59,8 @@ class SinkhornResult:
     plan: torch.Tensor | None = None
     u: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    converged: torch.Tensor | None = None
+    iters: torch.Tensor | None = None
 
 
 def sinkhorn(
@@ -84,7 +89,7 @@ def sinkhorn(
         cost: (B, n, m) or (n, m) costs; ``+inf`` marks a forbidden pair.
         eps: entropic regularization (> 0) in cost units (``1 / lambda`` in the WPR paper).
         max_iter: iterations allowed at the target ``eps``.
-        tol: stop once every problem's L1 marginal error ``||P1 - a||_1`` is <= ``tol``
+        tol: a problem stops (is frozen) once its L1 marginal error ``||P1 - a||_1`` is <= ``tol``
             (absolute, in mass units): a number, or a (B,) tensor of per-problem tolerances.
         scaling: eps-scaling factor in [0, 1): a warm start runs one log-domain update per
             eps from the cost range down to ``eps``, multiplying by ``scaling`` each time.
@@ -111,33 +116,39 @@ def sinkhorn(
             torch.finfo(t.dtype).eps for t in (a, b) if isinstance(t, torch.Tensor) and t.is_floating_point()
         ]
         mass_rtol = max([1e-4, *input_resolution])
-    a, b, cost, unbatched = prepare_problem(a, b, cost)
+    problem = prepare_problem(a, b, cost)
+    a, b, cost = problem.a, problem.b, problem.cost
     check_equal_mass(a, b, mass_rtol)
     b = b * (a.sum(-1, keepdim=True) / b.sum(-1, keepdim=True))
 
     # Potentials in the reference parametrisation P = a_i b_j exp((u_i + v_j - C_ij)/eps):
     # unlike f = u + eps log a they stay finite on zero-mass atoms.
-    u, v = anneal(a, b, cost, eps, scaling, lambda _: (1.0, 1.0))
-    u, v, plan, n_iter, err = scaling_iterations(
+    run = run_iterations(
         a,
         b,
-        cost,
+        problem,
         eps,
-        u,
-        v,
-        damp_a=1.0,
-        damp_b=1.0,
+        scaling,
+        lambda _: (1.0, 1.0),
         max_iter=max_iter,
         tol=tol,
         check_every=check_every,
         balanced=True,
         return_plan=return_plan,
     )
-    f = u + eps * a.log()
-    g = v + eps * b.log()
-    value = _dual_value(a, b, u, v, eps)
-    result = SinkhornResult(f=f, g=g, value=value, n_iter=n_iter, marginal_error=err, plan=plan, u=u, v=v)
-    return _squeeze(result) if unbatched else result
+    result = SinkhornResult(
+        f=run.u + eps * a.log(),
+        g=run.v + eps * b.log(),
+        value=_dual_value(a, b, run.u, run.v, eps),
+        n_iter=run.n_iter,
+        marginal_error=run.error,
+        plan=run.plan,
+        u=run.u,
+        v=run.v,
+        converged=run.converged,
+        iters=run.iters,
+    )
+    return _squeeze(result) if problem.unbatched else result
 
 
 def _dual_value(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -158,4 +169,6 @@ def _squeeze(result: SinkhornResult) -> SinkhornResult:
         plan=None if result.plan is None else result.plan[0],
         u=result.u[0],
         v=result.v[0],
+        converged=result.converged[0],
+        iters=result.iters[0],
     )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._scaling import anneal, scaling_iterations
+from ._scaling import run_iterations
 from ._validation import check_positive_scalar, prepare_problem
 
 
@@ -30,22 +30,37 @@ from ._validation import check_positive_scalar, prepare_problem
 class UnbalancedResult:
     """Solution of a batch of unbalanced entropic OT problems.
 
+    Potentials follow the convention of :mod:`otalign.ot` (the same as :class:`~otalign.ot.SinkhornResult`).
+
     Attributes:
-        plan: (B, n, m) optimal plan.
-        f: (B, n) potential of the ``a`` side, in cost units, in the parametrisation
-            ``P = a_i b_j exp((f_i + g_j - C_ij)/eps)`` (finite on zero-mass atoms).
-        g: (B, m) potential of the ``b`` side, same parametrisation.
-        value: (B,) the primal objective of the module docstring at ``plan``.
-        n_iter: iterations run.
-        potential_change: (B,) sup-norm change of (f, g) in the last iteration, cost units.
+        plan: (B, n, m) optimal plan; ``None`` when solved with ``return_plan=False``.
+        f: (B, n) potential of the ``a`` side, in cost units, in the form ``P = exp((f_i + g_j - C_ij)/eps)``,
+            i.e. ``f = u + eps log a``; ``-inf`` where ``a`` is 0.
+        g: (B, m) potential of the ``b`` side, ``g = v + eps log b``.
+        value: (B,) the primal objective of the module docstring at the plan.
+        n_iter: iterations run by the slowest problem.
+        potential_change: (B,) sup-norm change of (u, v) in the last iteration, cost units.
+        u: (B, n) the ``a``-side potential in the product-reference form
+            ``P = a_i b_j exp((u_i + v_j - C_ij)/eps)`` (POT's ``eps * log u``); finite on zero-mass atoms.
+        v: (B, m) likewise for the ``b`` side.
+        converged: (B,) bool, True where ``potential_change <= tol`` (on a fresh kernel) within ``max_iter``.
+        iters: (B,) int64 iterations each problem ran before it was frozen.
+        row_marginal: (B, n) ``P 1``, available without the plan.
+        col_marginal: (B, m) ``P^T 1``.
     """
 
-    plan: torch.Tensor
+    plan: torch.Tensor | None
     f: torch.Tensor
     g: torch.Tensor
     value: torch.Tensor
     n_iter: int
     potential_change: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    converged: torch.Tensor
+    iters: torch.Tensor
+    row_marginal: torch.Tensor
+    col_marginal: torch.Tensor
 
 
 def _marginal_weights(rho: float | tuple[float, float]) -> tuple[float, float]:
@@ -84,6 +99,7 @@ def unbalanced_sinkhorn(
     tol: float = 1e-6,
     scaling: float = 0.5,
     check_every: int = 5,
+    return_plan: bool = True,
 ) -> UnbalancedResult:
     """Solve a batch of unbalanced entropic OT problems (see the module docstring).
 
@@ -95,10 +111,12 @@ def unbalanced_sinkhorn(
         rho: marginal relaxation, one number for both sides or a pair ``(rho_a, rho_b)``;
             ``inf`` enforces that marginal exactly.
         max_iter: maximum number of (f, g) updates.
-        tol: stop once the sup-norm change of both potentials is <= ``tol`` (cost units)
-            for every problem.
+        tol: a problem stops (is frozen) once the sup-norm change of both its potentials is <= ``tol``
+            (cost units).
         scaling: eps-scaling warm start factor in [0, 1) (see :func:`otalign.ot.sinkhorn`).
         check_every: test convergence every this many iterations.
+        return_plan: materialise the (B, n, m) plan; without it the result still has the plan's
+            marginals, potentials and value, and the solve allocates one (B, n, m) tensor less.
 
     Returns:
         :class:`UnbalancedResult` in float32 (float64 for float64 inputs); no batch axis
@@ -108,50 +126,58 @@ def unbalanced_sinkhorn(
     rho_a, rho_b = _marginal_weights(rho)
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    a, b, cost, unbatched = prepare_problem(a, b, cost)
+    problem = prepare_problem(a, b, cost)
+    a, b, cost = problem.a, problem.b, problem.cost
 
-    f, g = anneal(a, b, cost, eps, scaling, lambda eps_k: (_damping(rho_a, eps_k), _damping(rho_b, eps_k)))
-    f, g, plan, n_iter, change = scaling_iterations(
+    run = run_iterations(
         a,
         b,
-        cost,
+        problem,
         eps,
-        f,
-        g,
-        damp_a=_damping(rho_a, eps),
-        damp_b=_damping(rho_b, eps),
+        scaling,
+        lambda eps_k: (_damping(rho_a, eps_k), _damping(rho_b, eps_k)),
         max_iter=max_iter,
         tol=tol,
         check_every=check_every,
         balanced=False,
-        return_plan=True,
+        return_plan=return_plan,
     )
-    value = _primal_value(plan, a, b, f, g, eps, rho_a, rho_b)
-    result = UnbalancedResult(plan=plan, f=f, g=g, value=value, n_iter=n_iter, potential_change=change)
-    if unbatched:
-        result = UnbalancedResult(
-            plan=plan[0], f=f[0], g=g[0], value=value[0], n_iter=n_iter, potential_change=change[0]
-        )
-    return result
+    row, col = run.row_marginal, run.col_marginal
+    fields = {
+        "plan": run.plan,
+        "f": run.u + eps * a.log(),
+        "g": run.v + eps * b.log(),
+        "value": _primal_value(row, col, a, b, run.u, run.v, eps, rho_a, rho_b),
+        "potential_change": run.error,
+        "u": run.u,
+        "v": run.v,
+        "converged": run.converged,
+        "iters": run.iters,
+        "row_marginal": row,
+        "col_marginal": col,
+    }
+    if problem.unbatched:
+        fields = {name: None if value is None else value[0] for name, value in fields.items()}
+    return UnbalancedResult(n_iter=run.n_iter, **fields)
 
 
 def _primal_value(
-    plan: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
-    f: torch.Tensor,
-    g: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
     eps: float,
     rho_a: float,
     rho_b: float,
 ) -> torch.Tensor:
-    r"""Objective at ``plan``: ``<P,C> + eps KL(P||ab^T)`` equals
-    ``<P1, f> + <P^T1, g> - eps sum P + eps sum(a) sum(b)`` since ``log P = log ab^T + (f+g-C)/eps``,
+    r"""Objective at the plan with marginals ``row = P1``, ``col = P^T 1``: ``<P,C> + eps KL(P||ab^T)`` equals
+    ``<P1, u> + <P^T1, v> - eps sum P + eps sum(a) sum(b)`` since ``log P = log ab^T + (u+v-C)/eps``,
     which avoids ``0 * inf`` on forbidden pairs."""
-    row, col = plan.sum(-1), plan.sum(-2)
-    finite_f = torch.where(row > 0, f, torch.zeros_like(f))
-    finite_g = torch.where(col > 0, g, torch.zeros_like(g))
-    value = (row * finite_f).sum(-1) + (col * finite_g).sum(-1)
+    finite_u = torch.where(row > 0, u, torch.zeros_like(u))
+    finite_v = torch.where(col > 0, v, torch.zeros_like(v))
+    value = (row * finite_u).sum(-1) + (col * finite_v).sum(-1)
     value = value + eps * (a.sum(-1) * b.sum(-1) - row.sum(-1))
     if not math.isinf(rho_a):
         value = value + rho_a * generalized_kl(row, a)
