@@ -48,7 +48,7 @@ def test_callable_reward_is_checked():
 
 
 def test_unknown_reward_name_and_ambiguous_spec():
-    names = r"\['apps_execution', 'sentiment'\]"
+    names = r"\['apps_execution', 'arithmetic', 'sentiment'\]"
     with pytest.raises(ValueError, match=rf"unknown reward function 'joy'; choose one of {names}"):
         build_reward("joy")
     with pytest.raises(ValueError, match="exactly one"):
@@ -97,3 +97,48 @@ def test_reward_model_must_have_one_output():
     model.config.num_labels = 2
     with pytest.raises(ValueError, match="num_labels=1"):
         ModelReward(model, tokenizer, tokenizer)
+
+
+def test_function_reward_receives_the_columns_it_declares():
+    ids, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    columns = {"answer": ["4", "7"], "source": ["x", "y"]}
+    seen = {}
+
+    def exact(prompts, responses, answer):
+        return [float(r == a) for r, a in zip(responses, answer, strict=True)]
+
+    def everything(prompts, responses, **cols):
+        seen.update(cols)
+        return [0.0, 0.0]
+
+    assert FunctionReward(exact)(["p", "q"], ["4", "8"], ids, mask, columns).tolist() == [1.0, 0.0]
+    FunctionReward(everything)(["p", "q"], ["4", "8"], ids, mask, columns)
+    assert seen == columns
+    assert FunctionReward(lambda p, r: [1.0, 2.0])(["p", "q"], ["a", "b"], ids, mask, columns).tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"'exact' needs column\(s\) \['answer'\]"):
+        FunctionReward(exact)(["p", "q"], ["4", "8"], ids, mask, {"source": ["x", "y"]})
+
+
+def test_arithmetic_task_rows_and_exact_reward():
+    from otalign.data import load_prompt_rows
+    from otalign.rewards import arithmetic_reward
+
+    train, test = load_prompt_rows("arithmetic", "train"), load_prompt_rows("arithmetic", "test")
+    assert len(train) == 70 and len(test) == 30
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    a, b = (int(x) for x in train[0]["prompt"].removeprefix("What is ").split("?")[0].split(" + "))
+    assert train[0]["answer"] == str(a + b)
+    scores = arithmetic_reward(["q"] * 4, ["The answer is 12.", "12 or 13", "twelve", "3 + 9 = 12"], ["12"] * 4)
+    assert scores == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_prompt_rows_keep_their_columns(tmp_path):
+    from otalign.data import load_prompt_rows, load_prompts, prompt_columns
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "2"}\n')
+    rows = load_prompt_rows(str(path))
+    assert rows == [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
+    assert load_prompts(str(path)) == ["a", "b"] and prompt_columns(rows) == ["answer"]
+    with pytest.raises(ValueError, match=r"row 2: missing field\(s\) \['answer'\]"):
+        prompt_columns([{"prompt": "a", "answer": "1"}, {"prompt": "b"}])

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import otalign.data.prompts
 from otalign.data import apps_mini_path, load_apps, load_code_problems
 from otalign.data.conversion import write_jsonl
 from otalign.rewards import REWARD_FUNCTIONS, ExecutionReward
@@ -202,7 +201,6 @@ def test_named_reward_is_registered():
         fn(["p"], ["print(1)"])
 
 
-@pytest.mark.skipif(not hasattr(otalign.data.prompts, "load_prompt_rows"), reason="needs the prompt-columns mechanism")
 def test_ppo_runs_end_to_end_with_the_execution_reward(tmp_path):
     """Two PPO steps of a tiny random policy on the built-in problems, scored by the named execution reward."""
     from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer

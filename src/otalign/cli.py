@@ -89,6 +89,20 @@ COMMANDS: tuple[Command | Group, ...] = (
         "--regularizer wasserstein --beta 0.05 --max_steps 200 --resume",
     ),
     Command(
+        "grpo",
+        "critic-free RL: group-normalised advantages (GRPO, Dr. GRPO), any regularizer in the reward or the loss",
+        "otalign.trainers.critic_free:GRPOConfig",
+        "otalign.trainers.critic_free:GRPOTrainer().train",
+        "--reward_fn arithmetic --prompts arithmetic --num_generations 4 --regularizer wasserstein",
+    ),
+    Command(
+        "rloo",
+        "critic-free RL with the leave-one-out baseline (RLOO), any regularizer in the reward or the loss",
+        "otalign.trainers.critic_free:RLOOConfig",
+        "otalign.trainers.critic_free:RLOOTrainer().train",
+        "--reward_fn arithmetic --prompts arithmetic --num_generations 4 --regularizer rkl",
+    ),
+    Command(
         "dpo",
         "preference optimization: DPO, IPO, hinge, AOT (paired/unpaired), KTO; optional OTPO token weights",
         "otalign.trainers.preference:PreferenceConfig",

@@ -6,6 +6,8 @@ A prompt is a plain string or a conversation (a list of ``{"role", "content"}`` 
 - ``.json``: a list of such objects (or of strings);
 - ``.txt``: one prompt per non-empty line.
 
+Fields of a row other than ``prompt`` are its columns (:func:`load_prompt_rows`), passed to reward functions.
+
 The built-in set (``"builtin"``) is shipped as package data: 80 training prompts and 40 held-out prompts
 on disjoint topics ("Write one sentence about a rainy morning.").
 """
@@ -16,6 +18,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from .arithmetic import SOURCE as ARITHMETIC
+from .arithmetic import arithmetic_rows
 from .preference import check_text
 
 BUILTIN = "builtin"
@@ -24,29 +28,50 @@ Prompt = str | list[dict[str, str]]
 
 
 def load_prompts(source: str = BUILTIN, split: str = "train") -> list[Prompt]:
-    """Prompts of ``source`` (``"builtin"`` or a file path); ``split`` picks the built-in train/test file.
+    """Prompts of ``source`` (``"builtin"``, ``"arithmetic"`` or a file path); ``split`` picks a built-in set's
+    train/test part. The prompts of :func:`load_prompt_rows`, without their other columns.
 
     Raises:
         ValueError: unknown split, an unreadable row, a missing/empty/non-string ``prompt``, or no prompt at all;
             the message names the file and the 1-based row.
         FileNotFoundError: the file does not exist.
     """
+    return [row["prompt"] for row in load_prompt_rows(source, split)]
+
+
+def load_prompt_rows(source: str = BUILTIN, split: str = "train") -> list[dict]:
+    """Rows of ``source``, each a dict with ``prompt`` plus the row's other fields (e.g. a reference ``answer``
+    that a data-dependent reward function receives as a column).
+
+    Sources: ``"builtin"`` (the sentiment prompts), ``"arithmetic"`` (:mod:`otalign.data.arithmetic`, with an
+    ``answer`` column), or a ``.jsonl``/``.json``/``.txt`` file (a ``.txt`` row has only ``prompt``).
+
+    Raises:
+        ValueError, FileNotFoundError: as :func:`load_prompts`.
+    """
+    if source == ARITHMETIC:
+        return arithmetic_rows(split)
     if source == BUILTIN:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} of the built-in prompts; choose one of {SPLITS}")
         resource = resources.files("otalign.data") / "builtin" / f"sentiment_prompts_{split}.jsonl"
-        return parse_prompts(resource.read_text(encoding="utf-8"), f"builtin:{split}", "jsonl")
+        return parse_prompt_rows(resource.read_text(encoding="utf-8"), f"builtin:{split}", "jsonl")
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in ("jsonl", "json", "txt"):
         raise ValueError(f"prompt file {path}: unsupported extension {path.suffix!r}; use .jsonl, .json or .txt")
-    return parse_prompts(path.read_text(encoding="utf-8"), str(path), suffix)
+    return parse_prompt_rows(path.read_text(encoding="utf-8"), str(path), suffix)
 
 
 def parse_prompts(text: str, where: str, fmt: str) -> list[Prompt]:
     """Parse and validate the prompts in ``text`` (``jsonl``, ``json`` or ``txt``); ``where`` names the source."""
+    return [row["prompt"] for row in parse_prompt_rows(text, where, fmt)]
+
+
+def parse_prompt_rows(text: str, where: str, fmt: str) -> list[dict]:
+    """Rows (``prompt`` validated, other fields kept) of ``text`` in ``jsonl``, ``json`` or ``txt`` format."""
     if fmt == "txt":
         rows = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     elif fmt == "jsonl":
@@ -62,10 +87,26 @@ def parse_prompts(text: str, where: str, fmt: str) -> list[Prompt]:
         if not isinstance(data, list):
             raise ValueError(f"{where}: a .json prompt file must hold a list, got {type(data).__name__}")
         rows = list(enumerate(data, 1))
-    prompts = [validate_prompt(row, f"{where}, row {i}") for i, row in rows]
-    if not prompts:
+    parsed = []
+    for i, row in rows:
+        prompt = validate_prompt(row, f"{where}, row {i}")
+        parsed.append({**row, "prompt": prompt} if isinstance(row, dict) else {"prompt": prompt})
+    if not parsed:
         raise ValueError(f"{where}: the prompt set is empty")
-    return prompts
+    return parsed
+
+
+def prompt_columns(rows: list[dict], where: str = "prompt rows") -> list[str]:
+    """The column names (fields other than ``prompt``) every row has; ``ValueError`` naming the first row that
+    lacks a column another row has, so that a data-dependent reward never sees a partial column."""
+    if not rows:
+        return []
+    names = sorted({key for row in rows for key in row if key != "prompt"})
+    for i, row in enumerate(rows, 1):
+        missing = [name for name in names if name not in row]
+        if missing:
+            raise ValueError(f"{where}, row {i}: missing field(s) {missing} that other rows have")
+    return names
 
 
 def validate_prompt(row: object, where: str) -> Prompt:

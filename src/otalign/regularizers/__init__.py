@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from otalign.registry import Registry
 
-from .base import LOG_PROB_FLOOR, PenaltyOutput, Regularizer
+from .base import LOG_PROB_FLOOR, PenaltyOutput, Regularizer, SupportGradient
 from .embeddings import check_vocab_size, embedding_matrix, load_embedding_matrix
-from .f_divergence import F_DIVERGENCES, KL_ESTIMATORS, FDivergenceRegularizer, exact_f_divergence, f_over_x
+from .f_divergence import F_DIVERGENCES, KL_ESTIMATORS, FDivergenceRegularizer, exact_f_divergence, f_over_x, f_prime
 from .wasserstein import (
     Support,
     TruncatedProblem,
@@ -64,6 +64,7 @@ __all__ = [
     "PenaltyOutput",
     "Regularizer",
     "Support",
+    "SupportGradient",
     "TruncatedProblem",
     "WassersteinRegularizer",
     "WassersteinSolution",
@@ -74,6 +75,7 @@ __all__ = [
     "embedding_matrix",
     "exact_f_divergence",
     "f_over_x",
+    "f_prime",
     "load_embedding_matrix",
     "smooth_distance",
     "solve_problem",

@@ -66,12 +66,72 @@ class Positions:
     def vocab(self) -> int:
         return self.policy_logits.shape[-1]
 
-    def log_probs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 log-softmax of both logits at positions ``start:stop``: two (stop - start, V) tensors."""
+    def log_probs(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-softmax (in ``dtype``) of both logits at positions ``start:stop``: two (stop - start, V) tensors."""
         rows = (self.batch_index[start:stop], self.time_index[start:stop])
-        policy = torch.log_softmax(self.policy_logits[rows].float(), dim=-1)
-        ref = torch.log_softmax(self.ref_logits[rows].float(), dim=-1)
+        policy = torch.log_softmax(self.policy_logits[rows].to(dtype), dim=-1)
+        ref = torch.log_softmax(self.ref_logits[rows].to(dtype), dim=-1)
         return policy, ref
+
+
+@dataclass(frozen=True)
+class SupportGradient:
+    r"""The gradient of a regularizer's distance with respect to the policy's next-token masses, at N positions.
+
+    At a position let :math:`a(\theta)` be the policy's masses on the support slots and one dust atom (the mass
+    outside the support, :math:`1 - \sum_i a_i`), :math:`b` the reference's, and :math:`D(\theta) = D(a(\theta), b)`
+    the regularizer's distance (the entropic Wasserstein value, or :math:`D_f = \sum_i b_i f(a_i/b_i)`).
+    ``phi`` is its gradient along the simplex, :math:`\phi_i = \partial D/\partial a_i` up to one constant.
+
+    **The surrogate** :math:`S(\theta) = \sum_{i \in S\cup\{dust\}} a_i(\theta)\,\phi_i` with ``phi`` held
+    fixed (detached) has :math:`\nabla_\theta S = \nabla_\theta D` at the point where ``phi`` was computed.
+
+    *Proof.* By the chain rule :math:`\nabla_\theta D = \sum_i (\partial D/\partial a_i)\,\nabla_\theta a_i`.
+    (1) f-divergences: :math:`\partial D_f/\partial a_i = f'(a_i/b_i)` in closed form. (2) Entropic OT:
+    :math:`\mathrm{OT}_\varepsilon(a, b) = \max_{f,g} F(f, g; a, b)` with the concave dual
+    :math:`F = \langle a, f\rangle + \langle b, g\rangle - \varepsilon\sum_{ij} a_i b_j (K_{ij} - 1)`,
+    :math:`K_{ij} = e^{(f_i + g_j - C_{ij})/\varepsilon}`.
+    By the envelope theorem (Danskin) the derivative of the optimal value in the parameter :math:`a` is the
+    partial derivative of :math:`F` at the optimum :math:`(f^*, g^*)`, which need not be differentiated:
+    :math:`\partial_{a_i}\mathrm{OT}_\varepsilon = f^*_i - \varepsilon\sum_j b_j (K^*_{ij} - 1) = f^*_i`,
+    the sum vanishing by the optimality condition :math:`\sum_j b_j K^*_{ij} = 1`.
+    The difference transport is the same argument on the excess/deficit problem, whose solver returns the
+    simplex gradient directly. In every case :math:`\phi = \nabla_a D + c\,\mathbf 1` for some constant
+    :math:`c`, and :math:`c` drops out: :math:`\sum_i \nabla_\theta a_i = \nabla_\theta 1 = 0` because the
+    support and the dust partition the vocabulary. Hence
+    :math:`\nabla_\theta S = \sum_i \phi_i\nabla_\theta a_i = \sum_i (\partial D/\partial a_i)\nabla_\theta a_i
+    = \nabla_\theta D`. :math:`\square` It holds at the solver's optimum: an unconverged Sinkhorn leaves an
+    error of the order of its marginal error times the costs. The support is held fixed: it is a piecewise-constant
+    function of the logits, so :math:`D` restricted to it is what is differentiated (exactly :math:`D` when
+    the support is the whole vocabulary).
+
+    Attributes:
+        tokens: (N, s) int64 support token ids, or None for the whole vocabulary (slot j is token j, s = V,
+            no dust mass).
+        distinct: (N, s) bool, False on padding or duplicate slots (phi 0 there; their mass belongs to the
+            dust); None when ``tokens`` is None.
+        phi: (N, s) the gradient on each slot, detached, in the distance's units per unit mass; 0 where the
+            policy has no mass (there :math:`\nabla a_i = 0`).
+        dust: (N,) phi of the dust atom (0 without dust).
+        value: (N,) the distance :math:`D` at each position; ``phi`` is shifted so that
+            :math:`\sum_i a_i\phi_i` equals it (the surrogate's value is the distance).
+    """
+
+    tokens: torch.Tensor | None
+    distinct: torch.Tensor | None
+    phi: torch.Tensor
+    dust: torch.Tensor
+    value: torch.Tensor
+
+    def surrogate(self, policy_logprobs: torch.Tensor) -> torch.Tensor:
+        r"""(N,) :math:`S = \sum_i \pi(i)\,\phi_i + (1 - \sum_i \pi(i))\,\phi_{dust}`, differentiable in
+        ``policy_logprobs`` (N, V), the policy's normalised log-probabilities at the same positions."""
+        probs = policy_logprobs.exp()
+        if self.tokens is None:
+            return (probs * self.phi.to(probs.dtype)).sum(-1)
+        held = probs.gather(-1, self.tokens) * self.distinct
+        dust = self.dust.to(probs.dtype)
+        return (held * (self.phi.to(probs.dtype) - dust[..., None])).sum(-1) + dust
 
 
 def chunk_bounds(count: int, per_chunk: int) -> Iterator[tuple[int, int]]:
@@ -208,6 +268,28 @@ class Regularizer(ABC):
             per_token[positions.batch_index, positions.time_index] = values.float()
             stats.add_mean("penalty/mean", values)
         return PenaltyOutput(per_token=per_token, stats=stats.result(positions.count))
+
+    def support_gradient(
+        self,
+        policy_logits: torch.Tensor,
+        ref_logits: torch.Tensor,
+        actions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> SupportGradient:
+        """The distance's gradient in the policy's masses at each generated position (see :class:`SupportGradient`),
+        for the surrogate that puts the exact regularization gradient into a loss.
+
+        Args: as :meth:`penalty` (float64 logits give float64 results).
+
+        Returns:
+            :class:`SupportGradient` over the N positions where ``mask`` is True, in row-major (b, t) order.
+        """
+        check_inputs(policy_logits, ref_logits, actions, mask)
+        with torch.no_grad():
+            return self._support_gradient(select_positions(policy_logits, ref_logits, actions, mask))
+
+    def _support_gradient(self, positions: Positions) -> SupportGradient:
+        raise NotImplementedError(f"{type(self).__name__} has no support_gradient")
 
     @abstractmethod
     def _penalize(self, positions: Positions) -> tuple[torch.Tensor, StatAccumulator]:

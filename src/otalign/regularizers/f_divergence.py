@@ -14,7 +14,15 @@ import math
 
 import torch
 
-from .base import DEFAULT_CHUNK_ELEMENTS, LOG_PROB_FLOOR, Positions, Regularizer, StatAccumulator, chunk_bounds
+from .base import (
+    DEFAULT_CHUNK_ELEMENTS,
+    LOG_PROB_FLOOR,
+    Positions,
+    Regularizer,
+    StatAccumulator,
+    SupportGradient,
+    chunk_bounds,
+)
 
 F_DIVERGENCES = ("rkl", "fkl", "js", "alpha", "tv", "chi2")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -56,6 +64,26 @@ def f_over_x(log_ratio: torch.Tensor, kind: str, *, alpha: float = 0.5, estimato
         return 0.5 * torch.expm1(-r).abs()
     if kind == "chi2":
         return -torch.expm1(r) * torch.expm1(-r)
+    raise ValueError(f"unknown f-divergence {kind!r}; choose one of {F_DIVERGENCES}")
+
+
+def f_prime(log_ratio: torch.Tensor, kind: str, *, alpha: float = 0.5) -> torch.Tensor:
+    r""":math:`f'(x)` at :math:`x = e^r`: the derivative of :math:`D_f = \sum_y b_y f(a_y/b_y)` in the policy's
+    mass :math:`a_y` (any shape). rkl :math:`r + 1`; fkl :math:`-e^{-r}`; js :math:`r - \log(1 + (e^r - 1)/2)`;
+    alpha :math:`-(e^{-ar} - 1)/a`; tv :math:`\tfrac12\mathrm{sign}(r)`; chi2 :math:`2(e^r - 1)`."""
+    r = log_ratio
+    if kind == "rkl":
+        return r + 1.0
+    if kind == "fkl":
+        return -torch.exp(-r)
+    if kind == "js":
+        return r - torch.log1p(0.5 * torch.expm1(r))
+    if kind == "alpha":
+        return -torch.expm1(-alpha * r) / alpha
+    if kind == "tv":
+        return 0.5 * torch.sign(r)
+    if kind == "chi2":
+        return 2.0 * torch.expm1(r)
     raise ValueError(f"unknown f-divergence {kind!r}; choose one of {F_DIVERGENCES}")
 
 
@@ -143,3 +171,20 @@ class FDivergenceRegularizer(Regularizer):
             exact = kl if self.kind == "rkl" else exact_f_divergence(policy, ref, self.kind, alpha=self.alpha)
             stats.add_mean(f"{self.kind}/exact", exact)
         return values, stats
+
+    def _support_gradient(self, positions: Positions) -> SupportGradient:
+        """Over the whole vocabulary: ``phi = f'(pi/pi_ref) + c`` (:func:`f_prime`, log-probabilities floored as in
+        :func:`exact_f_divergence`; ``c`` per position makes ``sum(pi * phi)`` the exact :math:`D_f`); no dust."""
+        dtype = torch.promote_types(positions.policy_logits.dtype, torch.float32)
+        device = positions.actions.device
+        phi = torch.empty(positions.count, positions.vocab, dtype=dtype, device=device)
+        value = torch.empty(positions.count, dtype=dtype, device=device)
+        for start, stop in chunk_bounds(positions.count, self.max_chunk_elements // positions.vocab):
+            policy, ref = positions.log_probs(start, stop, dtype)
+            log_ratio = policy.clamp_min(LOG_PROB_FLOOR) - ref.clamp_min(LOG_PROB_FLOOR)
+            gradient = f_prime(log_ratio, self.kind, alpha=self.alpha)
+            exact = exact_f_divergence(policy, ref, self.kind, alpha=self.alpha)
+            # shifted (a constant per position: the same gradient along the simplex) so that sum(pi * phi) = D_f
+            phi[start:stop] = gradient + (exact - (policy.exp() * gradient).sum(-1))[:, None]
+            value[start:stop] = exact
+        return SupportGradient(tokens=None, distinct=None, phi=phi, dust=torch.zeros_like(value), value=value)

@@ -75,6 +75,7 @@ from .base import (
     Positions,
     Regularizer,
     StatAccumulator,
+    SupportGradient,
     chunk_bounds,
     describe,
 )
@@ -687,3 +688,37 @@ class WassersteinRegularizer(Regularizer):
             stats.add_mean("wasserstein/support_size", problem.distinct.sum(1))
             stats.add_mean("wasserstein/dust_mass", 0.5 * (problem.a[:, -1] + problem.b[:, -1]))
         return values, stats
+
+    def _support_gradient(self, positions: Positions) -> SupportGradient:
+        """The potentials :func:`solve_problem` returns (whose slot 0 is the sampled token's penalty) on the
+        support slots and the dust, padded to ``2k + 1`` slots; slots without policy mass get phi 0."""
+        check_vocab_size(self.embeddings, positions.vocab)
+        device = positions.actions.device
+        if self.embeddings.device != device:
+            self.embeddings = self.embeddings.to(device)
+            self.radius = None if self.radius is None else self.radius.to(device)
+        dtype = torch.promote_types(positions.policy_logits.dtype, torch.float32)
+        n, width = positions.count, 2 * self.top_k + 1
+        tokens = torch.zeros(n, width, dtype=torch.long, device=device)
+        distinct = torch.zeros(n, width, dtype=torch.bool, device=device)
+        phi = torch.zeros(n, width, dtype=dtype, device=device)
+        dust, value = torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device)
+        parts = [
+            select_support(*positions.log_probs(start, stop, dtype), positions.actions[start:stop], self.top_k)
+            for start, stop in chunk_bounds(n, self.max_chunk_elements // positions.vocab)
+        ]
+        support = Support.cat(parts) if parts else None
+        per_problem = (width + 1) ** 2 * {"difference": 1, "full": 4 if self.debias else 2}[self.transport]
+        for start, stop in chunk_bounds(n, self.max_chunk_elements // per_problem):
+            problem = truncated_problem(
+                support[start:stop], self.embeddings, metric=self.metric, radius=self.radius, dust_cost=self.dust_cost
+            )
+            solution = solve_problem(
+                problem, self.lam, transport=self.transport, debias=self.debias, max_iter=self.max_iter, tol=self.tol
+            )
+            potential = torch.where(problem.a > 0, solution.potential, torch.zeros_like(solution.potential))
+            s = problem.tokens.shape[1]
+            tokens[start:stop, :s], distinct[start:stop, :s] = problem.tokens, problem.distinct
+            phi[start:stop, :s], dust[start:stop] = potential[:, :s], potential[:, s]
+            value[start:stop] = solution.value
+        return SupportGradient(tokens=tokens, distinct=distinct, phi=phi, dust=dust, value=value)

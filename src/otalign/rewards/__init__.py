@@ -6,7 +6,8 @@ import os
 
 from otalign.registry import Registry
 
-from .base import FunctionReward, Reward, RewardFn
+from .arithmetic import arithmetic_reward
+from .base import FunctionReward, Reward, RewardFn, check_scores
 from .code import ExecutionReward, apps_execution_reward, score_program, score_programs
 from .model import ModelReward, same_tokenizer
 from .sentiment import sentiment_reward
@@ -18,6 +19,11 @@ REWARD_FUNCTIONS.add(
     "apps_execution",
     apps_execution_reward,
     help="run the program against the row's tests in the sandbox: the WPR paper's APPS reward in [-1, 1]",
+)
+REWARD_FUNCTIONS.add(
+    "arithmetic",
+    arithmetic_reward,
+    help="1 if the response's last number equals the row's answer column, else 0 (the arithmetic prompts)",
 )
 
 
@@ -54,7 +60,9 @@ __all__ = [
     "Reward",
     "RewardFn",
     "apps_execution_reward",
+    "arithmetic_reward",
     "build_reward",
+    "check_scores",
     "same_tokenizer",
     "score_program",
     "score_programs",

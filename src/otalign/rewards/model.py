@@ -9,6 +9,7 @@ reward model's own tokenizer.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -66,8 +67,14 @@ class ModelReward(Reward):
 
     @torch.no_grad()
     def __call__(
-        self, prompts: list[str], responses: list[str], sequences: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        prompts: list[str],
+        responses: list[str],
+        sequences: torch.Tensor,
+        attention_mask: torch.Tensor,
+        columns: Mapping[str, Sequence] | None = None,
     ) -> torch.Tensor:
+        """(B,) scores; ``columns`` are ignored (the model sees only the text)."""
         device = next(self.model.parameters()).device
         if self.retokenize:
             self.tokenizer.padding_side = "left"

@@ -32,6 +32,8 @@ from otalign.config import Config, ConfigError, check_keys, coerce, field_types,
 TRAINERS: dict[str, tuple[str, str]] = {
     "ppo": ("otalign.trainers.ppo:PPOConfig", "otalign.trainers.ppo:PPOTrainer"),
     "dpo": ("otalign.trainers.preference:PreferenceConfig", "otalign.trainers.preference:PreferenceTrainer"),
+    "grpo": ("otalign.trainers.critic_free:GRPOConfig", "otalign.trainers.critic_free:GRPOTrainer"),
+    "rloo": ("otalign.trainers.critic_free:RLOOConfig", "otalign.trainers.critic_free:RLOOTrainer"),
 }
 """``command -> (config class, trainer class)`` as ``"module:Name"`` (imported on use). A trainer plugs into the
 sweep by one entry here: its config derives from :class:`~otalign.trainers.TrainerConfig` (``output_dir``,

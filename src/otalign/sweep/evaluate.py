@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from otalign.config import ConfigError
+
 from .config import SweepConfig, trainer_classes
 
 EVAL_FILE = "eval.json"
@@ -81,6 +83,10 @@ def eval_settings(config: SweepConfig) -> dict:
     if reward_fn is None and reward_model is None:
         reward_model = base_field(config, "reward_model_name_or_path", None)
         reward_fn = None if reward_model else (base_field(config, "reward_fn", None) or "sentiment")
+        if isinstance(reward_fn, list):
+            if len(reward_fn) != 1:
+                raise ConfigError(f"the cells train on several rewards {reward_fn}; set eval_reward_fn to one of them")
+            reward_fn = reward_fn[0]
     reference = (
         config.reference
         or base_field(config, "ref_model_name_or_path", None)
@@ -112,10 +118,11 @@ def eval_settings(config: SweepConfig) -> dict:
 
 @dataclass
 class EvalSetup:
-    """What every evaluation of a sweep shares: prompts, reference, tokenizer, reward, W solver, sampling."""
+    """What every evaluation of a sweep shares: prompts and their columns, reference, reward, W solver, sampling."""
 
     settings: dict
     prompts: list
+    columns: dict[str, list]
     texts: list[str]
     ids: list[list[int]]
     tokenizer: object
@@ -127,7 +134,7 @@ class EvalSetup:
 
     @classmethod
     def build(cls, settings: dict) -> EvalSetup:
-        from otalign.data import load_prompts, render_prompt
+        from otalign.data import load_prompt_rows, prompt_columns, render_prompt
         from otalign.eval.winrate import subsample
         from otalign.models import load_causal_lm, load_tokenizer
         from otalign.regularizers import build_regularizer, embedding_matrix
@@ -135,10 +142,12 @@ class EvalSetup:
         from otalign.trainers.rollout import SamplingParams, encode_prompts
 
         s = settings
-        prompts = load_prompts(s["prompts"], s["split"])
+        rows = load_prompt_rows(s["prompts"], s["split"])
         if s["num_prompts"]:
-            picked = subsample(len(prompts), s["num_prompts"], np.random.default_rng(s["seed"]))
-            prompts = [prompts[i] for i in picked]
+            picked = subsample(len(rows), s["num_prompts"], np.random.default_rng(s["seed"]))
+            rows = [rows[i] for i in picked]
+        prompts = [row["prompt"] for row in rows]
+        columns = {name: [row[name] for row in rows] for name in prompt_columns(rows, s["prompts"])}
         tokenizer = load_tokenizer(s["reference"])
         reference = load_causal_lm(s["reference"], dtype=s["model_dtype"]).eval().requires_grad_(False)
         texts = [render_prompt(p, tokenizer, use_chat_template=s["use_chat_template"]) for p in prompts]
@@ -149,7 +158,7 @@ class EvalSetup:
         w["top_k"] = min(w["top_k"], embeddings.shape[0])
         ot_regularizer = build_regularizer("wasserstein", embeddings=embeddings, **w)
         params = SamplingParams(s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"])
-        return cls(s, prompts, texts, ids, tokenizer, reference, reward, ot_regularizer, embeddings, params)
+        return cls(s, prompts, columns, texts, ids, tokenizer, reference, reward, ot_regularizer, embeddings, params)
 
 
 def eval_setup(config: SweepConfig) -> EvalSetup:
@@ -207,6 +216,7 @@ def evaluate_model(config: SweepConfig, folder: Path, model_path: Path | None) -
         batch_size=config.eval_batch_size,
         ot_regularizer=setup.ot_regularizer,
         extras=extras,
+        columns=setup.columns,
     )
     record = {
         "settings": setup.settings,

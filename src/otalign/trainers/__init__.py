@@ -5,22 +5,33 @@ from __future__ import annotations
 from .base import BaseTrainer
 from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint, list_checkpoints
 from .config import ConfigError, TrainerConfig, parse_config
+from .critic_free import CriticFreeConfig, CriticFreeTrainer, GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from .metrics import MetricsLogger, read_metrics
 from .ppo import DEFAULT_BETA, PPOConfig, PPOTrainer
 from .preference import PreferenceConfig, PreferenceTrainer
 from .reward import RewardConfig, RewardTrainer
+from .rl import BetaController, RLConfig, RLTrainer
 from .sft import SFTConfig, SFTTrainer
 
 __all__ = [
     "DEFAULT_BETA",
     "BaseTrainer",
+    "BetaController",
     "CheckpointManager",
     "ConfigError",
+    "CriticFreeConfig",
+    "CriticFreeTrainer",
+    "GRPOConfig",
+    "GRPOTrainer",
     "MetricsLogger",
     "PPOConfig",
     "PPOTrainer",
     "PreferenceConfig",
     "PreferenceTrainer",
+    "RLConfig",
+    "RLOOConfig",
+    "RLOOTrainer",
+    "RLTrainer",
     "RewardConfig",
     "RewardTrainer",
     "SFTConfig",

@@ -88,6 +88,7 @@ def evaluate_policy(
     batch_size: int = 16,
     ot_regularizer=None,
     extras: Mapping[str, Callable[[Rollout, torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
+    columns: Mapping[str, list] | None = None,
 ) -> EvalResult:
     """Sample one response per prompt from ``policy`` and measure it against ``ref_model``.
 
@@ -103,17 +104,23 @@ def evaluate_policy(
             is summed per response (None: no OT distance).
         extras: ``name -> fn(rollout, policy_logits, ref_logits) -> (B,)`` further per-response measurements on
             the same samples (logits: (B, T, V), tempered), collected in ``EvalResult.extra[name]``.
+        columns: the prompt rows' columns, each a list aligned with ``prompt_texts``, for a reward that reads
+            them (e.g. the arithmetic ``answer``).
     """
     extras = dict(extras or {})
     result = EvalResult([], [], [], [], [], [] if ot_regularizer is not None else None, {k: [] for k in extras})
     seeds = sample_seeds(seed, list(range(len(prompt_ids))))
+    start = 0
     for rollout in sample_batches(policy, tokenizer, prompt_texts, prompt_ids, seeds, params, batch_size):
+        stop = start + len(rollout.prompt_texts)
+        batch_columns = {name: list(values[start:stop]) for name, values in (columns or {}).items()}
+        start = stop
         mask = rollout.response_mask
         policy_logits = response_logits(policy, rollout) / params.temperature
         ref_logits = response_logits(ref_model, rollout) / params.temperature
         kl, _ = pm.kl_and_entropy(policy_logits, ref_logits)
         ids, seq_mask = rollout.right_aligned(tokenizer.pad_token_id)
-        scores = reward(rollout.prompt_texts, rollout.response_texts, ids, seq_mask)
+        scores = reward(rollout.prompt_texts, rollout.response_texts, ids, seq_mask, batch_columns)
         result.prompts += rollout.prompt_texts
         result.responses += rollout.response_texts
         result.scores += scores.tolist()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
+
+import torch
 
 
 class MetricsLogger:
@@ -74,3 +77,26 @@ def _rows(path: Path) -> list[dict]:
 def read_metrics(output_dir: str | Path) -> list[dict]:
     """The rows of ``<output_dir>/metrics.jsonl`` (a torn last line from a killed run is skipped)."""
     return _rows(Path(output_dir) / "metrics.jsonl")
+
+
+class Timer:
+    """Wall-clock laps by name (summed when a name repeats), synchronising CUDA so GPU work is counted."""
+
+    def __init__(self, device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.totals: dict[str, float] = {}
+        self.start = self.last = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.totals[name] = self.totals.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def metrics(self) -> dict[str, float]:
+        """``time/<name>`` seconds per lap name and ``time/step`` in total."""
+        return {**{f"time/{k}": v for k, v in self.totals.items()}, "time/step": self.last - self.start}

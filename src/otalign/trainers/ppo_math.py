@@ -93,9 +93,10 @@ def policy_loss(
     *,
     cliprange: float,
     normalizer: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    r"""Clipped surrogate :math:`\sum_t \max(-A_t\rho_t, -A_t\,\mathrm{clip}(\rho_t, 1\pm\epsilon)) / Z`,
-    :math:`\rho_t = \exp(\log\pi_\theta - \log\pi_{old})`.
+    r"""Clipped surrogate :math:`\sum_t w_t \max(-A_t\rho_t, -A_t\,\mathrm{clip}(\rho_t, 1\pm\epsilon)) / Z`,
+    :math:`\rho_t = \exp(\log\pi_\theta - \log\pi_{old})`, :math:`w_t` = ``weights`` (default: ``mask``).
 
     ``normalizer`` Z is the number of tokens the loss averages over (per process, so that data-parallel
     gradient averaging yields the global token mean). Stats are sums over the masked tokens (``clipfrac``:
@@ -105,7 +106,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = (torch.maximum(unclipped, clipped) * mask).sum() / normalizer
+    weights = mask if weights is None else weights
+    loss = (torch.maximum(unclipped, clipped) * weights).sum() / normalizer
     stats = {
         "policy/clipfrac": ((clipped > unclipped).float() * mask).sum().detach(),
         "policy/approx_kl": (0.5 * log_ratio.pow(2) * mask).sum().detach(),

@@ -1,0 +1,198 @@
+r"""Critic-free RL with any regularizer: GRPO and RLOO (``GRPOConfig``/``GRPOTrainer``, ``RLOOConfig``/``RLOOTrainer``).
+
+One step (:meth:`CriticFreeTrainer.train`; sampling, scoring, the update loop, the penalty and the adaptive beta
+are the shared machinery of :mod:`otalign.trainers.rl`):
+
+1. **Rollout**: ``num_generations`` (G) responses per prompt; a process holds whole groups
+   (``per_device_train_batch_size`` is a multiple of G), so group statistics never cross processes.
+2. **Advantages** (:func:`group_advantages`), one per response, shared by its tokens, from the sequence reward
+   :math:`R_i` (the score, minus :math:`\beta\sum_t \text{penalty}_t` with ``penalty_in: reward``):
+   GRPO :math:`A_i = R_i - \bar R_g`, RLOO's leave-one-out :math:`A_i = R_i - \frac{1}{G-1}\sum_{j\ne i} R_j`;
+   with ``scale_rewards`` divided by the group's standard deviation plus :math:`10^{-4}`.
+3. **Update**: ``num_iterations`` passes over the same rollouts (``num_mini_batches`` optimizer steps each),
+   clipped surrogate :math:`\ell_{it} = -\min(\rho_{it} A_i, \mathrm{clip}(\rho_{it}, 1\pm\epsilon) A_i)`, plus
+   :math:`\beta d_{it}` with ``penalty_in: loss``; no critic. Length normalisation ``loss_type`` (TRL's names):
+   ``grpo`` :math:`\frac1N\sum_i \frac{1}{|o_i|}\sum_t \ell_{it}`; ``bnpo`` :math:`\sum_{it}\ell_{it} / \sum_i |o_i|`;
+   ``dr_grpo`` :math:`\sum_{it}\ell_{it} / (N\cdot T_{max})` (:func:`token_weights`), all over the global
+   mini-batch of N responses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from . import ppo_math as pm
+from .config import ConfigError, redefault
+from .rl import RLConfig, RLTrainer
+from .rollout import response_logits
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+ALGORITHMS = ("grpo", "rloo")
+SCALE_EPS = 1e-4
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, algorithm: str, scale: bool) -> torch.Tensor:
+    r"""(B,) advantages of B = n * G sequence rewards laid out group after group.
+
+    ``grpo``: :math:`A_i = R_i - \mathrm{mean}_g(R)`; ``rloo``: :math:`A_i = R_i - \frac{1}{G-1}\sum_{j\ne i} R_j
+    = \frac{G}{G-1}(R_i - \mathrm{mean}_g R)`. With ``scale`` divided by :math:`\mathrm{std}_g(R) + 10^{-4}`
+    (unbiased std; a group of equal rewards gets 0). Computed in float64, returned float32.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"need groups of >= 2 rewards dividing the batch, got {rewards.numel()} and {group_size}")
+    r = rewards.double().reshape(-1, group_size)
+    mean = r.mean(1, keepdim=True)
+    adv = r - mean if algorithm == "grpo" else r - (r.sum(1, keepdim=True) - r) / (group_size - 1)
+    if scale:
+        adv = adv / (r.std(1, keepdim=True) + SCALE_EPS)
+    return adv.flatten().float()
+
+
+def token_weights(mask: torch.Tensor, loss_type: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss weights (B, T) and per-response normalizer units (B,) of a ``loss_type``.
+
+    The loss of a mini-batch is ``sum(weights * l) / Z`` with ``Z`` the sum of ``units`` over the global
+    mini-batch: ``grpo`` weights ``1/|o_i|``, units 1 (mean of per-sequence means); ``bnpo`` weights 1, units
+    ``|o_i|`` (token mean); ``dr_grpo`` weights 1, units ``max_length`` (sum over N x max_length).
+    """
+    m = mask.float()
+    lengths = m.sum(1)
+    if loss_type == "grpo":
+        return m / lengths.clamp_min(1)[:, None], torch.ones_like(lengths)
+    if loss_type == "bnpo":
+        return m, lengths
+    if loss_type == "dr_grpo":
+        return m, torch.full_like(lengths, float(max_length))
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+@dataclass
+class CriticFreeConfig(RLConfig):
+    """Group-based critic-free RL on top of :class:`~otalign.trainers.rl.RLConfig`; see :class:`GRPOConfig`,
+    :class:`RLOOConfig`. A rollout's ``step_batch_size`` responses per process are whole groups of
+    ``num_generations``."""
+
+    algorithm: ClassVar[str] = "grpo"
+    prompts: str = redefault(RLConfig, "prompts", "arithmetic")
+    reward_fn: list[str] | None = redefault(RLConfig, "reward_fn", ["arithmetic"])
+    num_generations: int = field(
+        default=4, metadata={"help": "responses sampled per prompt (a group)", "check": ">= 2"}
+    )
+    num_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "passes (inner epochs) over each rollout batch, clipped ratio after the first",
+            "check": ">= 1",
+        },
+    )
+    loss_type: str = field(
+        default="grpo", metadata={"help": "length normalisation of the loss (TRL's names)", "choices": LOSS_TYPES}
+    )
+    scale_rewards: bool = field(
+        default=True, metadata={"help": "divide advantages by the group's reward std (false: Dr. GRPO)"}
+    )
+    penalty_in: str = redefault(RLConfig, "penalty_in", "loss")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.step_batch_size % self.num_generations:
+            raise ConfigError(
+                f"the rollout's {self.step_batch_size} responses per process (per_device_train_batch_size * "
+                f"gradient_accumulation_steps * num_mini_batches) "
+                f"must be divisible by num_generations={self.num_generations} (each process holds whole groups)",
+                "num_generations",
+            )
+
+
+@dataclass
+class GRPOConfig(CriticFreeConfig):
+    """GRPO: group-normalised advantages, KL (or any regularizer) in the loss by default."""
+
+    algorithm: ClassVar[str] = "grpo"
+    output_dir: str = redefault(RLConfig, "output_dir", "runs/grpo")
+
+
+@dataclass
+class RLOOConfig(CriticFreeConfig):
+    """RLOO: leave-one-out baseline, the penalty in the sequence reward by default, unscaled advantages."""
+
+    algorithm: ClassVar[str] = "rloo"
+    output_dir: str = redefault(RLConfig, "output_dir", "runs/rloo")
+    penalty_in: str = redefault(RLConfig, "penalty_in", "reward")
+    scale_rewards: bool = redefault(CriticFreeConfig, "scale_rewards", False)
+
+
+class CriticFreeTrainer(RLTrainer):
+    """GRPO or RLOO (by ``config.algorithm``) for a causal LM policy with any :mod:`otalign.regularizers` penalty.
+
+    Args:
+        config: :class:`GRPOConfig` or :class:`RLOOConfig`.
+        policy, ref_model, tokenizer, reward, regularizer, prompts, accelerator: see
+            :class:`~otalign.trainers.rl.RLTrainer`.
+    """
+
+    progress_keys = ("reward/mean", "kl/exact", "beta")
+
+    @property
+    def num_generations(self) -> int:
+        return self.config.num_generations
+
+    @property
+    def algorithm_name(self) -> str:
+        return self.config.algorithm.upper()
+
+    @property
+    def num_epochs(self) -> int:
+        return self.config.num_iterations
+
+    def advantages(self, scored) -> dict[str, torch.Tensor]:
+        """Sequence rewards (penalty included with ``penalty_in: reward``), group advantages, ``loss_type`` weights."""
+        c = self.config
+        rewards = self.sequence_rewards(scored)
+        advantages = group_advantages(rewards, c.num_generations, algorithm=c.algorithm, scale=c.scale_rewards)
+        weights, units = token_weights(scored.mask, c.loss_type, c.response_length)
+        return {"advantages": advantages.to(rewards.device), "weights": weights, "units": units}
+
+    def loss(self, scored, batch, rows: torch.Tensor, normalizer: float):
+        """Micro-batch loss: clipped surrogate with the sequence advantages, ``loss_type`` weights, plus the penalty
+        (``penalty_in: loss``), over normalizer Z."""
+        c, rollout, mask = self.config, scored.rollout, scored.mask[rows]
+        logits = response_logits(self.policy, rollout, rows) / c.temperature
+        logprobs = pm.token_logprobs(logits, rollout.responses[rows])
+        advantages, weights = batch["advantages"][rows, None].expand_as(logprobs), batch["weights"][rows]
+        pg, stats = pm.policy_loss(
+            logprobs,
+            scored.old_logprobs[rows],
+            advantages,
+            mask,
+            cliprange=c.cliprange,
+            normalizer=normalizer,
+            weights=weights,
+        )
+        pen = self.penalty_loss(scored, rows, logits, logprobs, weights, normalizer)
+        return pg + pen, {"loss/policy": pg.detach(), "loss/penalty": pen.detach()}, stats
+
+    def batch_metrics(self, scored, batch) -> dict[str, float]:
+        """Mean within-group reward std, share of groups whose rewards are all equal, mean |advantage|."""
+        acc, advantages = self.accelerator, batch["advantages"]
+        groups = scored.scores.reshape(-1, self.config.num_generations).std(1)
+        stats = torch.stack([groups.sum(), (groups == 0).sum(), torch.tensor(groups.numel()), advantages.abs().sum()])
+        counts = pm.global_sum(stats, acc)
+        return {
+            "reward/group_std": float(counts[0] / counts[2]),
+            "reward/zero_std_frac": float(counts[1] / counts[2]),
+            "advantage/abs_mean": float(counts[3] / (counts[2] * self.config.num_generations)),
+        }
+
+
+class GRPOTrainer(CriticFreeTrainer):
+    """:class:`CriticFreeTrainer` with a :class:`GRPOConfig`."""
+
+
+class RLOOTrainer(CriticFreeTrainer):
+    """:class:`CriticFreeTrainer` with an :class:`RLOOConfig`."""

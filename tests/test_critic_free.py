@@ -1,0 +1,219 @@
+"""GRPO and RLOO on tiny random models: advantage math, every regularizer family in the reward or the loss, the
+adaptive beta, resume, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+from otalign.trainers import (
+    BetaController,
+    ConfigError,
+    GRPOConfig,
+    GRPOTrainer,
+    PPOConfig,
+    PPOTrainer,
+    RLOOConfig,
+    RLOOTrainer,
+    read_metrics,
+)
+from otalign.trainers.critic_free import group_advantages, token_weights
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+PROMPTS = [
+    "write one sentence about the cat .",
+    "tell you about my day .",
+    "describe the city in the rain .",
+    "what is your friend ?",
+]
+TRAINERS = {"ppo": (PPOConfig, PPOTrainer), "grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
+
+
+def good_share(prompts: list[str], responses: list[str]) -> list[float]:
+    """Trivially learnable reward: the share of the word 'good' among the response's words."""
+    return [r.split().count("good") / max(len(r.split()), 1) for r in responses]
+
+
+def characters(prompts: list[str], responses: list[str]) -> list[float]:
+    """A reward that differs between the responses of a group from the start: characters / 20."""
+    return [len(r) / 20 for r in responses]
+
+
+def make(tmp_path, algorithm: str = "grpo", *, policy_seed: int = 0, reward=characters, prompts=PROMPTS, **overrides):
+    config_cls, trainer_cls = TRAINERS[algorithm]
+    tokenizer = tiny_tokenizer()
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        response_length=5,
+        learning_rate=1e-3,
+        progress_bar=False,
+        save_model=False,
+        wpr_top_k=8,
+        prompts="builtin",
+        reward_fn=["sentiment"],
+    )
+    if algorithm != "ppo":
+        settings["num_generations"] = 2
+    settings.update(overrides)
+    return trainer_cls(
+        config_cls(**settings),
+        policy=tiny_causal_lm(tokenizer, seed=policy_seed),
+        ref_model=tiny_causal_lm(tokenizer, seed=0),
+        tokenizer=tokenizer,
+        reward=reward,
+        prompts=prompts,
+    )
+
+
+def test_grpo_and_rloo_advantages_match_hand_computed_values():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, 0.5, 0.5])
+    # group 1: mean 3, unbiased std sqrt(14/3); group 2: all equal
+    grpo = group_advantages(rewards, 4, algorithm="grpo", scale=False)
+    assert grpo.tolist() == pytest.approx([-2.0, -1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0])
+    scaled = group_advantages(rewards, 4, algorithm="grpo", scale=True)
+    std = (14 / 3) ** 0.5
+    assert scaled.tolist() == pytest.approx([x / (std + 1e-4) for x in (-2.0, -1.0, 0.0, 3.0)] + [0.0] * 4)
+    rloo = group_advantages(rewards, 4, algorithm="rloo", scale=False)
+    # 1 - mean(2, 3, 6) = -8/3; 2 - mean(1, 3, 6) = -4/3; 3 - 3 = 0; 6 - 2 = 4
+    assert rloo.tolist() == pytest.approx([-8 / 3, -4 / 3, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="groups of >= 2"):
+        group_advantages(rewards, 3, algorithm="grpo", scale=False)
+
+
+def test_loss_type_normalisations_match_hand_computed_values():
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    loss = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0]])
+    expected = {"grpo": ((1 + 2 + 3) / 3 + 4) / 2, "bnpo": (1 + 2 + 3 + 4) / 4, "dr_grpo": (1 + 2 + 3 + 4) / (2 * 4)}
+    for loss_type, value in expected.items():
+        weights, units = token_weights(mask, loss_type, max_length=4)
+        assert float((weights * loss).sum() / units.sum()) == pytest.approx(value), loss_type
+    with pytest.raises(ValueError, match="loss_type"):
+        token_weights(mask, "seq", 4)
+
+
+@pytest.mark.parametrize("penalty_in", ["reward", "loss"])
+@pytest.mark.parametrize("regularizer", ["kl", "js", "wasserstein"])
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
+def test_two_steps_per_trainer_regularizer_and_penalty_placement(tmp_path, algorithm, regularizer, penalty_in):
+    trainer = make(tmp_path, algorithm, regularizer=regularizer, penalty_in=penalty_in, beta=0.5, num_mini_batches=2)
+    before = [p.detach().clone() for p in trainer.params]
+    history = trainer.train()
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2]
+    for metrics in history:
+        assert all(v == v for k, v in metrics.items() if k != "value/explained_variance"), metrics  # no NaN
+        assert metrics["beta"] == 0.5 and "reward/characters" in metrics and "regularizer/distance" in metrics
+    assert history[0]["kl/exact"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the first rollout
+    assert history[1]["kl/exact"] > 0
+    if penalty_in == "loss":
+        assert history[1]["loss/penalty"] > 0  # the distance term is in the loss once the policy moved
+    else:
+        assert history[1]["loss/penalty"] == 0
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.params, strict=True))
+
+
+@pytest.mark.parametrize("regularizer", ["fkl", "wasserstein"])
+def test_surrogate_potentials_from_the_current_policy(tmp_path, regularizer):
+    trainer = make(tmp_path, regularizer=regularizer, loss_potentials="current", beta=0.5, num_iterations=3)
+    history = trainer.train()
+    assert history[1]["loss/penalty"] > 0 and all(v == v for v in history[1].values())
+
+
+def test_multiple_reward_functions_are_weighted_and_logged_by_name(tmp_path):
+    def length(prompts, responses):
+        return [float(len(r.split())) for r in responses]
+
+    trainer = make(tmp_path, reward=[good_share, length], reward_weights=[2.0, -0.5], max_steps=1)
+    (metrics,) = trainer.train()
+    expected = 2.0 * metrics["reward/good_share"] - 0.5 * metrics["reward/length"]
+    assert metrics["reward/mean"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_data_dependent_reward_sees_the_prompt_rows_columns(tmp_path):
+    seen = []
+
+    def exact(prompts, responses, answer):
+        seen.extend(zip(prompts, answer, strict=True))
+        return [float(r.strip() == a) for r, a in zip(responses, answer, strict=True)]
+
+    rows = [{"prompt": p, "answer": str(i)} for i, p in enumerate(PROMPTS)]
+    make(tmp_path, reward=exact, prompts=rows, max_steps=1).train()
+    assert len(seen) == 4 and len({a for _, a in seen}) == 2  # two prompts, each answered twice
+    by_answer = {a: p for p, a in seen}
+    for answer, prompt in by_answer.items():
+        assert PROMPTS[int(answer)] in prompt  # each response is scored against its own row's answer
+
+
+def test_beta_controller_update_rule():
+    controller = BetaController(0.1, target=2.0, horizon=100.0)
+    assert controller.update(3.0, 10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped to +0.2
+    assert controller.update(1.8, 10) == pytest.approx(0.102 * (1 - 0.1 * 10 / 100))
+    fixed = BetaController(0.1)
+    assert fixed.update(100.0, 10) == 0.1
+    controller.load_state_dict(fixed.state_dict())
+    assert controller.value == 0.1
+
+
+def test_adaptive_beta_holds_the_distance_near_its_target_where_a_fixed_beta_overshoots(tmp_path):
+    # PPO, KL in the reward, a reward ("good" share) that pulls the tiny policy ever further from the reference
+    common = dict(per_device_train_batch_size=8, learning_rate=3e-3, regularizer="kl", penalty_in="reward", beta=0.05)
+    common.update(response_length=4, prompts=PROMPTS, reward=good_share)
+    target = 0.03
+    fixed = make(tmp_path / "fixed", "ppo", max_steps=40, **common).train()
+    adaptive = make(tmp_path / "adaptive", "ppo", max_steps=70, beta_target=target, beta_horizon=8.0, **common).train()
+    overshoot = [row["regularizer/distance"] for row in fixed[-10:]]
+    steered = [row["regularizer/distance"] for row in adaptive[-10:]]
+    assert min(overshoot) > 1.5 * target, overshoot  # a fixed beta lets the KL run away
+    assert all(abs(d - target) < 0.2 * target for d in steered), steered  # the controller holds it within 20%
+    assert adaptive[-1]["beta"] > 10 * adaptive[0]["beta"]
+
+
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, assert_resume_matches):
+    settings = dict(max_steps=4, save_steps=2, regularizer="wasserstein", beta_target=0.01, beta_horizon=20.0)
+    make(tmp_path / "full", save_total_limit=None, **settings).train()
+    checkpoint = tmp_path / "full" / "checkpoints" / "checkpoint-2"
+    make(tmp_path / "resumed", policy_seed=5, resume_from_checkpoint=str(checkpoint), **settings).train()
+    assert_resume_matches(tmp_path / "full", tmp_path / "resumed", [3, 4])
+    assert read_metrics(tmp_path / "full")[2]["beta"] != read_metrics(tmp_path / "full")[0]["beta"]
+
+
+def test_bad_input_fails_with_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="num_generations must be >= 2"):
+        GRPOConfig(num_generations=1)
+    with pytest.raises(ConfigError, match="divisible by num_generations=3"):
+        GRPOConfig(num_generations=3, per_device_train_batch_size=8)
+    with pytest.raises(ConfigError, match="beta_target must be > 0, got 0.0"):
+        RLOOConfig(beta_target=0.0)
+    with pytest.raises(ConfigError, match="unknown reward_fn 'nope'; choose one of"):
+        GRPOConfig(reward_fn="arithmetic,nope")
+    with pytest.raises(ValueError, match=r"reward_weights has 1 entries for 2 reward function\(s\)"):
+        make(tmp_path, reward=[good_share, characters], reward_weights=[1.0])
+
+    def nan_on_row_two(prompts, responses):
+        return [float("nan") if i == 2 else 0.0 for i in range(len(responses))]
+
+    with pytest.raises(ValueError, match=r"'nan_on_row_two' returned a non-finite score nan for batch entry 2.*rows"):
+        make(tmp_path, reward=nan_on_row_two).train()
+    with pytest.raises(ValueError, match="returned 1 scores for 4 responses"):
+        make(tmp_path, reward=lambda p, r: [0.0]).train()
+
+
+def test_command_line_runs_grpo_and_rloo_on_a_saved_tiny_model(tmp_path):
+    from otalign.cli import main
+    from otalign.models.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{p}", "answer": "good"}}\n' for p in PROMPTS))
+    for command in ("grpo", "rloo"):
+        out = tmp_path / command
+        args = [command, "--model_name_or_path", model, "--output_dir", str(out), "--prompts", str(prompts)]
+        args += ["--reward_fn", "arithmetic,sentiment", "--reward_weights", "1,0.5", "--max_steps", "1"]
+        args += ["--per_device_train_batch_size", "4", "--num_generations", "2", "--response_length", "3"]
+        args += ["--progress_bar", "false", "--save_model", "false"]
+        assert main(args) == 0
+        (row,) = read_metrics(out)
+        assert {"reward/arithmetic", "reward/sentiment", "beta"} <= set(row)
