@@ -50,25 +50,6 @@ def two_process_cli():
 
 
 @pytest.fixture
-def two_process_script():
-    """``run(script, port)``: a Python file as a 2-process CPU ``accelerate launch`` (gloo, MULTI_CPU); the test fails
-    with the launch's stderr if it does."""
-    import os
-    import subprocess
-    import sys
-
-    def run(script, port: int) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        cmd += ["--main_process_port", str(port), str(script)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    return run
-
-
-@pytest.fixture
 def assert_resume_matches():
     """``check(full_dir, resumed_dir, resumed_steps)``: the resumed run logged exactly ``resumed_steps`` and every
     non-timing metric of those steps equals the uninterrupted run's."""

@@ -35,6 +35,21 @@ SCENARIOS: dict[str, tuple[str, int, dict]] = {
     "sft_one_example": ("sft", 1, dict(rows="sft1")),
     "reward": ("reward", 2, dict(gradient_accumulation_steps=2, eval_split_size=0.25)),
     "ppo": ("ppo", 2, dict(gradient_accumulation_steps=2, regularizer="wasserstein", save_steps=1)),
+    # groups of 2 never cross processes; the adaptive beta moves every step and is checkpointed.
+    "grpo": (
+        "grpo",
+        2,
+        dict(
+            gradient_accumulation_steps=2,
+            regularizer="wasserstein",
+            loss_type="bnpo",
+            beta=0.5,
+            beta_target=0.01,
+            beta_horizon=10.0,
+            save_steps=1,
+        ),
+    ),
+    "rloo": ("rloo", 2, dict(num_mini_batches=2, regularizer="kl", penalty_in="reward", beta=0.5)),
 }
 MAX_STEPS = 3
 RESUME_FROM = 1
@@ -97,6 +112,17 @@ def build(name: str, output_dir: Path, *, processes: int, policy_seed: int = 0, 
         config = PPOConfig(response_length=6, wpr_top_k=8, **{**common, "learning_rate": 1e-3})
         ref = tiny_causal_lm(tokenizer, seed=0)
         return PPOTrainer(config, policy=policy, ref_model=ref, tokenizer=tokenizer, reward=good_share, prompts=PROMPTS)
+    if kind in ("grpo", "rloo"):
+        sys.path.insert(0, str(TESTS))
+        from test_critic_free import PROMPTS, characters
+
+        from otalign.trainers import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+        config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
+        config = config_cls(response_length=5, wpr_top_k=8, num_generations=2, **{**common, "learning_rate": 1e-3})
+        ref = tiny_causal_lm(tokenizer, seed=0)
+        models = dict(policy=policy, ref_model=ref, tokenizer=tokenizer)
+        return trainer_cls(config, **models, reward=characters, prompts=PROMPTS)
     raise KeyError(kind)
 
 

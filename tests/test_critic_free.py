@@ -167,8 +167,9 @@ def test_adaptive_beta_holds_the_distance_near_its_target_where_a_fixed_beta_ove
     overshoot = [row["regularizer/distance"] for row in fixed[-10:]]
     steered = [row["regularizer/distance"] for row in adaptive[-10:]]
     assert min(overshoot) > 1.5 * target, overshoot  # a fixed beta lets the KL run away
-    assert all(abs(d - target) < 0.2 * target for d in steered), steered  # the controller holds it within 20%
-    assert adaptive[-1]["beta"] > 10 * adaptive[0]["beta"]
+    assert all(abs(d - target) < 0.25 * target for d in steered), steered  # the controller holds it within 25%
+    assert abs(sum(steered) / len(steered) - target) < 0.15 * target, steered
+    assert max(row["beta"] for row in adaptive) > 10 * adaptive[0]["beta"]  # it took a 10x beta to pull it back
 
 
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, assert_resume_matches):

@@ -690,7 +690,8 @@ class WassersteinRegularizer(Regularizer):
         return values, stats
 
     def _support_gradient(self, positions: Positions) -> SupportGradient:
-        """The potentials :func:`solve_problem` returns (whose slot 0 is the sampled token's penalty) on the
+        r"""The potentials :meth:`solve` returns (whose slot 0 is the sampled token's penalty; for ``smooth``
+        :math:`h_\tau'(W)(\phi - W) + h_\tau(W)`, the gradient of :math:`h_\tau(W)` up to a constant) on the
         support slots and the dust, padded to ``2k + 1`` slots; slots without policy mass get phi 0."""
         check_vocab_size(self.embeddings, positions.vocab)
         device = positions.actions.device
@@ -708,14 +709,12 @@ class WassersteinRegularizer(Regularizer):
             for start, stop in chunk_bounds(n, self.max_chunk_elements // positions.vocab)
         ]
         support = Support.cat(parts) if parts else None
-        per_problem = (width + 1) ** 2 * {"difference": 1, "full": 4 if self.debias else 2}[self.transport]
+        per_problem = (width + 1) ** 2 * (1 if self.transport != "full" else 4 if self.debias else 2)
         for start, stop in chunk_bounds(n, self.max_chunk_elements // per_problem):
             problem = truncated_problem(
                 support[start:stop], self.embeddings, metric=self.metric, radius=self.radius, dust_cost=self.dust_cost
             )
-            solution = solve_problem(
-                problem, self.lam, transport=self.transport, debias=self.debias, max_iter=self.max_iter, tol=self.tol
-            )
+            solution = self.solve(problem)
             potential = torch.where(problem.a > 0, solution.potential, torch.zeros_like(solution.potential))
             s = problem.tokens.shape[1]
             tokens[start:stop, :s], distinct[start:stop, :s] = problem.tokens, problem.distinct

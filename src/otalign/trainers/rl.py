@@ -190,7 +190,7 @@ class RLConfig(TrainerConfig):
     @property
     def beta_value(self) -> float:
         """``beta`` or the regularizer's default."""
-        return DEFAULT_BETA[self.regularizer] if self.beta is None else self.beta
+        return REGULARIZERS.default(self.regularizer, "beta") if self.beta is None else self.beta
 
     @property
     def sampling(self) -> SamplingParams:
