@@ -49,7 +49,8 @@ SCENARIOS: dict[str, tuple[str, int, dict]] = {
             save_steps=1,
         ),
     ),
-    "rloo": ("rloo", 2, dict(num_mini_batches=2, regularizer="kl", penalty_in="reward", beta=0.5)),
+    # (num_mini_batches > 1 would not match: each process shuffles its own rollouts into mini-batches, as TRL)
+    "rloo": ("rloo", 2, dict(gradient_accumulation_steps=2, regularizer="kl", penalty_in="reward", beta=0.5)),
 }
 MAX_STEPS = 3
 RESUME_FROM = 1

@@ -2,12 +2,11 @@
 
 One launch runs every scenario of ``multiprocess_scenarios.py`` (DPO sigmoid, AOT paired and unpaired, KTO,
 SFT, reward model, PPO with the Wasserstein penalty, GRPO with the Wasserstein penalty in the loss and an adaptive
-beta, RLOO with the KL in the reward; ``gradient_accumulation_steps=2`` or ``num_mini_batches=2`` where the trainer
-has it) with ``b`` examples per process; each test repeats a scenario in this process with ``2b`` examples per
-step and checks that the gradient reaching the optimizer at the first step, the parameters after the last
-step and every logged metric agree to float tolerance. The data order follows the global sample index,
-losses are normalised over the global batch and AOT sorts the gathered batch, so only the floating-point
-reduction order differs.
+beta, RLOO with the KL in the reward; ``gradient_accumulation_steps=2`` where the trainer has it) with ``b``
+examples per process; each test repeats a scenario in this process with ``2b`` examples per step and checks
+that the gradient reaching the optimizer at the first step, the parameters after the last step and every
+logged metric agree to float tolerance. The data order follows the global sample index, losses are normalised
+over the global batch and AOT sorts the gathered batch, so only the floating-point reduction order differs.
 
 Also covered: an epoch's last batch that is incomplete (5 pairs, 4 per step: completed from the next epoch's
 order), a dataset with fewer examples than processes (neither process gets an empty share), checkpoints
