@@ -1,0 +1,150 @@
+"""A real run killed with ``SIGKILL`` at any moment loses nothing: ``--resume`` ends with the metrics of an
+uninterrupted run.
+
+Each killed run is ``otalign <command>`` in its own process, with one function wrapped so that the process
+sends itself ``SIGKILL`` at an exact point: in the middle of a step (inside the backward pass of step 3), in the
+middle of writing checkpoint 2 (after the first file of the state is on disk), or in the middle of writing a
+metrics line (half of the line of step 3 flushed). The resumed run is a fresh ``otalign <command> --resume``
+process. Its ``metrics.jsonl`` must equal the uninterrupted run's in every non-timing value, and a half-written
+checkpoint must never be what it resumed from.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from otalign.trainers import list_checkpoints, read_metrics
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+MAX_STEPS = 4
+
+# point -> the code that arms it in the killed process (``kill()`` sends SIGKILL to the process itself)
+KILL_POINTS = {
+    "during a step": """
+        import accelerate
+        calls = {"n": 0}
+        backward = accelerate.Accelerator.backward
+        def armed(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:  # step 3's backward: steps 1-2 logged, checkpoint 2 complete
+                kill()
+            return backward(self, *args, **kwargs)
+        accelerate.Accelerator.backward = armed
+    """,
+    "during a checkpoint write": """
+        import torch
+        calls = {"armed": False}
+        save = torch.save
+        import otalign.trainers.checkpoint as checkpoint
+        manager_save = checkpoint.CheckpointManager.save
+        def saving(self, step):
+            calls["armed"] = step == 2
+            return manager_save(self, step)
+        def armed(obj, f, *args, **kwargs):
+            save(obj, f, *args, **kwargs)
+            if calls["armed"]:  # one file of checkpoint 2 on disk, the rest not
+                kill()
+        checkpoint.CheckpointManager.save = saving
+        torch.save = armed
+    """,
+    "during a metrics write": """
+        import json
+        import otalign.trainers.metrics as metrics
+        log = metrics.MetricsLogger.log
+        def armed(self, values, step):
+            if step == 3:
+                line = json.dumps({"step": step, **values})
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(line[: len(line) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                kill()
+            return log(self, values, step)
+        metrics.MetricsLogger.log = armed
+    """,
+}
+
+LAUNCH = """
+import os, signal, sys
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+{arm}
+from otalign.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def otalign(args: list[str], arm: str = "") -> subprocess.CompletedProcess:
+    """``otalign <args>`` in a fresh Python process, with ``arm`` (a kill point) run first."""
+    script = LAUNCH.format(arm=textwrap.dedent(arm))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sft_args(tmp_path_factory):
+    """``args(output_dir)``: a 4-step SFT run on a saved tiny model, checkpoint every 2 steps."""
+    from otalign.models.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+    def args(output_dir) -> list[str]:
+        return [
+            "sft",
+            "--model_name_or_path",
+            str(model),
+            "--dataset_name",
+            os.path.join(FIXTURES, "sft_pairs.jsonl"),
+            "--output_dir",
+            str(output_dir),
+            "--max_steps",
+            str(MAX_STEPS),
+            "--per_device_train_batch_size",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--save_steps",
+            "2",
+            "--save_model",
+            "false",
+            "--progress_bar",
+            "false",
+        ]
+
+    return args
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sft_args, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    done = otalign(sft_args(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return read_metrics(out)
+
+
+def non_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_metrics(point, sft_args, uninterrupted, tmp_path):
+    killed = otalign(sft_args(tmp_path), KILL_POINTS[point])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(tmp_path)] in (["checkpoint-2"], [])  # never a half-written one
+    if point == "during a checkpoint write":
+        assert list_checkpoints(tmp_path) == [] and (tmp_path / "checkpoints" / ".tmp-checkpoint-2").is_dir()
+    if point == "during a metrics write":
+        last = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1]
+        assert last.startswith('{"step": 3') and not last.endswith("}")  # the torn line is there
+
+    resumed = otalign([*sft_args(tmp_path), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert non_timing(read_metrics(tmp_path)) == non_timing(uninterrupted)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    assert not (tmp_path / "checkpoints" / ".tmp-checkpoint-2").exists()
