@@ -254,6 +254,37 @@ def test_nonfinite_logits_stop_sampling_even_with_skip(tmp_path):
     assert list_checkpoints(tmp_path) == [] and not (tmp_path / "metrics.jsonl").exists()
 
 
+class TwoProcesses:
+    """A stand-in accelerator of process 0 of 2 whose peer watched ``peer`` codes: ``reduce`` takes the max."""
+
+    num_processes, device = 2, torch.device("cpu")
+
+    def __init__(self, peer: list[int]) -> None:
+        self.peer = torch.tensor(peer)
+
+    def reduce(self, codes, reduction):
+        assert reduction == "max"
+        return torch.maximum(codes, self.peer)
+
+
+def test_the_guard_decides_alike_on_every_process():
+    from otalign.guard import FiniteGuard
+
+    for mode in ("error", "skip"):
+        guard = FiniteGuard(TwoProcesses([0, 2]), mode)  # this process is finite, its peer's gradient norm is NaN
+        guard.watch("the loss", torch.tensor(1.0), "a")
+        guard.watch("the gradient norm", torch.tensor(2.0), "lr too high")
+        if mode == "error":
+            with pytest.raises(NonFiniteError, match=r"^step 5: the gradient norm is NaN \(lr too high\)"):
+                guard.passes(5)
+        else:
+            assert guard.passes(5) is False
+        guard.watch("the loss", torch.tensor(1.0), "a")
+        guard.watch("the gradient norm", torch.tensor(2.0), "b")
+        guard.accelerator.peer = torch.tensor([0, 0])
+        assert guard.passes(6) is True  # the record was cleared
+
+
 def test_metrics_logger_warns_once_per_metric_written_as_null(tmp_path):
     logger = MetricsLogger(type("Acc", (), {"is_main_process": True, "trackers": []})(), tmp_path)
     with warnings.catch_warnings(record=True) as caught:

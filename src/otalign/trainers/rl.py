@@ -606,7 +606,9 @@ class RLTrainer(BaseTrainer):
         ``i // num_generations`` with seed ``(seed, i)``).
 
         Raises:
-            NonFiniteError: the policy's logits at sampling are not finite, naming the step and the likely cause.
+            NonFiniteError: the policy's logits at sampling are not finite, naming the step and the likely cause
+                (the weights the last update produced: unlike a non-finite loss or gradient, this is found only
+                after that update was applied and possibly checkpointed).
         """
         c = self.config
         indices = self.batch_indices()
@@ -622,7 +624,8 @@ class RLTrainer(BaseTrainer):
                 c.sampling,
             )
         except NonFiniteError as err:
-            raise NonFiniteError(f"step {step}: {err}; {self.divergence_cause()}") from None
+            later = " (the previous update made these weights, and a checkpoint saved after it has them too)"
+            raise NonFiniteError(f"step {step}: {err}; {self.divergence_cause()}{later * self._updated}") from None
         return rollout, rows
 
     # ------------------------------------------------------------------ scoring
