@@ -5,7 +5,8 @@ penalties) as they are computed, without a host synchronisation, and :meth:`Fini
 before the optimizer applies the step, whether all of them were finite on every process. If one was not, the
 run stops with a :class:`NonFiniteError` naming the step, the quantity and its likely cause (``on_nonfinite:
 error``, the default), or the step is skipped (``on_nonfinite: skip``: no parameter changes, the trainer counts
-it). Either way the weights and the last checkpoint never hold the NaN.
+it). Either way the weights and the last checkpoint never hold the NaN. (Finite weights that an update made so
+large that the next forward overflows show up at that forward, as non-finite logits: after the update.)
 
 Pure PyTorch: :mod:`otalign.generation` raises :class:`NonFiniteError` too, so it has no trainer import.
 """
@@ -43,7 +44,7 @@ def nonfinite_code(value: torch.Tensor | float, *, logits: bool = False) -> torc
     x = torch.as_tensor(value).detach()
     if logits:
         x = x.amax(-1)  # NaN propagates; +inf if any entry is; -inf only if the whole row is
-    return torch.isnan(x).any().long() * 2 + (torch.isinf(x).any() & ~torch.isnan(x).any()).long()
+    return torch.where(torch.isnan(x).any(), 2, torch.isinf(x).any().long())
 
 
 class FiniteGuard:
