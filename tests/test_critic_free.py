@@ -196,7 +196,7 @@ def test_bad_input_fails_with_a_clear_error(tmp_path):
     def nan_on_row_two(prompts, responses):
         return [float("nan") if i == 2 else 0.0 for i in range(len(responses))]
 
-    with pytest.raises(ValueError, match=r"'nan_on_row_two' returned a non-finite score nan for batch entry 2.*rows"):
+    with pytest.raises(ValueError, match=r"step 1: the score of reward 'nan_on_row_two' is NaN .*prompt rows \[\d+\]"):
         make(tmp_path, reward=nan_on_row_two).train()
     with pytest.raises(ValueError, match="returned 1 scores for 4 responses"):
         make(tmp_path, reward=lambda p, r: [0.0]).train()

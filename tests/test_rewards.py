@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from otalign.models.tiny import WORDS, tiny_tokenizer
-from otalign.rewards import FunctionReward, ModelReward, build_reward, sentiment_reward
+from otalign.rewards import FunctionReward, ModelReward, build_reward, check_scores, sentiment_reward
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -41,8 +41,10 @@ def test_callable_reward_is_checked():
     assert build_reward(lambda p, r: [len(x) for x in r])(["a", "b"], ["xy", "z"], ids, mask).tolist() == [2.0, 1.0]
     with pytest.raises(ValueError, match="returned 1 scores for 2 responses"):
         FunctionReward(lambda p, r: [1.0])(["a", "b"], ["x", "y"], ids, mask)
-    with pytest.raises(ValueError, match="non-finite"):
-        FunctionReward(lambda p, r: [float("nan")] * 2)(["a", "b"], ["x", "y"], ids, mask)
+    scores = FunctionReward(lambda p, r: [float("nan"), 1.0])(["a", "b"], ["x", "y"], ids, mask)
+    assert scores.isnan().tolist() == [True, False]  # returned as given: the caller's guard decides
+    with pytest.raises(ValueError, match="non-finite score nan for prompt row 7"):
+        check_scores(scores, "nan_first", rows=[7, 8])
     with pytest.raises(TypeError):
         FunctionReward("sentiment")
 

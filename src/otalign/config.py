@@ -7,7 +7,9 @@ Every field carries its one-line help, and optionally its allowed values, next t
 
 ``choices`` is a tuple of names or a zero-argument callable returning them (a registry's ``names``);
 ``check`` is a bound on a number (``"> 0"``, ``">= 1"``, ``"<= 1"``) or an interval (``"[0, 1)"``); on a list
-field both apply to every item, and ``None`` (of an optional field) passes. :class:`Config` checks them in
+field both apply to every item, and ``None`` (of an optional field) passes. A number must be finite on every
+field: NaN is always rejected, and an infinity only where the field's metadata says ``"allow_inf": True``
+(then ``check`` still applies to it, so ``"> 0"`` admits ``inf`` but not ``-inf``). :class:`Config` checks them in
 ``__post_init__``, so a config built in Python is validated exactly like one from the command line, before
 anything is loaded. ``section`` (``"module:Class"``) marks a ``dict`` field that holds the overrides of
 another config (the pipeline's stages): the command line reaches its fields as ``--<field>.<name>``.
@@ -35,6 +37,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import math
 import re
 import types
 import typing
@@ -50,7 +53,7 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 """Weights dtypes a ``model_dtype`` field accepts (:func:`otalign.models.torch_dtype`)."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
 """accelerate autocast modes a ``mixed_precision`` field accepts."""
-OWN_METADATA = ("check", "choices", "section")
+OWN_METADATA = ("check", "choices", "section", "allow_inf")
 """Field metadata keys read by otalign (the rest, e.g. ``help``, ``aliases``, goes to ``argparse``)."""
 
 
@@ -153,7 +156,7 @@ _INTERVAL = re.compile(r"^\s*([\[(])\s*(-?[\d.e+-]+)\s*,\s*(-?[\d.e+-]+)\s*([\])
 
 
 def check_passes(rule: str, value: float) -> bool:
-    """Whether the number ``value`` satisfies ``rule`` (``"> 0"``, ``">= 1"``, ``"[0, 1)"``, ...)."""
+    """Whether the number ``value`` satisfies ``rule`` (``"> 0"``, ``">= 1"``, ``"[0, 1)"``, ...); NaN never does."""
     if m := _BOUND.match(rule):
         op, bound = m.group(1), float(m.group(2))
         return {">": value > bound, ">=": value >= bound, "<": value < bound, "<=": value <= bound}[op]
@@ -172,11 +175,15 @@ def field_choices(f: dataclasses.Field) -> tuple[str, ...] | None:
 
 
 def check_value(f: dataclasses.Field, value: object) -> None:
-    """``ConfigError`` if ``value`` (or an item of it) is outside the field's ``choices`` or ``check``."""
+    """``ConfigError`` if ``value`` (or an item of it) is a NaN, an infinity the field does not allow
+    (``allow_inf`` metadata), or outside the field's ``choices`` or ``check``."""
     choices, rule = field_choices(f), f.metadata.get("check")
     for item in value if isinstance(value, (list, tuple)) else [value]:
         if item is None:
             continue
+        non_finite = isinstance(item, float) and not math.isfinite(item)
+        if non_finite and (math.isnan(item) or not f.metadata.get("allow_inf")):
+            raise ConfigError(f"{f.name} must be a finite number, got {item!r}", f.name)
         if choices is not None and item not in choices:
             close = difflib.get_close_matches(str(item), [str(c) for c in choices], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -7,6 +7,9 @@ the model, the prompt and that index: not on batch composition, the number of pr
 
 Layout of a batch: prompts left-padded to ``P`` tokens, responses right-padded to ``T``; the logits that
 predict response token ``t`` sit at sequence position ``P - 1 + t``.
+
+Logits with a NaN, a ``+inf`` or a row of ``-inf`` cannot be sampled from: :func:`generate` raises
+:class:`~otalign.guard.NonFiniteError` after such a batch instead of returning meaningless tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from otalign.guard import KINDS, NonFiniteError, nonfinite_code
 
 SEED_STRIDE = 1_000_003
 
@@ -76,14 +81,20 @@ class GumbelSampler:
     Args:
         seeds: one generator seed per batch row.
         params: temperature, top-k (0: off) and top-p (1.0: off).
+
+    Attributes:
+        nonfinite: 0-dim int64, the worst :func:`~otalign.guard.nonfinite_code` of the logits seen so far (kept on
+            the device: no synchronisation per token).
     """
 
     def __init__(self, seeds: list[int], params: SamplingParams) -> None:
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.params = params
+        self.nonfinite = torch.zeros((), dtype=torch.long)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         p = self.params
+        self.nonfinite = torch.maximum(self.nonfinite.to(scores.device), nonfinite_code(scores, logits=True))
         scores = scores.float() / p.temperature
         if 0 < p.top_k < scores.shape[-1]:
             kth = torch.topk(scores, p.top_k, dim=-1).values[:, -1:]
@@ -136,7 +147,11 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def generate(
     model, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str], seeds: list[int], params: SamplingParams
 ) -> Rollout:
-    """Sample one response per prompt with :class:`GumbelSampler` (``model`` is an unwrapped HF causal LM)."""
+    """Sample one response per prompt with :class:`GumbelSampler` (``model`` is an unwrapped HF causal LM).
+
+    Raises:
+        NonFiniteError: the model's next-token logits held a NaN, a ``+inf`` or a row of ``-inf``.
+    """
     from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
@@ -145,12 +160,18 @@ def generate(
     config = GenerationConfig(
         max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True
     )
+    sampler = GumbelSampler(seeds, params)
     out = model.generate(
         input_ids=query,
         attention_mask=query_mask.long(),
         generation_config=config,
-        logits_processor=LogitsProcessorList([GumbelSampler(seeds, params)]),
+        logits_processor=LogitsProcessorList([sampler]),
     )
+    if code := int(sampler.nonfinite):
+        raise NonFiniteError(
+            f"the policy's next-token logits at sampling are {KINDS[code]} (its weights are not finite or overflow "
+            "in their dtype)"
+        )
     width = query.shape[1]
     responses = out[:, width:]
     is_eos = responses == eos

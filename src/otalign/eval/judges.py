@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from otalign.rewards import check_scores
+
 from .parsing import parse_verdict
 from .templates import render_judge_prompt
 
@@ -63,7 +65,9 @@ class RewardJudge(Judge):
 
     def _scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         placeholder = torch.zeros((len(responses), 1), dtype=torch.long)
-        return self.reward(list(prompts), list(responses), placeholder, placeholder.bool()).tolist()
+        scores = self.reward(list(prompts), list(responses), placeholder, placeholder.bool())
+        check_scores(torch.as_tensor(scores), self.reward.name)
+        return scores.tolist()
 
 
 class ChatModelJudge(Judge):

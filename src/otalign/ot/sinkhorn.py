@@ -41,7 +41,6 @@ class SinkhornResult:
         marginal_error: (B,) L1 error ``||P 1 - a||_1`` of the returned plan, as computed by
             the iterations (its column marginals are exact up to rounding; in float32 the
             materialised plan carries an extra relative error of about 1e-7 * cost / eps).
-        plan: (B, n, m) optimal plan when ``return_plan=True``, else ``None``.
         u: (B, n) the same potentials in the product-reference form
             ``P_ij = a_i b_j exp((u_i + v_j - C_ij)/eps)``, i.e. ``u = f - eps log a``; finite on zero-mass
             atoms (there: the soft c-transform ``-eps log sum_j b_j exp((v_j - C_ij)/eps)``).
@@ -49,6 +48,7 @@ class SinkhornResult:
         converged: (B,) bool, True where the problem reached ``tol`` (on a fresh kernel) within ``max_iter``.
         iters: (B,) int64 iterations each problem ran at the target ``eps`` before it was frozen (converged
             problems stop iterating while the rest of the batch goes on; ``n_iter`` is their maximum).
+        plan: (B, n, m) optimal plan when ``return_plan=True``, else ``None``.
     """
 
     f: torch.Tensor
@@ -56,11 +56,11 @@ class SinkhornResult:
     value: torch.Tensor
     n_iter: int
     marginal_error: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    converged: torch.Tensor
+    iters: torch.Tensor
     plan: torch.Tensor | None = None
-    u: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    converged: torch.Tensor | None = None
-    iters: torch.Tensor | None = None
 
 
 def sinkhorn(

@@ -146,12 +146,15 @@ class WassersteinSolution:
         n_iter: Sinkhorn iterations at the target eps (eps-scaling excluded).
         marginal_error: (n,) L1 row-marginal error of the solved plan(s), mass units (the largest of the
             three problems when debiased).
+        converged: (n,) bool, False where a Sinkhorn problem of the position stopped at ``max_iter`` above
+            ``tol`` (its value and potential are approximate); True at positions with nothing to move.
     """
 
     potential: torch.Tensor
     value: torch.Tensor
     n_iter: int
     marginal_error: torch.Tensor
+    converged: torch.Tensor
 
     @property
     def penalty(self) -> torch.Tensor:
@@ -400,9 +403,11 @@ def solve_problem(
     if transport != "full":
         if debias:
             raise ValueError(f"debias applies to transport='full'; transport={transport!r} is already 0 at equality")
-        potential, value, n_iter, error = _solve_difference(problem, lam, max_iter=max_iter, tol=tol)
+        potential, value, n_iter, error, converged = _solve_difference(problem, lam, max_iter=max_iter, tol=tol)
     else:
-        potential, value, n_iter, error = _solve_full(problem, lam, debias=debias, max_iter=max_iter, tol=tol)
+        potential, value, n_iter, error, converged = _solve_full(
+            problem, lam, debias=debias, max_iter=max_iter, tol=tol
+        )
     a = problem.a
     held = a > 0
     potential = torch.where(held, potential, torch.full_like(potential, -math.inf))
@@ -412,12 +417,14 @@ def solve_problem(
         distance, slope = smooth_distance(value, tau)
         smoothed = slope[:, None] * (potential - value[:, None]) + distance[:, None]
         potential, value = torch.where(held, smoothed, potential), distance
-    return WassersteinSolution(potential=potential, value=value, n_iter=n_iter, marginal_error=error)
+    return WassersteinSolution(
+        potential=potential, value=value, n_iter=n_iter, marginal_error=error, converged=converged
+    )
 
 
 def _solve_difference(
     problem: TruncatedProblem, lam: float, *, max_iter: int, tol: float
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     r"""Entropic transport of the policy's excess onto its deficit.
 
     With :math:`\delta^+ = (a - b)_+`, :math:`\delta^- = (b - a)_+` (equal masses :math:`m`, the total
@@ -444,7 +451,7 @@ def _solve_difference(
     (``m`` times the normalised problem's).
 
     Returns:
-        ``(phi, value, n_iter, marginal_error)``, phi (n, s + 1) unshifted.
+        ``(phi, value, n_iter, marginal_error, converged)``, phi (n, s + 1) unshifted, converged (n,) bool.
     """
     a, b, cost = problem.a, problem.b, problem.cost
     excess, deficit = (a - b).clamp_min(0.0), (b - a).clamp_min(0.0)
@@ -452,7 +459,7 @@ def _solve_difference(
     moved = 0.5 * (excess_mass + deficit_mass)[:, 0]
     live = (excess_mass[:, 0] > 0) & (deficit_mass[:, 0] > 0)
     if not bool(live.any()):
-        return torch.zeros_like(a), torch.zeros_like(moved), 0, torch.zeros_like(moved)
+        return torch.zeros_like(a), torch.zeros_like(moved), 0, torch.zeros_like(moved), torch.ones_like(live)
     # Each side normalised by its own sum, so that both are exactly balanced for the solver.
     alpha, beta = excess[live] / excess_mass[live], deficit[live] / deficit_mass[live]
     m = moved[live]
@@ -463,12 +470,14 @@ def _solve_difference(
     phi[live] = torch.where(alpha > 0, u, torch.where(beta > 0, -v, 0.5 * (u - v)))
     value[live] = m * ((alpha * u).sum(1) + (beta * v).sum(1))
     error[live] = m * solved.marginal_error
-    return phi, value, solved.n_iter, error
+    converged = torch.ones_like(live)
+    converged[live] = solved.converged
+    return phi, value, solved.n_iter, error, converged
 
 
 def _solve_full(
     problem: TruncatedProblem, lam: float, *, debias: bool, max_iter: int, tol: float
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     r"""The paper's entropic OT between the whole truncated distributions, one batched Sinkhorn call.
 
     The policy's potential is the average :math:`\phi = \frac12(f_{ab} + g_{ba})` of its potentials in
@@ -481,7 +490,8 @@ def _solve_full(
     With ``debias`` the self terms use :math:`\frac12(f_{aa} + g_{aa})`, which has no such ambiguity.
 
     Returns:
-        ``(phi, value, n_iter, marginal_error)``, phi (n, s + 1) unshifted, -inf where ``a`` is 0.
+        ``(phi, value, n_iter, marginal_error, converged)``, phi (n, s + 1) unshifted, -inf where ``a`` is 0;
+        a position has converged when all its problems have.
     """
     a, b, cost = problem.a, problem.b, problem.cost
     firsts, seconds = [a, b], [b, a]
@@ -503,7 +513,8 @@ def _solve_full(
         potential = potential - 0.5 * (f[2] + g[2])
         value = value - 0.5 * (values[2] + values[3])
     error = solved.marginal_error.unflatten(0, (len(firsts), -1)).amax(0)
-    return potential, value, solved.n_iter, error
+    converged = solved.converged.unflatten(0, (len(firsts), -1)).all(0)
+    return potential, value, solved.n_iter, error, converged
 
 
 class WassersteinRegularizer(Regularizer):
@@ -543,7 +554,8 @@ class WassersteinRegularizer(Regularizer):
 
     Stats (means over generated positions unless noted): ``penalty/mean``; ``wasserstein/value`` (the
     distance: :math:`D` for ``smooth``, the entropic OT value, or the Sinkhorn divergence when debiased);
-    ``sinkhorn/iters`` and ``sinkhorn/marginal_err`` (largest over chunks); ``wasserstein/support_size``
+    ``sinkhorn/iters`` and ``sinkhorn/marginal_err`` (largest over chunks); ``sinkhorn/unconverged_frac`` (share of
+    positions whose solve stopped at ``max_iter`` above ``tol``); ``wasserstein/support_size``
     (distinct support tokens, dust excluded); ``wasserstein/dust_mass`` (mass outside the support, averaged
     over policy and reference); ``kl/exact`` (full-vocabulary :math:`\mathrm{KL}(\pi_\theta\|\pi_{ref})`).
 
@@ -685,6 +697,7 @@ class WassersteinRegularizer(Regularizer):
             stats.add_mean("wasserstein/value", solution.value)
             stats.add_max("sinkhorn/iters", solution.n_iter)
             stats.add_max("sinkhorn/marginal_err", solution.marginal_error)
+            stats.add_mean("sinkhorn/unconverged_frac", (~solution.converged).float())
             stats.add_mean("wasserstein/support_size", problem.distinct.sum(1))
             stats.add_mean("wasserstein/dust_mass", 0.5 * (problem.a[:, -1] + problem.b[:, -1]))
         return values, stats

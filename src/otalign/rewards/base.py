@@ -45,7 +45,9 @@ class FunctionReward(Reward):
     """A :data:`RewardFn` (a named built-in or any Python callable) as a :class:`Reward`.
 
     The function is called as ``fn(prompts, responses, **cols)``: ``cols`` holds every column when ``fn``
-    takes ``**kwargs``, else only the columns matching its keyword parameters.
+    takes ``**kwargs``, else only the columns matching its keyword parameters. Scores come back as the
+    function gave them, NaN included: the caller checks them (:func:`check_scores`; a trainer's step guard,
+    which can skip the step under ``on_nonfinite: skip``).
 
     Raises:
         TypeError: ``fn`` is not callable.
@@ -93,7 +95,6 @@ class FunctionReward(Reward):
             raise ValueError(
                 f"reward function {self.name!r} returned {scores.numel()} scores for {len(responses)} responses"
             )
-        check_scores(scores, self.name)
         return scores.to(sequences.device)
 
 

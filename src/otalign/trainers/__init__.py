@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from otalign.guard import ConvergenceError, ConvergenceWarning, NonFiniteError
+
 from .base import BaseTrainer
 from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint, list_checkpoints
 from .config import ConfigError, TrainerConfig, parse_config
@@ -19,11 +21,14 @@ __all__ = [
     "BetaController",
     "CheckpointManager",
     "ConfigError",
+    "ConvergenceError",
+    "ConvergenceWarning",
     "CriticFreeConfig",
     "CriticFreeTrainer",
     "GRPOConfig",
     "GRPOTrainer",
     "MetricsLogger",
+    "NonFiniteError",
     "PPOConfig",
     "PPOTrainer",
     "PreferenceConfig",

@@ -10,12 +10,20 @@ with them, then writes its own loop top to bottom::
     self.finish()
 
 The trainer owns the loop; the math (losses, penalties, advantages) lives in functions it calls.
+
+**Non-finite values.** The loop body hands each micro-batch's loss (and any other value the step depends on) to
+``self.guard.watch``; :meth:`BaseTrainer.apply_gradients` adds the gradient norm and lets
+:class:`~otalign.guard.FiniteGuard` decide before the optimizer steps: a NaN or infinity stops the run with a
+:class:`~otalign.guard.NonFiniteError` (step, quantity, likely cause), or with ``on_nonfinite: skip`` the step's
+gradients are dropped and ``nonfinite/skipped_steps`` counts it. The checkpoint of the last good step stays as it
+was, and no model is written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +31,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+
+from otalign.guard import FiniteGuard
 
 from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint
 from .config import ConfigError, TrainerConfig
@@ -67,6 +77,8 @@ class BaseTrainer:
         self.state = TrainerState()
         self.metrics = MetricsLogger(self.accelerator, self.output_dir)
         self.checkpoints = CheckpointManager(self.accelerator, self.output_dir, config.save_total_limit)
+        self.guard = FiniteGuard(self.accelerator, config.on_nonfinite)
+        self._updated = False  # an optimizer step was applied in this process (for the guard's likely cause)
 
     def print(self, *args) -> None:
         """Print on the main process only."""
@@ -147,9 +159,12 @@ class BaseTrainer:
             bar.close()
 
     def end_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Log ``metrics`` (every ``logging_steps``) and checkpoint (every ``save_steps`` and at the end, if > 0)."""
+        """Log ``metrics`` (every ``logging_steps``; with ``on_nonfinite: skip`` also ``nonfinite/skipped_steps``,
+        the optimizer steps skipped so far) and checkpoint (every ``save_steps`` and at the end, if > 0)."""
         c = self.config
         self.state.global_step = step
+        if c.on_nonfinite == "skip":
+            metrics["nonfinite/skipped_steps"] = float(self.state.skipped_steps)
         if step % c.logging_steps == 0 or step == c.max_steps:
             self.metrics.log(metrics, step)
             bar = getattr(self, "_bar", None)
@@ -162,18 +177,50 @@ class BaseTrainer:
         """Skip the data-parallel gradient all-reduce on all but the last micro-batch of a step."""
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy)
 
-    def optimizer_step(self) -> float:
-        """After a step's backward passes: clip ``self.params``' gradients, step and zero ``self.optimizer``, advance
-        ``self.scheduler`` and the data position (``state.samples_seen``); returns the learning rate used."""
+    def optimizer_step(self, step: int) -> float:
+        """After a step's backward passes: :meth:`apply_gradients`, then :meth:`advance`; returns the learning rate
+        used."""
+        self.apply_gradients(step)
+        return self.advance()
+
+    def apply_gradients(self, step: int) -> bool:
+        """Clip ``self.params``' gradients (``max_grad_norm``; none: only measure their norm), check the values
+        watched since the last optimizer step and the gradient norm (``self.guard``), step ``self.optimizer``
+        unless the guard skips the step (``on_nonfinite: skip``, counted in ``state.skipped_steps``), zero the
+        gradients; returns whether the step was applied.
+
+        Raises:
+            NonFiniteError: a watched value or the gradient norm is NaN or infinite (``on_nonfinite: error``).
+        """
         c, acc = self.config, self.accelerator
-        if c.max_grad_norm is not None:
-            acc.clip_grad_norm_(self.params, c.max_grad_norm)
-        self.optimizer.step()
+        norm = acc.clip_grad_norm_(self.params, math.inf if c.max_grad_norm is None else c.max_grad_norm)
+        if norm is not None and acc.scaler is None:  # fp16: the grad scaler skips overflowing steps itself
+            self.guard.watch("the gradient norm", norm, self.divergence_cause())
+        applied = self.guard.passes(step)
+        if applied:
+            self.optimizer.step()
+            self._updated = True
+        else:
+            self.state.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
+        return applied
+
+    def advance(self) -> float:
+        """End a step's updates: advance ``self.scheduler`` and the data position (``state.samples_seen``);
+        returns the learning rate the step used."""
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        self.state.samples_seen += c.step_batch_size * acc.num_processes
+        self.state.samples_seen += self.config.step_batch_size * self.accelerator.num_processes
         return lr
+
+    def divergence_cause(self) -> str:
+        """The likely cause of a non-finite loss or gradient, for the guard's message: the inputs or the initial
+        weights before any update, else the learning rate (and fp16's range)."""
+        c = self.config
+        if not self._updated and self.state.global_step == 0:
+            return "no update was applied yet: the model's weights, its dtype or the data give it"
+        fp16 = ", or fp16 overflowed (use bf16)" if c.mixed_precision == "fp16" else ""
+        return f"learning_rate {c.learning_rate:g} is likely too high{fp16}"
 
     progress_keys: tuple[str, ...] = ()
     """Metrics shown next to the progress bar."""

@@ -25,10 +25,12 @@ class TrainerState:
     Attributes:
         global_step: optimizer steps completed.
         samples_seen: examples (prompts) consumed across all processes: the data position.
+        skipped_steps: optimizer steps skipped for a non-finite value (``on_nonfinite: skip``).
     """
 
     global_step: int = 0
     samples_seen: int = 0
+    skipped_steps: int = 0
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)

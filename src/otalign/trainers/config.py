@@ -15,6 +15,7 @@ from otalign.config import (
     parse_config,
     redefault,
 )
+from otalign.guard import ON_NONFINITE
 
 TRACKERS = ("tensorboard", "wandb", "all")
 
@@ -97,6 +98,14 @@ class TrainerConfig(Config):
         default=None, metadata={"help": "a checkpoint folder to continue from (overrides resume)"}
     )
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm bar on the main process"})
+    on_nonfinite: str = field(
+        default="error",
+        metadata={
+            "help": "a NaN/inf loss, gradient norm, reward or penalty: error (stop, naming step and cause) or skip "
+            "the optimizer step and count it (nonfinite/skipped_steps); non-finite logits always stop",
+            "choices": ON_NONFINITE,
+        },
+    )
 
     @property
     def step_batch_size(self) -> int:

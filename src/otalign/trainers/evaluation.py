@@ -8,12 +8,15 @@ response and differences between methods are not sampling noise.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from otalign.generation import Rollout, SamplingParams, response_logits, sample_batches, sample_seeds
+from otalign.guard import ConvergenceWarning
+from otalign.rewards import check_scores
 
 from . import ppo_math as pm
 
@@ -121,6 +124,7 @@ def evaluate_policy(
         kl, _ = pm.kl_and_entropy(policy_logits, ref_logits)
         ids, seq_mask = rollout.right_aligned(tokenizer.pad_token_id)
         scores = reward(rollout.prompt_texts, rollout.response_texts, ids, seq_mask, batch_columns)
+        check_scores(scores, getattr(reward, "name", "reward"), range(stop - len(rollout.prompt_texts), stop))
         result.prompts += rollout.prompt_texts
         result.responses += rollout.response_texts
         result.scores += scores.tolist()
@@ -143,11 +147,16 @@ def ot_values(
 ) -> torch.Tensor:
     """(B,) entropic OT value to the reference summed over each response's positions, solved exactly as the
     Wasserstein regularizer ``reg`` does (same support, cost, dust and Sinkhorn settings), ``chunk``
-    positions per batched solve."""
+    positions per batched solve.
+
+    Positions whose solve stopped at ``reg.max_iter`` above ``reg.tol`` are counted, and a
+    :class:`~otalign.guard.ConvergenceWarning` names how many (their values are approximate).
+    """
     from otalign.regularizers import build_problem
 
     rows, cols = mask.nonzero(as_tuple=True)
     totals = torch.zeros(mask.shape[0], dtype=torch.float64, device=mask.device)
+    unconverged = torch.zeros((), dtype=torch.long, device=mask.device)
     embeddings = reg.embeddings.to(policy_logits.device)
     for start in range(0, rows.numel(), chunk):
         r, c = rows[start : start + chunk], cols[start : start + chunk]
@@ -163,4 +172,12 @@ def ot_values(
         )
         solution = reg.solve(problem)
         totals.index_add_(0, r, solution.value.double())
+        unconverged += (~solution.converged).sum()
+    if count := int(unconverged):
+        warnings.warn(
+            f"OT distance: Sinkhorn stopped at max_iter={reg.max_iter} above tol={reg.tol:g} at {count} of "
+            f"{rows.numel()} positions (lambda={reg.lam:g}); their values are approximate",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
     return totals.float()

@@ -1,6 +1,9 @@
 """Metrics logging: ``metrics.jsonl`` always (main process), plus accelerate trackers when configured.
 
 Each JSONL line is ``{"step": int, "<name>": float, ...}`` with slash names (``reward/mean``, ``kl/exact``).
+JSON has no NaN or infinity: such a value is written as ``null``, and the first time a metric is so written a
+``RuntimeWarning`` names it and the step (the trainers' guard stops or skips a step whose loss, gradient, reward
+or penalty is not finite, so this is left to statistics of an empty or skipped set).
 On resume, lines after the checkpoint's step are dropped first, so a resumed run's file reads exactly
 like an uninterrupted one. A run killed while writing leaves a torn last line: readers skip it and resuming
 removes it; a malformed line anywhere else is an error naming the file and line.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +31,7 @@ class MetricsLogger:
     def __init__(self, accelerator, output_dir: str | Path) -> None:
         self.accelerator = accelerator
         self.path = Path(output_dir) / "metrics.jsonl"
+        self._nulled: set[str] = set()  # metrics already warned about
 
     def truncate_after(self, step: int) -> None:
         """Drop lines with ``step`` greater than ``step`` (main process), e.g. when resuming from it."""
@@ -47,6 +52,14 @@ class MetricsLogger:
         if self.accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             row = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
+            for name in sorted(k for k, v in row.items() if v is None and k not in self._nulled):
+                self._nulled.add(name)
+                warnings.warn(
+                    f"metrics.jsonl: {name} is {float(metrics[name])} at step {step}, written as null "
+                    "(warned once per metric)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
         if self.accelerator.trackers:

@@ -377,12 +377,13 @@ class PreferenceTrainer(BaseTrainer):
             for m, (keys, labels, pairs) in enumerate(micro):
                 with self.no_sync(last=m == len(micro) - 1):
                     loss, record, stats = self.micro_step(keys, labels.to(acc.device), pairs, timer)
+                    self.guard.watch("the loss", loss, self.divergence_cause())
                     acc.backward(loss / len(micro))
                     timer.lap("backward")
                 records.append(record)
                 for name, value in {"loss": float(loss.detach()), **stats}.items():
                     extra[name] = extra.get(name, 0.0) + value / len(micro)
-            lr = self.optimizer_step()
+            lr = self.optimizer_step(step)
             timer.lap("update")
 
             merged = {k: torch.cat([r[k] for r in records]) for k in records[0]}

@@ -186,12 +186,13 @@ class RewardTrainer(SupervisedTrainer):
                 with self.no_sync(last=m == len(micro) - 1):
                     chosen, rejected = pair_rewards(self.policy, pairs, self.tokenizer.pad_token_id, acc.device)
                     loss = self.loss(chosen, rejected)
+                    self.guard.watch("the loss", loss, self.divergence_cause())
                     timer.lap("forward")
                     acc.backward(loss / len(micro))
                     timer.lap("backward")
                 loss_sum += float(loss.detach()) / len(micro)
                 scores.append(torch.stack([chosen.detach(), rejected.detach()], dim=1))
-            lr = self.optimizer_step()
+            lr = self.optimizer_step(step)
             timer.lap("update")
             gathered = acc.gather(torch.cat(scores))
             metrics = {"loss": float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean"))}

@@ -14,6 +14,13 @@ One RL step, whatever the algorithm:
    the algorithm's loss plus :meth:`RLTrainer.penalty_loss` when ``penalty_in: loss``.
 5. :meth:`RLTrainer.end_rl_step`: log, move the adaptive beta (:class:`BetaController`), checkpoint.
 
+**Guards.** Before any update of a step, the rollout's policy and reference logits, rewards and penalty must be
+finite (:class:`~otalign.guard.FiniteGuard`; non-finite logits always stop the run, the rest follow
+``on_nonfinite``), and each optimizer step checks its losses and gradient norm
+(:meth:`~otalign.trainers.base.BaseTrainer.apply_gradients`). A Sinkhorn solve that stops at ``wpr_max_iter``
+above ``wpr_tol`` is counted in ``sinkhorn/unconverged_frac`` and warned about once per run
+(:class:`~otalign.guard.ConvergenceWarning`), or stops the run with ``wpr_strict``.
+
 **Where the penalty goes** (``penalty_in``). ``reward``: :math:`-\beta\,\text{penalty}_t` is added to the
 per-token reward (WPR paper, Algorithm 2), or summed over the response into the sequence reward of a
 critic-free method. ``loss``: :math:`\beta\,d_t` is added to the loss at every generated position, with
@@ -28,12 +35,14 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from otalign.data import Prompt, load_prompt_rows, prompt_columns, render_prompt, validate_prompt
+from otalign.guard import ConvergenceError, ConvergenceWarning, NonFiniteError
 from otalign.models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
 from otalign.regularizers import (
     KL_ESTIMATORS,
@@ -48,7 +57,7 @@ from otalign.regularizers import (
 )
 from otalign.regularizers.embeddings import EMBEDDING_SOURCES
 from otalign.regularizers.wasserstein import METRICS, TRANSPORTS
-from otalign.rewards import REWARD_FUNCTIONS, Reward, build_reward, check_scores
+from otalign.rewards import REWARD_FUNCTIONS, Reward, build_reward
 
 from . import ppo_math as pm
 from .base import BaseTrainer
@@ -60,7 +69,8 @@ DEFAULT_BETA = {name: REGULARIZERS.default(name, "beta") for name in REGULARIZER
 """beta per regularizer when the config leaves it unset (registered in :data:`otalign.regularizers.REGULARIZERS`)."""
 
 MAX_STATS = ("sinkhorn/iters", "sinkhorn/marginal_err")
-"""Regularizer statistics reduced by maximum across processes (the others are token-weighted means)."""
+"""Regularizer statistics reduced by maximum across processes (the others, ``sinkhorn/unconverged_frac``
+included, are token-weighted means: the share of all generated positions)."""
 
 PENALTY_IN = ("reward", "loss")
 LOSS_POTENTIALS = ("rollout", "current")
@@ -168,6 +178,10 @@ class RLConfig(TrainerConfig):
     wpr_debias: bool = field(default=False, metadata={"help": "debiased (Sinkhorn divergence) WPR penalty"})
     wpr_max_iter: int = field(default=1000, metadata={"help": "Sinkhorn iterations at most", "check": ">= 1"})
     wpr_tol: float = field(default=1e-5, metadata={"help": "Sinkhorn marginal tolerance", "check": "> 0"})
+    wpr_strict: bool = field(
+        default=False,
+        metadata={"help": "stop the run when a Sinkhorn solve ends above wpr_tol (else: warn once and count)"},
+    )
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip", "check": "> 0"})
     num_mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass", "check": ">= 1"})
     save_model: bool = field(default=True, metadata={"help": "write the trained policy to output_dir/model"})
@@ -503,29 +517,57 @@ class RLTrainer(BaseTrainer):
             f"rollouts ({self.num_generations} per prompt), regularizer={self.regularizer!r} in the {c.penalty_in}, "
             f"beta={self.beta}, device={acc.device}, processes={acc.num_processes}"
         )
+        self.unconverged_steps = 0
         for step in self.steps(start):
             timer = Timer(acc.device)
             with torch.no_grad():
-                rollout, rows = self.sample()
+                rollout, rows = self.sample(step)
                 timer.lap("generation")
                 scored = self.score_rollout(rollout, rows, timer)
                 batch = self.advantages(scored)
                 timer.lap("forward")
-            loss_of = functools.partial(self.loss, scored, batch)
-            metrics = self.update(step, scored.mask, self.num_epochs, batch["units"], loss_of)
+            metrics = {**self.rollout_metrics(scored), **self.batch_metrics(scored, batch)}
+            finite = self.guard.passes(step)  # logits, rewards and penalty of the rollout
+            self.check_convergence(step, metrics)
+            if finite:
+                loss_of = functools.partial(self.loss, scored, batch)
+                metrics.update(self.update(step, scored.mask, self.num_epochs, batch["units"], loss_of))
+            else:  # on_nonfinite skip: none of the step's optimizer steps
+                self.state.skipped_steps += self.num_epochs * c.num_mini_batches
+                metrics["lr"] = self.advance()
             timer.lap("update")
-            metrics = {
-                **self.rollout_metrics(scored),
-                **self.batch_metrics(scored, batch),
-                **metrics,
-                **timer.metrics(),
-            }
+            metrics.update(timer.metrics())
             history.append(metrics)
             self.end_rl_step(step, metrics)
+        if self.unconverged_steps:
+            self.print(f"Sinkhorn stopped unconverged in {self.unconverged_steps} of the {len(history)} steps run")
         if c.save_model:
             self.save_model()
         self.finish()
         return history
+
+    def check_convergence(self, step: int, metrics: dict[str, float]) -> None:
+        """Count a step whose Sinkhorn solves did not all converge (``sinkhorn/unconverged_frac`` > 0, the same on
+        every process) and warn on the first one of the run (:class:`~otalign.guard.ConvergenceWarning`).
+
+        Raises:
+            ConvergenceError: with ``wpr_strict``, before the step's update.
+        """
+        share = metrics.get("sinkhorn/unconverged_frac", 0.0)
+        if not share > 0:
+            return
+        c = self.config
+        message = (
+            f"step {step}: Sinkhorn stopped at wpr_max_iter={c.wpr_max_iter} above wpr_tol={c.wpr_tol:g} at "
+            f"{share:.1%} of the generated positions (wpr_lambda={c.wpr_lambda:g}), so their penalties are "
+            "approximate; raise wpr_max_iter or wpr_tol, or lower wpr_lambda"
+        )
+        if c.wpr_strict:
+            raise ConvergenceError(message)
+        self.unconverged_steps += 1
+        if self.unconverged_steps == 1 and self.accelerator.is_main_process:
+            message += " (warned once per run; sinkhorn/unconverged_frac has the share of every step)"
+            warnings.warn(message, ConvergenceWarning, stacklevel=2)
 
     @property
     def num_epochs(self) -> int:
@@ -559,21 +601,31 @@ class RLTrainer(BaseTrainer):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
         return int(order[offset])
 
-    def sample(self) -> tuple[Rollout, list[int]]:
-        """This process's rollouts for the step and their prompt rows (sample ``i`` answers position
-        ``i // num_generations`` with seed ``(seed, i)``)."""
+    def sample(self, step: int) -> tuple[Rollout, list[int]]:
+        """This process's rollouts for ``step`` and their prompt rows (sample ``i`` answers position
+        ``i // num_generations`` with seed ``(seed, i)``).
+
+        Raises:
+            NonFiniteError: the policy's logits at sampling are not finite, naming the step and the likely cause
+                (the weights the last update produced: unlike a non-finite loss or gradient, this is found only
+                after that update was applied and possibly checkpointed).
+        """
         c = self.config
         indices = self.batch_indices()
         rows = [self.prompt_of(i // self.num_generations) for i in indices]
         policy = self.accelerator.unwrap_model(self.policy)
-        rollout = generate(
-            policy,
-            self.tokenizer,
-            [self.prompt_ids[r] for r in rows],
-            [self.prompt_texts[r] for r in rows],
-            sample_seeds(c.seed, indices),
-            c.sampling,
-        )
+        try:
+            rollout = generate(
+                policy,
+                self.tokenizer,
+                [self.prompt_ids[r] for r in rows],
+                [self.prompt_texts[r] for r in rows],
+                sample_seeds(c.seed, indices),
+                c.sampling,
+            )
+        except NonFiniteError as err:
+            later = " (the previous update made these weights, and a checkpoint saved after it has them too)"
+            raise NonFiniteError(f"step {step}: {err}; {self.divergence_cause()}{later * self._updated}") from None
         return rollout, rows
 
     # ------------------------------------------------------------------ scoring
@@ -585,11 +637,19 @@ class RLTrainer(BaseTrainer):
         mask = rollout.response_mask
         policy_logits = response_logits(policy, rollout) / c.temperature
         ref_logits = response_logits(self.ref_model, rollout) / c.temperature
+        self.guard.watch("the policy logits", policy_logits, self.divergence_cause(), logits=True, fatal=True)
+        reference = "the reference model's weights or dtype"
+        self.guard.watch("the reference logits", ref_logits, reference, logits=True, fatal=True)
         old_logprobs = pm.token_logprobs(policy_logits, rollout.responses)
         ref_logprobs = pm.token_logprobs(ref_logits, rollout.responses)
         kl, entropy = pm.kl_and_entropy(policy_logits, ref_logits)
         timer.lap("forward")
         penalty = self.regularizer.penalty(policy_logits, ref_logits, rollout.responses, mask)
+        self.guard.watch(
+            "the penalty",
+            penalty.per_token,
+            f"regularizer {getattr(self.regularizer, 'name', self.regularizer)!r} gave it; {self.divergence_cause()}",
+        )
         potentials = None
         if c.penalty_in == "loss" and not self.uses_k3 and c.loss_potentials == "rollout":
             gradient = self.regularizer.support_gradient(policy_logits, ref_logits, rollout.responses, mask)
@@ -604,8 +664,10 @@ class RLTrainer(BaseTrainer):
     def score(self, rollout: Rollout, rows: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B,) weighted sum of the rewards (missing-EOS penalty and clipping applied) and each one's scores.
 
+        A non-finite score is left to the step's guard (it names the reward and the prompt rows).
+
         Raises:
-            ValueError: a reward returning the wrong number of scores or a non-finite one, naming it and the row.
+            ValueError: a reward returning the wrong number of scores, naming it.
         """
         c = self.config
         ids, attention = rollout.right_aligned(self.tokenizer.pad_token_id)
@@ -620,7 +682,8 @@ class RLTrainer(BaseTrainer):
             scores = torch.as_tensor(scores).float().flatten().to(ids.device)
             if scores.numel() != len(rows):
                 raise ValueError(f"reward {name!r} returned {scores.numel()} scores for {len(rows)} responses")
-            check_scores(scores, name, rows)
+            bad = [rows[i] for i in (~torch.isfinite(scores)).nonzero()[:, 0].tolist()]
+            self.guard.watch(f"the score of reward {name!r}", scores, f"it returned NaN or inf for prompt rows {bad}")
             components[name] = scores
             total = total + weight * scores
         if c.missing_eos_penalty is not None:
@@ -695,7 +758,8 @@ class RLTrainer(BaseTrainer):
                 the micro-batch's generated tokens.
 
         Returns:
-            Losses averaged over optimizer steps and processes, statistics per token, and ``lr``.
+            Losses averaged over the applied optimizer steps and processes, statistics per token, and ``lr``
+            (with ``on_nonfinite: skip``, steps skipped for a non-finite loss or gradient are left out).
         """
         c, acc = self.config, self.accelerator
         losses: dict[str, float] = {}
@@ -707,23 +771,25 @@ class RLTrainer(BaseTrainer):
             for minibatch in order.chunk(c.num_mini_batches):
                 normalizer = float(pm.global_sum(units[minibatch].sum(), acc)) / acc.num_processes
                 micro = minibatch.chunk(c.gradient_accumulation_steps)
+                update_losses: dict[str, float] = {}
+                update_sums: dict[str, float] = {}
                 for k, rows in enumerate(micro):
                     with self.no_sync(last=k == len(micro) - 1):
                         loss, parts, stats = loss_of(rows, max(normalizer, 1e-12))
+                        self.guard.watch("the loss", loss, self.divergence_cause())
                         acc.backward(loss)
                     for name, value in parts.items():
-                        losses[name] = losses.get(name, 0.0) + float(value)
+                        update_losses[name] = update_losses.get(name, 0.0) + float(value)
                     for name, value in stats.items():
-                        sums[name] = sums.get(name, 0.0) + float(value)
-                    tokens += float(mask[rows].sum())
-                if c.max_grad_norm is not None:
-                    acc.clip_grad_norm_(self.params, c.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                updates += 1
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.state.samples_seen += c.step_batch_size * acc.num_processes
+                        update_sums[name] = update_sums.get(name, 0.0) + float(value)
+                if self.apply_gradients(step):  # a skipped step's (non-finite) losses are not averaged in
+                    for name, value in update_losses.items():
+                        losses[name] = losses.get(name, 0.0) + value
+                    for name, value in update_sums.items():
+                        sums[name] = sums.get(name, 0.0) + value
+                    tokens += float(mask[minibatch].sum())
+                    updates += 1
+        lr = self.advance()
         totals = pm.global_sum(torch.tensor([*losses.values(), *sums.values(), tokens]), acc)
         metrics = {name: float(totals[i]) / (updates * acc.num_processes) for i, name in enumerate(losses)}
         offset = len(losses)

@@ -158,12 +158,13 @@ class SFTTrainer(SupervisedTrainer):
             for m, batch in enumerate(micro):
                 with self.no_sync(last=m == len(micro) - 1):
                     loss, _ = response_loss(self.policy, batch)
+                    self.guard.watch("the loss", loss, self.divergence_cause())
                     timer.lap("forward")
                     # DDP averages gradients over processes: scale so the step's gradient is the global token mean.
                     acc.backward(loss * acc.num_processes / total)
                     timer.lap("backward")
                 loss_sum += float(loss.detach())
-            lr = self.optimizer_step()
+            lr = self.optimizer_step(step)
             timer.lap("update")
             loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum"))
             metrics = {"loss": loss_total / total, "num_tokens": total, "lr": lr, **timer.metrics()}
