@@ -161,7 +161,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]
     for row_one, row_two in zip(one, two, strict=True):
-        for key in ("loss", "accuracy", "rewards/chosen", "rewards/margins", "lr"):
+        for key in ("loss", "accuracy", "rewards/chosen", "rewards/margins", "learning_rate"):
             assert row_two[key] == pytest.approx(row_one[key], rel=1e-4, abs=1e-6), key
 
 

@@ -74,7 +74,7 @@ def test_sft_lowers_the_response_loss(tmp_path):
     after = trainer.evaluate(trainer.train_rows)["eval/loss"]
     assert after < 0.5 * before
     assert history[-1]["loss"] < history[0]["loss"]
-    assert {"loss", "num_tokens", "lr", "time/step"} <= set(history[0])
+    assert {"loss", "num_tokens", "learning_rate", "time/step"} <= set(history[0])
 
 
 def test_packing_makes_full_rows_and_trains(tmp_path):
@@ -161,5 +161,5 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]
     for row_one, row_two in zip(one, two, strict=True):
-        for key in ("loss", "num_tokens", "lr"):
+        for key in ("loss", "num_tokens", "learning_rate"):
             assert row_two[key] == pytest.approx(row_one[key], rel=1e-4), key

@@ -28,7 +28,7 @@ def test_tensorboard_events_hold_the_metrics_of_every_step(tmp_path):
     reader.Reload()
     rows = read_metrics(out)
     logged = {key for row in rows for key in row if key != "step" and row[key] is not None}
-    assert {"reward/mean", "kl/exact", "penalty/mean", "wasserstein/value", "loss/policy", "lr"} <= logged
+    assert {"reward/mean", "kl/exact", "wasserstein/value", "learning_rate", "grad_norm"} <= logged
     assert set(reader.Tags()["scalars"]) == logged
     for key in logged:
         scalars = reader.Scalars(key)

@@ -79,6 +79,7 @@ class BaseTrainer:
         self.checkpoints = CheckpointManager(self.accelerator, self.output_dir, config.save_total_limit)
         self.guard = FiniteGuard(self.accelerator, config.on_nonfinite)
         self._updated = False  # an optimizer step was applied in this process (for the guard's likely cause)
+        self._grad_norms: list[float] = []  # gradient norms of the applied optimizer steps since the last advance
 
     def print(self, *args) -> None:
         """Print on the main process only."""
@@ -177,9 +178,8 @@ class BaseTrainer:
         """Skip the data-parallel gradient all-reduce on all but the last micro-batch of a step."""
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy)
 
-    def optimizer_step(self, step: int) -> float:
-        """After a step's backward passes: :meth:`apply_gradients`, then :meth:`advance`; returns the learning rate
-        used."""
+    def optimizer_step(self, step: int) -> dict[str, float]:
+        """After a step's backward passes: :meth:`apply_gradients`, then :meth:`advance`; returns its metrics."""
         self.apply_gradients(step)
         return self.advance()
 
@@ -200,18 +200,28 @@ class BaseTrainer:
         if applied:
             self.optimizer.step()
             self._updated = True
+            if norm is not None:
+                self._grad_norms.append(float(norm))
         else:
             self.state.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         return applied
 
-    def advance(self) -> float:
-        """End a step's updates: advance ``self.scheduler`` and the data position (``state.samples_seen``);
-        returns the learning rate the step used."""
-        lr = self.scheduler.get_last_lr()[0]
+    def advance(self) -> dict[str, float]:
+        """End a step's updates: advance ``self.scheduler`` and the data position (``state.samples_seen``).
+
+        Returns:
+            The step's optimizer metrics under TRL's names: ``learning_rate`` (the one the step used) and
+            ``grad_norm`` (total gradient norm before clipping, averaged over the step's applied optimizer steps;
+            absent when none was applied).
+        """
+        metrics = {"learning_rate": self.scheduler.get_last_lr()[0]}
+        if self._grad_norms:
+            metrics["grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
+        self._grad_norms.clear()
         self.scheduler.step()
         self.state.samples_seen += self.config.step_batch_size * self.accelerator.num_processes
-        return lr
+        return metrics
 
     def divergence_cause(self) -> str:
         """The likely cause of a non-finite loss or gradient, for the guard's message: the inputs or the initial

@@ -383,13 +383,13 @@ class PreferenceTrainer(BaseTrainer):
                 records.append(record)
                 for name, value in {"loss": float(loss.detach()), **stats}.items():
                     extra[name] = extra.get(name, 0.0) + value / len(micro)
-            lr = self.optimizer_step(step)
+            optimizer_metrics = self.optimizer_step(step)
             timer.lap("update")
 
             merged = {k: torch.cat([r[k] for r in records]) for k in records[0]}
             metrics = summarize(acc.gather(merged))
             metrics.update({k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in extra.items()})
-            metrics["lr"] = lr
+            metrics.update(optimizer_metrics)
             metrics.update(timer.metrics())
             if self.eval_data is not None and c.eval_steps and step % c.eval_steps == 0 and step != c.max_steps:
                 metrics.update(self.evaluate())

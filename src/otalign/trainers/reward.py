@@ -192,12 +192,12 @@ class RewardTrainer(SupervisedTrainer):
                     timer.lap("backward")
                 loss_sum += float(loss.detach()) / len(micro)
                 scores.append(torch.stack([chosen.detach(), rejected.detach()], dim=1))
-            lr = self.optimizer_step(step)
+            optimizer_metrics = self.optimizer_step(step)
             timer.lap("update")
             gathered = acc.gather(torch.cat(scores))
             metrics = {"loss": float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean"))}
             metrics.update(pair_metrics(gathered[:, 0], gathered[:, 1]))
-            metrics.update({"lr": lr, **timer.metrics()})
+            metrics.update({**optimizer_metrics, **timer.metrics()})
             if self.eval_pairs and self.evaluate_now(step):
                 metrics.update(self.evaluate())
             history.append(metrics)

@@ -534,7 +534,7 @@ class RLTrainer(BaseTrainer):
                 metrics.update(self.update(step, scored.mask, self.num_epochs, batch["units"], loss_of))
             else:  # on_nonfinite skip: none of the step's optimizer steps
                 self.state.skipped_steps += self.num_epochs * c.num_mini_batches
-                metrics["lr"] = self.advance()
+                metrics.update(self.advance())
             timer.lap("update")
             metrics.update(timer.metrics())
             history.append(metrics)
@@ -758,8 +758,9 @@ class RLTrainer(BaseTrainer):
                 the micro-batch's generated tokens.
 
         Returns:
-            Losses averaged over the applied optimizer steps and processes, statistics per token, and ``lr``
-            (with ``on_nonfinite: skip``, steps skipped for a non-finite loss or gradient are left out).
+            Losses averaged over the applied optimizer steps and processes, statistics per token, ``learning_rate``
+            and ``grad_norm`` (:meth:`~otalign.trainers.base.BaseTrainer.advance`); with ``on_nonfinite: skip``,
+            steps skipped for a non-finite loss or gradient are left out.
         """
         c, acc = self.config, self.accelerator
         losses: dict[str, float] = {}
@@ -789,12 +790,12 @@ class RLTrainer(BaseTrainer):
                         sums[name] = sums.get(name, 0.0) + value
                     tokens += float(mask[minibatch].sum())
                     updates += 1
-        lr = self.advance()
+        optimizer_metrics = self.advance()
         totals = pm.global_sum(torch.tensor([*losses.values(), *sums.values(), tokens]), acc)
         metrics = {name: float(totals[i]) / (updates * acc.num_processes) for i, name in enumerate(losses)}
         offset = len(losses)
         metrics.update({name: float(totals[offset + i] / totals[-1].clamp_min(1)) for i, name in enumerate(sums)})
-        metrics["lr"] = lr
+        metrics.update(optimizer_metrics)
         return metrics
 
     # ------------------------------------------------------------------ metrics

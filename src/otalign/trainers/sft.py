@@ -164,10 +164,10 @@ class SFTTrainer(SupervisedTrainer):
                     acc.backward(loss * acc.num_processes / total)
                     timer.lap("backward")
                 loss_sum += float(loss.detach())
-            lr = self.optimizer_step(step)
+            optimizer_metrics = self.optimizer_step(step)
             timer.lap("update")
             loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum"))
-            metrics = {"loss": loss_total / total, "num_tokens": total, "lr": lr, **timer.metrics()}
+            metrics = {"loss": loss_total / total, "num_tokens": total, **optimizer_metrics, **timer.metrics()}
             if self.eval_rows is not None and self.evaluate_now(step):
                 metrics.update(self.evaluate())
             history.append(metrics)
