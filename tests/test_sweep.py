@@ -4,6 +4,7 @@ the aggregate from the folders alone, a DPO sweep, and the interval arithmetic a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -66,8 +67,10 @@ def test_grid_expands_methods_x_settings_x_seeds_with_readable_names():
     assert ppo.output_dir.endswith("/wpr,learning_rate=0.0001,beta=0.05,seed=0")
     assert ppo.resume and ppo.save_model and ppo.save_steps == 2 and not ppo.progress_bar
     # what a launcher running cells elsewhere (Ray, a cluster) ships: the config and a job, both picklable
-    config_copy, job = pickle.loads(pickle.dumps((config, Job(cells[0]))))
+    ray_config = dataclasses.replace(config, launcher="ray", cpus_per_cell=2, gpus_per_cell=0.5)  # no ray needed
+    config_copy, job = pickle.loads(pickle.dumps((ray_config, Job(cells[0]))))
     assert job.name == cells[0].name and config_copy.cell_config(job.cell) == ppo
+    assert (config_copy.launcher, config_copy.cpus_per_cell, config_copy.gpus_per_cell) == ("ray", 2, 0.5)
     default = expand_grid(SweepConfig(command="dpo", grid={"loss_type": ["sigmoid", "ipo"]}))
     assert [c.name for c in default] == ["dpo,loss_type=sigmoid,seed=0", "dpo,loss_type=ipo,seed=0"]
 
@@ -86,7 +89,7 @@ def test_grid_expands_methods_x_settings_x_seeds_with_readable_names():
         ("seeds: []\n", "seeds: give at least one seed"),
         ("analyses: [bert_score]\n", "analyses: unknown analysis 'bert_score'"),
         ("methods: {wpr: {regularizer: wasserstien}}\n", "cell wpr,seed=0: unknown regularizer 'wasserstien'"),
-        ("launcher: ray\n", "launcher: unknown launcher 'ray'"),
+        ("launcher: slurm\n", "unknown launcher 'slurm'; choose one of ['sequential', 'ray']"),
     ],
 )
 def test_a_malformed_sweep_file_is_a_one_line_error_naming_the_field(tmp_path, capsys, body, message):

@@ -44,6 +44,13 @@ ANALYSES = ("penalty_correlation", "coherence", "semantic_similarity")
 SEED_KEY = "seed"
 
 
+def launcher_names() -> tuple[str, ...]:
+    """The ``launcher`` field's choices: the names of :data:`otalign.sweep.run.LAUNCHERS`."""
+    from .run import LAUNCHERS
+
+    return tuple(LAUNCHERS)
+
+
 def _import(target: str):
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -80,7 +87,28 @@ class SweepConfig(Config):
         default_factory=dict, metadata={"help": "field -> list of values, crossed with every method's own grid"}
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "training seeds; every setting runs each"})
-    launcher: str = field(default="sequential", metadata={"help": "how cells run: sequential (in this process)"})
+    launcher: str = field(
+        default="sequential",
+        metadata={
+            "help": "how cells run: sequential (one by one in this process) or ray (one Ray task per cell, in parallel "
+            "on the cluster at RAY_ADDRESS, else a local one; pip install 'otalign[cluster]')",
+            "choices": launcher_names,
+        },
+    )
+    cpus_per_cell: float = field(
+        default=1.0,
+        metadata={
+            "help": "launcher ray: CPUs each cell's task reserves (Ray's num_cpus; also its torch threads, at least 1)",
+            "check": "> 0",
+        },
+    )
+    gpus_per_cell: float = field(
+        default=0.0,
+        metadata={
+            "help": "launcher ray: GPUs each cell's task reserves (Ray's num_gpus; 0.5: two cells share one; 0: CPU)",
+            "check": ">= 0",
+        },
+    )
     save_steps: int | None = field(
         default=None,
         metadata={"help": "checkpoint every N steps in each cell (None: the base's save_steps, else max_steps // 4)"},
@@ -159,10 +187,6 @@ class SweepConfig(Config):
 
     def _check(self) -> None:
         trainer_classes(self.command)
-        from .run import LAUNCHERS
-
-        if self.launcher not in LAUNCHERS:
-            raise ConfigError(f"launcher: unknown launcher {self.launcher!r}; choose one of {sorted(LAUNCHERS)}")
         if not self.seeds:
             raise ConfigError("seeds: give at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
