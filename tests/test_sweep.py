@@ -226,6 +226,20 @@ def test_a_cell_started_with_other_settings_is_an_error_not_a_silent_skip(tmp_pa
     assert "cell rkl,seed=0 was started with max_steps=2, the sweep now sets 3" in capsys.readouterr().err
 
 
+def test_a_field_added_to_otalign_since_a_cell_started_counts_as_unchanged_at_its_default(tmp_path, capsys):
+    config = write_sweep(tmp_path, "methods:\n  rkl: {regularizer: rkl}\nanalyses: []\n")
+    assert main(["sweep", "--config", config]) == 0
+    started = tmp_path / "out" / "rkl,seed=0" / "config.json"
+    old = json.loads(started.read_text())
+    del old["on_nonfinite"]  # as written by an otalign without that field
+    started.write_text(json.dumps(old))
+    assert main(["sweep", "--config", config]) == 0  # default value: the same training
+    Path(config).write_text(Path(config).read_text().replace("max_steps: 2", "max_steps: 2\n  on_nonfinite: skip"))
+    with pytest.raises(SystemExit):
+        main(["sweep", "--config", config])
+    assert "cell rkl,seed=0 was started with on_nonfinite=None, the sweep now sets 'skip'" in capsys.readouterr().err
+
+
 def test_dpo_sweep_over_loss_types(tmp_path):
     from test_preference_trainer import PAIRS
 

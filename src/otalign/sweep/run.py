@@ -76,13 +76,18 @@ IGNORED_CHANGES = (
 
 def check_unchanged(config: SweepConfig, cells: Sequence[Cell]) -> None:
     """``ConfigError`` when a cell folder was started with other settings than the cell has now (the folder's
-    ``config.json``, written by the trainer), naming the cell and the first field that differs."""
+    ``config.json``, written by the trainer), naming the cell and the first field that differs. A field the
+    folder's config lacks (added to otalign since) counts as unchanged while it keeps its default."""
     for cell in cells:
         started = read_json(Path(config.output_dir) / cell.name / "config.json")
         if started is None:
             continue
-        now = json.loads(json.dumps(config.cell_config(cell).to_dict()))
+        cell_config = config.cell_config(cell)
+        now = json.loads(json.dumps(cell_config.to_dict()))
+        defaults = json.loads(json.dumps(type(cell_config)().to_dict()))
         for key in now:
+            if key not in started and now[key] == defaults.get(key):
+                continue
             if key not in IGNORED_CHANGES and started.get(key) != now[key]:
                 raise ConfigError(
                     f"cell {cell.name} was started with {key}={started.get(key)!r}, the sweep now sets {now[key]!r}: "
