@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from otalign.config import Config, ConfigError, check_section, parse_config, resolve
-from otalign.data.conversion import ON_ERROR
+from otalign.data.reading import ON_ERROR
 from otalign.data.splits import DATASET_FORMATS
 
 STAGES = ("data", "sft", "reward", "ppo", "eval")

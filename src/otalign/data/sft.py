@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .preference import Text, check_same_form, check_text, encode, read_rows, require_fields
+from .reading import numbered
 
 IGNORE_INDEX = -100
 """Label of a token left out of the loss (``torch.nn.functional.cross_entropy``'s default ``ignore_index``)."""
@@ -41,7 +42,7 @@ def parse_sft_rows(rows: list[object], where: str) -> list[SFTExample]:
         raise ValueError(f"{where}: the dataset is empty")
     conversational = isinstance(rows[0], dict) and "messages" in rows[0]
     parse = _parse_conversation if conversational else _parse_pair
-    return [parse(row, f"{where}, row {i}") for i, row in enumerate(rows, 1)]
+    return [parse(row, f"{where}, row {i}") for i, row in numbered(rows)]
 
 
 def _parse_pair(row: object, where: str) -> SFTExample:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from otalign.config import Config
 
-from .conversion import ON_ERROR
+from .reading import ON_ERROR
 
 STAGES = ("sft", "reward", "rl")
 PAPER_FRACTIONS = (0.2, 0.4, 0.4)

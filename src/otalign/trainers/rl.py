@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from otalign.data import Prompt, load_prompt_rows, prompt_columns, render_prompt, validate_prompt
+from otalign.data.reading import numbered
 from otalign.models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
 from otalign.regularizers import (
     KL_ESTIMATORS,
@@ -385,7 +386,13 @@ class RLTrainer(BaseTrainer):
         self.prompt_texts = [
             render_prompt(r["prompt"], self.tokenizer, use_chat_template=c.use_chat_template) for r in rows
         ]
-        self.prompt_ids = encode_prompts(self.tokenizer, self.prompt_texts, max_prompt_length=c.max_prompt_length)
+        self.prompt_ids = encode_prompts(
+            self.tokenizer,
+            self.prompt_texts,
+            max_prompt_length=c.max_prompt_length,
+            source=c.prompts if prompts is None else "prompts",
+            numbers=[i for i, _ in numbered(rows)],
+        )
         self.rewards = self.build_rewards(reward)
         weights = c.reward_weights or [1.0] * len(self.rewards)
         if len(weights) != len(self.rewards):
