@@ -24,6 +24,8 @@ from .preference import check_text
 from .reading import Rows, numbered, parse_text, read_file
 
 BUILTIN = "builtin"
+PROMPT_SETS = (BUILTIN, ARITHMETIC)
+"""The prompt sets a ``prompts`` option names instead of a file."""
 SPLITS = ("train", "test")
 Prompt = str | list[dict[str, str]]
 

@@ -57,12 +57,22 @@ class PreferenceConfig(TrainerConfig):
     output_dir: str = redefault(TrainerConfig, "output_dir", "runs/dpo")
     learning_rate: float = redefault(TrainerConfig, "learning_rate", 1e-6)
     dataset_name: str | None = field(
-        default=None, metadata={"help": "a .jsonl/.json/.parquet file, 'builtin', or a Hugging Face dataset name"}
+        default=None,
+        metadata={
+            "path": "data",
+            "builtins": ("builtin",),
+            "help": "a .jsonl/.json/.parquet file, 'builtin', or a Hugging Face dataset name",
+        },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "split of dataset_name to train on"})
     dataset_test_split: str = field(default="test", metadata={"help": "split of eval_dataset_name to evaluate"})
     eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "paired rows evaluated after training (eval/... metrics)"}
+        default=None,
+        metadata={
+            "path": "data",
+            "builtins": ("builtin",),
+            "help": "paired rows evaluated after training (eval/... metrics)",
+        },
     )
     eval_steps: int = field(
         default=0,
@@ -88,7 +98,8 @@ class PreferenceConfig(TrainerConfig):
     otpo_eps1: float = field(default=1.0, metadata={"help": "OTPO entropic regularization", "check": "> 0"})
     otpo_eps2: float = field(default=0.2, metadata={"help": "OTPO marginal relaxation", "check": "> 0"})
     ref_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "the frozen reference (none: a copy of the policy before training)"}
+        default=None,
+        metadata={"path": "model", "help": "the frozen reference (none: a copy of the policy before training)"},
     )
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "compute all reference log-probs once up front, then free the model"}

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from otalign.data import Prompt, load_prompt_rows, prompt_columns, render_prompt, validate_prompt
+from otalign.data.prompts import PROMPT_SETS
 from otalign.data.reading import numbered
 from otalign.models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
 from otalign.regularizers import (
@@ -78,7 +79,12 @@ class RLConfig(TrainerConfig):
     """
 
     prompts: str = field(
-        default="builtin", metadata={"help": "prompt set: builtin, arithmetic, or a .jsonl/.json/.txt prompt file"}
+        default="builtin",
+        metadata={
+            "path": "file",
+            "builtins": PROMPT_SETS,
+            "help": "prompt set: builtin, arithmetic, or a .jsonl/.json/.txt prompt file",
+        },
     )
     prompts_split: str = field(default="train", metadata={"help": "split of a built-in prompt set (train or test)"})
     use_chat_template: bool = field(
@@ -104,7 +110,7 @@ class RLConfig(TrainerConfig):
         default=None, metadata={"help": "weight of each reward function in the sum (none: all 1)"}
     )
     reward_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "sequence-classification reward model (set reward_fn none)"}
+        default=None, metadata={"path": "model", "help": "sequence-classification reward model (set reward_fn none)"}
     )
     reward_retokenize: bool = field(
         default=False, metadata={"help": "let a reward model with another tokenizer score re-tokenized text"}
