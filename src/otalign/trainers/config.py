@@ -36,7 +36,13 @@ class TrainerConfig(Config):
             "help": "folder for checkpoints (checkpoints/checkpoint-<step>), metrics.jsonl and the model",
         },
     )
-    seed: int = field(default=0, metadata={"help": "seeds Python, NumPy, torch and every derived sampling stream"})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "seeds Python, NumPy, torch and every derived sampling stream",
+            "check": "[0, 4294967295]",  # NumPy takes seeds in [0, 2**32)
+        },
+    )
     max_steps: int = field(
         default=100, metadata={"help": "optimisation steps to run (PPO: rollout batches)", "check": ">= 1"}
     )
