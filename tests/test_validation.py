@@ -78,6 +78,17 @@ def test_hub_ids_and_builtin_names_pass_and_a_bad_id_does_not(tiny):
     assert GRPOConfig().prompts == "arithmetic"
 
 
+def test_a_run_folder_given_as_model_points_at_its_model(tiny, pairs, tmp_path, capsys):
+    run = tmp_path / "runs" / "sft"
+    save_tiny_model(run / "model")
+    line = run_error(
+        ["sft", "--model_name_or_path", str(run), "--dataset_name", pairs, "--output_dir", str(tmp_path / "o")], capsys
+    )
+    hint = f"(a run folder? its model is {run / 'model'})"
+    assert line == f"otalign sft: error: --model_name_or_path: model folder {run} has no config.json {hint}"
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_loader_names_a_missing_model_folder_without_a_hub_lookup(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"^model folder {tmp_path}/gone does not exist$"):
         load_causal_lm(str(tmp_path / "gone"))

@@ -19,9 +19,9 @@ names its loader takes instead of a path (``("builtin", "arithmetic")`` for a pr
 - ``file``: an input file that exists and is readable; ``dir``: the same for a folder (a checkpoint);
 - ``data``: a dataset: a readable file or folder, or (when it does not look like a path) a Hugging Face dataset
   name, which cannot be checked offline;
-- ``model``: a readable model folder, ``default`` (the embedded model), or (when it does not look like a path) a
-  Hugging Face id ``name`` or ``owner/name``: ``runs/sft/model`` or ``./m`` that does not exist is
-  "model folder ... does not exist", never a hub lookup;
+- ``model``: a readable model folder holding ``config.json``, ``default`` (the embedded model), or (when it
+  does not look like a path) a Hugging Face id ``name`` or ``owner/name``: ``runs/sft/model`` or ``./m``
+  that does not exist is "model folder ... does not exist", never a hub lookup;
 - ``output``: a file or folder the command writes: it, or else its nearest existing parent, is writable.
 
 A string *looks like a path* when it starts with ``.``, ``/`` or ``~``, holds more than one ``/`` (or a
@@ -250,6 +250,11 @@ def path_problem(kind: str, value: str) -> str | None:
             return f"{value} is not a folder"
         if kind == "model" and not path.is_dir():
             return f"model {value} is a file; give the folder holding config.json"
+        if kind == "model" and not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            hint = (
+                f" (a run folder? its model is {path / 'model'})" if (path / "model" / "config.json").is_file() else ""
+            )
+            return f"model folder {value} has no config.json{hint}"
         readable = os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0))
         return None if readable else f"{noun} {value} is not readable"
     if kind in ("file", "dir") or looks_like_path(value):
