@@ -44,14 +44,15 @@ def lines(*rows) -> str:
 
 
 def run_error(argv: list[str], capsys) -> str:
-    """The one stderr line of a command that fails with exit status 2."""
+    """The one error line a command that fails with exit status 2 writes to stderr."""
     capsys.readouterr()  # what ran before (saving a tiny model) is not the command's
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
+    errors = [line for line in err if line.startswith(f"otalign {argv[0]}") and ": error: " in line]
+    assert errors == err[-1:], err  # one error line, the last (progress bars of model loading may precede it)
+    return err[-1]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -161,4 +162,24 @@ def test_sft_on_a_non_utf8_file_stops_before_training(tmp_path, capsys):
         ["sft", "--model_name_or_path", model, "--dataset_name", str(data), "--output_dir", str(out)], capsys
     )
     assert line.startswith(f"otalign sft: error: {data}, row 3 (byte offset 48): not UTF-8")
+    assert not (out / "metrics.jsonl").exists() and not (out / "model").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "row", "message"),
+    [
+        ("dpo", {"prompt": "a", "chosen": "good " * 20, "rejected": "bad"}, "field 'chosen': prompt + completion have"),
+        ("reward", {"prompt": "a", "chosen": "good " * 20, "rejected": "bad"}, "field 'chosen': 22 tokens"),
+        ("sft", {"prompt": "a", "completion": "good " * 20}, "22 tokens, more than max_length=8"),
+    ],
+)
+def test_a_too_long_row_is_numbered_by_its_line(command, row, message, tmp_path, capsys):
+    model = save_tiny_model(tmp_path / "tiny")
+    short = {k: ("a" if k == "prompt" else v if k == "rejected" else "good") for k, v in row.items()}
+    data = tmp_path / "rows.jsonl"
+    data.write_text(lines(short, "", row))
+    out = tmp_path / "run"
+    argv = [command, "--model_name_or_path", model, "--dataset_name", str(data), "--output_dir", str(out)]
+    line = run_error([*argv, "--max_length", "8", "--no_progress_bar"], capsys)
+    assert line.startswith(f"otalign {command}: error: {data}, row 3") and message in line, line
     assert not (out / "metrics.jsonl").exists() and not (out / "model").exists()

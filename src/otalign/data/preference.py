@@ -111,7 +111,8 @@ def read_rows(source: str, split: str = "train", *, on_error: str = "raise") -> 
 
 
 def parse_rows(rows: list[object], where: str) -> list[PreferencePair] | list[LabeledCompletion]:
-    """Validate raw rows (row numbers in messages are 1-based); see :func:`load_preference_data`."""
+    """Validate raw rows (row numbers in messages are 1-based, a :class:`~otalign.data.reading.Rows`' own); see
+    :func:`load_preference_data`. The examples keep the rows' numbers (a ``Rows``) for later messages."""
     if not rows:
         raise ValueError(f"{where}: the dataset is empty")
     first = rows[0] if isinstance(rows[0], dict) else {}
@@ -127,7 +128,7 @@ def parse_rows(rows: list[object], where: str) -> list[PreferencePair] | list[La
         )
     if not paired and len({e.label for e in examples}) < 2:
         raise ValueError(f"{where}: unpaired data needs both desirable (label true) and undesirable rows")
-    return list(examples)
+    return Rows(examples, where, numbers)
 
 
 def require_fields(row: object, names: tuple[str, ...], where: str) -> dict:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from otalign.data.preference import Example, PreferencePair, encode, load_preference_data
+from otalign.data.reading import numbered
 from otalign.losses import otpo_weights, sequence_logps
 from otalign.losses.aot import AOT_LOSSES
 from otalign.models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
@@ -235,8 +236,8 @@ class PreferenceTrainer(BaseTrainer):
     def _encode(self, split: str, examples: list[Example], source: str) -> None:
         """Token ids of every completion (and, for KTO, of each prompt with the next row's completion)."""
         c = self.config
-        for i, example in enumerate(examples):
-            where = f"{source}, row {i + 1}"
+        for i, (row, example) in enumerate(numbered(examples)):
+            where = f"{source}, row {row}"
             sides = (
                 {"chosen": example.chosen, "rejected": example.rejected}
                 if isinstance(example, PreferencePair)
