@@ -149,7 +149,7 @@ def test_bad_input_fails_before_training(tmp_path):
         PPOTrainer(
             PPOConfig(output_dir=str(tmp_path)), policy=None, tokenizer=tiny_tokenizer(), reward=good_share, prompts=[]
         )
-    with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens, more than max_prompt_length=3"):
+    with pytest.raises(ValueError, match=r"prompts, row 1: the prompt has \d+ tokens, more than max_prompt_length=3"):
         make_trainer(tmp_path, max_prompt_length=3)
     with pytest.raises(ValueError, match="exceeds the model's context of 128 tokens"):
         make_trainer(tmp_path, response_length=125)

@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cls = command.config_class()
         parser = ConfigParser(cls, prog=f"otalign {command.name}", description=_description(command, cls))
-        config = parser.parse(rest)
+        config = parser.parse(rest, validate=hasattr(cls, "validate"))
         result = command.execute(config)
     except (UsageError, *USER_ERRORS) as err:
         if os.environ.get("OTALIGN_DEBUG", "") not in ("", "0"):

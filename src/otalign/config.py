@@ -11,8 +11,31 @@ field both apply to every item, and ``None`` (of an optional field) passes. A nu
 field: NaN is always rejected, and an infinity only where the field's metadata says ``"allow_inf": True``
 (then ``check`` still applies to it, so ``"> 0"`` admits ``inf`` but not ``-inf``). :class:`Config` checks them in
 ``__post_init__``, so a config built in Python is validated exactly like one from the command line, before
-anything is loaded. ``section`` (``"module:Class"``) marks a ``dict`` field that holds the overrides of
-another config (the pipeline's stages): the command line reaches its fields as ``--<field>.<name>``.
+anything is loaded.
+
+``path`` says that a string field names something on disk, one of :data:`PATH_KINDS`; ``builtins`` lists the
+names its loader takes instead of a path (``("builtin", "arithmetic")`` for a prompt set)::
+
+    prompts: str = field(default="builtin", metadata={"help": "...", "path": "file", "builtins": PROMPT_SETS})
+
+- ``file``: an input file that exists and is readable; ``dir``: the same for a folder (a checkpoint);
+- ``data``: a dataset: a readable file or folder, or (when it does not look like a path) a Hugging Face dataset
+  name, which cannot be checked offline;
+- ``model``: a readable model folder holding ``config.json``, ``default`` (the embedded model), or (when it
+  does not look like a path) a Hugging Face id ``name`` or ``owner/name``: ``runs/sft/model`` or ``./m``
+  that does not exist is "model folder ... does not exist", never a hub lookup;
+- ``output``: a file or folder the command writes: it, or else its nearest existing parent, is writable.
+
+A string *looks like a path* when it starts with ``.``, ``/`` or ``~``, holds more than one ``/`` (or a
+``\\``), or ends in a data file's extension. Paths are checked by :meth:`Config.validate`, not in
+``__post_init__``: a config may name a file that does not exist yet when it is built, e.g. the pipeline's
+later stages read the model and the data its earlier stages write, and the sweep builds every cell's config
+ahead. The CLI validates every command's config right after parsing, and every trainer its config before it
+loads anything; the pipeline validates all its stages before the first runs
+(:meth:`otalign.pipeline.PipelineConfig.validate`).
+
+``section`` (``"module:Class"``) marks a ``dict`` field that holds the overrides of another config (the
+pipeline's stages): the command line reaches its fields as ``--<field>.<name>``.
 
 :func:`parse_config` reads ``--config file.yaml`` and then the command line, so
 
@@ -38,6 +61,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import os
 import re
 import types
 import typing
@@ -53,8 +77,14 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 """Weights dtypes a ``model_dtype`` field accepts (:func:`otalign.models.torch_dtype`)."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
 """accelerate autocast modes a ``mixed_precision`` field accepts."""
-OWN_METADATA = ("check", "choices", "section", "allow_inf")
+OWN_METADATA = ("check", "choices", "section", "allow_inf", "path", "builtins")
 """Field metadata keys read by otalign (the rest, e.g. ``help``, ``aliases``, goes to ``argparse``)."""
+
+
+PATH_KINDS = ("file", "dir", "data", "model", "output")
+"""Kinds of ``path`` field metadata (see the module docstring)."""
+DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".yaml", ".yml")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 class ConfigError(ValueError):
@@ -199,6 +229,63 @@ def check_fields(config: object) -> None:
         check_value(f, getattr(config, f.name))
 
 
+def looks_like_path(value: str) -> bool:
+    """Whether ``value`` reads as a local path rather than a Hugging Face name (rule in the module docstring)."""
+    return (
+        value.startswith((".", "/", "~"))
+        or value.count("/") > 1
+        or "\\" in value
+        or value.lower().endswith(DATA_SUFFIXES)
+    )
+
+
+def path_problem(kind: str, value: str) -> str | None:
+    """What is wrong with ``value`` as a ``path`` of ``kind`` (:data:`PATH_KINDS`), or None if it passes."""
+    path = Path(value).expanduser()
+    if kind == "output":
+        if path.exists():
+            return None if os.access(path, os.W_OK) else f"{value} is not writable"
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            return f"cannot create {value}: {parent} is not a writable folder"
+        return None
+    noun = {"file": "file", "dir": "folder", "data": "dataset", "model": "model folder"}[kind]
+    if path.exists():
+        if kind == "file" and not path.is_file():
+            return f"{value} is not a file"
+        if kind == "dir" and not path.is_dir():
+            return f"{value} is not a folder"
+        if kind == "model" and not path.is_dir():
+            return f"model {value} is a file; give the folder holding config.json"
+        if kind == "model" and not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            hint = (
+                f" (a run folder? its model is {path / 'model'})" if (path / "model" / "config.json").is_file() else ""
+            )
+            return f"model folder {value} has no config.json{hint}"
+        readable = os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0))
+        return None if readable else f"{noun} {value} is not readable"
+    if kind in ("file", "dir") or looks_like_path(value):
+        return f"{noun} {value} does not exist"
+    if kind == "model" and not _HUB_ID.match(value):
+        return f"model {value!r} is neither a local folder, 'default' nor a Hugging Face id (owner/name)"
+    return None
+
+
+def check_paths(config: object, skip: tuple[str, ...] = ()) -> None:
+    """``ConfigError`` for the first ``path`` field of ``config`` (not in ``skip``) naming something unusable; a
+    field's ``builtins`` (and ``default`` for a model) pass."""
+    from otalign.models.default import DEFAULT_MODEL
+
+    for f in dataclasses.fields(config):
+        kind, value = f.metadata.get("path"), getattr(config, f.name)
+        if kind is None or f.name in skip:
+            continue
+        builtins = tuple(f.metadata.get("builtins", ())) + ((DEFAULT_MODEL,) if kind == "model" else ())
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item not in builtins and (problem := path_problem(kind, str(item))):
+                raise ConfigError(f"{f.name}: {problem}", f.name)
+
+
 def check_section(cls: type, values: dict, where: str) -> dict:
     """``values`` for some fields of the dataclass ``cls``: keys checked, values coerced and checked field by field
     (``ConfigError`` names ``where``); returns the coerced values."""
@@ -222,6 +309,11 @@ class Config:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+    def validate(self) -> None:
+        """Check the ``path`` fields (see the module docstring); ``ConfigError`` names the field. Run by the CLI
+        after parsing and by the trainers before they load anything."""
+        check_paths(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -340,8 +432,9 @@ class ConfigParser(HfArgumentParser):
     def option_names(self) -> list[str]:
         return [s[2:].replace("-", "_") for a in self._actions for s in a.option_strings if s.startswith("--")]
 
-    def parse(self, argv: list[str] | None = None, config_file: str | Path | None = None):
-        """The config: the dataclass defaults, then the YAML file (``--config`` or ``config_file``), then ``argv``."""
+    def parse(self, argv: list[str] | None = None, config_file: str | Path | None = None, *, validate: bool = False):
+        """The config: the dataclass defaults, then the YAML file (``--config`` or ``config_file``), then ``argv``;
+        with ``validate``, :meth:`Config.validate` too (its errors name the option or file like the others)."""
         argv = _join_negative_numbers(list(argv or []))
         if "-h" in argv or "--help" in argv:
             self.print_help()
@@ -377,11 +470,14 @@ class ConfigParser(HfArgumentParser):
             else:
                 values[key], sources[key] = value, "--"
         try:
-            return self.config_class(**values)
+            config = self.config_class(**values)
+            if validate:
+                config.validate()
+            return config
         except ConfigError as err:
             source = sources.get(err.field)
             if source == "--":
-                message = f"--{err}" if re.match(rf"{err.field}[ :]", str(err)) else f"--{err.field}: {err}"
+                message = f"--{err}" if re.match(rf"{err.field}[ :.]", str(err)) else f"--{err.field}: {err}"
                 raise ConfigError(message, err.field) from None
             if source:
                 raise ConfigError(f"{source}{err}", err.field) from None

@@ -110,19 +110,28 @@ class GumbelSampler:
         return scores - torch.log(-torch.log(uniform))
 
 
-def encode_prompts(tokenizer, texts: list[str], *, max_prompt_length: int) -> list[list[int]]:
+def encode_prompts(
+    tokenizer, texts: list[str], *, max_prompt_length: int, source: str = "prompts", numbers: list[int] | None = None
+) -> list[list[int]]:
     """Token ids of each rendered prompt (no special tokens added: the chat template has them).
 
+    Args:
+        source: the prompt file or set, named in messages.
+        numbers: each prompt's 1-based row in ``source`` (default 1, 2, ...; see :class:`otalign.data.reading.Rows`).
+
     Raises:
-        ValueError: a prompt with more than ``max_prompt_length`` tokens or none, naming its index.
+        ValueError: a prompt with more than ``max_prompt_length`` tokens or none, naming ``source`` and its row.
     """
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    numbers = list(range(1, len(texts) + 1)) if numbers is None else numbers
     for i, ids in enumerate(encoded):
+        where = f"{source}, row {numbers[i]}"
         if not ids:
-            raise ValueError(f"prompt {i} encodes to no tokens: {texts[i]!r:.80}")
+            raise ValueError(f"{where}: the prompt encodes to no tokens: {texts[i]!r:.80}")
         if len(ids) > max_prompt_length:
             raise ValueError(
-                f"prompt {i} has {len(ids)} tokens, more than max_prompt_length={max_prompt_length}: {texts[i]!r:.80}"
+                f"{where}: the prompt has {len(ids)} tokens, more than max_prompt_length={max_prompt_length}: "
+                f"{texts[i]!r:.80}"
             )
     return encoded
 

@@ -72,7 +72,7 @@ def apps_row(row: dict) -> dict:
 
 def load_apps(source: str, split: str = "train", *, on_error: str = "raise") -> Converted:
     """APPS problems of a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset, converted."""
-    return convert_rows(read_rows(source, split), source, apps_row, on_error=on_error)
+    return convert_rows(read_rows(source, split, on_error=on_error), source, apps_row, on_error=on_error)
 
 
 def apps_mini_path() -> str:
@@ -97,4 +97,4 @@ def load_code_problems(source: str = APPS_MINI, split: str = "train", *, on_erro
     """Problems with tests from ``"apps_mini"``, a raw APPS file/dataset (rows with ``input_output``), or a prompt
     file in the output form (rows with ``prompt`` and ``tests``); every row as :func:`apps_row` gives it."""
     path = apps_mini_path() if source == APPS_MINI else source
-    return convert_rows(read_rows(path, split), source, _problem_row, on_error=on_error)
+    return convert_rows(read_rows(path, split, on_error=on_error), source, _problem_row, on_error=on_error)

@@ -4,7 +4,8 @@ A format module (:mod:`~otalign.data.hh_rlhf`, :mod:`~otalign.data.tldr`, :mod:`
 function ``raw row (dict) -> standard row (dict)`` that raises :class:`RowError` for a row it cannot use.
 :func:`convert_rows` runs it over every row: with ``on_error="raise"`` (default) the first bad row stops
 everything with ``"<source>, row <i>, field '<field>': <problem>"``; with ``on_error="skip"`` bad rows are
-left out and counted per kind of problem in :attr:`Converted.skipped` (see :meth:`Converted.summary`).
+left out and counted per kind of problem in :attr:`Converted.skipped` (see :meth:`Converted.summary`), together
+with the lines the reader skipped (``bad JSON``, :mod:`otalign.data.reading`). Row numbers are the reader's.
 A row whose converted form repeats an earlier one is a ``duplicate`` problem like any other.
 """
 
@@ -14,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ON_ERROR = ("raise", "skip")
+from .reading import Rows, check_on_error, numbered
 
 
 class RowError(ValueError):
@@ -67,11 +68,12 @@ def convert_rows(raw: list[object], source: str, convert, *, on_error: str = "ra
     Raises:
         ValueError: a bad row with ``on_error="raise"``, an unknown ``on_error``, or no row left at all.
     """
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    result = Converted(rows=[], total=len(raw))
+    check_on_error(on_error)
+    read_skipped = raw.skipped if isinstance(raw, Rows) else {}
+    result = Converted(rows=[], total=len(raw) + sum(map(len, read_skipped.values())))
+    result.skipped = {kind: list(rows) for kind, rows in read_skipped.items()}
     seen: dict[str, int] = {}
-    for i, row in enumerate(raw, 1):
+    for i, row in numbered(raw):
         try:
             if not isinstance(row, dict):
                 raise RowError("not an object", None, f"expected a JSON object, got {type(row).__name__}")

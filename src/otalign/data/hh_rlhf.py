@@ -78,4 +78,4 @@ def hh_rlhf_row(row: dict) -> dict:
 
 def load_hh_rlhf(source: str, split: str = "train", *, on_error: str = "raise") -> Converted:
     """HH-RLHF rows of a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset, converted."""
-    return convert_rows(read_rows(source, split), source, hh_rlhf_row, on_error=on_error)
+    return convert_rows(read_rows(source, split, on_error=on_error), source, hh_rlhf_row, on_error=on_error)

@@ -8,7 +8,8 @@ precomputed sequence log-probabilities in nats: ``ref_chosen_logps`` and ``ref_r
 
 Sources: ``builtin`` (the packaged demo set), a local ``.jsonl`` (one object per line), ``.json`` (a list of
 objects) or ``.parquet`` file (needs ``pyarrow``), or a Hugging Face dataset name (needs the ``datasets``
-package and a reachable hub). Every row is validated before anything trains; an error names the source, the
+package and a reachable hub); files are read by :mod:`otalign.data.reading` (blank lines skipped, UTF-8, rows
+numbered by their line). Every row is validated before anything trains; an error names the source, the
 1-based row and the field. No row is dropped; unknown extra columns are ignored.
 
 :func:`encode` turns a prompt and a completion into token ids: plain text is tokenized as is (special
@@ -19,11 +20,12 @@ after the prompt rendered with its generation prompt.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from .reading import Rows, numbered, read_file
 
 Text = str | list[dict[str, str]]
 """A plain string or a list of chat messages."""
@@ -80,35 +82,15 @@ BUILTIN_PREFERENCES = "builtin"
 ``otalign data synth`` (the default model's best and worst of 4 samples by the sentiment reward)."""
 
 
-def read_rows(source: str, split: str = "train") -> list[dict]:
-    """Raw rows (dicts) of a ``.jsonl``/``.json``/``.parquet`` file, a folder written by ``save_to_disk`` (its
-    ``split`` for a ``DatasetDict``), a Hugging Face dataset's ``split`` (``datasets.load_dataset``), or the packaged
-    demo preference set (``"builtin"``)."""
+def read_rows(source: str, split: str = "train", *, on_error: str = "raise") -> Rows:
+    """Raw rows of a ``.jsonl``/``.json``/``.parquet`` file (:func:`otalign.data.reading.read_file`, which ``on_error``
+    is passed to), a folder written by ``save_to_disk`` (its ``split`` for a ``DatasetDict``), a Hugging Face
+    dataset's ``split`` (``datasets.load_dataset``), or the packaged demo preference set (``"builtin"``)."""
     if source == BUILTIN_PREFERENCES:
         source = str(resources.files("otalign.data") / "builtin" / "sentiment_preferences.jsonl")
     path = Path(source)
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            rows = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, row {i}: not valid JSON ({err.msg})") from None
-            return rows
-        if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: a .json dataset must hold a list of rows, got {type(data).__name__}")
-            return data
-        if suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise ImportError(f"{path}: reading Parquet needs the 'pyarrow' package") from None
-            return pq.read_table(path).to_pylist()
-        raise ValueError(f"{path}: unsupported extension {path.suffix!r}; use .jsonl, .json or .parquet")
+        return read_file(path, kind="dataset", formats=("jsonl", "json", "parquet"), on_error=on_error)
     try:
         import datasets
     except ImportError:
@@ -122,30 +104,31 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
             if split not in saved:
                 raise ValueError(f"{path}: no split {split!r}; it has {sorted(saved)}")
             saved = saved[split]
-        return list(saved)
+        return Rows(saved, source)
     if path.exists() or source.startswith((".", "/", "~")) or path.suffix.lower() in (".jsonl", ".json", ".parquet"):
         raise FileNotFoundError(f"dataset {source!r}: no such file (nor a folder saved with save_to_disk)")
-    return list(datasets.load_dataset(source, split=split))
+    return Rows(datasets.load_dataset(source, split=split), source)
 
 
 def parse_rows(rows: list[object], where: str) -> list[PreferencePair] | list[LabeledCompletion]:
-    """Validate raw rows (row numbers in messages are 1-based); see :func:`load_preference_data`."""
+    """Validate raw rows (row numbers in messages are 1-based, a :class:`~otalign.data.reading.Rows`' own); see
+    :func:`load_preference_data`. The examples keep the rows' numbers (a ``Rows``) for later messages."""
     if not rows:
         raise ValueError(f"{where}: the dataset is empty")
     first = rows[0] if isinstance(rows[0], dict) else {}
     paired = "completion" not in first
     parse = parse_pair if paired else parse_labeled
-    examples = [parse(row, f"{where}, row {i}") for i, row in enumerate(rows, 1)]
+    numbers, examples = zip(*((i, parse(row, f"{where}, row {i}")) for i, row in numbered(rows)), strict=True)
     columns = ("ref_chosen_logps", "ref_rejected_logps") if paired else ("ref_logps",)
     has_ref = [getattr(e, columns[0]) is not None for e in examples]
     if any(has_ref) and not all(has_ref):
-        i = has_ref.index(not has_ref[0]) + 1
+        i = numbers[has_ref.index(not has_ref[0])]
         raise ValueError(
             f"{where}, row {i}, field {columns[0]!r}: reference log-probs must be given in every row or in none"
         )
     if not paired and len({e.label for e in examples}) < 2:
         raise ValueError(f"{where}: unpaired data needs both desirable (label true) and undesirable rows")
-    return examples
+    return Rows(examples, where, numbers)
 
 
 def require_fields(row: object, names: tuple[str, ...], where: str) -> dict:

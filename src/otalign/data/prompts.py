@@ -6,6 +6,8 @@ A prompt is a plain string or a conversation (a list of ``{"role", "content"}`` 
 - ``.json``: a list of such objects (or of strings);
 - ``.txt``: one prompt per non-empty line.
 
+Files are read by :mod:`otalign.data.reading` (blank lines skipped, UTF-8, 1-based rows in every message).
+
 Fields of a row other than ``prompt`` are its columns (:func:`load_prompt_rows`), passed to reward functions.
 
 The built-in set (``"builtin"``) is shipped as package data: 80 training prompts and 40 held-out prompts
@@ -14,15 +16,16 @@ on disjoint topics ("Write one sentence about a rainy morning.").
 
 from __future__ import annotations
 
-import json
 from importlib import resources
-from pathlib import Path
 
 from .arithmetic import SOURCE as ARITHMETIC
 from .arithmetic import arithmetic_rows
 from .preference import check_text
+from .reading import Rows, numbered, parse_text, read_file
 
 BUILTIN = "builtin"
+PROMPT_SETS = (BUILTIN, ARITHMETIC)
+"""The prompt sets a ``prompts`` option names instead of a file."""
 SPLITS = ("train", "test")
 Prompt = str | list[dict[str, str]]
 
@@ -55,44 +58,23 @@ def load_prompt_rows(source: str = BUILTIN, split: str = "train") -> list[dict]:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} of the built-in prompts; choose one of {SPLITS}")
         resource = resources.files("otalign.data") / "builtin" / f"sentiment_prompts_{split}.jsonl"
-        return parse_prompt_rows(resource.read_text(encoding="utf-8"), f"builtin:{split}", "jsonl")
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    suffix = path.suffix.lower().lstrip(".")
-    if suffix not in ("jsonl", "json", "txt"):
-        raise ValueError(f"prompt file {path}: unsupported extension {path.suffix!r}; use .jsonl, .json or .txt")
-    return parse_prompt_rows(path.read_text(encoding="utf-8"), str(path), suffix)
+        return prompt_rows(parse_text(resource.read_text(encoding="utf-8"), f"builtin:{split}", "jsonl"))
+    return prompt_rows(read_file(source, kind="prompt", formats=("jsonl", "json", "txt")))
 
 
 def parse_prompts(text: str, where: str, fmt: str) -> list[Prompt]:
     """Parse and validate the prompts in ``text`` (``jsonl``, ``json`` or ``txt``); ``where`` names the source."""
-    return [row["prompt"] for row in parse_prompt_rows(text, where, fmt)]
+    return [row["prompt"] for row in prompt_rows(parse_text(text, where, fmt))]
 
 
-def parse_prompt_rows(text: str, where: str, fmt: str) -> list[dict]:
-    """Rows (``prompt`` validated, other fields kept) of ``text`` in ``jsonl``, ``json`` or ``txt`` format."""
-    if fmt == "txt":
-        rows = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    elif fmt == "jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((i, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}, row {i}: not valid JSON ({err.msg})") from None
-    else:
-        data = json.loads(text)
-        if not isinstance(data, list):
-            raise ValueError(f"{where}: a .json prompt file must hold a list, got {type(data).__name__}")
-        rows = list(enumerate(data, 1))
-    parsed = []
-    for i, row in rows:
-        prompt = validate_prompt(row, f"{where}, row {i}")
+def prompt_rows(rows: Rows) -> Rows:
+    """The rows (``prompt`` validated, other fields kept, row numbers kept) of a read prompt file."""
+    parsed = Rows(source=rows.source, numbers=rows.numbers)
+    for i, row in numbered(rows):
+        prompt = validate_prompt(row, f"{rows.source}, row {i}")
         parsed.append({**row, "prompt": prompt} if isinstance(row, dict) else {"prompt": prompt})
     if not parsed:
-        raise ValueError(f"{where}: the prompt set is empty")
+        raise ValueError(f"{rows.source}: the prompt set is empty")
     return parsed
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .preference import Text, check_same_form, check_text, encode, read_rows, require_fields
+from .reading import Rows, numbered
 
 IGNORE_INDEX = -100
 """Label of a token left out of the loss (``torch.nn.functional.cross_entropy``'s default ``ignore_index``)."""
@@ -36,12 +37,14 @@ def load_sft_data(source: str, split: str = "train") -> list[SFTExample]:
 
 
 def parse_sft_rows(rows: list[object], where: str) -> list[SFTExample]:
-    """Validate raw rows (1-based row numbers in messages); the first row's form (``messages`` or not) sets all."""
+    """Validate raw rows (1-based row numbers in messages); the first row's form (``messages`` or not) sets all.
+    The examples keep the rows' numbers (a :class:`~otalign.data.reading.Rows`) for later messages."""
     if not rows:
         raise ValueError(f"{where}: the dataset is empty")
     conversational = isinstance(rows[0], dict) and "messages" in rows[0]
     parse = _parse_conversation if conversational else _parse_pair
-    return [parse(row, f"{where}, row {i}") for i, row in enumerate(rows, 1)]
+    numbers = [i for i, _ in numbered(rows)]
+    return Rows([parse(row, f"{where}, row {i}") for i, row in numbered(rows)], where, numbers)
 
 
 def _parse_pair(row: object, where: str) -> SFTExample:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from otalign.config import Config
 
-from .conversion import ON_ERROR
+from .reading import ON_ERROR
 
 STAGES = ("sft", "reward", "rl")
 PAPER_FRACTIONS = (0.2, 0.4, 0.4)
@@ -97,11 +97,14 @@ def prepare_stage_files(
 class PrepareConfig(Config):
     """Settings of ``otalign data prepare`` (see :func:`prepare_stage_files`)."""
 
-    dataset: str | None = field(default=None, metadata={"help": "the input file (or Hugging Face dataset name)"})
+    dataset: str | None = field(
+        default=None,
+        metadata={"path": "data", "builtins": ("builtin",), "help": "the input file (or Hugging Face dataset name)"},
+    )
     dataset_format: str = field(
         default="preference", metadata={"help": "schema of the input rows", "choices": DATASET_FORMATS}
     )
-    output_dir: str = field(default="data/prepared", metadata={"help": "where the files go"})
+    output_dir: str = field(default="data/prepared", metadata={"path": "output", "help": "where the files go"})
     seed: int = field(default=0, metadata={"help": "seed of the split"})
     split_fractions: list[float] = field(
         default_factory=lambda: list(PAPER_FRACTIONS),

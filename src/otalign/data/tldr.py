@@ -56,4 +56,4 @@ def tldr_row(row: dict) -> dict:
 
 def load_tldr(source: str, split: str = "train", *, on_error: str = "raise") -> Converted:
     """TL;DR comparison rows of a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset, converted."""
-    return convert_rows(read_rows(source, split), source, tldr_row, on_error=on_error)
+    return convert_rows(read_rows(source, split, on_error=on_error), source, tldr_row, on_error=on_error)

@@ -41,9 +41,10 @@ METHODS = {"wpr": "wasserstein", "rkl": "rkl"}
 class DemoConfig(Config):
     """Settings of the demo (defaults: 2 CPU cores, 10 minutes); evaluation uses ``seed + 1``."""
 
-    out: str = field(default="reports/demo", metadata={"help": "report directory"})
+    out: str = field(default="reports/demo", metadata={"path": "output", "help": "report directory"})
     model_name_or_path: str = field(
-        default="default", metadata={"help": "policy/reference model ('default': the embedded SmolLM2-135M-Instruct)"}
+        default="default",
+        metadata={"path": "model", "help": "policy/reference model ('default': the embedded SmolLM2-135M-Instruct)"},
     )
     max_steps: int = field(default=8, metadata={"help": "PPO steps per method", "check": ">= 1"})
     batch_size: int = field(default=8, metadata={"help": "rollouts per step", "check": ">= 1"})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from otalign.config import MODEL_DTYPES, Config
 from otalign.data.conversion import Converted, write_jsonl
-from otalign.data.prompts import Prompt, load_prompts
+from otalign.data.prompts import PROMPT_SETS, Prompt, load_prompts
 from otalign.eval.generations import prompt_text, sample_responses
 from otalign.generation import SamplingParams, sample_seeds
 from otalign.rewards import REWARD_FUNCTIONS
@@ -26,10 +26,15 @@ from otalign.rewards import REWARD_FUNCTIONS
 class SynthConfig(Config):
     """Settings of ``otalign data synth``."""
 
-    output: str = field(default="data/synth_preferences.jsonl", metadata={"help": "the JSONL file written"})
-    model_name_or_path: str = field(default="default", metadata={"help": "the sampling model"})
+    output: str = field(
+        default="data/synth_preferences.jsonl", metadata={"path": "output", "help": "the JSONL file written"}
+    )
+    model_name_or_path: str = field(default="default", metadata={"path": "model", "help": "the sampling model"})
     model_dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": MODEL_DTYPES})
-    prompts: str = field(default="builtin", metadata={"help": "'builtin' or a .jsonl/.json/.txt prompt file"})
+    prompts: str = field(
+        default="builtin",
+        metadata={"path": "file", "builtins": PROMPT_SETS, "help": "'builtin' or a .jsonl/.json/.txt prompt file"},
+    )
     prompts_split: str = field(default="train", metadata={"help": "split of the built-in prompts"})
     reward_fn: str = field(
         default="sentiment",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from otalign.config import MODEL_DTYPES, Config, ConfigError, redefault
+from otalign.data.prompts import PROMPT_SETS
 from otalign.registry import Registry
 from otalign.rewards import REWARD_FUNCTIONS
 
@@ -23,8 +24,11 @@ class SamplingFields(Config):
     """Prompts and sampling of a run on generations (``otalign eval`` and the analyses); distributions are
     ``softmax(logits / temperature)``."""
 
-    output_dir: str = field(default="reports/analysis", metadata={"help": "where the outputs go"})
-    prompts: str = field(default="builtin", metadata={"help": "'builtin' or a .jsonl/.json/.txt prompt file"})
+    output_dir: str = field(default="reports/analysis", metadata={"path": "output", "help": "where the outputs go"})
+    prompts: str = field(
+        default="builtin",
+        metadata={"path": "file", "builtins": PROMPT_SETS, "help": "'builtin' or a .jsonl/.json/.txt prompt file"},
+    )
     prompt_split: str = field(default="test", metadata={"help": "split of the built-in prompts (train or test)"})
     num_prompts: int = field(
         default=20, metadata={"help": "prompts drawn without replacement (seeded)", "check": ">= 1"}
@@ -58,10 +62,11 @@ class EvalConfig(SamplingFields):
 
     output_dir: str = redefault(SamplingFields, "output_dir", "reports/eval")
     models: list[str] = field(
-        default_factory=list, metadata={"help": "model ids or folders ('default': the embedded model) to compare"}
+        default_factory=list,
+        metadata={"path": "model", "help": "model ids or folders ('default': the embedded model) to compare"},
     )
     generation_files: list[str] = field(
-        default_factory=list, metadata={"help": "JSONL files of {prompt, response} rows to compare"}
+        default_factory=list, metadata={"path": "file", "help": "JSONL files of {prompt, response} rows to compare"}
     )
     num_prompts: int = redefault(SamplingFields, "num_prompts", 50)
     num_repeats: int = field(
@@ -75,7 +80,8 @@ class EvalConfig(SamplingFields):
         metadata={"help": "built-in reward function (judge reward_fn)", "choices": REWARD_FUNCTIONS.names},
     )
     judge_model: str | None = field(
-        default=None, metadata={"help": "reward model (reward_model) or chat model (chat_model) id or folder"}
+        default=None,
+        metadata={"path": "model", "help": "reward model (reward_model) or chat model (chat_model) id or folder"},
     )
     judge_tie_tolerance: float = field(
         default=0.0, metadata={"help": "score difference a reward judge counts as a tie", "check": ">= 0"}
@@ -101,7 +107,7 @@ class EvalConfig(SamplingFields):
         default=None, metadata={"help": "HTTP rate limit (none: unlimited)", "check": "> 0"}
     )
     judge_cache: str | None = field(
-        default=None, metadata={"help": "HTTP answer cache (none: <output_dir>/judge_cache.jsonl)"}
+        default=None, metadata={"path": "output", "help": "HTTP answer cache (none: <output_dir>/judge_cache.jsonl)"}
     )
 
     def __post_init__(self) -> None:

@@ -2,39 +2,35 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from otalign.data import Prompt, render_prompt
+from otalign.data.reading import numbered, read_file
 
 
 def read_generations(path: str | Path) -> dict[str, str]:
-    """``prompt -> response`` of a JSONL generation file, in file order.
+    """``prompt -> response`` of a JSONL generation file, in file order (read by :mod:`otalign.data.reading`:
+    blank lines skipped, rows numbered by their line).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a row that is not JSON, lacks a string ``prompt``/``response``, or repeats a prompt;
-            the message names the file and the 1-based row.
+        ValueError: a row that is not JSON, lacks a string ``prompt``/``response``, has an empty (whitespace-only)
+            response, or repeats a prompt; the message names the file and the 1-based row.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"generation file {path} does not exist")
+    rows = read_file(path, kind="generation", formats=("jsonl",))
     out: dict[str, str] = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, row {i}: not valid JSON ({err.msg})") from None
+    for i, row in numbered(rows):
+        where = f"{rows.source}, row {i}"
         for key in ("prompt", "response"):
             if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                raise ValueError(f"{path}, row {i}: field {key!r} missing or not a string")
+                raise ValueError(f"{where}: field {key!r} missing or not a string")
+        if not row["response"].strip():
+            raise ValueError(f"{where}, field 'response': empty text (a judge would compare it as an answer)")
         if row["prompt"] in out:
-            raise ValueError(f"{path}, row {i}: prompt repeated from an earlier row: {row['prompt']!r:.80}")
+            raise ValueError(f"{where}: prompt repeated from an earlier row: {row['prompt']!r:.80}")
         out[row["prompt"]] = row["response"]
     if not out:
-        raise ValueError(f"{path}: no generations")
+        raise ValueError(f"{rows.source}: no generations")
     return out
 
 

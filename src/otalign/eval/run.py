@@ -115,9 +115,9 @@ def collect_answers(config: EvalConfig) -> tuple[list[str], list, list[tuple[lis
 def run_eval(config: EvalConfig, judge: Judge | None = None) -> dict:
     """Run the evaluation ``config`` describes (with ``judge`` instead of the configured one, if given); returns
     and writes the ``winrates.json`` content."""
+    names, prompts, repeats, answers = collect_answers(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names, prompts, repeats, answers = collect_answers(config)
     judge = judge or build_judge(config)
     _write_samples(out / "samples.jsonl", prompts, repeats, answers)
     pairs = []

@@ -17,8 +17,20 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """``"default"`` -> the converted default checkpoint folder; anything else is returned unchanged."""
-    return str(default_model_path()) if str(name_or_path) == DEFAULT_MODEL else str(name_or_path)
+    """``"default"`` -> the converted default checkpoint folder; a local folder or a Hugging Face id is returned
+    unchanged.
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` looks like a path (:func:`otalign.config.looks_like_path`) and is not a
+            readable folder, or is not a plausible hub id either: "model folder X does not exist".
+    """
+    from otalign.config import path_problem
+
+    if str(name_or_path) == DEFAULT_MODEL:
+        return str(default_model_path())
+    if problem := path_problem("model", str(name_or_path)):
+        raise FileNotFoundError(problem)
+    return str(name_or_path)
 
 
 def torch_dtype(name: str) -> torch.dtype | str:

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from otalign.config import Config, ConfigError, check_keys, coerce, field_types, parse_config
+from otalign.data.prompts import PROMPT_SETS
 
 TRAINERS: dict[str, tuple[str, str]] = {
     "ppo": ("otalign.trainers.ppo:PPOConfig", "otalign.trainers.ppo:PPOTrainer"),
@@ -70,13 +71,15 @@ class SweepConfig(Config):
 
     command: str = field(default="ppo", metadata={"help": f"trainer every cell runs: one of {sorted(TRAINERS)}"})
     output_dir: str = field(
-        default="runs/sweep", metadata={"help": "one folder per cell, reference/, results.json and the PNGs"}
+        default="runs/sweep",
+        metadata={"path": "output", "help": "one folder per cell, reference/, results.json and the PNGs"},
     )
     results_dir: str | None = field(
         default=None, metadata={"help": "where results.json and the PNGs go (None: output_dir)"}
     )
     base_config: str | None = field(
-        default=None, metadata={"help": "YAML file with the command's config shared by every cell (None: defaults)"}
+        default=None,
+        metadata={"path": "file", "help": "YAML file with the command's config shared by every cell (None: defaults)"},
     )
     base: dict = field(default_factory=dict, metadata={"help": "command config fields on top of base_config"})
     methods: dict = field(
@@ -124,9 +127,13 @@ class SweepConfig(Config):
         },
     )
     reference: str | None = field(
-        default=None, metadata={"help": "reference model (None: the base's ref_model_name_or_path or model)"}
+        default=None,
+        metadata={"path": "model", "help": "reference model (None: the base's ref_model_name_or_path or model)"},
     )
-    eval_prompts: str = field(default="builtin", metadata={"help": "held-out prompts: builtin or a prompt file"})
+    eval_prompts: str = field(
+        default="builtin",
+        metadata={"path": "file", "builtins": PROMPT_SETS, "help": "held-out prompts: builtin or a prompt file"},
+    )
     eval_split: str = field(default="test", metadata={"help": "split of the built-in prompts"})
     num_eval_prompts: int = field(default=0, metadata={"help": "seeded subsample of the held-out prompts (0: all)"})
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per evaluation batch"})
@@ -143,7 +150,8 @@ class SweepConfig(Config):
         default=None, metadata={"help": "built-in reward scoring held-out answers (None: the base's, else sentiment)"}
     )
     eval_reward_model: str | None = field(
-        default=None, metadata={"help": "reward model scoring held-out answers instead of eval_reward_fn"}
+        default=None,
+        metadata={"path": "model", "help": "reward model scoring held-out answers instead of eval_reward_fn"},
     )
     eval_w_lambda: float | None = field(
         default=None, metadata={"help": "W measurement: 1/eps of the Sinkhorn solve (None: the regularizer default)"}

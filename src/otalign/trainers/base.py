@@ -65,6 +65,7 @@ class BaseTrainer:
     project_name = "otalign"
 
     def __init__(self, config: TrainerConfig, accelerator: Accelerator | None = None) -> None:
+        config.validate()  # paths (model, data, output folder) before anything loads
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.accelerator = accelerator or Accelerator(

@@ -32,15 +32,27 @@ class TrainerConfig(Config):
 
     output_dir: str = field(
         default="runs/otalign",
-        metadata={"help": "folder for checkpoints (checkpoints/checkpoint-<step>), metrics.jsonl and the model"},
+        metadata={
+            "path": "output",
+            "help": "folder for checkpoints (checkpoints/checkpoint-<step>), metrics.jsonl and the model",
+        },
     )
-    seed: int = field(default=0, metadata={"help": "seeds Python, NumPy, torch and every derived sampling stream"})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "seeds Python, NumPy, torch and every derived sampling stream",
+            "check": "[0, 4294967295]",  # NumPy takes seeds in [0, 2**32)
+        },
+    )
     max_steps: int = field(
         default=100, metadata={"help": "optimisation steps to run (PPO: rollout batches)", "check": ">= 1"}
     )
     model_name_or_path: str = field(
         default="default",
-        metadata={"help": "Hugging Face id, local folder, or 'default' (the embedded SmolLM2-135M-Instruct)"},
+        metadata={
+            "path": "model",
+            "help": "Hugging Face id, local folder, or 'default' (the embedded SmolLM2-135M-Instruct)",
+        },
     )
     model_dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": MODEL_DTYPES})
     use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) instead of all weights"})
@@ -95,7 +107,7 @@ class TrainerConfig(Config):
         default=False, metadata={"help": "start afresh in an output_dir that holds a run (else: an error)"}
     )
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "a checkpoint folder to continue from (overrides resume)"}
+        default=None, metadata={"path": "dir", "help": "a checkpoint folder to continue from (overrides resume)"}
     )
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm bar on the main process"})
     on_nonfinite: str = field(

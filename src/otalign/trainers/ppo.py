@@ -42,7 +42,8 @@ class PPOConfig(RLConfig):
 
     output_dir: str = redefault(TrainerConfig, "output_dir", "runs/ppo")
     critic_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "critic backbone, e.g. the reward model (none: the policy's weights)"}
+        default=None,
+        metadata={"path": "model", "help": "critic backbone, e.g. the reward model (none: the policy's weights)"},
     )
     critic_freeze_backbone: bool = field(
         default=False, metadata={"help": "train only the critic's value head (the backbone runs without grad)"}

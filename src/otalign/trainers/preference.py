@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from otalign.data.preference import Example, PreferencePair, encode, load_preference_data
+from otalign.data.reading import numbered
 from otalign.losses import otpo_weights, sequence_logps
 from otalign.losses.aot import AOT_LOSSES
 from otalign.models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
@@ -57,12 +58,22 @@ class PreferenceConfig(TrainerConfig):
     output_dir: str = redefault(TrainerConfig, "output_dir", "runs/dpo")
     learning_rate: float = redefault(TrainerConfig, "learning_rate", 1e-6)
     dataset_name: str | None = field(
-        default=None, metadata={"help": "a .jsonl/.json/.parquet file, 'builtin', or a Hugging Face dataset name"}
+        default=None,
+        metadata={
+            "path": "data",
+            "builtins": ("builtin",),
+            "help": "a .jsonl/.json/.parquet file, 'builtin', or a Hugging Face dataset name",
+        },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "split of dataset_name to train on"})
     dataset_test_split: str = field(default="test", metadata={"help": "split of eval_dataset_name to evaluate"})
     eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "paired rows evaluated after training (eval/... metrics)"}
+        default=None,
+        metadata={
+            "path": "data",
+            "builtins": ("builtin",),
+            "help": "paired rows evaluated after training (eval/... metrics)",
+        },
     )
     eval_steps: int = field(
         default=0,
@@ -88,7 +99,8 @@ class PreferenceConfig(TrainerConfig):
     otpo_eps1: float = field(default=1.0, metadata={"help": "OTPO entropic regularization", "check": "> 0"})
     otpo_eps2: float = field(default=0.2, metadata={"help": "OTPO marginal relaxation", "check": "> 0"})
     ref_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "the frozen reference (none: a copy of the policy before training)"}
+        default=None,
+        metadata={"path": "model", "help": "the frozen reference (none: a copy of the policy before training)"},
     )
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "compute all reference log-probs once up front, then free the model"}
@@ -224,8 +236,8 @@ class PreferenceTrainer(BaseTrainer):
     def _encode(self, split: str, examples: list[Example], source: str) -> None:
         """Token ids of every completion (and, for KTO, of each prompt with the next row's completion)."""
         c = self.config
-        for i, example in enumerate(examples):
-            where = f"{source}, row {i + 1}"
+        for i, (row, example) in enumerate(numbered(examples)):
+            where = f"{source}, row {row}"
             sides = (
                 {"chosen": example.chosen, "rejected": example.rejected}
                 if isinstance(example, PreferencePair)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from otalign.data.preference import PreferencePair, encode, load_preference_data
+from otalign.data.reading import numbered
 from otalign.models import load_tokenizer
 from otalign.models.reward_head import load_reward_model, reward_model_from_causal_lm
 
@@ -144,8 +145,8 @@ class RewardTrainer(SupervisedTrainer):
         if not examples:
             raise ValueError(f"{source}: the dataset is empty")
         pairs = []
-        for i, example in enumerate(examples):
-            where = f"{source}, row {i + 1}"
+        for row, example in numbered(examples):
+            where = f"{source}, row {row}"
             if not isinstance(example, PreferencePair):
                 raise ValueError(f"{where}: reward training needs paired prompt/chosen/rejected rows")
             sides = []

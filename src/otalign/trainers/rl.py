@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 
 from otalign.data import Prompt, load_prompt_rows, prompt_columns, render_prompt, validate_prompt
+from otalign.data.prompts import PROMPT_SETS
+from otalign.data.reading import numbered
 from otalign.guard import ConvergenceError, ConvergenceWarning, NonFiniteError
 from otalign.models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
 from otalign.regularizers import (
@@ -87,7 +89,12 @@ class RLConfig(TrainerConfig):
     """
 
     prompts: str = field(
-        default="builtin", metadata={"help": "prompt set: builtin, arithmetic, or a .jsonl/.json/.txt prompt file"}
+        default="builtin",
+        metadata={
+            "path": "file",
+            "builtins": PROMPT_SETS,
+            "help": "prompt set: builtin, arithmetic, or a .jsonl/.json/.txt prompt file",
+        },
     )
     prompts_split: str = field(default="train", metadata={"help": "split of a built-in prompt set (train or test)"})
     use_chat_template: bool = field(
@@ -113,7 +120,7 @@ class RLConfig(TrainerConfig):
         default=None, metadata={"help": "weight of each reward function in the sum (none: all 1)"}
     )
     reward_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "sequence-classification reward model (set reward_fn none)"}
+        default=None, metadata={"path": "model", "help": "sequence-classification reward model (set reward_fn none)"}
     )
     reward_retokenize: bool = field(
         default=False, metadata={"help": "let a reward model with another tokenizer score re-tokenized text"}
@@ -399,7 +406,13 @@ class RLTrainer(BaseTrainer):
         self.prompt_texts = [
             render_prompt(r["prompt"], self.tokenizer, use_chat_template=c.use_chat_template) for r in rows
         ]
-        self.prompt_ids = encode_prompts(self.tokenizer, self.prompt_texts, max_prompt_length=c.max_prompt_length)
+        self.prompt_ids = encode_prompts(
+            self.tokenizer,
+            self.prompt_texts,
+            max_prompt_length=c.max_prompt_length,
+            source=c.prompts if prompts is None else "prompts",
+            numbers=[i for i, _ in numbered(rows)],
+        )
         self.rewards = self.build_rewards(reward)
         weights = c.reward_weights or [1.0] * len(self.rewards)
         if len(weights) != len(self.rewards):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from otalign.data.reading import numbered
 from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
 from otalign.models import load_causal_lm, load_tokenizer
 
@@ -127,8 +128,8 @@ class SFTTrainer(SupervisedTrainer):
             raise ValueError(f"{source}: the dataset is empty")
         rows = []
         longest = min(self.config.max_length, limit or self.config.max_length)
-        for i, example in enumerate(examples):
-            where = f"{source}, row {i + 1}"
+        for row, example in numbered(examples):
+            where = f"{source}, row {row}"
             ids, labels = encode_sft(self.tokenizer, example, where)
             if all(t == IGNORE_INDEX for t in labels[1:]):
                 raise ValueError(f"{where}: no response token to train on")

@@ -22,11 +22,19 @@ class SupervisedConfig(TrainerConfig):
     """Dataset and evaluation options shared by :class:`~otalign.trainers.SFTConfig` and ``RewardConfig``."""
 
     dataset_name: str | None = field(
-        default=None, metadata={"help": "a .jsonl/.json/.parquet file or a Hugging Face dataset name"}
+        default=None,
+        metadata={
+            "path": "data",
+            "builtins": ("builtin",),
+            "help": "a .jsonl/.json/.parquet file or a Hugging Face dataset name",
+        },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "split of dataset_name to train on"})
     dataset_test_split: str = field(default="test", metadata={"help": "split of eval_dataset_name to evaluate"})
-    eval_dataset_name: str | None = field(default=None, metadata={"help": "evaluation rows (file or dataset name)"})
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"path": "data", "builtins": ("builtin",), "help": "evaluation rows (file or dataset name)"},
+    )
     eval_steps: int = field(
         default=0, metadata={"help": "evaluate every this many steps (0: only after the last one)", "check": ">= 0"}
     )

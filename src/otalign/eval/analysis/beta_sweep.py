@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from otalign.config import Config, ConfigError
+from otalign.data.prompts import PROMPT_SETS
 from otalign.regularizers import REGULARIZERS
 
 from .sampling import save_figure
@@ -27,7 +28,10 @@ class BetaSweepConfig(Config):
 
     output_dir: str = field(
         default="reports/beta-sweep",
-        metadata={"help": "beta_sweep.json, beta_sweep.png and one PPO run folder per (regularizer, beta)"},
+        metadata={
+            "path": "output",
+            "help": "beta_sweep.json, beta_sweep.png and one PPO run folder per (regularizer, beta)",
+        },
     )
     ppo_config: str | None = field(default=None, metadata={"help": "YAML file with the base PPOConfig"})
     ppo: dict = field(
@@ -41,7 +45,10 @@ class BetaSweepConfig(Config):
     betas: list[float] = field(
         default_factory=lambda: [0.01, 0.05, 0.1], metadata={"help": "betas of the grid", "check": ">= 0"}
     )
-    eval_prompts: str = field(default="builtin", metadata={"help": "held-out prompts ('builtin' or a file)"})
+    eval_prompts: str = field(
+        default="builtin",
+        metadata={"path": "file", "builtins": PROMPT_SETS, "help": "held-out prompts ('builtin' or a file)"},
+    )
     eval_split: str = field(default="test", metadata={"help": "split of the built-in prompts"})
     num_eval_prompts: int = field(
         default=40, metadata={"help": "prompts evaluated (seeded subsample)", "check": ">= 1"}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from otalign.data.apps import APPS_MINI
 from otalign.trainers.config import ConfigError
 
 from ..config import SamplingFields
@@ -32,16 +33,26 @@ from .sampling import load_model, save_figure
 class CodeEvalConfig(SamplingFields):
     """Settings of ``otalign analyze apps`` (sampling fields: :class:`SamplingFields`)."""
 
-    output_dir: str = field(default="reports/apps", metadata={"help": "where apps.json/samples.jsonl/apps.png go"})
+    output_dir: str = field(
+        default="reports/apps", metadata={"path": "output", "help": "where apps.json/samples.jsonl/apps.png go"}
+    )
     prompts: str = field(
-        default="apps_mini", metadata={"help": "apps_mini, a raw APPS file, or a prompt file with a tests column"}
+        default="apps_mini",
+        metadata={
+            "path": "data",
+            "builtins": (APPS_MINI,),
+            "help": "apps_mini, a raw APPS file, or a prompt file with a tests column",
+        },
     )
     prompt_split: str = field(default="test", metadata={"help": "split of a Hugging Face APPS dataset"})
     num_prompts: int = field(default=5000, metadata={"help": "problems drawn (seeded); all when there are fewer"})
     max_new_tokens: int = field(default=256, metadata={"help": "program length limit (tokens)"})
-    model: str | None = field(default=None, metadata={"help": "model id or folder that writes the programs"})
+    model: str | None = field(
+        default=None, metadata={"path": "model", "help": "model id or folder that writes the programs"}
+    )
     generation_file: str | None = field(
-        default=None, metadata={"help": "JSONL of {problem_id or prompt, response} rows instead of a model"}
+        default=None,
+        metadata={"path": "file", "help": "JSONL of {problem_id or prompt, response} rows instead of a model"},
     )
     num_samples: int = field(default=5, metadata={"help": "programs sampled per problem (n of pass@k)"})
     ks: list[int] = field(default_factory=lambda: [1, 5], metadata={"help": "k values of pass@k (each <= n)"})

@@ -28,7 +28,7 @@ class CoherenceConfig(SamplingFields):
 
     output_dir: str = redefault(SamplingFields, "output_dir", "reports/coherence")
     models: list[str] = field(
-        default_factory=list, metadata={"help": "model ids or folders to compare (same tokenizer)"}
+        default_factory=list, metadata={"path": "model", "help": "model ids or folders to compare (same tokenizer)"}
     )
     embeddings_from: str | None = field(
         default=None, metadata={"help": "model whose input embeddings define the distances (none: the first)"}

@@ -18,7 +18,7 @@ class PenaltyFields(SamplingFields):
     penalty's settings (top-k capped at the vocabulary); sampling fields: :class:`SamplingFields`."""
 
     policy: str | None = field(default=None, metadata={"help": "the policy model id or folder"})
-    reference: str | None = field(default=None, metadata={"help": "the reference model id or folder"})
+    reference: str | None = field(default=None, metadata={"path": "model", "help": "the reference model id or folder"})
     lam: float = field(default=100.0, metadata={"help": "WPR entropic scale lambda (1/epsilon)", "check": "> 0"})
     wasserstein_top_k: int = field(
         default=128, metadata={"help": "tokens of each distribution in the WPR support", "check": ">= 1"}

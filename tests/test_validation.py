@@ -1,0 +1,158 @@
+"""Validation up front: every path a command names (models, data, prompt and generation files, output folders) and
+every stage of a pipeline is checked before any model or data loads; each failure is one line, exit status 2, and
+nothing is trained or written."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from otalign.cli import COMMANDS, Group, main
+from otalign.config import PATH_KINDS, ConfigError, ConfigParser, path_problem
+from otalign.models import load_causal_lm
+from otalign.models.tiny import save_tiny_model
+from otalign.pipeline import PipelineConfig
+from otalign.trainers import GRPOConfig, PPOConfig, PreferenceConfig, SFTConfig, SFTTrainer
+
+
+def run_error(argv: list[str], capsys) -> str:
+    """The one stderr line of a command that fails with exit status 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def pairs(tmp_path) -> str:
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "a", "completion": "good"}\n', encoding="utf-8")
+    return str(path)
+
+
+def all_config_classes() -> list[type]:
+    commands = [a for c in COMMANDS for a in (c.commands() if isinstance(c, Group) else [c])]
+    return [c.config_class() for c in commands]
+
+
+def test_every_path_field_names_a_known_kind():
+    kinds = {
+        (cls.__name__, f.name): f.metadata["path"]
+        for cls in all_config_classes()
+        for f in dataclasses.fields(cls)
+        if "path" in f.metadata
+    }
+    assert kinds[("SFTConfig", "model_name_or_path")] == "model" and kinds[("PPOConfig", "prompts")] == "file"
+    assert {kind for kind in kinds.values()} <= set(PATH_KINDS)
+
+
+@pytest.mark.parametrize("model", ["runs/no/model", "./no-model", "/no/such/model", "~/no-such-otalign-model"])
+def test_a_missing_model_folder_is_one_line_and_nothing_is_written(model, pairs, tmp_path, capsys):
+    out = tmp_path / "sft"
+    line = run_error(["sft", "--model_name_or_path", model, "--dataset_name", pairs, "--output_dir", str(out)], capsys)
+    assert line == f"otalign sft: error: --model_name_or_path: model folder {model} does not exist"
+    assert not out.exists()
+
+
+def test_hub_ids_and_builtin_names_pass_and_a_bad_id_does_not(tiny):
+    assert path_problem("model", "HuggingFaceTB/SmolLM2-135M-Instruct") is None
+    assert path_problem("model", "gpt2") is None
+    assert path_problem("model", tiny) is None
+    assert "neither a local folder" in path_problem("model", "not a model!")
+    for cls, argv in (
+        (PPOConfig, ["--prompts", "builtin"]),
+        (GRPOConfig, []),
+        (PreferenceConfig, ["--dataset_name", "builtin"]),
+    ):
+        config = ConfigParser(cls).parse(argv, validate=True)
+        assert config.model_name_or_path == "default"
+    assert GRPOConfig().prompts == "arithmetic"
+
+
+def test_a_run_folder_given_as_model_points_at_its_model(tiny, pairs, tmp_path, capsys):
+    run = tmp_path / "runs" / "sft"
+    save_tiny_model(run / "model")
+    line = run_error(
+        ["sft", "--model_name_or_path", str(run), "--dataset_name", pairs, "--output_dir", str(tmp_path / "o")], capsys
+    )
+    hint = f"(a run folder? its model is {run / 'model'})"
+    assert line == f"otalign sft: error: --model_name_or_path: model folder {run} has no config.json {hint}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_loader_names_a_missing_model_folder_without_a_hub_lookup(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"^model folder {tmp_path}/gone does not exist$"):
+        load_causal_lm(str(tmp_path / "gone"))
+
+
+def test_missing_input_files_are_named_with_their_option(tiny, tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    line = run_error(["dpo", "--model_name_or_path", tiny, "--dataset_name", str(missing)], capsys)
+    assert line == f"otalign dpo: error: --dataset_name: dataset {missing} does not exist"
+    line = run_error(["ppo", "--model_name_or_path", tiny, "--prompts", str(missing)], capsys)
+    assert line == f"otalign ppo: error: --prompts: file {missing} does not exist"
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a", "response": "b"}\n')
+    line = run_error(["eval", "--generation_files", str(good), str(missing)], capsys)
+    assert line == f"otalign eval: error: --generation_files: file {missing} does not exist"
+    line = run_error(["ppo", "--model_name_or_path", tiny, "--resume_from_checkpoint", str(tmp_path / "ck")], capsys)
+    assert line == f"otalign ppo: error: --resume_from_checkpoint: folder {tmp_path / 'ck'} does not exist"
+
+
+def test_an_output_folder_that_cannot_be_created_is_reported_before_loading(tiny, pairs, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "sft"
+    line = run_error(["sft", "--model_name_or_path", tiny, "--dataset_name", pairs, "--output_dir", str(out)], capsys)
+    assert line == f"otalign sft: error: --output_dir: cannot create {out}: {blocker} is not a writable folder"
+
+
+def test_a_path_from_a_config_file_names_the_file(pairs, tmp_path, capsys):
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model_name_or_path: runs/x/model\ndataset_name: {pairs}\n")
+    line = run_error(["sft", "--config", str(config), "--output_dir", str(tmp_path / "o")], capsys)
+    assert line == f"otalign sft: error: {config}: model_name_or_path: model folder runs/x/model does not exist"
+
+
+def test_a_trainer_checks_its_paths_before_loading(pairs, tmp_path):
+    config = SFTConfig(model_name_or_path="runs/no/model", dataset_name=pairs, output_dir=str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="^model_name_or_path: model folder runs/no/model does not exist$"):
+        SFTTrainer(config)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--ppo.per_device_train_batch_size", "0", "ppo: per_device_train_batch_size must be >= 1, got 0"),
+        ("--ppo.lr_scheduler_type", "nope", "ppo: unknown lr_scheduler_type 'nope'"),
+        ("--ppo.reward_fn", "sentiment", "ppo: set reward_fn: null when using reward_model_name_or_path"),
+        (
+            "--reward.eval_dataset_name",
+            "held_out.jsonl",
+            "reward.eval_dataset_name: dataset held_out.jsonl does not exist",
+        ),
+        ("--eval.judge_model", "runs/judge/model", "eval.judge_model: model folder runs/judge/model does not exist"),
+    ],
+)
+def test_pipeline_checks_every_stage_before_the_first_runs(option, value, message, tiny, tmp_path, capsys):
+    out = tmp_path / "pipeline"
+    line = run_error(["pipeline", "--output_dir", str(out), "--model_name_or_path", tiny, option, value], capsys)
+    assert line.startswith(f"otalign pipeline: error: {message}")
+    assert not (out / "data").exists() and not (out / "sft").exists()
+
+
+def test_pipeline_links_need_not_exist_before_their_stage_runs(tiny, tmp_path):
+    config = PipelineConfig(output_dir=str(tmp_path / "p"), model_name_or_path=tiny, ppo={"max_steps": 1})
+    config.validate()  # sft/model, reward/model and data/*.jsonl are written by the stages themselves
+    with pytest.raises(ConfigError, match="^model_name_or_path: model folder /gone does not exist"):
+        PipelineConfig(output_dir=str(tmp_path / "p"), model_name_or_path="/gone").validate()
