@@ -11,7 +11,7 @@ import pytest
 from otalign.cli import main
 from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
 from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
-from otalign.trainers import read_metrics
+from otalign.trainers import ConfigError, read_metrics
 from otalign.trainers.sft import SFTConfig, SFTTrainer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -163,3 +163,14 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_
     for row_one, row_two in zip(one, two, strict=True):
         for key in ("loss", "num_tokens", "learning_rate"):
             assert row_two[key] == pytest.approx(row_one[key], rel=1e-4), key
+
+
+def test_num_train_epochs_sets_the_steps_and_epoch_counts_passes_over_the_rows(tmp_path):
+    # 8 rows, 3 per step: 2 epochs are ceil(16 / 3) = 6 steps, whatever max_steps says
+    trainer = make_trainer(tmp_path, num_train_epochs=2, max_steps=100, per_device_train_batch_size=3)
+    assert trainer.num_examples == 8 and trainer.config.max_steps == 6
+    history = trainer.train()
+    assert [row["epoch"] for row in history] == pytest.approx([3 * k / 8 for k in range(1, 7)])
+    assert json.loads((tmp_path / "config.json").read_text())["max_steps"] == 6  # recorded for a resume
+    with pytest.raises(ConfigError, match="num_train_epochs must be > 0"):
+        SFTConfig(num_train_epochs=0)

@@ -88,6 +88,8 @@ def check_unchanged(config: SweepConfig, cells: Sequence[Cell]) -> None:
         for key in now:
             if key not in started and now[key] == defaults.get(key):
                 continue
+            if key == "max_steps" and now.get("num_train_epochs") is not None:
+                continue  # the trainer derived it from the epochs (count_examples) and recorded that
             if key not in IGNORED_CHANGES and started.get(key) != now[key]:
                 raise ConfigError(
                     f"cell {cell.name} was started with {key}={started.get(key)!r}, the sweep now sets {now[key]!r}: "

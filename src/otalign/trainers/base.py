@@ -81,6 +81,7 @@ class BaseTrainer:
         self.guard = FiniteGuard(self.accelerator, config.on_nonfinite)
         self._updated = False  # an optimizer step was applied in this process (for the guard's likely cause)
         self._grad_norms: list[float] = []  # gradient norms of the applied optimizer steps since the last advance
+        self.num_examples: int | None = None  # training-set size (count_examples), for epoch and num_train_epochs
 
     def print(self, *args) -> None:
         """Print on the main process only."""
@@ -160,11 +161,24 @@ class BaseTrainer:
         finally:
             bar.close()
 
+    def count_examples(self, examples: int) -> None:
+        """Record the size of the training set (rows; RL: prompts x responses per prompt), call before
+        :meth:`create_scheduler`: the ``epoch`` metric counts passes over it and, with ``num_train_epochs``,
+        ``config.max_steps`` becomes ``ceil(num_train_epochs * examples / (step_batch_size * processes))``."""
+        c = self.config
+        self.num_examples = examples
+        if c.num_train_epochs is not None:
+            per_step = c.step_batch_size * self.accelerator.num_processes
+            c.max_steps = max(1, math.ceil(c.num_train_epochs * examples / per_step - 1e-9))
+
     def end_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Log ``metrics`` (every ``logging_steps``; with ``on_nonfinite: skip`` also ``nonfinite/skipped_steps``,
-        the optimizer steps skipped so far) and checkpoint (every ``save_steps`` and at the end, if > 0)."""
+        """Log ``metrics`` with ``epoch`` (passes over the training set so far, as TRL; with ``on_nonfinite:
+        skip`` also ``nonfinite/skipped_steps``, the optimizer steps skipped so far) every ``logging_steps``,
+        and checkpoint (every ``save_steps`` and at the end, if > 0)."""
         c = self.config
         self.state.global_step = step
+        if self.num_examples:
+            metrics["epoch"] = self.state.samples_seen / self.num_examples
         if c.on_nonfinite == "skip":
             metrics["nonfinite/skipped_steps"] = float(self.state.skipped_steps)
         if step % c.logging_steps == 0 or step == c.max_steps:

@@ -47,6 +47,14 @@ class TrainerConfig(Config):
     max_steps: int = field(
         default=100, metadata={"help": "optimisation steps to run (PPO: rollout batches)", "check": ">= 1"}
     )
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "passes over the training rows (RL: prompts x num_generations) instead of max_steps (none: "
+            "max_steps decides); the steps are ceil(epochs x rows / (step batch x processes))",
+            "check": "> 0",
+        },
+    )
     model_name_or_path: str = field(
         default="default",
         metadata={

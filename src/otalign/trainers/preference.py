@@ -219,6 +219,7 @@ class PreferenceTrainer(BaseTrainer):
         self.policy, self.optimizer = self.prepare(policy, self.create_optimizer(self.params))
         # FSDP2 replaces the parameters with sharded ones: clip those (the optimizer's), not the originals
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.count_examples(len(self.train_data))
         self.scheduler = self.create_scheduler(self.optimizer)
 
     # ------------------------------------------------------------------ data

@@ -139,6 +139,7 @@ class RewardTrainer(SupervisedTrainer):
         longest = max(len(p) + len(r) for pair in train_pairs + (self.eval_pairs or []) for p, r in pair)
         if limit is not None and longest > limit:
             raise ValueError(f"a row has {longest} tokens, more than the model's context of {limit}; lower max_length")
+        self.count_examples(len(self.train_pairs))
         self.prepare_model(model, task_type="SEQ_CLS")
 
     def _encode(self, examples: list, source: str) -> list[Pair]:

@@ -507,6 +507,7 @@ class RLTrainer(BaseTrainer):
         self.params = [p for m in models for p in m.parameters() if p.requires_grad]
         prepared = self.prepare(*models, self.create_optimizer(self.params))
         self.optimizer = prepared[-1]
+        self.count_examples(len(self.prompt_ids) * self.num_generations)
         self.scheduler = self.create_scheduler(self.optimizer)
         self.accelerator.register_for_checkpointing(self.beta_controller)
         return prepared[:-1]

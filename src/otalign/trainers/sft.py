@@ -121,6 +121,7 @@ class SFTTrainer(SupervisedTrainer):
                 raise ValueError(f"packing: max_length={c.max_length} is more than the model's context of {limit}")
             self.train_rows = pack(self.train_rows, c.max_length, c.seed)
         self.eval_rows = self._encode(eval_data, c.eval_dataset_name or "eval_data", limit) if eval_data else None
+        self.count_examples(len(self.train_rows))
         self.prepare_model(model, task_type="CAUSAL_LM")
 
     def _encode(self, examples: list[SFTExample], source: str, limit: int | None) -> list[Row]:
