@@ -66,6 +66,49 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
+class AdapterDisabled:
+    """The base model under a peft model's adapters, as a frozen reference: ``ref(**inputs)`` runs ``peft_model``
+    with its adapters disabled and without gradients. TRL's reference for LoRA training: no second copy of the
+    weights, and exactly the frozen base's outputs (a disabled LoRA layer is its base layer).
+
+    Deliberately not an ``nn.Module``: ``.eval()``, ``.to()`` and ``.requires_grad_()`` on the reference must not
+    reach the policy whose weights it shares, so they are no-ops here.
+    """
+
+    def __init__(self, peft_model) -> None:
+        if not hasattr(peft_model, "disable_adapter"):
+            raise TypeError(f"AdapterDisabled needs a peft model, got {type(peft_model).__name__}")
+        self.peft_model = peft_model
+
+    @property
+    def config(self):
+        return self.peft_model.config
+
+    @property
+    def module(self):
+        """The base transformers model (whose ``forward`` signature the generation helpers inspect)."""
+        return self.peft_model.get_base_model()
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+    def get_input_embeddings(self):
+        return self.peft_model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.peft_model.get_output_embeddings()
+
+    def eval(self) -> AdapterDisabled:
+        return self
+
+    def to(self, *args, **kwargs) -> AdapterDisabled:
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> AdapterDisabled:
+        return self
+
+
 def apply_lora(
     model: torch.nn.Module,
     *,

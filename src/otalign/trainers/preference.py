@@ -32,7 +32,7 @@ from otalign.data.preference import Example, PreferencePair, encode, load_prefer
 from otalign.data.reading import numbered
 from otalign.losses import otpo_weights, sequence_logps
 from otalign.losses.aot import AOT_LOSSES
-from otalign.models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
+from otalign.models import AdapterDisabled, apply_lora, frozen_copy, load_causal_lm, load_tokenizer
 
 from .base import BaseTrainer
 from .config import ConfigError, TrainerConfig, redefault
@@ -140,7 +140,9 @@ class PreferenceTrainer(BaseTrainer):
     Args:
         config: :class:`PreferenceConfig`.
         policy: causal LM to train (before LoRA is applied).
-        ref_model: frozen reference (default: ``ref_model_name_or_path`` or a frozen copy of ``policy``).
+        ref_model: frozen reference (default: ``ref_model_name_or_path``, else with ``use_peft`` the policy's base
+            with its adapters disabled (:class:`otalign.models.AdapterDisabled`, as TRL), else a frozen copy of
+            ``policy``).
         tokenizer: the policy's tokenizer.
         train_data: :class:`~otalign.data.preference.PreferencePair` or ``LabeledCompletion`` rows instead
             of ``config.dataset_name``.
@@ -202,14 +204,13 @@ class PreferenceTrainer(BaseTrainer):
         self.ref_values = self._dataset_reference()
         self.ref_tokens: dict[Key, torch.Tensor] | None = None
         self.ref_model = None
-        if self.ref_values is None:
+        # with LoRA and no reference given: the policy's base with adapters disabled (after prepare), as TRL
+        shares_weights = self.ref_values is None and ref_model is None and not c.ref_model_name_or_path and c.use_peft
+        if self.ref_values is None and not shares_weights:
             if ref_model is None:
                 path = c.ref_model_name_or_path
                 ref_model = load_causal_lm(path, dtype=c.model_dtype) if path else frozen_copy(policy)
-            self.ref_model = ref_model.eval().requires_grad_(False).to(device)
-            if c.precompute_ref_log_probs:
-                self.ref_tokens = self._precompute_reference()
-                self.ref_model = None
+            self._set_reference(ref_model.eval().requires_grad_(False).to(device))
         if c.use_peft:
             policy = apply_lora(
                 policy, r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout, target_modules=c.lora_target_modules
@@ -219,8 +220,17 @@ class PreferenceTrainer(BaseTrainer):
         self.policy, self.optimizer = self.prepare(policy, self.create_optimizer(self.params))
         # FSDP2 replaces the parameters with sharded ones: clip those (the optimizer's), not the originals
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        if shares_weights:
+            self._set_reference(AdapterDisabled(self.accelerator.unwrap_model(self.policy)))
         self.count_examples(len(self.train_data))
         self.scheduler = self.create_scheduler(self.optimizer)
+
+    def _set_reference(self, ref_model) -> None:
+        """Use ``ref_model`` as the reference, or (``precompute_ref_log_probs``) only once, to precompute."""
+        self.ref_model = ref_model
+        if self.config.precompute_ref_log_probs:
+            self.ref_tokens = self._precompute_reference()
+            self.ref_model = None
 
     # ------------------------------------------------------------------ data
     def _load(self, given, source, option, split, *, required=True):

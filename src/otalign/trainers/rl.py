@@ -45,7 +45,7 @@ from otalign.data import Prompt, load_prompt_rows, prompt_columns, render_prompt
 from otalign.data.prompts import PROMPT_SETS
 from otalign.data.reading import numbered
 from otalign.guard import ConvergenceError, ConvergenceWarning, NonFiniteError
-from otalign.models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
+from otalign.models import AdapterDisabled, apply_lora, frozen_copy, load_causal_lm, load_tokenizer
 from otalign.regularizers import (
     KL_ESTIMATORS,
     LOG_PROB_FLOOR,
@@ -366,7 +366,8 @@ class RLTrainer(BaseTrainer):
     Args:
         config: an :class:`RLConfig`.
         policy: causal LM to train (before LoRA is applied); default: loaded from ``model_name_or_path``.
-        ref_model: frozen reference (default: a frozen copy of ``policy`` as given).
+        ref_model: frozen reference (default: a frozen copy of ``policy`` as given; with ``use_peft`` the policy's
+            base with its adapters disabled, :class:`otalign.models.AdapterDisabled`, as TRL: no second copy).
         tokenizer: the policy's tokenizer (default: loaded from ``model_name_or_path``).
         reward: an :class:`otalign.rewards.Reward`, a callable ``fn(prompts, responses, **columns)``, or a list of
             them (summed with ``reward_weights``); default: from the config.
@@ -467,8 +468,12 @@ class RLTrainer(BaseTrainer):
         c = self.config
         policy = policy if policy is not None else load_causal_lm(c.model_name_or_path, dtype=c.model_dtype)
         check_context(policy, self.prompt_ids, c.response_length)
-        self.ref_model = (ref_model if ref_model is not None else frozen_copy(policy)).eval().requires_grad_(False)
-        self.regularizer = regularizer if regularizer is not None else regularizer_from_config(c, self.ref_model)
+        if ref_model is None and c.use_peft:  # the policy's base with adapters disabled (set in prepare_training)
+            self.ref_model = None
+        else:
+            self.ref_model = (ref_model if ref_model is not None else frozen_copy(policy)).eval().requires_grad_(False)
+        reference = self.ref_model if self.ref_model is not None else policy  # policy: still without LoRA here
+        self.regularizer = regularizer if regularizer is not None else regularizer_from_config(c, reference)
         if c.penalty_in == "loss" and not self.uses_k3 and not _has_support_gradient(self.regularizer):
             raise ValueError(f"penalty_in=loss needs a regularizer with support_gradient, got {self.regularizer!r}")
         return policy
@@ -497,7 +502,7 @@ class RLTrainer(BaseTrainer):
                 policy, r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout, target_modules=c.lora_target_modules
             )
         device = self.accelerator.device
-        self.ref_model.to(device)
+        self.ref_model = self.ref_model.to(device) if self.ref_model is not None else AdapterDisabled(policy)
         for reward in self.rewards.values():
             if hasattr(reward, "model"):
                 reward.model.to(device)
