@@ -135,3 +135,23 @@ def test_a_name_that_is_no_file_needs_the_datasets_package():
             load_preference_data("someone/no-such-dataset")
     else:
         pytest.skip("datasets is installed: the name would go to the hub")
+
+
+def test_dataset_config_reaches_load_dataset_and_is_refused_for_local_files(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from otalign.data.sft import load_sft_data
+
+    calls = []
+    rows = [{"prompt": "hi", "chosen": "good", "rejected": "bad"}, {"prompt": "yo", "chosen": "fine", "rejected": "no"}]
+
+    def load_dataset(path, name=None, *, split=None):  # stands in for the hub: tests never go online
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    pairs = load_preference_data("someone/prefs", "validation", config="en")
+    assert calls == [("someone/prefs", "en", "validation")] and pairs[1].chosen == "fine"
+    with pytest.raises(ValueError, match=r"dataset_config='en' names a Hugging Face dataset's configuration"):
+        load_preference_data(str(FIXTURES / "preference_pairs.jsonl"), config="en")
+    with pytest.raises(ValueError, match="is local"):
+        load_sft_data(str(FIXTURES / "sft_pairs.jsonl"), config="en")

@@ -174,3 +174,18 @@ def test_num_train_epochs_sets_the_steps_and_epoch_counts_passes_over_the_rows(t
     assert json.loads((tmp_path / "config.json").read_text())["max_steps"] == 6  # recorded for a resume
     with pytest.raises(ConfigError, match="num_train_epochs must be > 0"):
         SFTConfig(num_train_epochs=0)
+
+
+def test_dataset_config_goes_with_both_splits_of_a_hub_dataset(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+    rows = [json.loads(line) for line in Path(PAIRS).read_text().splitlines() if line.strip()]
+
+    def load_dataset(path, name=None, *, split=None):  # stands in for the hub: tests never go online
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    trainer = make_trainer(tmp_path, dataset_name="someone/sft", eval_dataset_name="someone/sft", dataset_config="en")
+    assert calls == [("someone/sft", "en", "train"), ("someone/sft", "en", "test")]
+    assert len(trainer.train_rows) == len(rows)

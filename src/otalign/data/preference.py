@@ -64,8 +64,10 @@ class LabeledCompletion:
 Example = PreferencePair | LabeledCompletion
 
 
-def load_preference_data(source: str, split: str = "train") -> list[PreferencePair] | list[LabeledCompletion]:
-    """All rows of ``source`` (a file path or a Hugging Face dataset name), validated.
+def load_preference_data(
+    source: str, split: str = "train", config: str | None = None
+) -> list[PreferencePair] | list[LabeledCompletion]:
+    """All rows of ``source`` (a file path or a Hugging Face dataset name, with its ``config``), validated.
 
     The format (paired or unpaired) is set by the first row: it has ``chosen`` or ``completion``.
 
@@ -74,7 +76,7 @@ def load_preference_data(source: str, split: str = "train") -> list[PreferencePa
             some rows only, or no row at all; the message names the source, row and field.
         FileNotFoundError: neither a file nor (with ``datasets`` installed) a loadable dataset name.
     """
-    return parse_rows(read_rows(source, split), source)
+    return parse_rows(read_rows(source, split, config=config), source)
 
 
 BUILTIN_PREFERENCES = "builtin"
@@ -82,13 +84,20 @@ BUILTIN_PREFERENCES = "builtin"
 ``otalign data synth`` (the default model's best and worst of 4 samples by the sentiment reward)."""
 
 
-def read_rows(source: str, split: str = "train", *, on_error: str = "raise") -> Rows:
+def read_rows(source: str, split: str = "train", *, on_error: str = "raise", config: str | None = None) -> Rows:
     """Raw rows of a ``.jsonl``/``.json``/``.parquet`` file (:func:`otalign.data.reading.read_file`, which ``on_error``
     is passed to), a folder written by ``save_to_disk`` (its ``split`` for a ``DatasetDict``), a Hugging Face
-    dataset's ``split`` (``datasets.load_dataset``), or the packaged demo preference set (``"builtin"``)."""
+    dataset's ``split`` in its configuration ``config`` (``datasets.load_dataset(source, config, split=split)``,
+    TRL's ``dataset_config``), or the packaged demo preference set (``"builtin"``).
+
+    Raises:
+        ValueError: ``config`` given for a file or a saved folder (it names a hub dataset's configuration).
+    """
     if source == BUILTIN_PREFERENCES:
         source = str(resources.files("otalign.data") / "builtin" / "sentiment_preferences.jsonl")
     path = Path(source)
+    if config is not None and path.exists():
+        raise ValueError(f"dataset_config={config!r} names a Hugging Face dataset's configuration; {source} is local")
     if path.is_file():
         return read_file(path, kind="dataset", formats=("jsonl", "json", "parquet"), on_error=on_error)
     try:
@@ -107,7 +116,7 @@ def read_rows(source: str, split: str = "train", *, on_error: str = "raise") -> 
         return Rows(saved, source)
     if path.exists() or source.startswith((".", "/", "~")) or path.suffix.lower() in (".jsonl", ".json", ".parquet"):
         raise FileNotFoundError(f"dataset {source!r}: no such file (nor a folder saved with save_to_disk)")
-    return Rows(datasets.load_dataset(source, split=split), source)
+    return Rows(datasets.load_dataset(source, config, split=split), source)
 
 
 def parse_rows(rows: list[object], where: str) -> list[PreferencePair] | list[LabeledCompletion]:

@@ -31,9 +31,10 @@ class SFTExample:
     messages: list[dict[str, str]] | None = None
 
 
-def load_sft_data(source: str, split: str = "train") -> list[SFTExample]:
-    """All rows of ``source`` (file or Hugging Face dataset name), validated; errors name source, row and field."""
-    return parse_sft_rows(read_rows(source, split), source)
+def load_sft_data(source: str, split: str = "train", config: str | None = None) -> list[SFTExample]:
+    """All rows of ``source`` (file, or Hugging Face dataset name with its ``config``), validated; errors name
+    source, row and field."""
+    return parse_sft_rows(read_rows(source, split, config=config), source)
 
 
 def parse_sft_rows(rows: list[object], where: str) -> list[SFTExample]:

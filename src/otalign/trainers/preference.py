@@ -65,6 +65,9 @@ class PreferenceConfig(TrainerConfig):
             "help": "a .jsonl/.json/.parquet file, 'builtin', or a Hugging Face dataset name",
         },
     )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "configuration of a Hugging Face dataset_name (and eval_dataset_name), as TRL"}
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "split of dataset_name to train on"})
     dataset_test_split: str = field(default="test", metadata={"help": "split of eval_dataset_name to evaluate"})
     eval_dataset_name: str | None = field(
@@ -242,7 +245,7 @@ class PreferenceTrainer(BaseTrainer):
             if required:
                 raise ConfigError(f"set {option} (a .jsonl/.json/.parquet file or a Hugging Face dataset name)")
             return None
-        return load_preference_data(source, split)
+        return load_preference_data(source, split, self.config.dataset_config)
 
     def _encode(self, split: str, examples: list[Example], source: str) -> None:
         """Token ids of every completion (and, for KTO, of each prompt with the next row's completion)."""

@@ -29,6 +29,9 @@ class SupervisedConfig(TrainerConfig):
             "help": "a .jsonl/.json/.parquet file or a Hugging Face dataset name",
         },
     )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "configuration of a Hugging Face dataset_name (and eval_dataset_name), as TRL"}
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "split of dataset_name to train on"})
     dataset_test_split: str = field(default="test", metadata={"help": "split of eval_dataset_name to evaluate"})
     eval_dataset_name: str | None = field(
@@ -53,14 +56,14 @@ class SupervisedTrainer(BaseTrainer):
     """Shared steps of the SFT and reward trainers; subclasses write ``train`` and ``evaluate``."""
 
     def load_datasets(self, train_data, eval_data, load) -> tuple[list, list | None]:
-        """``train_data``/``eval_data`` if given, else ``load(name, split)`` of the config's datasets."""
+        """``train_data``/``eval_data`` if given, else ``load(name, split, dataset_config)`` of the config's data."""
         c = self.config
         if train_data is None:
             if c.dataset_name is None:
                 raise ConfigError("set dataset_name (a .jsonl/.json/.parquet file or a Hugging Face dataset name)")
-            train_data = load(c.dataset_name, c.dataset_train_split)
+            train_data = load(c.dataset_name, c.dataset_train_split, c.dataset_config)
         if eval_data is None and c.eval_dataset_name is not None:
-            eval_data = load(c.eval_dataset_name, c.dataset_test_split)
+            eval_data = load(c.eval_dataset_name, c.dataset_test_split, c.dataset_config)
         return train_data, eval_data
 
     def prepare_model(self, model, *, task_type: str) -> None:
