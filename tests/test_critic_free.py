@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ppo import good_share
 
 from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
 from otalign.trainers import (
@@ -29,11 +30,6 @@ PROMPTS = [
     "what is your friend ?",
 ]
 TRAINERS = {"ppo": (PPOConfig, PPOTrainer), "grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
-
-
-def good_share(prompts: list[str], responses: list[str]) -> list[float]:
-    """Trivially learnable reward: the share of the word 'good' among the response's words."""
-    return [r.split().count("good") / max(len(r.split()), 1) for r in responses]
 
 
 def characters(prompts: list[str], responses: list[str]) -> list[float]:

@@ -9,14 +9,13 @@ from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint, list
 from .config import ConfigError, TrainerConfig, parse_config
 from .critic_free import CriticFreeConfig, CriticFreeTrainer, GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from .metrics import MetricsLogger, read_metrics
-from .ppo import DEFAULT_BETA, PPOConfig, PPOTrainer
+from .ppo import PPOConfig, PPOTrainer
 from .preference import PreferenceConfig, PreferenceTrainer
 from .reward import RewardConfig, RewardTrainer
 from .rl import BetaController, RLConfig, RLTrainer
 from .sft import SFTConfig, SFTTrainer
 
 __all__ = [
-    "DEFAULT_BETA",
     "BaseTrainer",
     "BetaController",
     "CheckpointManager",

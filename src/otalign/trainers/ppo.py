@@ -28,11 +28,10 @@ from otalign.models import ValueModel
 
 from . import ppo_math as pm
 from .config import TrainerConfig, redefault
-from .metrics import Timer
-from .rl import DEFAULT_BETA, RLConfig, RLTrainer, check_context, regularizer_from_config
+from .rl import RLConfig, RLTrainer
 from .rollout import response_logits, response_values
 
-__all__ = ["DEFAULT_BETA", "PPOConfig", "PPOTrainer", "Timer", "check_context", "regularizer_from_config"]
+__all__ = ["PPOConfig", "PPOTrainer"]
 
 
 @dataclass

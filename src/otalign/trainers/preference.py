@@ -36,7 +36,7 @@ from otalign.models import AdapterDisabled, apply_lora, frozen_copy, load_causal
 
 from .base import BaseTrainer
 from .config import ConfigError, TrainerConfig, redefault
-from .ppo import Timer
+from .metrics import Timer
 from .preference_batch import SequenceBatch, collate, completion_logps
 from .preference_losses import PAIRWISE_LOSSES, PREFERENCE_LOSSES, build_preference_loss, loss_inputs, loss_options
 

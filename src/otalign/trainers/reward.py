@@ -27,7 +27,7 @@ from otalign.models import load_tokenizer
 from otalign.models.reward_head import load_reward_model, reward_model_from_causal_lm
 
 from .config import ConfigError, redefault
-from .ppo import Timer
+from .metrics import Timer
 from .preference_batch import collate
 from .supervised import SupervisedConfig, SupervisedTrainer
 

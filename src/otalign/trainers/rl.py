@@ -67,9 +67,6 @@ from .config import ConfigError, TrainerConfig
 from .metrics import Timer
 from .rollout import Rollout, SamplingParams, encode_prompts, generate, response_logits, sample_seeds
 
-DEFAULT_BETA = {name: REGULARIZERS.default(name, "beta") for name in REGULARIZERS}
-"""beta per regularizer when the config leaves it unset (registered in :data:`otalign.regularizers.REGULARIZERS`)."""
-
 MAX_STATS = ("sinkhorn/iters", "sinkhorn/marginal_err")
 """Regularizer statistics reduced by maximum across processes (the others, ``sinkhorn/unconverged_frac``
 included, are token-weighted means: the share of all generated positions)."""
@@ -870,7 +867,6 @@ def _has_support_gradient(regularizer) -> bool:
 
 
 __all__ = [
-    "DEFAULT_BETA",
     "BetaController",
     "Prompt",
     "RLConfig",

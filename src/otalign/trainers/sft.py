@@ -27,7 +27,7 @@ from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
 from otalign.models import load_causal_lm, load_tokenizer
 
 from .config import redefault
-from .ppo import Timer
+from .metrics import Timer
 from .supervised import SupervisedConfig, SupervisedTrainer
 
 Row = tuple[list[int], list[int]]
