@@ -168,7 +168,7 @@ def test_sft_on_a_non_utf8_file_stops_before_training(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("command", "row", "message"),
     [
-        ("dpo", {"prompt": "a", "chosen": "good " * 20, "rejected": "bad"}, "field 'chosen': prompt + completion have"),
+        ("dpo", {"prompt": "a", "chosen": "good " * 20, "rejected": "bad"}, "field 'chosen': 22 tokens"),
         ("reward", {"prompt": "a", "chosen": "good " * 20, "rejected": "bad"}, "field 'chosen': 22 tokens"),
         ("sft", {"prompt": "a", "completion": "good " * 20}, "22 tokens, more than max_length=8"),
     ],
@@ -180,6 +180,6 @@ def test_a_too_long_row_is_numbered_by_its_line(command, row, message, tmp_path,
     data.write_text(lines(short, "", row))
     out = tmp_path / "run"
     argv = [command, "--model_name_or_path", model, "--dataset_name", str(data), "--output_dir", str(out)]
-    line = run_error([*argv, "--max_length", "8", "--no_progress_bar"], capsys)
+    line = run_error([*argv, "--max_length", "8", "--truncation_mode", "error", "--no_progress_bar"], capsys)
     assert line.startswith(f"otalign {command}: error: {data}, row 3") and message in line, line
     assert not (out / "metrics.jsonl").exists() and not (out / "model").exists()

@@ -142,9 +142,9 @@ def test_conversation_without_assistant_turn_is_rejected(tmp_path):
         load_sft_data(str(path))
 
 
-def test_too_long_example_is_an_error(tmp_path):
+def test_too_long_example_is_an_error_in_error_mode(tmp_path):
     with pytest.raises(ValueError, match="row 1: .* tokens, more than max_length=4"):
-        make_trainer(tmp_path, max_length=4)
+        make_trainer(tmp_path, max_length=4, truncation_mode="error")
 
 
 @pytest.mark.multiprocess

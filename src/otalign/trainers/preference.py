@@ -30,6 +30,7 @@ import torch
 
 from otalign.data.preference import Example, PreferencePair, encode, load_preference_data
 from otalign.data.reading import numbered
+from otalign.data.truncation import truncate_pair, truncation_field
 from otalign.losses import otpo_weights, sequence_logps
 from otalign.losses.aot import AOT_LOSSES
 from otalign.models import AdapterDisabled, apply_lora, frozen_copy, load_causal_lm, load_tokenizer
@@ -83,8 +84,10 @@ class PreferenceConfig(TrainerConfig):
         metadata={"help": "also evaluate every this many steps (0: only after the last one)", "check": ">= 0"},
     )
     max_length: int = field(
-        default=1024, metadata={"help": "most tokens of prompt + completion (longer is an error)", "check": ">= 2"}
+        default=1024,
+        metadata={"help": "most tokens of prompt + completion (longer: see truncation_mode)", "check": ">= 2"},
     )
+    truncation_mode: str = truncation_field("keep_end")
     loss_type: str = field(default="sigmoid", metadata={"help": "the loss", "choices": PREFERENCE_LOSSES.names})
     beta: float = field(
         default=0.1,
@@ -154,9 +157,9 @@ class PreferenceTrainer(BaseTrainer):
         accelerator: an existing ``accelerate.Accelerator``.
 
     Raises:
-        ValueError: bad rows (naming source, row and field), rows longer than ``max_length`` or the model's
-            context, a pairwise loss on unpaired data, dataset reference columns with OTPO or KTO: all
-            before training.
+        ValueError: bad rows (naming source, row and field), rows longer than ``max_length`` (with
+            ``truncation_mode: error``) or the model's context, a pairwise loss on unpaired data, dataset reference
+            columns with OTPO or KTO: all before training.
     """
 
     progress_keys = ("loss", "rewards/accuracies", "rewards/margins")
@@ -248,7 +251,8 @@ class PreferenceTrainer(BaseTrainer):
         return load_preference_data(source, split, self.config.dataset_config)
 
     def _encode(self, split: str, examples: list[Example], source: str) -> None:
-        """Token ids of every completion (and, for KTO, of each prompt with the next row's completion)."""
+        """Token ids of every completion, cut to ``max_length`` by ``truncation_mode`` (and, for KTO, of each prompt
+        with the next row's completion)."""
         c = self.config
         for i, (row, example) in enumerate(numbered(examples)):
             where = f"{source}, row {row}"
@@ -259,15 +263,11 @@ class PreferenceTrainer(BaseTrainer):
             )
             for side, completion in sides.items():
                 prompt_ids, completion_ids = encode(self.tokenizer, example.prompt, completion, where)
-                length = len(prompt_ids) + len(completion_ids)
                 if not prompt_ids or not completion_ids:
                     raise ValueError(f"{where}, field {side!r}: the prompt or the completion encodes to no tokens")
-                if length > c.max_length:
-                    raise ValueError(
-                        f"{where}, field {side!r}: prompt + completion have {length} tokens, more than "
-                        f"max_length={c.max_length}"
-                    )
-                self.sequences[(split, i, side)] = (prompt_ids, completion_ids)
+                self.sequences[(split, i, side)] = truncate_pair(
+                    prompt_ids, completion_ids, c.max_length, c.truncation_mode, f"{where}, field {side!r}"
+                )
         if self.loss.needs_kl and split == "train":
             # KTO's reference point: prompt i with the completion of row i + 1 (cut to fit max_length).
             for (_, i, side), (prompt_ids, _) in list(self.sequences.items()):

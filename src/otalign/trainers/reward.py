@@ -8,7 +8,8 @@ standard ``AutoModelForSequenceClassification`` checkpoint (LoRA adapters merged
 ``output_dir/model``: the ``reward_model_name_or_path`` of ``otalign ppo``.
 
 Data: paired ``prompt/chosen/rejected`` rows (:mod:`otalign.data.preference`), encoded like the DPO
-trainer's (chat template for conversations, EOS after plain-text responses). The held-out pairs are
+trainer's (chat template for conversations, EOS after plain-text responses); a side longer than ``max_length``
+is an error by default, or truncated by ``truncation_mode`` (:mod:`otalign.data.truncation`). The held-out pairs are
 ``eval_dataset_name``, or a seeded ``eval_split_size`` share of the training file. Metrics (TRL names):
 ``loss``, ``accuracy`` (share of pairs with :math:`r^+ > r^-`), ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/margins`` (mean :math:`r^+ - r^-`), and the same under ``eval/`` for the held-out pairs.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from otalign.data.preference import PreferencePair, encode, load_preference_data
 from otalign.data.reading import numbered
+from otalign.data.truncation import truncate_pair
 from otalign.models import load_tokenizer
 from otalign.models.reward_head import load_reward_model, reward_model_from_causal_lm
 
@@ -43,6 +45,7 @@ class RewardConfig(SupervisedConfig):
 
     output_dir: str = redefault(SupervisedConfig, "output_dir", "runs/reward")
     learning_rate: float = redefault(SupervisedConfig, "learning_rate", 1e-5)
+    truncation_mode: str = redefault(SupervisedConfig, "truncation_mode", "error")
     eval_split_size: float = field(
         default=0.0,
         metadata={
@@ -100,8 +103,8 @@ class RewardTrainer(SupervisedTrainer):
         accelerator: an existing ``accelerate.Accelerator``.
 
     Raises:
-        ValueError: unpaired or bad rows (naming source, row and field), rows longer than ``max_length`` or the
-            model's context: all before training.
+        ValueError: unpaired or bad rows (naming source, row and field), rows longer than ``max_length`` (with
+            ``truncation_mode: error``) or the model's context: all before training.
     """
 
     progress_keys = ("loss", "accuracy", "rewards/margins")
@@ -153,14 +156,12 @@ class RewardTrainer(SupervisedTrainer):
             sides = []
             for side in ("chosen", "rejected"):
                 prompt_ids, response_ids = encode(self.tokenizer, example.prompt, getattr(example, side), where)
-                length = len(prompt_ids) + len(response_ids)
                 if not response_ids:
                     raise ValueError(f"{where}, field {side!r}: the response encodes to no tokens")
-                if length > self.config.max_length:
-                    raise ValueError(
-                        f"{where}, field {side!r}: {length} tokens, more than max_length={self.config.max_length}"
-                    )
-                sides.append((prompt_ids, response_ids))
+                c = self.config
+                sides.append(
+                    truncate_pair(prompt_ids, response_ids, c.max_length, c.truncation_mode, f"{where}, field {side!r}")
+                )
             pairs.append(tuple(sides))
         return pairs
 

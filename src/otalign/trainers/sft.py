@@ -1,7 +1,8 @@
 """Supervised fine-tuning of a causal LM on response tokens only: ``SFTConfig``, ``SFTTrainer``.
 
 Data (:mod:`otalign.data.sft`): ``prompt``/``completion`` rows or ``messages`` conversations, each encoded
-to ``(input_ids, labels)`` with label ``-100`` on prompt tokens (chat template applied to conversations).
+to ``(input_ids, labels)`` with label ``-100`` on prompt tokens (chat template applied to conversations), and
+cut to ``max_length`` tokens by ``truncation_mode`` (:mod:`otalign.data.truncation`; TRL's default ``keep_start``).
 With ``packing`` the encoded examples are concatenated, in a seeded order, into one token stream cut into
 rows of exactly ``max_length`` tokens (examples may span two rows; attention is not blocked between
 examples). Each step every process takes ``per_device_train_batch_size`` rows (examples, or packed
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from otalign.data.reading import numbered
 from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
+from otalign.data.truncation import kept
 from otalign.models import load_causal_lm, load_tokenizer
 
 from .config import redefault
@@ -93,8 +95,9 @@ class SFTTrainer(SupervisedTrainer):
         accelerator: an existing ``accelerate.Accelerator``.
 
     Raises:
-        ValueError: bad rows (naming source, row and field), an example with no trained token, or longer than
-            ``max_length`` or the model's context: all before training.
+        ValueError: bad rows (naming source, row and field), an example with no trained token (within
+            ``max_length``), longer than ``max_length`` with ``truncation_mode: error``, or longer than the model's
+            context: all before training.
     """
 
     progress_keys = ("loss",)
@@ -125,19 +128,21 @@ class SFTTrainer(SupervisedTrainer):
         self.prepare_model(model, task_type="CAUSAL_LM")
 
     def _encode(self, examples: list[SFTExample], source: str, limit: int | None) -> list[Row]:
+        """Encoded rows; without packing each cut to ``max_length`` by ``truncation_mode`` (TRL's rule)."""
         if not examples:
             raise ValueError(f"{source}: the dataset is empty")
+        c = self.config
         rows = []
-        longest = min(self.config.max_length, limit or self.config.max_length)
         for row, example in numbered(examples):
             where = f"{source}, row {row}"
             ids, labels = encode_sft(self.tokenizer, example, where)
+            if not c.packing:
+                span = kept(len(ids), c.max_length, c.truncation_mode, where)
+                ids, labels = ids[span], labels[span]
             if all(t == IGNORE_INDEX for t in labels[1:]):
-                raise ValueError(f"{where}: no response token to train on")
-            if not self.config.packing and len(ids) > longest:
-                raise ValueError(
-                    f"{where}: {len(ids)} tokens, more than max_length={self.config.max_length} or the model's context"
-                )
+                raise ValueError(f"{where}: no response token to train on within max_length={c.max_length}")
+            if not c.packing and limit is not None and len(ids) > limit:
+                raise ValueError(f"{where}: {len(ids)} tokens, more than the model's context of {limit}")
             rows.append((ids, labels))
         return rows
 

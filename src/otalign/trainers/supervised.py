@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from otalign.data.truncation import truncation_field
 from otalign.models import apply_lora
 
 from .base import BaseTrainer
@@ -42,8 +43,9 @@ class SupervisedConfig(TrainerConfig):
         default=0, metadata={"help": "evaluate every this many steps (0: only after the last one)", "check": ">= 0"}
     )
     max_length: int = field(
-        default=1024, metadata={"help": "most tokens of one example (longer is an error)", "check": ">= 2"}
+        default=1024, metadata={"help": "most tokens of one example (longer: see truncation_mode)", "check": ">= 2"}
     )
+    truncation_mode: str = truncation_field("keep_start")
     save_model: bool = field(
         default=True, metadata={"help": "write the trained model (LoRA merged) and tokenizer to output_dir/model"}
     )
