@@ -50,7 +50,7 @@ def test_penalty_correlation_from_a_runs_metrics(tmp_path):
     rng = np.random.default_rng(1)
     kl, w = rng.random(12), rng.random(12)
     rows = [{"step": i, "kl/exact": kl[i].item(), "wasserstein/value": w[i].item()} for i in range(12)]
-    rows.insert(3, {"step": 99, "eval/reward": 0.1})  # rows without both keys are skipped
+    rows.insert(3, {"step": 99, "eval_reward": 0.1})  # rows without both keys are skipped
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     assert main(["analyze", "penalty-correlation", "--run_dir", str(run), "--output_dir", str(out)]) == 0

@@ -49,7 +49,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
         assert read_metrics(run / stage)
     reward = read_metrics(run / "reward")
     assert reward[-2]["step"] == 3  # the command-line override reached the stage
-    assert "eval/accuracy" in reward[-1]
+    assert "eval_accuracy" in reward[-1]
     assert AutoConfig.from_pretrained(run / "reward" / "model").num_labels == 1
     assert json.loads((run / "eval" / "winrates.json").read_text())
     capsys.readouterr()

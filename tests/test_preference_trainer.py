@@ -26,6 +26,8 @@ EXPECTED = [
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
     "learning_rate",
     "grad_norm",
     "time/forward",
@@ -78,11 +80,11 @@ def test_training_raises_preference_accuracy(tmp_path, loss_type, token_weightin
         tmp_path, loss_type=loss_type, token_weighting=token_weighting, dataset_name=data, eval_dataset_name=PAIRS
     )
     before = trainer.evaluate()
-    assert before["eval/rewards/accuracies"] == 0.0  # policy == reference: every margin is zero
+    assert before["eval_rewards/accuracies"] == 0.0  # policy == reference: every margin is zero
     history = trainer.train()
     after = trainer.evaluate()
-    assert after["eval/rewards/accuracies"] >= 0.9, after
-    assert after["eval/rewards/margins"] > 0.1 and after["eval/rewards/chosen"] > after["eval/rewards/rejected"]
+    assert after["eval_rewards/accuracies"] >= 0.9, after
+    assert after["eval_rewards/margins"] > 0.1 and after["eval_rewards/chosen"] > after["eval_rewards/rejected"]
 
     expected = EXPECTED + (["rewards/accuracies"] if data == PAIRS else []) + (["kto/z0"] if loss_type == "kto" else [])
     expected += OTPO_METRICS if token_weighting == "otpo" else []
@@ -96,7 +98,7 @@ def test_training_raises_preference_accuracy(tmp_path, loss_type, token_weightin
         assert 0 < history[-1]["otpo/weight_min"] < history[-1]["otpo/weight_mean"] < history[-1]["otpo/weight_max"]
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [*range(1, 13), 12]  # one row per step, then the evaluation
-    assert rows[-1]["eval/rewards/accuracies"] == after["eval/rewards/accuracies"]
+    assert rows[-1]["eval_rewards/accuracies"] == after["eval_rewards/accuracies"]
 
 
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, assert_resume_matches):
@@ -111,7 +113,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, assert_
 
 def test_precomputed_and_dataset_reference_log_probs_match_the_reference_model(tmp_path):
     def losses(trainer):
-        return [h["loss"] for h in trainer.train()] + [trainer.evaluate()["eval/rewards/margins"]]
+        return [h["loss"] for h in trainer.train()] + [trainer.evaluate()["eval_rewards/margins"]]
 
     baseline = losses(make_trainer(tmp_path / "model", max_steps=3))
     precomputed = make_trainer(tmp_path / "pre", max_steps=3, precompute_ref_log_probs=True)

@@ -60,11 +60,11 @@ def test_reward_model_learns_the_toy_preference_and_drives_ppo(tmp_path):
     before = trainer.evaluate()
     history = trainer.train()
     final = history[-1]
-    assert before["eval/accuracy"] < 0.9
-    assert final["eval/accuracy"] >= 0.9 and final["eval/rewards/margins"] > 0
-    assert final["eval/loss"] < before["eval/loss"]
+    assert before["eval_accuracy"] < 0.9
+    assert final["eval_accuracy"] >= 0.9 and final["eval_rewards/margins"] > 0
+    assert final["eval_loss"] < before["eval_loss"]
     assert {"loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(history[0])
-    assert "eval/accuracy" in read_metrics(tmp_path / "rm")[-1]
+    assert "eval_accuracy" in read_metrics(tmp_path / "rm")[-1]
 
     path = tmp_path / "rm" / "model"
     loaded = AutoModelForSequenceClassification.from_pretrained(path).eval()
@@ -125,7 +125,7 @@ def test_reward_command_from_a_causal_lm_folder(tmp_path):
     pairs = str(FIXTURES / "preference_pairs.jsonl")
     argv = ["reward", "--model_name_or_path", model_dir, "--dataset_name", pairs, "--eval_dataset_name", pairs]
     assert main([*argv, "--output_dir", str(out), "--max_steps", "1", "--progress_bar", "false"]) == 0
-    assert "eval/accuracy" in read_metrics(out)[-1]
+    assert "eval_accuracy" in read_metrics(out)[-1]
     assert (out / "model" / "config.json").is_file()
 
 

@@ -69,12 +69,12 @@ def test_conversation_trains_on_every_assistant_turn_only():
 
 def test_sft_lowers_the_response_loss(tmp_path):
     trainer = make_trainer(tmp_path, learning_rate=1e-2, lr_scheduler_type="constant")
-    before = trainer.evaluate(trainer.train_rows)["eval/loss"]
+    before = trainer.evaluate(trainer.train_rows)["eval_loss"]
     history = trainer.train()
-    after = trainer.evaluate(trainer.train_rows)["eval/loss"]
+    after = trainer.evaluate(trainer.train_rows)["eval_loss"]
     assert after < 0.5 * before
     assert history[-1]["loss"] < history[0]["loss"]
-    assert {"loss", "num_tokens", "learning_rate", "time/step"} <= set(history[0])
+    assert {"loss", "num_tokens", "mean_token_accuracy", "entropy", "learning_rate", "time/step"} <= set(history[0])
 
 
 def test_packing_makes_full_rows_and_trains(tmp_path):
@@ -92,6 +92,7 @@ def test_resume_continues_exactly(tmp_path):
     ).train()
     assert len(resumed) == 2
     assert resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
+    assert resumed[-1]["num_tokens"] == full[-1]["num_tokens"]  # the running count survives the resume
     assert [row["step"] for row in read_metrics(tmp_path / "cut")] == [1, 2, 3, 4]
 
 
@@ -114,8 +115,8 @@ def test_sft_command_on_chat_rows_logs_eval_loss_and_perplexity(tmp_path):
     argv = ["sft", "--config", str(config), "--output_dir", str(out), "--max_steps", "2"]
     assert main([*argv, "--per_device_train_batch_size", "2", "--progress_bar", "false", "--eval_steps", "1"]) == 0
     rows = read_metrics(out)
-    assert "eval/loss" in rows[0] and rows[0]["step"] == 1  # intermediate evaluation every eval_steps
-    assert rows[-1]["eval/perplexity"] == pytest.approx(2.718281828 ** rows[-1]["eval/loss"], rel=1e-6)
+    assert "eval_loss" in rows[0] and rows[0]["step"] == 1  # intermediate evaluation every eval_steps
+    assert rows[-1]["eval_perplexity"] == pytest.approx(2.718281828 ** rows[-1]["eval_loss"], rel=1e-6)
     assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
     assert json.loads((out / "config.json").read_text())["dataset_name"] == CHAT
 

@@ -247,8 +247,8 @@ def test_dpo_sweep_over_loss_types(tmp_path):
     config = tmp_path / "dpo.yaml"
     config.write_text(
         f"command: dpo\noutput_dir: {tmp_path / 'out'}\n"
-        f"base: {{model_name_or_path: {model}, dataset_name: {PAIRS}, max_steps: 2, per_device_train_batch_size: 4, "
-        "learning_rate: 0.01}\nmethods:\n  dpo: {loss_type: sigmoid}\n"
+        f"base: {{model_name_or_path: {model}, dataset_name: {PAIRS}, eval_dataset_name: {PAIRS}, max_steps: 2, "
+        "per_device_train_batch_size: 4, learning_rate: 0.01}\nmethods:\n  dpo: {loss_type: sigmoid}\n"
         "  otpo: {loss_type: sigmoid, token_weighting: otpo}\n"
         f"  aot: {{loss_type: aot_paired}}\neval_prompts: {tiny_prompts(tmp_path)}\neval_max_new_tokens: 4\n"
         "eval_w_top_k: 8\neval_w_max_iter: 50\nanalyses: [coherence]\n"
@@ -259,6 +259,8 @@ def test_dpo_sweep_over_loss_types(tmp_path):
     assert results["eval_settings"]["reward_fn"] == "sentiment"  # dpo has no reward: the default judge
     assert all(c["kl_per_token"] > 0 for c in results["cells"])
     assert len(results["head_to_head"]["pairs"]) == 3
+    for setting in results["settings"]:  # the trainer's own evaluation, under TRL's eval_ names
+        assert 0 <= setting["across_seeds"]["eval_rewards/accuracies"]["mean"] <= 1
 
 
 def test_t_quantile_and_seed_interval_match_scipy():

@@ -1,11 +1,13 @@
 """Trainer options with TRL's meaning: accumulation multiplies the batch, gradient checkpointing changes nothing but
-memory, DPO evaluates every ``eval_steps``, a used ``output_dir`` is not silently reused."""
+memory, DPO evaluates every ``eval_steps``, a used ``output_dir`` is not silently reused, and the SFT and DPO
+metrics TRL logs (``num_tokens``, ``mean_token_accuracy``, ``entropy``, ``logits/*``) are computed as TRL does."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from otalign.config import ConfigError
 from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
@@ -58,7 +60,52 @@ def test_dpo_evaluates_every_eval_steps(tmp_path):
         config, policy=tiny_causal_lm(tokenizer), ref_model=tiny_causal_lm(tokenizer), tokenizer=tokenizer
     ).train()
     rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows if "eval/rewards/accuracies" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows if "eval_rewards/accuracies" in r] == [1, 2, 3]
+
+
+def test_sft_token_metrics_are_trls(tmp_path):
+    """TRL's SFTTrainer: ``num_tokens`` counts the input tokens (prompts too) seen so far, ``mean_token_accuracy``
+    the argmax hits on the trained tokens, ``entropy`` the mean entropy over the input tokens."""
+    trainer = sft(tmp_path, per_device_train_batch_size=8, learning_rate=0.0)  # every row each step; weights stay
+    model = trainer.accelerator.unwrap_model(trainer.policy)
+    history = trainer.train()
+    hits = trained = entropy = tokens = 0.0
+    with torch.no_grad():
+        for ids, labels in trainer.train_rows:  # one row at a time: no padding anywhere
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            scored = torch.tensor(labels[1:]) != -100
+            hits += float((logits[:-1].argmax(-1) == torch.tensor(ids[1:]))[scored].sum())
+            trained += float(scored.sum())
+            entropy += float(torch.distributions.Categorical(logits=logits).entropy().sum())
+            tokens += len(ids)
+    assert len(trainer.train_rows) == 8
+    assert [row["num_tokens"] for row in history] == [tokens, 2 * tokens]
+    for row in history:
+        assert row["mean_token_accuracy"] == pytest.approx(hits / trained, rel=1e-6)
+        assert row["entropy"] == pytest.approx(entropy / tokens, rel=1e-5)
+
+
+def test_dpo_logits_metrics_are_trls(tmp_path):
+    """TRL's DPOTrainer: ``logits/chosen`` (``/rejected``) is the policy's mean logit over the vocabulary at the
+    positions that predict the chosen (rejected) completion tokens, averaged over those tokens."""
+    tokenizer = tiny_tokenizer()
+    trainer = PreferenceTrainer(
+        PreferenceConfig(output_dir=str(tmp_path), dataset_name=PREFERENCE_PAIRS, eval_dataset_name=PREFERENCE_PAIRS),
+        policy=tiny_causal_lm(tokenizer, seed=1),
+        ref_model=tiny_causal_lm(tokenizer),
+        tokenizer=tokenizer,
+    )
+    model = trainer.accelerator.unwrap_model(trainer.policy)
+    metrics = trainer.evaluate()
+    for side in ("chosen", "rejected"):
+        total = count = 0.0
+        with torch.no_grad():
+            for (split, _, name), (prompt, completion) in trainer.sequences.items():
+                if split == "eval" and name == side:
+                    logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].float()
+                    total += float(logits[len(prompt) - 1 : -1].sum())
+                    count += len(completion) * logits.shape[-1]
+        assert metrics[f"eval_logits/{side}"] == pytest.approx(total / count, rel=1e-5)
 
 
 def test_a_second_run_into_the_same_output_dir_needs_resume_or_overwrite(tmp_path):

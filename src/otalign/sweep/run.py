@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from otalign.config import ConfigError
+from otalign.trainers.metrics import EVAL_PREFIX
 
 from .config import Cell, SweepConfig, check_cells, trainer_classes
 from .evaluate import EVAL_FILE, REFERENCE, eval_settings, evaluate_model, read_json, write_json_atomic
@@ -99,7 +100,7 @@ def check_unchanged(config: SweepConfig, cells: Sequence[Cell]) -> None:
 
 def train_cell(config: SweepConfig, cell: Cell) -> dict:
     """Train ``cell`` unless its ``TRAINED`` marker exists (resuming from its latest checkpoint); returns the
-    marker's content: the last logged training metrics, the trainer's own held-out metrics (``eval/...``, e.g. a
+    marker's content: the last logged training metrics, the trainer's own held-out metrics (``eval_...``, e.g. a
     preference trainer's pair accuracy on ``eval_dataset_name``), the summed step time (``train_s``, wall clock,
     all steps) and the wall and CPU seconds of the session that finished it (``session_*_s``, setup included; on
     a shared machine the CPU time is what the run costs)."""
@@ -131,7 +132,7 @@ def train_cell(config: SweepConfig, cell: Cell) -> dict:
     logged = read_metrics(folder)
     rows = [r for r in logged if "time/step" in r]
     marker = {
-        "eval_metrics": next((r for r in reversed(logged) if any(k.startswith("eval/") for k in r)), {}),
+        "eval_metrics": next((r for r in reversed(logged) if any(k.startswith(EVAL_PREFIX) for k in r)), {}),
         "steps": cell_config.max_steps,
         "train_s": sum(r["time/step"] for r in rows),
         "session_wall_s": time.perf_counter() - wall,

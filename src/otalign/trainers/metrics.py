@@ -1,6 +1,7 @@
 """Metrics logging: ``metrics.jsonl`` always (main process), plus accelerate trackers when configured.
 
-Each JSONL line is ``{"step": int, "<name>": float, ...}`` with slash names (``reward/mean``, ``kl/exact``).
+Each JSONL line is ``{"step": int, "<name>": float, ...}`` with slash names (``reward/mean``, ``kl/exact``);
+evaluation metrics carry the prefix :data:`EVAL_PREFIX` (``eval_loss``).
 JSON has no NaN or infinity: such a value is written as ``null``, and the first time a metric is so written a
 ``RuntimeWarning`` names it and the step (the trainers' guard stops or skips a step whose loss, gradient, reward
 or penalty is not finite, so this is left to statistics of an empty or skipped set).
@@ -18,6 +19,10 @@ import warnings
 from pathlib import Path
 
 import torch
+
+EVAL_PREFIX = "eval_"
+"""Prefix of the evaluation metrics, as transformers' and TRL's trainers write them (``eval_loss``,
+``eval_rewards/accuracies``)."""
 
 
 class MetricsLogger:

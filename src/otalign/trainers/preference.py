@@ -37,7 +37,7 @@ from otalign.models import AdapterDisabled, apply_lora, frozen_copy, load_causal
 
 from .base import BaseTrainer
 from .config import ConfigError, TrainerConfig, redefault
-from .metrics import Timer
+from .metrics import EVAL_PREFIX, Timer
 from .preference_batch import SequenceBatch, collate, completion_logps
 from .preference_losses import PAIRWISE_LOSSES, PREFERENCE_LOSSES, build_preference_loss, loss_inputs, loss_options
 
@@ -76,7 +76,7 @@ class PreferenceConfig(TrainerConfig):
         metadata={
             "path": "data",
             "builtins": ("builtin",),
-            "help": "paired rows evaluated after training (eval/... metrics)",
+            "help": "paired rows evaluated after training (eval_... metrics)",
         },
     )
     eval_steps: int = field(
@@ -310,7 +310,7 @@ class PreferenceTrainer(BaseTrainer):
         for start in range(0, len(keys), size):
             chunk = keys[start : start + size]
             batch = self._collate(chunk)
-            token_logps, _ = completion_logps(self.ref_model, batch)
+            token_logps, _, _ = completion_logps(self.ref_model, batch)
             for row, key in enumerate(chunk):
                 found[key] = token_logps[row, : len(self.sequences[key][1])].cpu()
         self.print(f"precomputed reference log-probs of {len(keys)} sequences")
@@ -369,7 +369,7 @@ class PreferenceTrainer(BaseTrainer):
             return torch.tensor([self.ref_values[k] for k in keys], device=batch.mask.device)
         if self.ref_model is not None:
             with torch.no_grad():
-                token_logps, _ = completion_logps(self.ref_model, batch)
+                token_logps, _, _ = completion_logps(self.ref_model, batch)
         else:
             token_logps = torch.zeros(batch.mask.shape, device=batch.mask.device)
             for row, key in enumerate(keys):
@@ -431,7 +431,7 @@ class PreferenceTrainer(BaseTrainer):
     def micro_step(self, keys: list[Key], labels: torch.Tensor, pairs: int, timer: Timer):
         """Loss of one micro-batch (with gradient), its per-example records for metrics, and the loss's stats."""
         batch = self._collate(keys)
-        token_logps, states = completion_logps(self.policy, batch, hidden=self.otpo)
+        token_logps, states, logit_sums = completion_logps(self.policy, batch, hidden=self.otpo)
         timer.lap("forward")
         weights = None
         if self.otpo:
@@ -444,7 +444,7 @@ class PreferenceTrainer(BaseTrainer):
             kl_keys = [(split, i, side + "_kl") for split, i, side in keys]
             kl_batch = self._collate(kl_keys)
             with torch.no_grad():
-                kl_logps, _ = completion_logps(self.accelerator.unwrap_model(self.policy), kl_batch)
+                kl_logps, _, _ = completion_logps(self.accelerator.unwrap_model(self.policy), kl_batch)
             kl = (sequence_logps(kl_logps, kl_batch.mask), self.reference_logps(kl_keys, kl_batch, None))
         timer.lap("forward")
         policy_in, ref_in = loss_inputs(self.loss, policy, ref, batch.mask.sum(1))
@@ -456,6 +456,8 @@ class PreferenceTrainer(BaseTrainer):
             "rewards": self.config.beta * (policy - ref).detach(),
             "logps": sequence_logps(token_logps.detach(), batch.mask),
             "labels": labels.float(),
+            "logit_sums": logit_sums,
+            "tokens": batch.mask.sum(1).float(),
         }
         if pairs:
             record["correct"] = (record["rewards"][:pairs] > record["rewards"][pairs:]).float()
@@ -465,7 +467,8 @@ class PreferenceTrainer(BaseTrainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Implicit-reward metrics (``eval/rewards/accuracies``, ...) of the policy on the evaluation pairs.
+        """Implicit-reward metrics (``eval_rewards/accuracies``, ``eval_logits/chosen``, ...) of the policy on the
+        evaluation pairs.
 
         Rewards are the plain (unweighted) :math:`\\beta(\\log\\pi_\\theta - \\log\\pi_{ref})` of each
         completion; the training pairs are used when there is no evaluation data. Every process
@@ -482,15 +485,24 @@ class PreferenceTrainer(BaseTrainer):
             rows = range(start, min(start + size, n))
             keys = pair_keys(split, rows)
             batch = self._collate(keys)
-            token_logps, _ = completion_logps(model, batch)
+            token_logps, _, logit_sums = completion_logps(model, batch)
             policy = sequence_logps(token_logps, batch.mask)
             rewards = self.config.beta * (policy - self.reference_logps(keys, batch, None))
             pairs = len(rows)
-            labels = _labels(pairs, pairs).to(rewards.device)
+            labels = _labels(pairs, pairs).to(rewards.device).float()
             correct = (rewards[:pairs] > rewards[pairs:]).float()
-            records.append({"rewards": rewards, "logps": policy, "labels": labels.float(), "correct": correct})
+            records.append(
+                {
+                    "rewards": rewards,
+                    "logps": policy,
+                    "labels": labels,
+                    "correct": correct,
+                    "logit_sums": logit_sums,
+                    "tokens": batch.mask.sum(1).float(),
+                }
+            )
         merged = {k: torch.cat([r[k] for r in records]) for k in records[0]}
-        return {f"eval/{k}": v for k, v in summarize(merged).items()}
+        return {f"{EVAL_PREFIX}{k}": v for k, v in summarize(merged).items()}
 
 
 def pair_keys(split: str, rows) -> list[Key]:
@@ -524,12 +536,15 @@ def otpo_records(
 def summarize(records: dict[str, torch.Tensor]) -> dict[str, float]:
     """Metrics with TRL's names from per-example records gathered over the batch.
 
-    ``rewards``/``logps``/``labels``: (N,) per completion (label 1.0 = chosen / desirable); ``correct``:
-    (n,) per pair; ``otpo_*``: (n,) per pair (:func:`otpo_records`). Returns ``rewards/chosen``,
-    ``rewards/rejected``, ``rewards/margins`` (difference of the means, = mean pair margin),
-    ``logps/chosen``, ``logps/rejected``, and when present ``rewards/accuracies`` and ``otpo/weight_mean``,
-    ``otpo/weight_min``, ``otpo/weight_max``, ``otpo/shorter_share`` (share of the total weight of
-    unequal-length pairs that is on the shorter response; 0.5 when both sides are normalized to tau).
+    ``rewards``/``logps``/``labels``/``logit_sums``/``tokens``: (N,) per completion (label 1.0 = chosen /
+    desirable; ``logit_sums`` and ``tokens`` as :func:`~otalign.trainers.preference_batch.completion_logps` and the
+    completion's token count); ``correct``: (n,) per pair; ``otpo_*``: (n,) per pair (:func:`otpo_records`).
+    Returns ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (difference of the means, = mean pair
+    margin), ``logps/chosen``, ``logps/rejected``, ``logits/chosen``, ``logits/rejected`` (mean logit over the
+    vocabulary and the completion tokens of the side, token-weighted over the batch), and when present
+    ``rewards/accuracies`` and ``otpo/weight_mean``, ``otpo/weight_min``, ``otpo/weight_max``,
+    ``otpo/shorter_share`` (share of the total weight of unequal-length pairs that is on the shorter response; 0.5
+    when both sides are normalized to tau).
     """
     labels, rewards, logps = records["labels"] > 0.5, records["rewards"].float(), records["logps"].float()
     chosen, rejected = rewards[labels].mean(), rewards[~labels].mean()
@@ -539,6 +554,8 @@ def summarize(records: dict[str, torch.Tensor]) -> dict[str, float]:
         "rewards/margins": float(chosen - rejected),
         "logps/chosen": float(logps[labels].mean()),
         "logps/rejected": float(logps[~labels].mean()),
+        "logits/chosen": float(records["logit_sums"][labels].sum() / records["tokens"][labels].sum()),
+        "logits/rejected": float(records["logit_sums"][~labels].sum() / records["tokens"][~labels].sum()),
     }
     if "correct" in records:
         metrics["rewards/accuracies"] = float(records["correct"].mean())

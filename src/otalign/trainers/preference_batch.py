@@ -51,8 +51,11 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_token_id: int, dev
     return SequenceBatch(*(t.to(device) for t in (input_ids, attention_mask, positions, targets, mask)))
 
 
-def completion_logps(model, batch: SequenceBatch, *, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""Per-token :math:`\log\pi(y_t | x, y_{<t})` of the completions, and optionally last-layer hidden states.
+def completion_logps(
+    model, batch: SequenceBatch, *, hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    r"""Per-token :math:`\log\pi(y_t | x, y_{<t})` of the completions, optionally last-layer hidden states, and the
+    logits' sums for TRL's ``logits/*`` metrics.
 
     Gradients flow when enabled. Log-probs are computed in float32 (``logit - logsumexp``) on the
     completion positions only.
@@ -63,7 +66,9 @@ def completion_logps(model, batch: SequenceBatch, *, hidden: bool = False) -> tu
         hidden: also return the last layer's hidden states at the predicting positions, detached.
 
     Returns:
-        ``(token_logps, states)``: (N, T) float32 (0 on padding) and (N, T, H) in the model's dtype or None.
+        ``(token_logps, states, logit_sums)``: (N, T) float32 (0 on padding), (N, T, H) in the model's dtype or
+        None, and (N,) float32 detached: each row's sum over its completion tokens of the mean logit over the
+        vocabulary at the predicting position (divided by the token count: TRL's mean completion logit).
     """
     out = model(
         input_ids=batch.input_ids,
@@ -75,8 +80,9 @@ def completion_logps(model, batch: SequenceBatch, *, hidden: bool = False) -> tu
     logits = torch.gather(out.logits, 1, index.expand(-1, -1, out.logits.shape[-1])).float()
     picked = torch.gather(logits, 2, batch.targets.unsqueeze(-1)).squeeze(-1)
     token_logps = (picked - torch.logsumexp(logits, dim=-1)).masked_fill(~batch.mask, 0.0)
+    logit_sums = logits.detach().mean(-1).masked_fill(~batch.mask, 0.0).sum(1)
     states = None
     if hidden:
         last = out.hidden_states[-1].detach()
         states = torch.gather(last, 1, index.expand(-1, -1, last.shape[-1]))
-    return token_logps, states
+    return token_logps, states, logit_sums

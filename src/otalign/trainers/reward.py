@@ -12,7 +12,7 @@ trainer's (chat template for conversations, EOS after plain-text responses); a s
 is an error by default, or truncated by ``truncation_mode`` (:mod:`otalign.data.truncation`). The held-out pairs are
 ``eval_dataset_name``, or a seeded ``eval_split_size`` share of the training file. Metrics (TRL names):
 ``loss``, ``accuracy`` (share of pairs with :math:`r^+ > r^-`), ``rewards/chosen``, ``rewards/rejected``,
-``rewards/margins`` (mean :math:`r^+ - r^-`), and the same under ``eval/`` for the held-out pairs.
+``rewards/margins`` (mean :math:`r^+ - r^-`), and the same with the prefix ``eval_`` for the held-out pairs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from otalign.models import load_tokenizer
 from otalign.models.reward_head import load_reward_model, reward_model_from_causal_lm
 
 from .config import ConfigError, redefault
-from .metrics import Timer
+from .metrics import EVAL_PREFIX, Timer
 from .preference_batch import collate
 from .supervised import SupervisedConfig, SupervisedTrainer
 
@@ -209,7 +209,7 @@ class RewardTrainer(SupervisedTrainer):
 
     @torch.no_grad()
     def evaluate(self, pairs: list[Pair] | None = None) -> dict[str, float]:
-        """``eval/loss``, ``eval/accuracy`` and ``eval/rewards/...`` on ``pairs`` (default: the held-out pairs).
+        """``eval_loss``, ``eval_accuracy`` and ``eval_rewards/...`` on ``pairs`` (default: the held-out pairs).
         Every process evaluates all pairs."""
         pairs = self.eval_pairs if pairs is None else pairs
         model = self.accelerator.unwrap_model(self.policy)
@@ -224,4 +224,4 @@ class RewardTrainer(SupervisedTrainer):
         model.train(was_training)
         chosen, rejected = torch.cat(chosen), torch.cat(rejected)
         metrics = {"loss": float(self.loss(chosen, rejected)), **pair_metrics(chosen, rejected)}
-        return {f"eval/{k}": v for k, v in metrics.items()}
+        return {f"{EVAL_PREFIX}{k}": v for k, v in metrics.items()}

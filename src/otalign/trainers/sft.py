@@ -9,9 +9,13 @@ examples). Each step every process takes ``per_device_train_batch_size`` rows (e
 rows) from seeded per-epoch permutations; the position in the data follows from the step, so a resumed
 run continues exactly where it stopped.
 
-Loss: mean cross-entropy (float32, nats per token) over the trained tokens of the step. Evaluation
-(every ``eval_steps`` and at the end, when ``eval_dataset_name`` or ``eval_data`` is set): ``eval/loss``,
-token-weighted over the whole evaluation set, and ``eval/perplexity`` = exp(``eval/loss``).
+Loss: mean cross-entropy (float32, nats per token) over the trained tokens of the step. Metrics with TRL's
+names: ``loss``, ``num_tokens`` (input tokens, prompts included, seen so far by all processes),
+``mean_token_accuracy`` (share of the trained tokens the logits' argmax predicts), ``entropy`` (mean entropy in
+nats of the predictive distribution over every input token); both token-weighted over the step. Evaluation
+(every ``eval_steps`` and at the end, when ``eval_dataset_name`` or ``eval_data`` is set): ``eval_loss``,
+token-weighted over the whole evaluation set, ``eval_perplexity`` = exp(``eval_loss``), ``eval_mean_token_accuracy``
+and ``eval_entropy``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from otalign.data.truncation import kept
 from otalign.models import load_causal_lm, load_tokenizer
 
 from .config import redefault
-from .metrics import Timer
+from .metrics import EVAL_PREFIX, Timer
 from .supervised import SupervisedConfig, SupervisedTrainer
 
 Row = tuple[list[int], list[int]]
@@ -75,13 +79,35 @@ def collate(rows: list[Row], pad_token_id: int, device=None) -> dict[str, torch.
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
 
 
-def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed float32 cross-entropy (nats) of the labelled tokens of ``batch`` (position t predicts token t + 1),
-    and their count."""
+    and detached 0-dim float32 sums for TRL's SFT metrics (:func:`token_metrics`): ``tokens`` (labelled tokens),
+    ``correct`` (those the logits' argmax predicts), ``entropy`` (nats of the softmax of the logits, summed over
+    every real position) and ``positions`` (real, non-padding tokens)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    shifted = logits[:, :-1].float()
+    loss = F.cross_entropy(shifted.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    with torch.no_grad():
+        trained, real = targets != IGNORE_INDEX, batch["attention_mask"].bool()
+        full = logits.detach().float()
+        entropy = torch.logsumexp(full, -1) - (full.softmax(-1) * full).sum(-1)
+        sums = {
+            "tokens": trained.sum().float(),
+            "correct": ((shifted.detach().argmax(-1) == targets) & trained).sum().float(),
+            "entropy": entropy[real].sum(),
+            "positions": real.sum().float(),
+        }
+    return loss, sums
+
+
+def token_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """TRL's ``mean_token_accuracy`` (share of labelled tokens the argmax predicts) and ``entropy`` (mean nats per
+    real token) from :func:`response_loss` sums, token-weighted over everything summed."""
+    return {
+        "mean_token_accuracy": float(sums["correct"] / sums["tokens"].clamp(min=1.0)),
+        "entropy": float(sums["entropy"] / sums["positions"].clamp(min=1.0)),
+    }
 
 
 class SFTTrainer(SupervisedTrainer):
@@ -155,26 +181,31 @@ class SFTTrainer(SupervisedTrainer):
             f"SFT: {len(self.train_rows)} {'packed rows' if c.packing else 'examples'}, {c.max_steps} steps x "
             f"{c.step_batch_size * acc.num_processes}, device={acc.device}, processes={acc.num_processes}"
         )
+        num_tokens = self.total_before(start, [len(ids) for ids, _ in self.train_rows])
         for step in self.steps(start):
             timer = Timer(acc.device)
             parts = self.micro_batches(step, self.train_rows)
             micro = [collate(rows, self.tokenizer.pad_token_id, acc.device) for rows in parts]
             counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
             total = max(float(acc.reduce(torch.tensor(sum(counts), device=acc.device), "sum")), 1.0)
-            loss_sum = 0.0
+            loss_sum, sums = 0.0, {}
             for m, batch in enumerate(micro):
                 with self.no_sync(last=m == len(micro) - 1):
-                    loss, _ = response_loss(self.policy, batch)
+                    loss, part = response_loss(self.policy, batch)
                     self.guard.watch("the loss", loss, self.divergence_cause())
                     timer.lap("forward")
                     # DDP averages gradients over processes: scale so the step's gradient is the global token mean.
                     acc.backward(loss * acc.num_processes / total)
                     timer.lap("backward")
                 loss_sum += float(loss.detach())
+                sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
             optimizer_metrics = self.optimizer_step(step)
             timer.lap("update")
+            sums = {k: acc.reduce(v, "sum") for k, v in sums.items()}
             loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum"))
-            metrics = {"loss": loss_total / total, "num_tokens": total, **optimizer_metrics, **timer.metrics()}
+            num_tokens += int(sums["positions"])
+            metrics = {"loss": loss_total / total, "num_tokens": num_tokens, **token_metrics(sums)}
+            metrics.update({**optimizer_metrics, **timer.metrics()})
             if self.eval_rows is not None and self.evaluate_now(step):
                 metrics.update(self.evaluate())
             history.append(metrics)
@@ -183,18 +214,20 @@ class SFTTrainer(SupervisedTrainer):
 
     @torch.no_grad()
     def evaluate(self, rows: list[Row] | None = None) -> dict[str, float]:
-        """``eval/loss`` (nats per response token) and ``eval/perplexity`` of the model on ``rows``
-        (default: the evaluation set). Every process evaluates all rows."""
+        """``eval_loss`` (nats per response token), ``eval_perplexity``, ``eval_mean_token_accuracy`` and
+        ``eval_entropy`` of the model on ``rows`` (default: the evaluation set). Every process evaluates all rows."""
         rows = self.eval_rows if rows is None else rows
         model = self.accelerator.unwrap_model(self.policy)
         was_training = model.training
         model.eval()
         size = self.config.per_device_train_batch_size
-        loss_sum, count = 0.0, 0
+        loss_sum, sums = 0.0, {}
         for s in range(0, len(rows), size):
             batch = collate(rows[s : s + size], self.tokenizer.pad_token_id, self.accelerator.device)
-            loss, n = response_loss(model, batch)
-            loss_sum, count = loss_sum + float(loss), count + n
+            loss, part = response_loss(model, batch)
+            loss_sum += float(loss)
+            sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
         model.train(was_training)
-        loss = loss_sum / max(count, 1)
-        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}
+        loss = loss_sum / max(float(sums["tokens"]), 1.0)
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), **token_metrics(sums)}
+        return {f"{EVAL_PREFIX}{k}": v for k, v in metrics.items()}

@@ -95,6 +95,14 @@ class SupervisedTrainer(BaseTrainer):
         ids = [shuffled(start + j, tuple(range(len(items))), c.seed) for j in range(b)]
         return [[items[i] for i in ids[m::accum]] for m in range(accum)]
 
+    def total_before(self, step: int, sizes: list[int]) -> int:
+        """The sum of ``sizes`` (one per item) over the items every process took in the steps before ``step``: the
+        first ``(step - 1) x step batch x processes`` positions of the seeded stream :meth:`micro_batches` reads."""
+        c = self.config
+        epochs, rest = divmod((step - 1) * c.step_batch_size * self.accelerator.num_processes, len(sizes))
+        ids = tuple(range(len(sizes)))
+        return epochs * sum(sizes) + sum(sizes[shuffled(epochs * len(sizes) + j, ids, c.seed)] for j in range(rest))
+
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
 
