@@ -251,15 +251,30 @@ class BaseTrainer:
     """Metrics shown next to the progress bar."""
 
     def finish(self) -> None:
-        """Close trackers and wait for all processes.
+        """Push the saved model (``push_to_hub``), close trackers and wait for all processes.
 
         The process group stays up (it ends with the process) so that another trainer can follow in the
         same processes, as the stages of ``otalign pipeline`` do: ``Accelerator.end_training`` would destroy
         it, and the next stage's collectives would fail.
         """
+        self.push_model()
         self.accelerator.wait_for_everyone()
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+    def push_model(self) -> None:
+        """With ``push_to_hub``, on the main process: upload ``output_dir/model`` to the Hub repo ``hub_repo_id``,
+        creating it if missing (``HfApi.create_repo(exist_ok=True)`` then ``upload_folder``)."""
+        c = self.config
+        if not (c.push_to_hub and self.accelerator.is_main_process):
+            return
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        folder = self.output_dir / "model"
+        repo = api.create_repo(c.hub_repo_id, private=c.hub_private_repo, exist_ok=True)
+        api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), commit_message="otalign: trained model")
+        self.print(f"pushed {folder} to {repo}")
 
     def save_model(self) -> None:
         """Save the trained ``self.policy`` (``save_pretrained``) and ``self.tokenizer`` to ``output_dir/model``."""

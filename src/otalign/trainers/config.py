@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from otalign.config import (
     MIXED_PRECISION,
@@ -126,6 +127,51 @@ class TrainerConfig(Config):
             "choices": ON_NONFINITE,
         },
     )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={
+            "help": "after training, upload output_dir/model to the Hugging Face Hub repo hub_model_id (needs "
+            "save_model and a token: HF_TOKEN or `hf auth login`)"
+        },
+    )
+    hub_model_id: str | None = field(
+        default=None,
+        metadata={"help": "the Hub repo, 'name' (under the token's account) or 'owner/name' (none: output_dir's name)"},
+    )
+    hub_private_repo: bool | None = field(
+        default=None, metadata={"help": "make a new Hub repo private (none: the Hub account's default)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.push_to_hub:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            if not getattr(self, "save_model", True):
+                raise ConfigError("push_to_hub uploads the saved model: it needs save_model", "push_to_hub")
+            try:
+                validate_repo_id(self.hub_repo_id)
+            except HFValidationError as error:
+                raise ConfigError(
+                    f"hub_model_id {self.hub_repo_id!r} is not a Hub repo id: {error}", "hub_model_id"
+                ) from None
+
+    def validate(self) -> None:
+        """The checks of :meth:`Config.validate`, and with ``push_to_hub`` a Hub token, before anything loads."""
+        super().validate()
+        if self.push_to_hub:
+            from huggingface_hub import get_token
+
+            if get_token() is None:
+                raise ConfigError(
+                    "push_to_hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`", "push_to_hub"
+                )
+
+    @property
+    def hub_repo_id(self) -> str:
+        """The Hub repo ``push_to_hub`` uploads to: ``hub_model_id``, else the name of ``output_dir`` (as
+        ``transformers.TrainingArguments``)."""
+        return self.hub_model_id or Path(self.output_dir).resolve().name
 
     @property
     def step_batch_size(self) -> int:
