@@ -23,7 +23,8 @@ and the sampled token :math:`y` (docs/design.md, "WPR penalty"):
    with eps-scaling, stopping on the marginal error), all positions of a chunk in one batched call.
    The difference transport (:func:`_solve_difference`; ``transport="difference"``, and the solve under the
    default ``transport="smooth"``) moves only the mass the two distributions do not share: the policy's
-   excess :math:`(a-b)_+` onto its deficit :math:`(b-a)_+`,
+   excess :math:`(a-b)_+` onto its deficit :math:`(b-a)_+` (Sinkhorn on the excess x deficit block only, the
+   other atoms' potentials by their exact c-transform extension: :func:`otalign.ot.pruned.pruned_sinkhorn`),
    :math:`W = m\cdot\min \langle P,C\rangle + \varepsilon\,\mathrm{KL}(P\|\alpha\beta^\top)` with
    :math:`m` the total variation and :math:`\alpha,\beta` the normalised excess and deficit. For the
    metric costs used here the unregularised optimum leaves the shared mass in place, so both forms tend
