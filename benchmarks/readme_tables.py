@@ -14,20 +14,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def penalty_table(report: dict) -> list[str]:
     s = report["settings"]
     lines = [
-        f"B={s['batch']}, T={s['steps']}, lambda={s['lam']:g}, max_iter={s['max_iter']}, tol={s['tol']:g}, "
+        f"B={s['batch']}, T={s['steps']}, lambda={s['lam']:g}, max_iter={s['max_iter']}, "
         f"{s['threads']} threads, embeddings: {s['embeddings']}",
         "",
-        "| V | top_k | transport | W/RKL time | Sinkhorn share | iters | marg. err | max / p99 err vs ref | "
-        "err / bound | W peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| V | top_k | transport | w | tol | W/RKL time | Sinkhorn share | iters | unconverged | marg. err | "
+        "max / p99 err vs ref | err / bound | W peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         acc = row.get("accuracy")
         err = f"{acc['max_abs_err']:.1e} / {acc['p99_abs_err']:.1e}" if acc else "-"
         bound = f"{acc['max_err_over_bound']:.1f} ({'ok' if acc['ok'] else 'FAIL'})" if acc else "-"
         lines.append(
-            f"| {row['vocab']} | {row['top_k']} | {row['transport']} | {row['ratio']:.1f}x | "
-            f"{row['sinkhorn_share']:.0%} | {row['iters']:.0f} | {row['marginal_err']:.1e} | {err} | {bound} | "
+            f"| {row['vocab']} | {row['top_k']} | {row['transport']} | {row.get('overrelaxation', 1.0):g} | "
+            f"{row.get('tol', s['tol']):g} | {row['ratio']:.1f}x | "
+            f"{row['sinkhorn_share']:.0%} | {row['iters']:.0f} | {row.get('unconverged_frac', float('nan')):.1%} | "
+            f"{row['marginal_err']:.1e} | {err} | {bound} | "
             f"{row['w_peak_mb']:.0f} |"
         )
     return lines
@@ -35,9 +37,9 @@ def penalty_table(report: dict) -> list[str]:
 
 def profile_table(report: dict) -> list[str]:
     lines = [
-        "| top_k | transport | atoms | excess atoms > 1e-6 / 1e-4 / 1e-3 of moved mass | iters (max / mean) | "
-        "ms / iter | Sinkhorn s | outside s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| top_k | transport | w | tol | atoms | excess atoms > 1e-6 / 1e-4 / 1e-3 of moved mass | "
+        "iters (max / mean) | ms / iter | Sinkhorn s | outside s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         calls = row.get("profile") or []
@@ -52,7 +54,8 @@ def profile_table(report: dict) -> list[str]:
         iters = sum(c["n_iter"] for c in calls)
         mean_iters = sum(c["mean_iters"] * c["problems"] for c in calls) / problems
         lines.append(
-            f"| {row['top_k']} | {row['transport']} | {max(c['atoms'] for c in calls)} | "
+            f"| {row['top_k']} | {row['transport']} | {row.get('overrelaxation', 1.0):g} | {row.get('tol', '-')} | "
+            f"{max(c['atoms'] for c in calls)} | "
             f"{mean('1e-06'):.1f} / {mean('0.0001'):.1f} / {mean('0.001'):.1f} | "
             f"{max(c['n_iter'] for c in calls)} / {mean_iters:.0f} | {1e3 * seconds / max(iters, 1):.1f} | "
             f"{seconds:.2f} | {row['w_seconds'] - seconds:.2f} |"

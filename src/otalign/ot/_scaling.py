@@ -16,6 +16,15 @@ product each — ``u = u0 + eps log s`` — absorbing them into (u0, v0) and reb
 they grow. A non-finite scaling (a row of E that underflowed) falls back to exact log-domain
 c-transforms from the last good state, so the result never depends on float range.
 
+Over-relaxation (``overrelaxation = w``, balanced problems only; Thibault et al. 2017, "Overrelaxed
+Sinkhorn-Knopp algorithm for regularized optimal transport"): each half-step moves the potential ``w`` times
+as far as the plain update would, :math:`u \leftarrow u + w\,(\mathrm{ct}(v) - u)`, which has the same fixed
+point and, for ``1 < w < 2``, converges several times faster when eps is small against the costs (measured
+in ``benchmarks/penalty.py``). The column half-step before every convergence test is a plain one, so the
+test sees exact column marginals and its L1 row error means what it means without relaxation. ``w = 1`` is
+plain Sinkhorn; there is no global convergence guarantee above 1 and ``w`` close to 2 can stall (a
+non-converged problem reports ``converged`` False).
+
 Every decision is per problem: a problem's kernel is rebuilt only when its own scalings grew,
 and a problem that has converged is frozen (its solution stored) and dropped from the batch, so
 the batch is not held back by its slowest member. The kernel lives in one buffer for the whole
@@ -270,6 +279,7 @@ def scaling_iterations(
     return_plan: bool,
     finite: torch.Tensor | None,
     max_cost: float,
+    overrelaxation: float = 1.0,
 ) -> Iterations:
     """Run Sinkhorn updates from ``(u, v)`` until every problem has converged or ``max_iter``.
 
@@ -283,7 +293,7 @@ def scaling_iterations(
     potentials, marginals and plan are stored and no longer change. Zero-mass atoms take no part
     in the iterations; their potentials are filled in at the end with the exact (damped)
     c-transform. ``finite``: (B, n, m) mask of finite costs, None when all are; ``max_cost``: the
-    largest finite cost.
+    largest finite cost; ``overrelaxation``: ``w`` of the module docstring (1: plain updates).
     """
     batch, device = a.shape[0], a.device
     tol = torch.as_tensor(tol, dtype=a.dtype, device=device).expand(batch)
@@ -341,9 +351,10 @@ def scaling_iterations(
                 rows = state.row_sums()
         old_s, old_t = state.log_s, state.log_t
         # u = kappa * ct(v) with ct(v) = u0 - eps log(rows), written as a scaling of u0.
-        state.log_s = state.scaling_step(rows, damp_a, rows=True)
-        state.log_t = state.scaling_step(state.col_sums(), damp_b, rows=False)
+        state.log_s = _relax(old_s, state.scaling_step(rows, damp_a, rows=True), overrelaxation)
         n_iter += 1
+        plain = n_iter % check_every == 0 or n_iter >= max_iter  # a test follows: exact columns
+        state.log_t = _relax(old_t, state.scaling_step(state.col_sums(), damp_b, rows=False), overrelaxation, plain)
         if not balanced and (n_iter % check_every == 0 or n_iter >= max_iter):
             step = torch.maximum((state.log_s - old_s).abs().amax(-1), (state.log_t - old_t).abs().amax(-1))
             change = eps * step.nan_to_num(nan=math.inf)
@@ -382,15 +393,20 @@ def run_iterations(
     check_every: int,
     balanced: bool,
     return_plan: bool,
+    overrelaxation: float = 1.0,
 ) -> Iterations:
     """Solve from scratch: :func:`plain_iterations` when the batch is well conditioned (and it succeeds),
     else the eps-scaling warm start (:func:`anneal`) and :func:`scaling_iterations`.
 
     ``problem`` is the :class:`~otalign.ot._validation.Problem` of ``(a, b)`` (its cost and cost statistics);
-    ``damping(eps_k)`` gives (kappa_a, kappa_b) at ``eps_k``.
+    ``damping(eps_k)`` gives (kappa_a, kappa_b) at ``eps_k``; ``overrelaxation`` (balanced only) is ``w`` of the
+    module docstring.
     """
+    if not 0 < overrelaxation < 2 or (overrelaxation != 1.0 and not balanced):
+        raise ValueError(f"overrelaxation must be in (0, 2) and 1 for unbalanced problems, got {overrelaxation}")
     damp_a, damp_b = damping(eps)
     common = {"max_iter": max_iter, "tol": tol, "check_every": check_every, "balanced": balanced}
+    common["overrelaxation"] = overrelaxation
     if not 0 <= scaling < 1:
         raise ValueError(f"scaling must be in [0, 1), got {scaling}")
     conditioned = problem.finite is None and problem.min_cost >= 0 and problem.max_cost <= PLAIN_MAX_EXPONENT * eps
@@ -428,6 +444,7 @@ def plain_iterations(
     check_every: int,
     balanced: bool,
     return_plan: bool,
+    overrelaxation: float = 1.0,
 ) -> Iterations | None:
     """Kernel-domain Sinkhorn for well-conditioned batches (every cost in ``[0, 30 eps]``, all finite).
 
@@ -462,10 +479,11 @@ def plain_iterations(
                 break
         if not balanced and ((n_iter + 1) % check_every == 0 or n_iter + 1 >= max_iter):
             last_s, last_t = s, t  # the change is measured over the iteration that ends at a check
-        s = rows.pow_(-damp_a)
+        s = _relax_scaling(s, rows.pow_(-damp_a), overrelaxation)
         cols = torch.bmm((a * s).unsqueeze(1), K).squeeze(1)
-        t = cols.pow_(-damp_b)
         n_iter += 1
+        plain = n_iter % check_every == 0 or n_iter >= max_iter
+        t = _relax_scaling(t, cols.pow_(-damp_b), overrelaxation, plain)
     scale_a, scale_b = a * s, b * t
     cols = torch.bmm(scale_a.unsqueeze(1), K).squeeze(1)
     plan = K.mul_(scale_a.unsqueeze(-1)).mul_(scale_b.unsqueeze(-2)) if return_plan else None
@@ -480,6 +498,17 @@ def plain_iterations(
         error=error,
         converged=converged,
     )
+
+
+def _relax(old: torch.Tensor, new: torch.Tensor, weight: float, plain: bool = False) -> torch.Tensor:
+    """Over-relaxed update ``old + weight * (new - old)`` of log-scalings (``new`` itself when ``weight`` is 1 or
+    ``plain``)."""
+    return new if weight == 1.0 or plain else torch.lerp(old, new, weight)
+
+
+def _relax_scaling(old: torch.Tensor, new: torch.Tensor, weight: float, plain: bool = False) -> torch.Tensor:
+    """Over-relaxed update of kernel-domain scalings, ``old^(1 - weight) * new^weight`` (:func:`_relax` in logs)."""
+    return new if weight == 1.0 or plain else old.pow(1.0 - weight).mul_(new.pow_(weight))
 
 
 def _compact(buffer: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

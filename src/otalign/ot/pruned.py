@@ -17,8 +17,8 @@ entropic dual does off its support — one soft c-transform of the other side's 
 ``u``), so that a dropped atom's own tiny mass, which can matter to a nearby atom's potential when the two
 are close (``exp(-C/eps)`` large), is not lost.
 
-Error: the result reports the L1 row-marginal error of the returned potentials *on the full problem*
-(columns are exact after the last half-step), the same a-posteriori quantity :func:`otalign.ot.sinkhorn`
+Error: the result reports the L1 marginal error of the returned potentials *on the full problem* (of the
+side not updated last; the other side's is exact), the same a-posteriori quantity :func:`otalign.ot.sinkhorn`
 stops on: if it is within the caller's tolerance, pruning cost nothing measurable. A priori, with
 :math:`\delta` the dropped share of a side's mass (``dropped_mass``, at most ``n * prune_below``), the
 reduced problem's marginals are :math:`\delta`-close in total variation to the full ones; the
@@ -45,8 +45,10 @@ class PrunedResult:
         kept_a: (B, n) bool, atoms of ``a`` in the solved problem; ``kept_b`` (B, m) likewise.
         dropped_mass: (B,) the larger of the two sides' dropped mass shares.
         n_iter: Sinkhorn iterations of the reduced solve.
-        marginal_error: (B,) L1 row-marginal error ``||P1 - a||_1`` of the returned potentials on the *full*
-            problem (both sides normalised): the a-posteriori check that pruning cost no accuracy.
+        marginal_error: (B,) L1 marginal error of the returned potentials' plan on the *full* problem (both sides
+            normalised), on the side updated first: ``||P1 - a||_1`` when ``polish > 0`` (the columns are exact),
+            ``||P^T 1 - b||_1`` when ``polish == 0`` (the rows are): the a-posteriori check that pruning cost no
+            accuracy.
         converged: (B,) bool, the reduced solve met its tolerance.
         reduced_size: (k_a, k_b) atoms per side of the reduced (padded) problem.
     """
@@ -77,6 +79,33 @@ def _soft_c_transform(potential, mass, cost, eps, dim):
     """``-eps log sum_k mass_k exp((potential_k - C)/eps)`` over axis ``dim`` of ``cost`` (1 or 2)."""
     weights = (mass.log() + potential / eps).unsqueeze(-1 if dim == 1 else -2)
     return -eps * torch.logsumexp(weights - cost / eps, dim=dim)
+
+
+def _c_transforms(a, b, cost, eps):
+    """``(u_from, v_from)``: the soft c-transforms ``u = ct(v)`` (sum over the columns with ``b > 0``) and
+    ``v = ct(u)`` (over the rows with ``a > 0``) of the full problem ``(a, b, cost)``, (B, n), (B, m), (B, n, m),
+    each computed on those rows or columns of ``cost`` only."""
+    _, rows_held, _ = _keep(a, 0.0)
+    _, cols_held, _ = _keep(b, 0.0)
+    n, m = cost.shape[1], cost.shape[2]
+    from_rows = cost.gather(1, rows_held.unsqueeze(-1).expand(-1, -1, m))  # (B, p, m)
+    from_cols = cost.gather(2, cols_held.unsqueeze(1).expand(-1, n, -1))  # (B, n, q)
+    a_held, b_held = a.gather(1, rows_held), b.gather(1, cols_held)
+
+    def u_from(v):
+        return _soft_c_transform(v.gather(1, cols_held), b_held, from_cols, eps, dim=2)
+
+    def v_from(u):
+        return _soft_c_transform(u.gather(1, rows_held), a_held, from_rows, eps, dim=1)
+
+    return u_from, v_from
+
+
+def _marginal_error(potential, mass, transform, eps):
+    """L1 marginal error ``sum_i mass_i |exp((potential_i - transform_i)/eps) - 1|`` of one side, from its potential
+    and the soft c-transform of the other side's (0 on zero-mass atoms, whose terms would be ``0 * inf``)."""
+    terms = mass * torch.expm1((potential - transform) / eps).abs()
+    return torch.where(mass > 0, terms, 0.0).sum(-1)
 
 
 def pruned_sinkhorn(
@@ -117,16 +146,19 @@ def pruned_sinkhorn(
     solved = sinkhorn(a_r, b_r, cost_r, eps, **kwargs)
     # Extend to every atom: v from u on the kept a atoms, then `polish` full half-steps (u from all of v, v from
     # all of u, with the true masses): the dropped atoms of one side weigh in on the other side's potentials.
+    # A c-transform sums over the other side's atoms with mass only (the rest add exp(-inf) = 0), so each runs on
+    # those rows or columns of the cost: about half of it when one side's mass sits on half the atoms.
     v = _soft_c_transform(solved.u, a_r, rows, eps, dim=1)
     a_n, b_n = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    u_from, v_from = _c_transforms(a_n, b_n, cost, eps)
     for _ in range(polish):
-        u = _soft_c_transform(v, b_n, cost, eps, dim=2)
-        v = _soft_c_transform(u, a_n, cost, eps, dim=1)
+        u = u_from(v)
+        v = v_from(u)
     if polish == 0:
-        u = _soft_c_transform(v, b_n, cost, eps, dim=2)
-    # Error of the extended solution on the full problem (columns are exact after the last v update).
-    plan_rows = (b_n.unsqueeze(-2) * torch.exp((u.unsqueeze(-1) + v.unsqueeze(-2) - cost) / eps)).sum(-1)
-    full_error = (a_n * plan_rows - a_n).abs().sum(-1)
+        u = u_from(v)
+    # Error of the extended solution on the full problem, on the side that was not updated last (the other's
+    # marginal is exact): P 1 = a * exp((u - ct(v)) / eps), P^T 1 = b * exp((v - ct(u)) / eps).
+    full_error = _marginal_error(v, b_n, v_from(u), eps) if polish == 0 else _marginal_error(u, a_n, u_from(v), eps)
     value = (a_n * torch.where(a_n > 0, u, 0.0)).sum(-1) + (b_n * torch.where(b_n > 0, v, 0.0)).sum(-1)
     return PrunedResult(
         u=u,

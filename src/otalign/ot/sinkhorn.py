@@ -75,6 +75,7 @@ def sinkhorn(
     check_every: int = 5,
     return_plan: bool = False,
     mass_rtol: float | None = None,
+    overrelaxation: float = 1.0,
 ) -> SinkhornResult:
     r"""Solve a batch of balanced entropic OT problems with stabilised Sinkhorn.
 
@@ -99,6 +100,9 @@ def sinkhorn(
         mass_rtol: relative tolerance on ``sum(a) == sum(b)``; by default 1e-4, or the input
             dtype's resolution if coarser (bfloat16: 7.8e-3). Within it, ``b`` is rescaled to
             the mass of ``a``.
+        overrelaxation: ``w`` in (0, 2): each half-step moves the potential ``w`` times the plain update,
+            ``u <- u + w (ct(v) - u)`` (same solution; 1.5-1.8 needs 2-5x fewer iterations at small eps, no
+            global guarantee above 1; see :mod:`otalign.ot._scaling`). 1 is plain Sinkhorn.
 
     Returns:
         :class:`SinkhornResult`, in float32 for half/float32 inputs, float64 for float64.
@@ -135,6 +139,7 @@ def sinkhorn(
         check_every=check_every,
         balanced=True,
         return_plan=return_plan,
+        overrelaxation=overrelaxation,
     )
     result = SinkhornResult(
         f=run.u + eps * a.log(),

@@ -182,6 +182,13 @@ class RLConfig(TrainerConfig):
     wpr_debias: bool = field(default=False, metadata={"help": "debiased (Sinkhorn divergence) WPR penalty"})
     wpr_max_iter: int = field(default=1000, metadata={"help": "Sinkhorn iterations at most", "check": ">= 1"})
     wpr_tol: float = field(default=1e-5, metadata={"help": "Sinkhorn marginal tolerance", "check": "> 0"})
+    wpr_overrelaxation: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sinkhorn over-relaxation w (1: plain; 1.5-1.8: same penalty, fewer iterations)",
+            "check": "(0, 2)",
+        },
+    )
     wpr_strict: bool = field(
         default=False,
         metadata={"help": "stop the run when a Sinkhorn solve ends above wpr_tol (else: warn once and count)"},
@@ -230,6 +237,7 @@ def regularizer_from_config(config: RLConfig, ref_model) -> Regularizer:
             debias=config.wpr_debias,
             max_iter=config.wpr_max_iter,
             tol=config.wpr_tol,
+            overrelaxation=config.wpr_overrelaxation,
         )
     kwargs = {"alpha": config.f_alpha} if config.regularizer == "alpha" else {}
     if config.regularizer in ("kl", "rkl"):
