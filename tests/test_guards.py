@@ -370,15 +370,17 @@ def test_both_ot_results_have_per_problem_convergence_and_one_potential_conventi
 
 @pytest.mark.multiprocess
 def test_two_processes_stop_or_skip_together(tmp_path, two_process_cli):
-    """Under a 2-process launch both processes stop at the same step with the same line (and the launch fails), or
-    both skip and count the same steps (a disagreement would hang the next gradient all-reduce)."""
+    """Under a 2-process launch both processes stop at the same step with the same line (and the launch fails; once
+    one process exits the launcher terminates the other, which may not have printed yet), or both skip and count the
+    same steps (a disagreement would hang the next gradient all-reduce)."""
     model = save_tiny_model(tmp_path / "tiny")
     argv = ["sft", f"--model_name_or_path={model}", f"--dataset_name={FIXTURES / 'sft_pairs.jsonl'}"]
     argv += ["--max_steps=3", "--learning_rate=1e8", "--per_device_train_batch_size=2", "--progress_bar=false"]
     done = two_process_cli([*argv, f"--output_dir={tmp_path / 'error'}", "--save_steps=1"], check=False)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("otalign sft: error:")]
-    assert len(lines) == 2 and len(set(lines)) == 1 and "step 2: the gradient norm is NaN" in lines[0]
+    # Each process that gets to print says the same; the launcher may stop the second one before it prints.
+    assert len(lines) in (1, 2) and len(set(lines)) == 1 and "step 2: the gradient norm is NaN" in lines[0]
     assert [p.name for p in list_checkpoints(tmp_path / "error")] == ["checkpoint-1"]
     assert not (tmp_path / "error" / "model").exists()
     two_process_cli([*argv, f"--output_dir={tmp_path / 'skip'}", "--on_nonfinite=skip", "--save_model=false"])
