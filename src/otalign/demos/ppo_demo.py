@@ -36,7 +36,10 @@ from otalign.trainers.evaluation import EvalResult, evaluate_policy
 
 METHODS = {"wpr": "wasserstein", "rkl": "rkl"}
 
-STUDIES = "docs/results/ (wpr-vs-kl/README.md: WPR vs RKL, 3 seeds, intervals; regenerate with otalign sweep)"
+STUDIES = (
+    "docs/results/ (wpr-vs-kl/README.md: WPR vs RKL; preference/README.md: DPO, IPO, OTPO, AOT, KTO; 3 seeds, "
+    "intervals; regenerate with otalign sweep)"
+)
 """Where the demo's summary points for evidence."""
 
 
