@@ -148,8 +148,7 @@ def group_settings(cells: list[dict], reference: dict) -> list[dict]:
         group["cells"] = [c["name"] for c in members]
         group["across_seeds"] = {m: seed_interval([x.get(m) for x in metrics]) for m in METRICS}
         trainer_eval = [c["trained"].get("eval_metrics", {}) for c in members]
-        # markers of cells trained before the trainers took TRL's prefix hold "eval/..." names
-        for key in sorted({k for e in trainer_eval for k in e if k.startswith((EVAL_PREFIX, "eval/"))}):
+        for key in sorted({k for e in trainer_eval for k in e if k.startswith(EVAL_PREFIX)}):
             group["across_seeds"][key] = seed_interval([e.get(key) for e in trainer_eval])
         group["across_prompts"] = {
             "reward": prompt_interval([c["eval"]["scores"] for c in members]),
