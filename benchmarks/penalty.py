@@ -26,6 +26,10 @@ float64 to ``--reference-tol`` (1e-7) with ``--reference-max-iter`` iterations a
 runs of that form must be within ``max(1e-3 |reference|, 1e-4)`` of it. The max and 99th-percentile errors
 print beside the timings, and the script exits with status 1, naming the offending rows, above the bound.
 
+Newton finishing (``--newton-steps``, the regularizer's ``newton_steps``): problems still above the tolerance
+at ``--max-iter`` get that many Newton steps on the dual (:mod:`otalign.ot.newton`); its time counts as
+Sinkhorn time. ``--max-iter`` and ``--newton-steps`` take several values like ``--tol``.
+
 Profile (``--profile`` table): per Sinkhorn call of the timed runs, the atoms that carry more than 1e-6 /
 1e-4 / 1e-3 of the (normalised) moved mass on each side, the iterations, the time per iteration and the time
 spent outside Sinkhorn (log-softmax, top-k, gathers, costs).
@@ -129,6 +133,7 @@ def measure(spec: dict) -> dict:
             max_iter=spec["max_iter"],
             tol=spec["tol"],
             overrelaxation=spec.get("overrelaxation", 1.0),
+            newton_steps=spec.get("newton_steps", 0),
         )
 
     sinkhorn_seconds, calls = [], []
@@ -223,7 +228,8 @@ def run_worker(spec: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     header = (
-        f"{'device':<7}{'V':>8}{'top_k':>6}{'transport':>11}{'w':>5}{'tol':>7}{'RKL s':>9}{'W s':>9}{'W/RKL':>8}"
+        f"{'device':<7}{'V':>8}{'top_k':>6}{'transport':>11}{'w':>5}{'tol':>7}{'cap':>6}{'N':>4}"
+        f"{'RKL s':>9}{'W s':>9}{'W/RKL':>8}"
         f"{'sinkhorn':>10}"
         f"{'iters':>7}{'marg.err':>10}{'max err':>9}{'p99 err':>9}{'/bound':>8}{'RKL MB':>8}{'W MB':>8}"
         f"{'official GB':>12}"
@@ -238,7 +244,7 @@ def table(rows: list[dict]) -> str:
         )
         lines.append(
             f"{row['device']:<7}{row['vocab']:>8}{row['top_k']:>6}{row['transport']:>11}{row['overrelaxation']:>5.2g}"
-            f"{row['tol']:>7.0e}{row['rkl_seconds']:>9.3f}"
+            f"{row['tol']:>7.0e}{row.get('max_iter', 0):>6}{row.get('newton_steps', 0):>4}{row['rkl_seconds']:>9.3f}"
             f"{row['w_seconds']:>9.2f}{row['ratio']:>8.1f}{row['sinkhorn_share']:>9.0%} {row['iters']:>6.0f}"
             f"{row['marginal_err']:>10.1e}{errors}{row['rkl_peak_mb']:>8.0f}{row['w_peak_mb']:>8.0f}"
             f"{row['official_gb']:>12.2f}"
@@ -249,7 +255,7 @@ def table(rows: list[dict]) -> str:
 def profile_table(rows: list[dict]) -> str:
     """Where the Wasserstein penalty's time goes, one line per timed run (sums/means over its Sinkhorn calls)."""
     header = (
-        f"{'V':>7}{'top_k':>6}{'transport':>11}{'w':>5}{'tol':>7}{'atoms':>7}{'a>1e-6':>8}{'a>1e-4':>8}{'a>1e-3':>8}{'b>1e-4':>8}"
+        f"{'V':>7}{'top_k':>6}{'transport':>11}{'w':>5}{'tol':>7}{'cap':>6}{'N':>4}{'atoms':>7}{'a>1e-6':>8}{'a>1e-4':>8}{'a>1e-3':>8}{'b>1e-4':>8}"
         f"{'iters':>7}{'mean it':>8}{'ms/iter':>9}{'sinkhorn s':>11}{'outside s':>10}"
     )
     lines = [header, "-" * len(header)]
@@ -265,7 +271,7 @@ def profile_table(rows: list[dict]) -> str:
         seconds = sum(c["seconds"] for c in calls)
         lines.append(
             f"{row['vocab']:>7}{row['top_k']:>6}{row['transport']:>11}{row['overrelaxation']:>5.2g}{row['tol']:>7.0e}"
-            f"{max(c['atoms'] for c in calls):>7}"
+            f"{row.get('max_iter', 0):>6}{row.get('newton_steps', 0):>4}{max(c['atoms'] for c in calls):>7}"
             f"{mean('atoms_a', '1e-06'):>8.1f}{mean('atoms_a', '0.0001'):>8.1f}{mean('atoms_a', '0.001'):>8.1f}"
             f"{mean('atoms_b', '0.0001'):>8.1f}{max(c['n_iter'] for c in calls):>7}"
             f"{sum(c['mean_iters'] * c['problems'] for c in calls) / problems:>8.0f}"
@@ -286,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--transport", nargs="+", default=["difference", "full"], help="WPR transport forms, side by side"
     )
-    parser.add_argument("--max-iter", type=int, default=1000, help="Sinkhorn iterations (regularizer default)")
+    parser.add_argument(
+        "--max-iter", type=int, nargs="+", default=[1000], help="Sinkhorn iteration caps (regularizer default 1000)"
+    )
     parser.add_argument(
         "--tol", type=float, nargs="+", default=[1e-4], help="Sinkhorn tolerances (default: the regularizer's 1e-4)"
     )
@@ -296,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[1.0, 1.7],
         help="Sinkhorn over-relaxation values w, side by side (1: plain, the regularizer's default)",
+    )
+    parser.add_argument(
+        "--newton-steps",
+        type=int,
+        nargs="+",
+        default=[10],
+        help="Newton steps for the problems still above tol at max-iter (0: none; the regularizer's default 10)",
     )
     parser.add_argument(
         "--embeddings",
@@ -317,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reference-overrelaxation", type=float, default=1.5, help="over-relaxation w of the reference solve"
     )
+    parser.add_argument(
+        "--reference-newton-steps", type=int, default=50, help="Newton steps of the reference's stalled problems"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "penalty.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -336,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_iter": args.max_iter,
         "tol": args.tol,
         "overrelaxation": args.overrelaxation,
+        "newton_steps": args.newton_steps,
         "threads": args.threads,
         "repeats": args.repeats,
         "seed": 0,
@@ -343,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"B={batch} T={steps} lam={args.lam} max_iter={args.max_iter} tol={args.tol} w={args.overrelaxation} "
+        f"newton={args.newton_steps} "
         f"threads={args.threads} "
         f"embeddings={args.embeddings}"
     )
@@ -350,11 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     for device in devices:
         for vocab in vocabs:
             base = {**common, "device": device, "vocab": vocab, "dim": EMBEDDING_DIM.get(vocab, 1024)}
-            base.pop("tol"), base.pop("overrelaxation")
-            grid = itertools.product(top_ks, args.transport, args.tol, args.overrelaxation)
-            for top_k, transport, tol, omega in grid:
-                if transport == "full" and tol != args.tol[0]:
-                    continue  # the full form does not reach even the loosest tolerance within max_iter
+            for name in ("tol", "overrelaxation", "newton_steps", "max_iter"):
+                base.pop(name)
+            grid = itertools.product(
+                top_ks, args.transport, args.tol, args.overrelaxation, args.newton_steps, args.max_iter
+            )
+            for top_k, transport, tol, omega, newton, max_iter in grid:
+                firsts = (tol, newton, max_iter) == (args.tol[0], args.newton_steps[0], args.max_iter[0])
+                if transport == "full" and not firsts:
+                    continue  # the full form reaches no tolerance within max_iter, and takes no Newton steps
                 # RKL right before each W run, so that the ratio is taken under the same load.
                 rkl = run_worker({**base, "method": "rkl", "top_k": 0, "tol": tol})
                 wpr = run_worker(
@@ -365,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                         "transport": transport,
                         "tol": tol,
                         "overrelaxation": omega,
+                        "newton_steps": newton,
+                        "max_iter": max_iter,
                     }
                 )
                 raw += [rkl, wpr]
@@ -381,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "tol": args.reference_tol,
                                 "max_iter": args.reference_max_iter,
                                 "overrelaxation": args.reference_overrelaxation,
+                                "newton_steps": args.reference_newton_steps,
                                 "repeats": 1,
                                 "reference": True,
                             }
@@ -398,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                         "transport": transport,
                         "tol": tol,
                         "overrelaxation": omega,
+                        "newton_steps": newton,
+                        "max_iter": max_iter,
                         "rkl_seconds": rkl["seconds"],
                         "w_seconds": wpr["seconds"],
                         "ratio": wpr["seconds"] / rkl["seconds"],

@@ -14,12 +14,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def penalty_table(report: dict) -> list[str]:
     s = report["settings"]
     lines = [
-        f"B={s['batch']}, T={s['steps']}, lambda={s['lam']:g}, max_iter={s['max_iter']}, "
-        f"{s['threads']} threads, embeddings: {s['embeddings']}",
+        f"B={s['batch']}, T={s['steps']}, lambda={s['lam']:g}, {s['threads']} threads, embeddings: {s['embeddings']}",
         "",
-        "| V | top_k | transport | w | tol | W/RKL time | Sinkhorn share | iters | unconverged | marg. err | "
+        "| V | top_k | transport | w | tol | max_iter | Newton | W/RKL time | Sinkhorn share | iters | unconverged | "
+        "marg. err | "
         "max / p99 err vs ref | err / bound | W peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         acc = row.get("accuracy")
@@ -27,7 +27,8 @@ def penalty_table(report: dict) -> list[str]:
         bound = f"{acc['max_err_over_bound']:.1f} ({'ok' if acc['ok'] else 'FAIL'})" if acc else "-"
         lines.append(
             f"| {row['vocab']} | {row['top_k']} | {row['transport']} | {row.get('overrelaxation', 1.0):g} | "
-            f"{row.get('tol', s['tol']):g} | {row['ratio']:.1f}x | "
+            f"{row.get('tol', s['tol']):g} | {row.get('max_iter', s['max_iter'])} | {row.get('newton_steps', 0)} | "
+            f"{row['ratio']:.1f}x | "
             f"{row['sinkhorn_share']:.0%} | {row['iters']:.0f} | {row.get('unconverged_frac', float('nan')):.1%} | "
             f"{row['marginal_err']:.1e} | {err} | {bound} | "
             f"{row['w_peak_mb']:.0f} |"
@@ -37,9 +38,9 @@ def penalty_table(report: dict) -> list[str]:
 
 def profile_table(report: dict) -> list[str]:
     lines = [
-        "| top_k | transport | w | tol | atoms | excess atoms > 1e-6 / 1e-4 / 1e-3 of moved mass | "
+        "| top_k | transport | w | tol | max_iter | Newton | atoms | excess atoms > 1e-6 / 1e-4 / 1e-3 of moved mass | "
         "iters (max / mean) | ms / iter | Sinkhorn s | outside s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         calls = row.get("profile") or []
@@ -55,6 +56,7 @@ def profile_table(report: dict) -> list[str]:
         mean_iters = sum(c["mean_iters"] * c["problems"] for c in calls) / problems
         lines.append(
             f"| {row['top_k']} | {row['transport']} | {row.get('overrelaxation', 1.0):g} | {row.get('tol', '-')} | "
+            f"{row.get('max_iter', '-')} | {row.get('newton_steps', 0)} | "
             f"{max(c['atoms'] for c in calls)} | "
             f"{mean('1e-06'):.1f} / {mean('0.0001'):.1f} / {mean('0.001'):.1f} | "
             f"{max(c['n_iter'] for c in calls)} / {mean_iters:.0f} | {1e3 * seconds / max(iters, 1):.1f} | "

@@ -85,6 +85,23 @@ def test_difference_transport_matches_pot(metric):
         np.testing.assert_allclose(solution.potential[row].numpy()[held], phi[held], atol=1e-8)
 
 
+@pytest.mark.parametrize("transport", ["difference", "smooth"])
+def test_newton_steps_finish_what_sinkhorn_leaves_unconverged(transport):
+    """At lambda = 100 on spread-out embeddings, 20 Sinkhorn iterations leave problems above tol; Newton steps
+    bring every one to the penalties of a solve run to tol 1e-11 (up to 10^5 iterations)."""
+    policy, ref, actions, embeddings = _problem_inputs(n=6, vocab=40, dim=6, scale=1.0, seed=3)
+    problem = build_problem(policy, ref, actions, embeddings, top_k=6)
+    short = {"transport": transport, "tau": 0.5, "max_iter": 20, "tol": 1e-9}
+    plain = solve_problem(problem, 100.0, **short)
+    assert not bool(plain.converged.all())
+    finished = solve_problem(problem, 100.0, newton_steps=40, **short)
+    reference = solve_problem(problem, 100.0, transport=transport, tau=0.5, max_iter=100_000, tol=1e-11)
+    assert bool(finished.converged.all()) and bool(reference.converged.all())
+    held = problem.a > 0
+    np.testing.assert_allclose(finished.potential[held].numpy(), reference.potential[held].numpy(), atol=1e-7)
+    np.testing.assert_allclose(finished.value.numpy(), reference.value.numpy(), atol=1e-9)
+
+
 def test_difference_transport_is_zero_at_equality_and_tends_to_the_full_value():
     policy, ref, actions, embeddings = _problem_inputs(n=3, vocab=30)
     same = solve_problem(build_problem(policy, policy, actions, embeddings, top_k=5), 100.0)
@@ -478,6 +495,9 @@ def test_configuration_and_input_errors():
         WassersteinRegularizer(embeddings, top_k=2, transport="partial")
     with pytest.raises(ValueError, match="debias=True needs transport='full'"):
         WassersteinRegularizer(embeddings, top_k=2, debias=True)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="newton_steps must be an integer >= 0"):
+            WassersteinRegularizer(embeddings, top_k=2, newton_steps=bad)
     for bad in (-0.1, math.inf, "auto", True):
         with pytest.raises(ValueError, match="smooth_tau must be None or a finite number >= 0"):
             WassersteinRegularizer(embeddings, top_k=2, smooth_tau=bad)

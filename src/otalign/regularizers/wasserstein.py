@@ -374,6 +374,7 @@ def solve_problem(
     max_iter: int = 1000,
     tol: float = 1e-4,
     overrelaxation: float = 1.0,
+    newton_steps: int = 0,
 ) -> WassersteinSolution:
     r"""Solve a batch of truncated problems and shift the policy-side potentials so that
     ``sum_i a_i phi_i`` equals the value (the module docstring, steps 5 and 6).
@@ -397,6 +398,10 @@ def solve_problem(
         max_iter: Sinkhorn iterations allowed at the target eps.
         tol: stop once every problem's L1 marginal error is <= tol (mass units of the policy).
         overrelaxation: Sinkhorn over-relaxation ``w`` in (0, 2) (:func:`otalign.ot.sinkhorn`; 1: plain).
+        newton_steps: (``difference`` and ``smooth``) Newton steps at most for a problem still above ``tol``
+            after ``max_iter`` iterations (:func:`otalign.ot.sinkhorn`; 0: none). The full form has no use for
+            them: its near-diagonal plan couples the atoms only through entries of order exp(-C/eps), so its
+            Hessian is numerically singular in every atom's direction.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -408,7 +413,7 @@ def solve_problem(
         if debias:
             raise ValueError(f"debias applies to transport='full'; transport={transport!r} is already 0 at equality")
         potential, value, n_iter, error, converged = _solve_difference(
-            problem, lam, max_iter=max_iter, tol=tol, overrelaxation=overrelaxation
+            problem, lam, max_iter=max_iter, tol=tol, overrelaxation=overrelaxation, newton_steps=newton_steps
         )
     else:
         potential, value, n_iter, error, converged = _solve_full(
@@ -429,7 +434,13 @@ def solve_problem(
 
 
 def _solve_difference(
-    problem: TruncatedProblem, lam: float, *, max_iter: int, tol: float, overrelaxation: float = 1.0
+    problem: TruncatedProblem,
+    lam: float,
+    *,
+    max_iter: int,
+    tol: float,
+    overrelaxation: float = 1.0,
+    newton_steps: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     r"""Entropic transport of the policy's excess onto its deficit.
 
@@ -481,6 +492,7 @@ def _solve_difference(
         max_iter=max_iter,
         tol=tol / m,
         overrelaxation=overrelaxation,
+        newton_steps=newton_steps,
     )
     u, v = solved.u, solved.v
     phi = torch.zeros(a.shape, dtype=u.dtype, device=u.device)
@@ -494,7 +506,13 @@ def _solve_difference(
 
 
 def _solve_full(
-    problem: TruncatedProblem, lam: float, *, debias: bool, max_iter: int, tol: float, overrelaxation: float = 1.0
+    problem: TruncatedProblem,
+    lam: float,
+    *,
+    debias: bool,
+    max_iter: int,
+    tol: float,
+    overrelaxation: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     r"""The paper's entropic OT between the whole truncated distributions, one batched Sinkhorn call.
 
@@ -598,6 +616,10 @@ class WassersteinRegularizer(Regularizer):
         tol: Sinkhorn stopping tolerance on the L1 marginal error (mass units).
         overrelaxation: Sinkhorn over-relaxation ``w`` in (0, 2) (:func:`otalign.ot.sinkhorn`): the same
             penalty in fewer iterations for ``w`` of 1.5-1.8 (``benchmarks/penalty.py``); 1 is plain Sinkhorn.
+        newton_steps: a position whose Sinkhorn solve is still above ``tol`` after ``max_iter`` iterations gets
+            up to this many damped Newton steps on the dual in float64 (:mod:`otalign.ot.newton`): the
+            nearly decoupled problems Sinkhorn stalls on converge in a few. 0 turns it off. Difference and smooth
+            forms only (:func:`solve_problem`).
         debias: (``transport="full"``) penalize with the Sinkhorn divergence (zero at equality).
         max_chunk_elements: see :class:`~otalign.regularizers.base.Regularizer`. Log-softmax runs on
             ``max_chunk_elements // V`` positions at a time, Sinkhorn on ``max_chunk_elements // (c (2k+2)^2)``
@@ -622,6 +644,7 @@ class WassersteinRegularizer(Regularizer):
         max_iter: int = 1000,
         tol: float = 1e-4,
         overrelaxation: float = 1.0,
+        newton_steps: int = 10,
         debias: bool = False,
         max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
@@ -654,13 +677,15 @@ class WassersteinRegularizer(Regularizer):
             raise ValueError(f"need max_iter >= 1 and tol > 0, got max_iter={max_iter}, tol={tol}")
         if not 0 < overrelaxation < 2:
             raise ValueError(f"overrelaxation must be in (0, 2), got {overrelaxation}")
+        if isinstance(newton_steps, bool) or not isinstance(newton_steps, int) or newton_steps < 0:
+            raise ValueError(f"newton_steps must be an integer >= 0, got {newton_steps!r}")
         self.embeddings = embeddings.detach()
         self.radius = None
         if knn is not None:
             self.radius = knn_radius(self.embeddings, knn, metric=metric, cache_dir=knn_cache_dir)
         self.lam, self.top_k, self.metric, self.knn = lam, top_k, metric, knn
         self.dust_cost, self.max_iter, self.tol, self.debias = dust_cost, max_iter, tol, debias
-        self.transport, self.overrelaxation = transport, float(overrelaxation)
+        self.transport, self.overrelaxation, self.newton_steps = transport, float(overrelaxation), newton_steps
         self.tau = default_smooth_tau(self.embeddings, metric) if smooth_tau is None else smooth_tau
         """tau of the smooth form in cost units (used only when ``transport="smooth"``)."""
 
@@ -685,6 +710,7 @@ class WassersteinRegularizer(Regularizer):
             max_iter=self.max_iter,
             tol=self.tol,
             overrelaxation=self.overrelaxation,
+            newton_steps=self.newton_steps,
         )
 
     def _penalize(self, positions: Positions) -> tuple[torch.Tensor, StatAccumulator]:

@@ -74,6 +74,8 @@ def eval_settings(config: SweepConfig) -> dict:
         "transport": config.eval_w_transport or defaults["transport"],
         "max_iter": config.eval_w_max_iter if config.eval_w_max_iter is not None else defaults["max_iter"],
         "tol": config.eval_w_tol if config.eval_w_tol is not None else defaults["tol"],
+        "overrelaxation": defaults["overrelaxation"],
+        "newton_steps": defaults["newton_steps"],
         "dust_cost": defaults["dust_cost"],
         "debias": False,
         "embeddings": "reference input embeddings",

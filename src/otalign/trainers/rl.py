@@ -189,6 +189,13 @@ class RLConfig(TrainerConfig):
             "check": "(0, 2)",
         },
     )
+    wpr_newton_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Newton steps at most for a Sinkhorn solve above wpr_tol at wpr_max_iter (0: off; not full form)",
+            "check": ">= 0",
+        },
+    )
     wpr_strict: bool = field(
         default=False,
         metadata={"help": "stop the run when a Sinkhorn solve ends above wpr_tol (else: warn once and count)"},
@@ -238,6 +245,7 @@ def regularizer_from_config(config: RLConfig, ref_model) -> Regularizer:
             max_iter=config.wpr_max_iter,
             tol=config.wpr_tol,
             overrelaxation=config.wpr_overrelaxation,
+            newton_steps=config.wpr_newton_steps,
         )
     kwargs = {"alpha": config.f_alpha} if config.regularizer == "alpha" else {}
     if config.regularizer in ("kl", "rkl"):
