@@ -302,7 +302,7 @@ def test_metrics_logger_warns_once_per_metric_written_as_null(tmp_path):
 
 
 def wasserstein_run(tmp_path, **overrides):
-    settings = dict(regularizer="wasserstein", max_steps=2, wpr_lambda=1e6, wpr_max_iter=3)
+    settings = dict(regularizer="wasserstein", max_steps=2, wpr_lambda=1e6, wpr_max_iter=3, wpr_newton_steps=0)
     return grpo(tmp_path, lambda p, r: [len(x) / 10 for x in r], **{**settings, **overrides})
 
 
@@ -312,7 +312,9 @@ def test_unconverged_sinkhorn_is_counted_and_warned_about_once(tmp_path):
         history = wasserstein_run(tmp_path).train()
     found = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
     assert len(found) == 1
-    assert str(found[0].message).startswith("step 1: Sinkhorn stopped at wpr_max_iter=3 above wpr_tol=1e-05 at ")
+    assert str(found[0].message).startswith(
+        "step 1: Sinkhorn stopped at wpr_max_iter=3 above wpr_tol=1e-07, and wpr_newton_steps=0 Newton steps did not "
+    )
     assert "wpr_lambda=1e+06" in str(found[0].message)
     assert all(0 < row["sinkhorn/unconverged_frac"] <= 1 for row in history)
     assert [row["sinkhorn/unconverged_frac"] for row in read_metrics(tmp_path)] == [
@@ -342,8 +344,10 @@ def test_ot_values_warn_about_unconverged_positions():
     actions = torch.randint(0, 12, (2, 3), generator=generator)
     mask = torch.ones(2, 3, dtype=torch.bool)
     embeddings = torch.randn(12, 4, generator=generator)
-    loose = WassersteinRegularizer(embeddings, lam=1e6, top_k=4, max_iter=3)
-    with pytest.warns(ConvergenceWarning, match=r"max_iter=3 above tol=0.0001 at [1-6] of 6 positions"):
+    loose = WassersteinRegularizer(embeddings, lam=1e6, top_k=4, max_iter=3, newton_steps=0)
+    with pytest.warns(
+        ConvergenceWarning, match=r"max_iter=3 above tol=1e-07, and newton_steps=0 .* at [1-6] of 6 positions"
+    ):
         ot_values(loose, policy, ref, actions, mask)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)

@@ -63,9 +63,6 @@ class DemoConfig(Config):
     critic_freeze_backbone: bool = field(default=True, metadata={"help": "train only the critic's value head"})
     beta_wpr: float = field(default=0.05, metadata={"help": "penalty coefficient of WPR", "check": ">= 0"})
     beta_rkl: float = field(default=0.05, metadata={"help": "penalty coefficient of RKL", "check": ">= 0"})
-    wpr_max_iter: int = field(
-        default=300, metadata={"help": "Sinkhorn iterations per WPR penalty call (bounds its time)", "check": ">= 1"}
-    )
     wpr_top_k: int = field(
         default=128, metadata={"help": "tokens of each distribution in the WPR support (paper: 128)", "check": ">= 1"}
     )
@@ -113,7 +110,6 @@ def ppo_config(demo: DemoConfig, method: str) -> PPOConfig:
         critic_freeze_backbone=demo.critic_freeze_backbone,
         regularizer=METHODS[method],
         beta=demo.beta_wpr if method == "wpr" else demo.beta_rkl,
-        wpr_max_iter=demo.wpr_max_iter,
         wpr_top_k=demo.wpr_top_k,
         mixed_precision=demo.mixed_precision,
         save_model=False,

@@ -612,14 +612,20 @@ class WassersteinRegularizer(Regularizer):
             ``max_iter`` iterations (see ``sinkhorn/marginal_err``).
         smooth_tau: (``smooth``) :math:`\tau` in cost units, >= 0 (0: the difference form), or None
             (:func:`default_smooth_tau` of ``embeddings``); the value used is :attr:`tau`.
-        max_iter: Sinkhorn iterations allowed at the target eps.
-        tol: Sinkhorn stopping tolerance on the L1 marginal error (mass units).
+        max_iter: Sinkhorn iterations allowed at the target eps. With ``newton_steps`` (difference and smooth
+            forms) this is where Sinkhorn hands the problems still above ``tol`` to Newton: the default 50 with
+            ``tol`` 1e-7 and ``w`` 1.7 met ``benchmarks/penalty.py``'s accuracy guard at the lowest cost. The full
+            form takes no Newton steps and needs ``max_iter`` in the thousands.
+        tol: stopping tolerance on the L1 marginal error, in the policy's mass units. The per-token penalty's error
+            is this times the problem's conditioning, which for nearly decoupled problems is large: 1e-5 left
+            errors of 2e-3 in the benchmark, 1e-7 (below float32 Sinkhorn's resolution, so reached by Newton in
+            float64) 3e-5.
         overrelaxation: Sinkhorn over-relaxation ``w`` in (0, 2) (:func:`otalign.ot.sinkhorn`): the same
-            penalty in fewer iterations for ``w`` of 1.5-1.8 (``benchmarks/penalty.py``); 1 is plain Sinkhorn.
+            penalty in 3-4x fewer iterations at ``w`` = 1.7 (``benchmarks/penalty.py``); 1 is plain Sinkhorn.
         newton_steps: a position whose Sinkhorn solve is still above ``tol`` after ``max_iter`` iterations gets
-            up to this many damped Newton steps on the dual in float64 (:mod:`otalign.ot.newton`): the
-            nearly decoupled problems Sinkhorn stalls on converge in a few. 0 turns it off. Difference and smooth
-            forms only (:func:`solve_problem`).
+            up to this many damped Newton steps on the dual in float64 (:mod:`otalign.ot.newton`), which converge
+            quadratically where Sinkhorn stalls (nearly decoupled problems). 0 turns it off. Difference and
+            smooth forms only (:func:`solve_problem`).
         debias: (``transport="full"``) penalize with the Sinkhorn divergence (zero at equality).
         max_chunk_elements: see :class:`~otalign.regularizers.base.Regularizer`. Log-softmax runs on
             ``max_chunk_elements // V`` positions at a time, Sinkhorn on ``max_chunk_elements // (c (2k+2)^2)``
@@ -641,10 +647,10 @@ class WassersteinRegularizer(Regularizer):
         dust_cost: str | float = "max",
         transport: str = "smooth",
         smooth_tau: float | None = None,
-        max_iter: int = 1000,
-        tol: float = 1e-4,
-        overrelaxation: float = 1.0,
-        newton_steps: int = 10,
+        max_iter: int = 50,
+        tol: float = 1e-7,
+        overrelaxation: float = 1.7,
+        newton_steps: int = 20,
         debias: bool = False,
         max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:

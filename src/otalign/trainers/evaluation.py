@@ -149,7 +149,7 @@ def ot_values(
     Wasserstein regularizer ``reg`` does (same support, cost, dust and Sinkhorn settings), ``chunk``
     positions per batched solve.
 
-    Positions whose solve stopped at ``reg.max_iter`` above ``reg.tol`` are counted, and a
+    Positions whose solve ended above ``reg.tol`` (Sinkhorn's ``max_iter`` and Newton's steps spent) are counted, and a
     :class:`~otalign.guard.ConvergenceWarning` names how many (their values are approximate).
     """
     from otalign.regularizers import build_problem
@@ -175,8 +175,9 @@ def ot_values(
         unconverged += (~solution.converged).sum()
     if count := int(unconverged):
         warnings.warn(
-            f"OT distance: Sinkhorn stopped at max_iter={reg.max_iter} above tol={reg.tol:g} at {count} of "
-            f"{rows.numel()} positions (lambda={reg.lam:g}); their values are approximate",
+            f"OT distance: Sinkhorn stopped at max_iter={reg.max_iter} above tol={reg.tol:g}, and "
+            f"newton_steps={reg.newton_steps} Newton steps did not finish, at {count} of {rows.numel()} positions "
+            f"(lambda={reg.lam:g}); their values are approximate",
             ConvergenceWarning,
             stacklevel=2,
         )

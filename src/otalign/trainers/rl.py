@@ -180,17 +180,20 @@ class RLConfig(TrainerConfig):
         metadata={"help": "WPR smooth-form tau in cost units (none: 5% of mean embedding distance)", "check": "> 0"},
     )
     wpr_debias: bool = field(default=False, metadata={"help": "debiased (Sinkhorn divergence) WPR penalty"})
-    wpr_max_iter: int = field(default=1000, metadata={"help": "Sinkhorn iterations at most", "check": ">= 1"})
-    wpr_tol: float = field(default=1e-5, metadata={"help": "Sinkhorn marginal tolerance", "check": "> 0"})
+    wpr_max_iter: int = field(
+        default=50,
+        metadata={"help": "Sinkhorn iterations before Newton finishes a solve above wpr_tol", "check": ">= 1"},
+    )
+    wpr_tol: float = field(default=1e-7, metadata={"help": "marginal tolerance (mass units)", "check": "> 0"})
     wpr_overrelaxation: float = field(
-        default=1.0,
+        default=1.7,
         metadata={
             "help": "Sinkhorn over-relaxation w (1: plain; 1.5-1.8: same penalty, fewer iterations)",
             "check": "(0, 2)",
         },
     )
     wpr_newton_steps: int = field(
-        default=10,
+        default=20,
         metadata={
             "help": "Newton steps at most for a Sinkhorn solve above wpr_tol at wpr_max_iter (0: off; not full form)",
             "check": ">= 0",
@@ -590,9 +593,10 @@ class RLTrainer(BaseTrainer):
             return
         c = self.config
         message = (
-            f"step {step}: Sinkhorn stopped at wpr_max_iter={c.wpr_max_iter} above wpr_tol={c.wpr_tol:g} at "
-            f"{share:.1%} of the generated positions (wpr_lambda={c.wpr_lambda:g}), so their penalties are "
-            "approximate; raise wpr_max_iter or wpr_tol, or lower wpr_lambda"
+            f"step {step}: Sinkhorn stopped at wpr_max_iter={c.wpr_max_iter} above wpr_tol={c.wpr_tol:g}, and "
+            f"wpr_newton_steps={c.wpr_newton_steps} Newton steps did not finish, at {share:.1%} of the generated "
+            f"positions (wpr_lambda={c.wpr_lambda:g}), so their penalties are approximate; raise wpr_max_iter, "
+            "wpr_newton_steps or wpr_tol, or lower wpr_lambda"
         )
         if c.wpr_strict:
             raise ConvergenceError(message)
