@@ -43,6 +43,7 @@ Results print as a table and go to ``benchmarks/results/penalty.json``. CPU alwa
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -59,6 +60,8 @@ import otalign.regularizers.wasserstein as wasserstein_module
 from otalign.regularizers import FDivergenceRegularizer, WassersteinRegularizer
 
 EMBEDDING_DIM = {49152: 576, 256000: 2048}
+SOLVER = {name: p.default for name, p in inspect.signature(WassersteinRegularizer).parameters.items()}
+"""The regularizer's defaults, those of `--max-iter`, `--tol`, `--overrelaxation` and `--newton-steps`."""
 OFFICIAL_KNN = 512
 
 
@@ -292,25 +295,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--transport", nargs="+", default=["difference", "full"], help="WPR transport forms, side by side"
     )
-    parser.add_argument(
-        "--max-iter", type=int, nargs="+", default=[1000], help="Sinkhorn iteration caps (regularizer default 1000)"
-    )
-    parser.add_argument(
-        "--tol", type=float, nargs="+", default=[1e-4], help="Sinkhorn tolerances (default: the regularizer's 1e-4)"
-    )
+    parser.add_argument("--max-iter", type=int, nargs="+", default=[SOLVER["max_iter"]], help="Sinkhorn iteration caps")
+    parser.add_argument("--tol", type=float, nargs="+", default=[SOLVER["tol"]], help="Sinkhorn tolerances")
     parser.add_argument(
         "--overrelaxation",
         type=float,
         nargs="+",
-        default=[1.0, 1.7],
-        help="Sinkhorn over-relaxation values w, side by side (1: plain, the regularizer's default)",
+        default=[SOLVER["overrelaxation"]],
+        help="Sinkhorn over-relaxation values w, side by side (1: plain)",
     )
     parser.add_argument(
         "--newton-steps",
         type=int,
         nargs="+",
-        default=[10],
-        help="Newton steps for the problems still above tol at max-iter (0: none; the regularizer's default 10)",
+        default=[SOLVER["newton_steps"]],
+        help="Newton steps for the problems still above tol at max-iter (0: none)",
     )
     parser.add_argument(
         "--embeddings",
