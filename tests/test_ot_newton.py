@@ -115,3 +115,37 @@ def test_negative_newton_steps_are_refused():
     a = torch.full((3,), 1 / 3)
     with pytest.raises(ValueError, match="newton_steps must be >= 0"):
         sinkhorn(a, a, torch.rand(3, 3), 0.1, newton_steps=-1)
+
+
+def pot_plan(a, b, cost, eps):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ot.sinkhorn(a, b, cost, eps, method="sinkhorn_log", numItermax=1_000_000, stopThr=1e-13)
+
+
+def test_exactly_decoupled_blocks_do_not_break_the_newton_solve():
+    """Two blocks with no kernel entry between them (cross costs 1e4 eps: exp underflows to 0), each balanced on
+    its own: the Newton matrix is singular along each block's own shift, not only the shared one, and the
+    potentials are unique only up to those shifts. The plan is unique: it must match POT's."""
+    eps = 0.01
+    a, b, cost = nearly_decoupled(6, gap=100.0, imbalance=0.0)
+    finished = sinkhorn(_t(a), _t(b), _t(cost), eps, max_iter=3, tol=1e-12, newton_steps=40, return_plan=True)
+    assert torch.isfinite(finished.f).all() and torch.isfinite(finished.g).all()
+    assert bool(finished.converged), finished.marginal_error
+    np.testing.assert_allclose(finished.plan.numpy(), pot_plan(a, b, cost, eps), rtol=0, atol=1e-11)
+
+
+def test_a_large_batch_solves_with_several_threads():
+    """Batched LU in MKL (torch.linalg.solve) fails outright for 9+ systems of 160+ unknowns on 2 threads; the
+    Newton step factors its symmetric matrices by Cholesky instead. 12 problems of 80 + 80 atoms, 2 threads."""
+    eps = 0.01
+    problems = [nearly_decoupled(seed, n=80, imbalance=3e-4) for seed in range(12)]
+    a, b, cost = (torch.stack([_t(p[i]) for p in problems]) for i in range(3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        finished = sinkhorn(a, b, cost, eps, max_iter=10, tol=1e-10, newton_steps=30, return_plan=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert bool(finished.converged.all()), finished.marginal_error
+    torch.testing.assert_close(finished.plan.sum(2), a, rtol=0, atol=1e-10)

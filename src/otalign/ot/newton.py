@@ -78,7 +78,8 @@ def _row_error(a, log_a, log_b, u, v, cost, eps):
 
 
 def _newton_direction(a, b, plan, eps, damping):
-    """(B, n + m) damped Newton step and the gradient (B, n + m), 0 on zero-mass atoms (module docstring).
+    """``(step, gradient, factored)``: the (B, n + m) damped Newton step and gradient, 0 on zero-mass atoms (module
+    docstring), and the (B,) bool mask of the problems whose matrix factored (the step is 0 elsewhere).
 
     Solved Jacobi-scaled, ``S = D^-1/2 M D^-1/2`` with ``D = diag(M)``: atom masses span many orders of magnitude
     (the top-k tails of a distribution), and unscaled ``M`` is too ill-conditioned for its step to be an ascent
@@ -97,8 +98,15 @@ def _newton_direction(a, b, plan, eps, damping):
     null = torch.cat([torch.ones_like(a), -torch.ones_like(b)], dim=1) * held * diagonal.sqrt()
     null = null / null.norm(dim=1, keepdim=True)
     matrix = matrix + null[:, :, None] * null[:, None, :]
-    step = torch.linalg.solve(matrix, eps * gradient * scale) * scale
-    return step, gradient
+    # Cholesky, not LU: the matrix is symmetric positive definite unless a problem is numerically singular (then
+    # `info` flags it and the caller damps it more), and batched LU in MKL fails outright on some such batches.
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    factored = info == 0
+    factor = torch.where(
+        factored[:, None, None], factor, torch.eye(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+    )
+    step = torch.cholesky_solve((eps * gradient * scale).unsqueeze(-1), factor)[..., 0] * scale
+    return torch.where(factored[:, None], step, 0.0), gradient, factored
 
 
 def _ascent_step(a, b, log_a, log_b, cost, eps, u, v, damping):
@@ -114,7 +122,7 @@ def _ascent_step(a, b, log_a, log_b, cost, eps, u, v, damping):
         todo = (~accepted).nonzero()[:, 0]
         if todo.numel() == 0:
             break
-        step, gradient = _newton_direction(a[todo], b[todo], plan[todo], eps, damping[todo])
+        step, gradient, factored = _newton_direction(a[todo], b[todo], plan[todo], eps, damping[todo])
         # Far from the optimum the quadratic model can overshoot by whole cost units: no trial moves a potential
         # by more than MAX_MOVE * eps (a kernel entry by more than e^(2 MAX_MOVE)).
         t = (MAX_MOVE * eps / step.abs().amax(1).clamp_min(1e-300)).clamp(max=1.0)[:, None]
@@ -122,7 +130,7 @@ def _ascent_step(a, b, log_a, log_b, cost, eps, u, v, damping):
         trial_plan = _plan(log_a[todo], log_b[todo], trial_u, trial_v, cost[todo], eps)
         trial = _dual(a[todo], b[todo], trial_u, trial_v, trial_plan, eps)
         slope = (gradient * step).sum(1) * t[:, 0]
-        ok = torch.isfinite(trial) & (trial >= objective[todo] + ARMIJO * slope)
+        ok = factored & torch.isfinite(trial) & (trial >= objective[todo] + ARMIJO * slope)
         new_u[todo] = torch.where(ok[:, None], trial_u, new_u[todo])
         new_v[todo] = torch.where(ok[:, None], trial_v, new_v[todo])
         accepted[todo] = ok
