@@ -149,3 +149,35 @@ def test_a_large_batch_solves_with_several_threads():
         torch.set_num_threads(threads)
     assert bool(finished.converged.all()), finished.marginal_error
     torch.testing.assert_close(finished.plan.sum(2), a, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3, 0.5])
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7), (6, 6)])
+def test_the_newton_step_is_the_full_systems_minimum_norm_solution(shape, damping):
+    """The Schur-complement step against the (n + m) system solved by least squares: Jacobi-scaled
+    ``(S + mu I) x = D^-1/2 eps grad`` on the atoms with mass, minimum norm (no component along the potentials'
+    shared constant), step ``D^-1/2 x``; 0 on zero-mass atoms. The plan is not a Sinkhorn plan, only positive."""
+    from otalign.ot.newton import _newton_direction
+
+    n, m = shape
+    rng = np.random.default_rng(n * 10 + m)
+    a, b = rng.random((3, n)), rng.random((3, m))
+    a[0, 1], b[1, 2] = 0.0, 0.0
+    a, b = a / a.sum(1, keepdims=True), b / b.sum(1, keepdims=True)
+    plan = 3 * rng.random((3, n, m)) * a[:, :, None] * b[:, None, :]
+    eps = 0.01
+    step, gradient, factored = _newton_direction(
+        _t(a), _t(b), _t(plan), eps, torch.full((3,), damping, dtype=torch.float64)
+    )
+    assert bool(factored.all())
+    for i in range(3):
+        held = np.concatenate([a[i] > 0, b[i] > 0])
+        matrix = np.block([[np.diag(plan[i].sum(1)), plan[i]], [plan[i].T, np.diag(plan[i].sum(0))]])[held][:, held]
+        grad = np.concatenate([a[i] - plan[i].sum(1), b[i] - plan[i].sum(0)])[held]
+        scale = np.diag(matrix) ** -0.5
+        scaled = scale[:, None] * matrix * scale[None, :] + damping * np.eye(held.sum())
+        x = np.linalg.lstsq(scaled, eps * grad * scale, rcond=1e-12)[0]
+        expected = np.zeros(n + m)
+        expected[held] = x * scale
+        np.testing.assert_allclose(step[i].numpy(), expected, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(gradient[i].numpy()[held], grad, rtol=0, atol=1e-15)

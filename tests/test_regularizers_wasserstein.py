@@ -518,3 +518,39 @@ def test_configuration_and_input_errors():
     with pytest.raises(ValueError, match=r"\(B, T\) = \(2, 3\)"):
         reg.penalty(logits, logits, torch.zeros(3, 2, dtype=torch.long))
     assert torch.isfinite(reg.penalty(logits, logits, torch.zeros(2, 3, dtype=torch.long)).per_token).all()
+
+
+def test_an_atom_with_equal_masses_gets_the_midpoint_of_its_c_transforms():
+    """At a kink of the difference form (a_t = b_t > 0: the atom is neither excess nor deficit) phi_t is the
+    midpoint (u_t - v_t)/2 of the soft c-transforms of POT's block potentials, u_t over the deficit atoms and
+    v_t over the excess atoms; the other atoms keep POT's potentials."""
+    import dataclasses
+
+    lam = 10.0
+    policy, ref, actions, embeddings = _problem_inputs(n=1, vocab=30)
+    problem = build_problem(policy, ref, actions, embeddings, top_k=5)
+    a, b = problem.a.clone(), problem.b.clone()
+    held = np.flatnonzero(a[0].numpy() > 0)
+    tie, other = int(held[1]), int(held[2])
+    b[0, other] += b[0, tie] - a[0, tie]
+    b[0, tie] = a[0, tie]
+    assert float(b[0, other]) > 0 and int((a[0] == b[0]).sum()) == 1 + int((a[0] == 0).sum())
+    problem = dataclasses.replace(problem, b=b)
+    solution = solve_problem(problem, lam, tol=1e-12, max_iter=20000)
+
+    a_np, b_np, cost = a[0].numpy(), b[0].numpy(), problem.cost[0].numpy()
+    excess, deficit = np.flatnonzero(a_np > b_np), np.flatnonzero(b_np > a_np)
+    moved = (a_np - b_np)[excess].sum()
+    alpha, beta = (a_np - b_np)[excess] / moved, (b_np - a_np)[deficit] / moved
+    block = cost[np.ix_(excess, deficit)]
+    plan, log = ot.bregman.sinkhorn_log(alpha, beta, block, 1 / lam, numItermax=20000, stopThr=1e-14, log=True)
+    u_tie = -np.log(np.exp(log["log_v"] - lam * cost[tie, deficit]).sum()) / lam
+    v_tie = -np.log(np.exp(log["log_u"] - lam * cost[excess, tie]).sum()) / lam
+    phi = np.zeros_like(a_np)
+    phi[excess] = (log["log_u"] - np.log(alpha)) / lam
+    phi[deficit] = -(log["log_v"] - np.log(beta)) / lam
+    phi[tie] = 0.5 * (u_tie - v_tie)
+    value = moved * ((plan * block).sum() + (plan * np.log(plan / np.outer(alpha, beta))).sum() / lam)
+    phi[held] += value - a_np[held] @ phi[held]
+    assert float(solution.value[0]) == pytest.approx(value, abs=1e-10)
+    np.testing.assert_allclose(solution.potential[0].numpy()[held], phi[held], atol=1e-8)

@@ -20,15 +20,15 @@ With potentials in the product-reference form :math:`P_{ij} = a_i b_j e^{(u_i + 
 
 ``M`` is positive semidefinite with the null direction :math:`(1, -1)` (the potentials' shared constant); the
 step solves :math:`M\Delta = \varepsilon \nabla D` Jacobi-scaled, :math:`S = D^{-1/2} M D^{-1/2}` with
-:math:`D = \mathrm{diag}(M)`, plus :math:`z z^\top` for the scaled null direction
-:math:`z \propto D^{1/2}(1, -1)`, which leaves the solution orthogonal to it unchanged (the gradient is
-orthogonal to :math:`(1, -1)` when the masses are equal). Each step is made safe three ways: it starts
-with one exact Sinkhorn iteration (an atom whose potential is far off is fixed by its own update, not by a
-linearisation of an exponential); no trial moves a potential by more than ``MAX_MOVE`` eps; and a step that
-does not increase the dual is retried with Levenberg-Marquardt damping :math:`S + \mu I`, ``mu`` growing
-tenfold per rejection and shrinking tenfold per acceptance, so that near the optimum the step is Newton's
-and converges quadratically. Atoms with zero mass are held out of the step and get the soft c-transform of
-the other side at the end, as in :func:`otalign.ot.sinkhorn`.
+:math:`D = \mathrm{diag}(M)`, for the solution with no component along the scaled null direction
+:math:`z \propto D^{1/2}(1, -1)` (the gradient is orthogonal to :math:`(1, -1)` when the masses are equal),
+through the Schur complement of the larger side's diagonal block (:func:`_newton_direction`). Each step is
+made safe three ways: it starts with one exact Sinkhorn iteration (an atom whose potential is far off is
+fixed by its own update, not by a linearisation of an exponential); no trial moves a potential by more than
+``MAX_MOVE`` eps; and a step that does not increase the dual is retried with Levenberg-Marquardt damping
+:math:`S + \mu I`, ``mu`` growing tenfold per rejection and shrinking tenfold per acceptance, so that near the
+optimum the step is Newton's and converges quadratically. Atoms with zero mass are held out of the step and get
+the soft c-transform of the other side at the end, as in :func:`otalign.ot.sinkhorn`.
 """
 
 from __future__ import annotations
@@ -81,31 +81,49 @@ def _newton_direction(a, b, plan, eps, damping):
     """``(step, gradient, factored)``: the (B, n + m) damped Newton step and gradient, 0 on zero-mass atoms (module
     docstring), and the (B,) bool mask of the problems whose matrix factored (the step is 0 elsewhere).
 
-    Solved Jacobi-scaled, ``S = D^-1/2 M D^-1/2`` with ``D = diag(M)``: atom masses span many orders of magnitude
-    (the top-k tails of a distribution), and unscaled ``M`` is too ill-conditioned for its step to be an ascent
-    direction. In the scaled system the null direction is ``D^1/2 (1, -1)``, where the gauge term is added, and
-    ``damping`` (B,) is added to the unit diagonal (Levenberg-Marquardt)."""
+    Solved Jacobi-scaled, ``S = D^-1/2 M D^-1/2 = [[I, Q], [Q^T, I]]`` with ``D = diag(M)`` and
+    ``Q = D_a^-1/2 P D_b^-1/2``: atom masses span many orders of magnitude (the top-k tails of a distribution), and
+    unscaled ``M`` is too ill-conditioned for its step to be an ascent direction. ``damping`` ``mu`` (B,) is added
+    to the unit diagonal (Levenberg-Marquardt). The ``a`` block is eliminated: with ``d = 1 + mu``,
+
+        (d I - Q^T Q / d) x_b = r_b - Q^T r_a / d =: h,    x_a = (r_a - Q x_b) / d,
+
+    an ``m x m`` Cholesky solve (the side with fewer atoms is kept: a ninth of the work of the full system at
+    ``n = m``). ``w ∝ D_b^1/2 1`` is an eigenvector of that matrix, eigenvalue ``d - 1/d`` (0 undamped: the
+    potentials' shared constant), so its component is set apart: ``x_b = y + c w`` with
+    ``(d I - Q^T Q / d + w w^T) y = h - (w.h) w`` (positive definite, ``y`` orthogonal to ``w``) and
+    ``c = w.r_b / (d + 1)``, which is ``w.h / (d - 1/d)`` when the masses are equal (then ``w.Q^T r_a = w.r_b``)
+    and its limit at ``mu = 0``: the step of the full system with no component along its null direction."""
+    if a.shape[1] < b.shape[1]:
+        step, gradient, factored = _newton_direction(b, a, plan.transpose(1, 2), eps, damping)
+        m = b.shape[1]
+        return torch.cat([step[:, m:], step[:, :m]], 1), torch.cat([gradient[:, m:], gradient[:, :m]], 1), factored
     rows, cols = plan.sum(2), plan.sum(1)
-    n = a.shape[1]
-    held = torch.cat([a > 0, b > 0], dim=1)
-    gradient = torch.where(held, torch.cat([a - rows, b - cols], dim=1), 0.0)
-    diagonal = torch.cat([rows, cols], dim=1)
-    diagonal = torch.where(held & (diagonal > 0), diagonal, 1.0)
-    scale = diagonal.rsqrt()
-    matrix = torch.diag_embed(torch.where(held, 1.0 + damping[:, None], 1.0))
-    matrix[:, :n, n:] = plan * scale[:, :n, None] * scale[:, None, n:]
-    matrix[:, n:, :n] = matrix[:, :n, n:].transpose(1, 2)
-    null = torch.cat([torch.ones_like(a), -torch.ones_like(b)], dim=1) * held * diagonal.sqrt()
+    held_a, held_b = a > 0, b > 0
+    gradient = torch.cat([torch.where(held_a, a - rows, 0.0), torch.where(held_b, b - cols, 0.0)], dim=1)
+    scale_a = torch.where(held_a & (rows > 0), rows, 1.0).rsqrt()
+    scale_b = torch.where(held_b & (cols > 0), cols, 1.0).rsqrt()
+    q = plan * scale_a[:, :, None] * scale_b[:, None, :]
+    n, d = a.shape[1], (1.0 + damping)[:, None]
+    r_a, r_b = eps * gradient[:, :n] * scale_a, eps * gradient[:, n:] * scale_b
+    null = torch.where(held_b, scale_b.reciprocal(), 0.0)
     null = null / null.norm(dim=1, keepdim=True)
-    matrix = matrix + null[:, :, None] * null[:, None, :]
+    damped = q / d.sqrt()[:, :, None]
+    schur = torch.baddbmm(null[:, :, None] * null[:, None, :], damped.transpose(1, 2), damped, alpha=-1.0)
+    schur.diagonal(dim1=1, dim2=2).add_(d)
+    rhs = r_b - torch.bmm(r_a.unsqueeze(1), q).squeeze(1) / d
+    rhs = rhs - (rhs * null).sum(1, keepdim=True) * null
     # Cholesky, not LU: the matrix is symmetric positive definite unless a problem is numerically singular (then
     # `info` flags it and the caller damps it more), and batched LU in MKL fails outright on some such batches.
-    factor, info = torch.linalg.cholesky_ex(matrix)
+    factor, info = torch.linalg.cholesky_ex(schur)
     factored = info == 0
     factor = torch.where(
-        factored[:, None, None], factor, torch.eye(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+        factored[:, None, None], factor, torch.eye(schur.shape[1], dtype=schur.dtype, device=schur.device)
     )
-    step = torch.cholesky_solve((eps * gradient * scale).unsqueeze(-1), factor)[..., 0] * scale
+    x_b = torch.cholesky_solve(rhs.unsqueeze(-1), factor)[..., 0]
+    x_b = x_b + (r_b * null).sum(1, keepdim=True) / (d + 1.0) * null
+    x_a = (r_a - torch.bmm(q, x_b.unsqueeze(-1)).squeeze(-1)) / d
+    step = torch.cat([x_a * scale_a, x_b * scale_b], dim=1)
     return torch.where(factored[:, None], step, 0.0), gradient, factored
 
 
@@ -187,7 +205,7 @@ def newton_finish(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Damped Newton steps on the dual from Sinkhorn's potentials, per problem, until ``tol`` or ``max_steps``.
 
-    Runs in float64 whatever the input dtype, in chunks of at most :data:`CHUNK_BYTES` of Newton matrices.
+    Runs in float64 whatever the input dtype, in chunks of at most :data:`CHUNK_BYTES` of Newton matrices and plans.
 
     Args:
         a: (B, n) nonnegative masses; b: (B, m) with the same total per problem.
@@ -206,7 +224,7 @@ def newton_finish(
     a, b, cost, u, v, tol = (t.double() for t in (a, b, cost, u, v, tol))
     # Equal masses in float64 too: a float32 balance leaves |sum a - sum b| ~ 1e-7, a floor under the row error.
     b = b * (a.sum(-1, keepdim=True) / b.sum(-1, keepdim=True))
-    per_problem = 8 * (a.shape[1] + b.shape[1]) ** 2 + 8 * a.shape[1] * b.shape[1] * 4
+    per_problem = 8 * min(a.shape[1], b.shape[1]) ** 2 * 2 + 8 * a.shape[1] * b.shape[1] * 4
     chunk = max(1, CHUNK_BYTES // per_problem)
     pieces = []
     for start in range(0, a.shape[0], chunk):

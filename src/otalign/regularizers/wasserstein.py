@@ -23,8 +23,8 @@ and the sampled token :math:`y` (docs/design.md, "WPR penalty"):
    with eps-scaling, stopping on the marginal error), all positions of a chunk in one batched call.
    The difference transport (:func:`_solve_difference`; ``transport="difference"``, and the solve under the
    default ``transport="smooth"``) moves only the mass the two distributions do not share: the policy's
-   excess :math:`(a-b)_+` onto its deficit :math:`(b-a)_+` (Sinkhorn on the excess x deficit block only, the
-   other atoms' potentials by their exact c-transform extension: :func:`otalign.ot.pruned.pruned_sinkhorn`),
+   excess :math:`(a-b)_+` onto its deficit :math:`(b-a)_+` (Sinkhorn on the excess x deficit block only; an
+   atom with neither, :math:`a_i = b_i > 0`, gets the soft c-transforms of that block's potentials),
    :math:`W = m\cdot\min \langle P,C\rangle + \varepsilon\,\mathrm{KL}(P\|\alpha\beta^\top)` with
    :math:`m` the total variation and :math:`\alpha,\beta` the normalised excess and deficit. For the
    metric costs used here the unregularised optimum leaves the shared mass in place, so both forms tend
@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import torch
 
 from otalign.ot import knn_radius, pairwise_cost, sinkhorn
-from otalign.ot.pruned import pruned_sinkhorn
+from otalign.ot._scaling import c_transform
 
 from .base import (
     DEFAULT_CHUNK_ELEMENTS,
@@ -481,28 +481,51 @@ def _solve_difference(
     alpha, beta = excess[live] / excess_mass[live], deficit[live] / deficit_mass[live]
     m = moved[live]
     # Excess and deficit have disjoint supports: Sinkhorn runs on the (excess x deficit) block only, about a
-    # quarter of the (s + 1)^2 entries, and the other atoms' potentials are its exact c-transform extension.
-    solved = pruned_sinkhorn(
-        alpha,
-        beta,
-        cost[live],
-        1.0 / lam,
-        prune_below=0.0,
-        polish=0,
+    # quarter of the (s + 1)^2 entries. Every atom with policy mass is on one side of it, except exact ties.
+    eps, cost = 1.0 / lam, cost[live]
+    index_a, index_b = _heaviest(alpha), _heaviest(beta)
+    rows = cost.gather(1, index_a.unsqueeze(-1).expand(-1, -1, cost.shape[2]))  # (n, k_a, s + 1)
+    block = rows.gather(2, index_b.unsqueeze(1).expand(-1, index_a.shape[1], -1))  # (n, k_a, k_b)
+    alpha_r, beta_r = alpha.gather(1, index_a), beta.gather(1, index_b)
+    solved = sinkhorn(
+        alpha_r,
+        beta_r,
+        block,
+        eps,
         max_iter=max_iter,
         tol=tol / m,
         overrelaxation=overrelaxation,
         newton_steps=newton_steps,
     )
-    u, v = solved.u, solved.v
+    u = alpha.new_zeros(alpha.shape, dtype=solved.u.dtype).scatter_(1, index_a, solved.u)
+    v = beta.new_zeros(beta.shape, dtype=solved.v.dtype).scatter_(1, index_b, solved.v)
     phi = torch.zeros(a.shape, dtype=u.dtype, device=u.device)
     value, error = torch.zeros_like(phi[:, 0]), torch.zeros_like(phi[:, 0])
-    phi[live] = torch.where(alpha > 0, u, torch.where(beta > 0, -v, 0.5 * (u - v)))
-    value[live] = m * ((alpha * u).sum(1) + (beta * v).sum(1))
+    phi_live = torch.where(alpha > 0, u, torch.where(beta > 0, -v, 0.0))
+    tie = (a[live] > 0) & (alpha == 0) & (beta == 0)
+    if bool(tie.any()):
+        at = tie.any(1).nonzero()[:, 0]
+        u_tie = c_transform(
+            solved.v[at],
+            beta_r[at].log(),
+            cost[at].gather(2, index_b[at].unsqueeze(1).expand(-1, cost.shape[1], -1)),
+            eps,
+            2,
+        )
+        v_tie = c_transform(solved.u[at], alpha_r[at].log(), rows[at], eps, 1)
+        phi_live[at] = torch.where(tie[at], 0.5 * (u_tie - v_tie), phi_live[at])
+    phi[live] = phi_live
+    value[live] = m * ((alpha_r * solved.u).sum(1) + (beta_r * solved.v).sum(1))
     error[live] = m * solved.marginal_error
     converged = torch.ones_like(live)
     converged[live] = solved.converged
     return phi, value, solved.n_iter, error, converged
+
+
+def _heaviest(mass: torch.Tensor) -> torch.Tensor:
+    """(n, k) indices of each row's ``k`` largest entries, ``k`` the largest count of positive ones in a row (so
+    they hold every positive one; the rest pad with zero-mass atoms)."""
+    return mass.topk(max(int((mass > 0).sum(1).max()), 1), dim=1).indices
 
 
 def _solve_full(
