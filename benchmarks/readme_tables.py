@@ -110,12 +110,36 @@ def official_table(report: dict) -> list[str]:
     return lines
 
 
+def ppo_step_table(report: dict) -> list[str]:
+    s = report["settings"]
+    rkl, wpr = report["seconds"]["rkl"], report["seconds"]["wasserstein"]
+    lines = [
+        f"{s['model']} ({report['device']}, {report['threads']} threads), batch {s['batch_size']}, "
+        f"response length {s['response_length']}, {'LoRA' if s['peft'] else 'all weights'}, "
+        f"{s['steps']} timed steps after {s['warmup']} warm-up",
+        "",
+        "| phase (s / step) | RKL | WPR | WPR / RKL |",
+        "|---|---|---|---|",
+    ]
+    for phase in ("generation", "forward", "penalty", "update", "step"):
+        ratio = f"{wpr[phase] / rkl[phase]:.2f}" if rkl[phase] > 0 else "-"
+        lines.append(f"| {phase} | {rkl[phase]:.3f} | {wpr[phase]:.3f} | {ratio} |")
+    share = report["penalty_share"]
+    lines += [
+        "",
+        f"Penalty share of the step: RKL {share['rkl']:.1%}, WPR {share['wasserstein']:.1%}; "
+        f"step-time ratio WPR / RKL {report['step_time_ratio_wpr_over_rkl']:.3f}.",
+    ]
+    return lines
+
+
 def main() -> None:
     for name, fn in (
         ("penalty", penalty_table),
         ("penalty", profile_table),
         ("otpo", otpo_table),
         ("official_wpr", official_table),
+        ("ppo_step", ppo_step_table),
     ):
         path = RESULTS / f"{name}.json"
         if path.exists():
