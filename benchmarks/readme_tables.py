@@ -128,7 +128,8 @@ def ppo_step_table(report: dict) -> list[str]:
     lines += [
         "",
         f"Penalty share of the step: RKL {share['rkl']:.1%}, WPR {share['wasserstein']:.1%}; "
-        f"step-time ratio WPR / RKL {report['step_time_ratio_wpr_over_rkl']:.3f}.",
+        f"step-time ratio WPR / RKL {report['step_time_ratio_wpr_over_rkl']:.3f}; "
+        f"1 + (WPR - RKL penalty time) / RKL step = {1 + (wpr['penalty'] - rkl['penalty']) / rkl['step']:.3f}.",
     ]
     return lines
 
