@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="pooled worker count (default: CPU count)")
     parser.add_argument("--isolation", action="store_true", help="also time the pool without namespaces/uid")
+    parser.add_argument("--out", default=str(RESULTS), help="JSON path")
     args = parser.parse_args()
     programs, tests = make_batch(args.programs, args.tests)
     pooled = args.workers or default_workers()
@@ -101,10 +102,11 @@ def main() -> None:
         )
     print(f"pooled speed-up: {rows['serial']['seconds_best'] / rows['pooled']['seconds_best']:.2f}x")
     print(f"statuses: {rows['pooled']['statuses']}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"programs": args.programs, "tests": args.tests, "repeats": args.repeats, "cpus": os.cpu_count()}
-    RESULTS.write_text(json.dumps({"setup": meta | {"platform": platform.platform()}, "modes": rows}, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    out.write_text(json.dumps({"setup": meta | {"platform": platform.platform()}, "modes": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
