@@ -40,8 +40,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/official_wpr.py --out $(BENCH_OUT)/official_wpr.json
 	$(PY) benchmarks/ppo_step.py --batch-size 2 --response-length 8 --steps 1 --out $(BENCH_OUT)/ppo_step.json
 	$(PY) benchmarks/penalty_noise.py --embeddings random --positions 64 --out $(BENCH_OUT)/penalty_noise.json
-	$(PY) benchmarks/loss_potentials.py --steps 2 --out $(BENCH_OUT)/loss_potentials.json
-	$(PY) benchmarks/grpo_verifiable.py --steps 2 --prompts-per-step 2 --num-generations 2 --response-length 8 --out $(BENCH_OUT)/grpo_verifiable.json
+	$(PY) benchmarks/loss_potentials.py --steps 2 --out $(BENCH_OUT)
+	$(PY) benchmarks/grpo_verifiable.py --steps 2 --prompts-per-step 2 --num-generations 2 --response-length 8 --out $(BENCH_OUT)
 	$(PY) benchmarks/code_reward.py --programs 8 --tests 3 --repeats 1 --out $(BENCH_OUT)/code_reward.json
 
 clean:

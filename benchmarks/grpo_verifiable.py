@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,8 +62,9 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters (then use a larger learning rate)")
     parser.add_argument("--beta-kl", type=float, default=None)
     parser.add_argument("--beta-w", type=float, default=None)
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON (and plot)")
     args = parser.parse_args()
+    scratch = tempfile.TemporaryDirectory(prefix="otalign-bench-grpo-")
     torch.manual_seed(0)
 
     tokenizer = load_tokenizer("default")
@@ -73,7 +75,7 @@ def main() -> None:
     runs = {}
     for name, regularizer, beta in (("kl", "kl", args.beta_kl), ("wasserstein", "wasserstein", args.beta_w)):
         config = GRPOConfig(
-            output_dir=f"runs/bench-grpo-{name}",
+            output_dir=str(Path(scratch.name) / name),
             max_steps=args.steps,
             per_device_train_batch_size=args.prompts_per_step * args.num_generations,
             num_generations=args.num_generations,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -33,14 +34,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--num-iterations", type=int, default=4)
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON (and plot)")
     args = parser.parse_args()
+    scratch = tempfile.TemporaryDirectory(prefix="otalign-bench-potentials-")
     torch.set_num_threads(1)
     tokenizer = tiny_tokenizer()
     results = {}
     for mode in ("rollout", "current"):
         config = GRPOConfig(
-            output_dir=f"runs/bench-potentials-{mode}",
+            output_dir=str(Path(scratch.name) / mode),
             max_steps=args.steps,
             per_device_train_batch_size=12,
             num_generations=4,
