@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ppo_step import PHASES
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -121,7 +123,7 @@ def ppo_step_table(report: dict) -> list[str]:
         "| phase (s / step) | RKL | WPR | WPR / RKL |",
         "|---|---|---|---|",
     ]
-    for phase in ("generation", "forward", "penalty", "update", "step"):
+    for phase in PHASES:
         ratio = f"{wpr[phase] / rkl[phase]:.2f}" if rkl[phase] > 0 else "-"
         lines.append(f"| {phase} | {rkl[phase]:.3f} | {wpr[phase]:.3f} | {ratio} |")
     share = report["penalty_share"]
