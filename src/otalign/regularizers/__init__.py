@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from otalign.registry import Registry
 
-from .base import LOG_PROB_FLOOR, PenaltyOutput, Regularizer, SupportGradient
+from .base import LOG_PROB_FLOOR, Evaluation, PenaltyOutput, Regularizer, SupportGradient
 from .embeddings import check_vocab_size, embedding_matrix, load_embedding_matrix
 from .f_divergence import F_DIVERGENCES, KL_ESTIMATORS, FDivergenceRegularizer, exact_f_divergence, f_over_x, f_prime
 from .wasserstein import (
@@ -55,6 +55,7 @@ def build_regularizer(name: str, **kwargs) -> Regularizer:
 
 
 __all__ = [
+    "Evaluation",
     "F_DIVERGENCES",
     "KL_ESTIMATORS",
     "LOG_PROB_FLOOR",

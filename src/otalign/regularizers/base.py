@@ -41,6 +41,20 @@ class PenaltyOutput:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """A regularizer's penalty and, when asked for, its support gradient, from one solve per position.
+
+    Attributes:
+        penalty: the :class:`PenaltyOutput` of :meth:`Regularizer.penalty`.
+        gradient: the :class:`SupportGradient` of :meth:`Regularizer.support_gradient` over the N generated
+            positions in row-major (b, t) order, or None when not asked for.
+    """
+
+    penalty: PenaltyOutput
+    gradient: SupportGradient | None
+
+
+@dataclass(frozen=True)
 class Positions:
     """The generated positions of a batch, selected lazily from (B, T, V) logits.
 
@@ -287,6 +301,32 @@ class Regularizer(ABC):
         check_inputs(policy_logits, ref_logits, actions, mask)
         with torch.no_grad():
             return self._support_gradient(select_positions(policy_logits, ref_logits, actions, mask))
+
+    def evaluate(
+        self,
+        policy_logits: torch.Tensor,
+        ref_logits: torch.Tensor,
+        actions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        support_gradient: bool = False,
+    ) -> Evaluation:
+        """:meth:`penalty` and, with ``support_gradient``, :meth:`support_gradient` in one call (a regularizer that
+        solves a problem per position solves it once for both).
+
+        Args: as :meth:`penalty`.
+
+        Raises:
+            NotImplementedError: ``support_gradient`` asked of a regularizer that has none.
+        """
+        penalty = self.penalty(policy_logits, ref_logits, actions, mask)
+        gradient = self.support_gradient(policy_logits, ref_logits, actions, mask) if support_gradient else None
+        return Evaluation(penalty, gradient)
+
+    @property
+    def has_support_gradient(self) -> bool:
+        """Whether :meth:`support_gradient` is implemented (needed for the penalty in a loss)."""
+        return type(self)._support_gradient is not Regularizer._support_gradient
 
     def _support_gradient(self, positions: Positions) -> SupportGradient:
         raise NotImplementedError(f"{type(self).__name__} has no support_gradient")
