@@ -10,7 +10,15 @@ from otalign.registry import Registry
 
 from .base import LOG_PROB_FLOOR, Evaluation, PenaltyOutput, Regularizer, SupportGradient
 from .embeddings import check_vocab_size, embedding_matrix, load_embedding_matrix
-from .f_divergence import F_DIVERGENCES, KL_ESTIMATORS, FDivergenceRegularizer, exact_f_divergence, f_over_x, f_prime
+from .f_divergence import (
+    F_DIVERGENCES,
+    KL_ESTIMATORS,
+    FDivergenceRegularizer,
+    exact_f_divergence,
+    f_over_x,
+    f_prime,
+    k3,
+)
 from .wasserstein import (
     Support,
     TruncatedProblem,
@@ -54,6 +62,17 @@ def build_regularizer(name: str, **kwargs) -> Regularizer:
     return REGULARIZERS.build(name, **kwargs)
 
 
+def regularizer_from_config(config, reference_model) -> Regularizer:
+    """The regularizer ``config.regularizer`` names, built by its registry entry: the class's
+    :meth:`~Regularizer.from_config` maps the config fields it reads (a factory registered instead of a class is
+    called with the entry's defaults). ``reference_model``: the frozen reference (Wasserstein's embeddings)."""
+    entry = REGULARIZERS.entry(config.regularizer)
+    target = entry.resolve()
+    if hasattr(target, "from_config"):
+        return target.from_config(config, reference_model, **entry.defaults)
+    return target(**entry.defaults)
+
+
 __all__ = [
     "Evaluation",
     "F_DIVERGENCES",
@@ -77,7 +96,9 @@ __all__ = [
     "exact_f_divergence",
     "f_over_x",
     "f_prime",
+    "k3",
     "load_embedding_matrix",
+    "regularizer_from_config",
     "smooth_distance",
     "solve_problem",
 ]

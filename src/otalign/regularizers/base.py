@@ -247,6 +247,22 @@ class Regularizer(ABC):
 
     name: str = "regularizer"
 
+    distance_stat: str = "penalty/mean"
+    """The statistic that measures the regularizer's distance per token (what an adaptive beta steers)."""
+
+    @classmethod
+    def from_config(cls, config, reference_model, **defaults) -> Regularizer:
+        """The regularizer a trainer's config asks for: the registry entry's ``defaults`` plus whatever of the
+        config's fields this class reads (none here; a subclass maps its own fields). ``reference_model`` is the
+        frozen reference, for regularizers that take something from it (e.g. its embeddings)."""
+        return cls(**defaults)
+
+    def loss_term(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor | None:
+        """A differentiable per-token estimate of the distance from the sampled tokens' log-probabilities alone
+        ((b, T) each), for the penalty in a loss; None (the default): the loss uses the support-gradient surrogate
+        (:class:`SupportGradient`) instead."""
+        return None
+
     def __init__(self, *, max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
         if int(max_chunk_elements) < 1:
             raise ValueError(f"max_chunk_elements must be >= 1, got {max_chunk_elements}")

@@ -108,6 +108,13 @@ def exact_f_divergence(
     return (policy.exp() * f_over_x(ratio, kind, alpha=alpha)).sum(-1)
 
 
+def k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    r"""GRPO's per-token KL estimate :math:`e^{\ell_{ref} - \ell} - (\ell_{ref} - \ell) - 1 \ge 0` from the sampled
+    tokens' log-probabilities (any equal shapes; differentiable), floored at :data:`LOG_PROB_FLOOR`."""
+    diff = ref_logprobs.clamp_min(LOG_PROB_FLOOR) - logprobs.clamp_min(LOG_PROB_FLOOR)
+    return torch.expm1(diff) - diff
+
+
 def canonical_kind(kind: str) -> str:
     """The f-divergence name for ``kind`` (``kl`` means ``rkl``); ``ValueError`` if unknown."""
     name = ALIASES.get(kind, kind)
@@ -150,6 +157,22 @@ class FDivergenceRegularizer(Regularizer):
             raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
         self.alpha = alpha
         self.estimator = estimator
+
+    @classmethod
+    def from_config(cls, config, reference_model, **defaults) -> FDivergenceRegularizer:
+        """From an RL config: ``f_alpha`` for the alpha-divergence, ``kl_estimator`` for the reverse KL."""
+        kind = canonical_kind(defaults.get("kind", "rkl"))
+        options = {"alpha": {"alpha": config.f_alpha}, "rkl": {"estimator": config.kl_estimator}}.get(kind, {})
+        return cls(**{**defaults, **options})
+
+    @property
+    def distance_stat(self) -> str:
+        """``<kind>/exact``: the full-vocabulary divergence per token (``rkl/exact`` is the KL)."""
+        return f"{self.kind}/exact"
+
+    def loss_term(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor | None:
+        """The reverse KL's k3 estimate (:func:`k3`, as GRPO); None for the other divergences (the surrogate)."""
+        return k3(logprobs, ref_logprobs) if self.kind == "rkl" else None
 
     def __repr__(self) -> str:
         extra = f", alpha={self.alpha}" if self.kind == "alpha" else ""

@@ -81,7 +81,7 @@ from .base import (
     chunk_bounds,
     describe,
 )
-from .embeddings import check_vocab_size
+from .embeddings import check_vocab_size, embedding_matrix
 from .f_divergence import exact_f_divergence
 
 METRICS = ("euclidean", "cosine")
@@ -657,6 +657,29 @@ class WassersteinRegularizer(Regularizer):
     """
 
     name = "wasserstein"
+    distance_stat = "wasserstein/value"
+
+    @classmethod
+    def from_config(cls, config, reference_model, **defaults) -> WassersteinRegularizer:
+        """From an RL config's ``wpr_*`` fields, the cost embeddings taken from ``reference_model``
+        (``wpr_embeddings``: its input or output embeddings)."""
+        return cls(
+            embedding_matrix(reference_model, source=config.wpr_embeddings).float(),
+            **{
+                **defaults,
+                "lam": config.wpr_lambda,
+                "top_k": config.wpr_top_k,
+                "metric": config.wpr_metric,
+                "knn": config.wpr_knn,
+                "transport": config.wpr_transport,
+                "smooth_tau": config.wpr_smooth_tau,
+                "debias": config.wpr_debias,
+                "max_iter": config.wpr_max_iter,
+                "tol": config.wpr_tol,
+                "overrelaxation": config.wpr_overrelaxation,
+                "newton_steps": config.wpr_newton_steps,
+            },
+        )
 
     def __init__(
         self,

@@ -26,7 +26,7 @@ import torch
 
 from . import ppo_math as pm
 from .config import ConfigError, redefault
-from .rl import RLConfig, RLTrainer
+from .rl import RLConfig, RLTrainer, RolloutBatch
 from .rollout import response_logits
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -150,21 +150,22 @@ class CriticFreeTrainer(RLTrainer):
     def num_epochs(self) -> int:
         return self.config.num_iterations
 
-    def advantages(self, scored) -> dict[str, torch.Tensor]:
+    def advantages(self, scored) -> RolloutBatch:
         """Sequence rewards (penalty included with ``penalty_in: reward``), group advantages, ``loss_type`` weights."""
         c = self.config
         rewards = self.sequence_rewards(scored)
         advantages = group_advantages(rewards, c.num_generations, algorithm=c.algorithm, scale=c.scale_rewards)
         weights, units = token_weights(scored.mask, c.loss_type, c.response_length)
-        return {"advantages": advantages.to(rewards.device), "weights": weights, "units": units}
+        return RolloutBatch(scored, advantages.to(rewards.device), units, weights)
 
-    def loss(self, scored, batch, rows: torch.Tensor, normalizer: float):
+    def loss(self, batch: RolloutBatch, rows: torch.Tensor, normalizer: float):
         """Micro-batch loss: clipped surrogate with the sequence advantages, ``loss_type`` weights, plus the penalty
         (``penalty_in: loss``), over normalizer Z."""
-        c, rollout, mask = self.config, scored.rollout, scored.mask[rows]
+        c, scored = self.config, batch.scored
+        rollout, mask = scored.rollout, scored.mask[rows]
         logits = response_logits(self.policy, rollout, rows) / c.temperature
         logprobs = pm.token_logprobs(logits, rollout.responses[rows])
-        advantages, weights = batch["advantages"][rows, None].expand_as(logprobs), batch["weights"][rows]
+        advantages, weights = batch.advantages[rows, None].expand_as(logprobs), batch.weights[rows]
         pg, stats = pm.policy_loss(
             logprobs,
             scored.old_logprobs[rows],
@@ -174,13 +175,13 @@ class CriticFreeTrainer(RLTrainer):
             normalizer=normalizer,
             weights=weights,
         )
-        pen = self.penalty_loss(scored, rows, logits, logprobs, weights, normalizer)
+        pen = self.penalty_loss(batch, rows, logits, logprobs, normalizer)
         return pg + pen, {"loss/policy": pg.detach(), "loss/penalty": pen.detach()}, stats
 
-    def batch_metrics(self, scored, batch) -> dict[str, float]:
+    def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         """Mean within-group reward std, share of groups whose rewards are all equal, mean |advantage|."""
-        acc, advantages = self.accelerator, batch["advantages"]
-        groups = scored.scores.reshape(-1, self.config.num_generations).std(1)
+        acc, advantages = self.accelerator, batch.advantages
+        groups = batch.scored.scores.reshape(-1, self.config.num_generations).std(1)
         stats = torch.stack([groups.sum(), (groups == 0).sum(), torch.tensor(groups.numel()), advantages.abs().sum()])
         counts = pm.global_sum(stats, acc)
         return {

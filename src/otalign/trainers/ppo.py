@@ -28,7 +28,7 @@ from otalign.models import ValueModel
 
 from . import ppo_math as pm
 from .config import TrainerConfig, redefault
-from .rl import RLConfig, RLTrainer
+from .rl import RLConfig, RLTrainer, RolloutBatch
 from .rollout import response_logits, response_values
 
 __all__ = ["PPOConfig", "PPOTrainer"]
@@ -93,43 +93,45 @@ class PPOTrainer(RLTrainer):
     def num_epochs(self) -> int:
         return self.config.num_ppo_epochs
 
-    def advantages(self, scored) -> dict[str, torch.Tensor]:
-        """Critic values, per-token rewards (penalty included with ``penalty_in: reward``), GAE, whitening."""
+    def advantages(self, scored) -> RolloutBatch:
+        """Critic values, per-token rewards (penalty included with ``penalty_in: reward``), GAE, whitening; the loss
+        is a token mean (weights: the mask, units: token counts)."""
         c, acc, mask = self.config, self.accelerator, scored.mask
         old_values = response_values(acc.unwrap_model(self.critic), scored.rollout)
-        beta = self.beta if c.penalty_in == "reward" else 0.0
-        rewards = pm.token_rewards(scored.penalty.per_token, scored.scores, mask, beta)
+        rewards = pm.token_rewards(scored.penalty.per_token, scored.scores, mask, self.placement.reward_beta(self.beta))
         if c.whiten_rewards:
             rewards = pm.whiten(rewards, mask, acc, shift_mean=False)
         advantages, returns = pm.gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
         if c.whiten_advantages:
             advantages = pm.whiten(advantages, mask, acc)
-        return {"advantages": advantages, "old_values": old_values, "returns": returns, "units": mask.sum(1).float()}
+        units, weights = mask.sum(1).float(), mask.float()
+        return RolloutBatch(scored, advantages, units, weights, old_values=old_values, returns=returns)
 
-    def loss(self, scored, batch, rows: torch.Tensor, normalizer: float):
+    def loss(self, batch: RolloutBatch, rows: torch.Tensor, normalizer: float):
         """The loss of micro-batch ``rows`` for :meth:`~otalign.trainers.rl.RLTrainer.update`: clipped surrogate
         + ``vf_coef`` x clipped value loss (+ the penalty with ``penalty_in: loss``), over normalizer Z."""
-        c, rollout, mask = self.config, scored.rollout, scored.mask[rows]
+        c, scored = self.config, batch.scored
+        rollout, mask = scored.rollout, scored.mask[rows]
         logits = response_logits(self.policy, rollout, rows) / c.temperature
         logprobs = pm.token_logprobs(logits, rollout.responses[rows])
         values = response_values(self.critic, rollout, rows)
-        old_logprobs, advantages = scored.old_logprobs[rows], batch["advantages"][rows]
+        old_logprobs, advantages = scored.old_logprobs[rows], batch.advantages[rows]
         pg, pg_stats = pm.policy_loss(
             logprobs, old_logprobs, advantages, mask, cliprange=c.cliprange, normalizer=normalizer
         )
-        old_values, returns = batch["old_values"][rows], batch["returns"][rows]
+        old_values, returns = batch.old_values[rows], batch.returns[rows]
         vf, vf_stats = pm.value_loss(
             values, old_values, returns, mask, cliprange_value=c.cliprange_value, normalizer=normalizer
         )
-        pen = self.penalty_loss(scored, rows, logits, logprobs, mask.float(), normalizer)
+        pen = self.penalty_loss(batch, rows, logits, logprobs, normalizer)
         parts = {"loss/policy": pg.detach(), "loss/value": vf.detach(), "loss/penalty": pen.detach()}
         return pg + c.vf_coef * vf + pen, parts, {**pg_stats, **vf_stats}
 
-    def batch_metrics(self, scored, batch) -> dict[str, float]:
-        acc, mask, values = self.accelerator, scored.mask, batch["old_values"]
+    def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        acc, mask, values = self.accelerator, batch.scored.mask, batch.old_values
         return {
             "value/mean": float(pm.masked_mean(values, mask, acc)),
-            "value/explained_variance": pm.explained_variance(values, batch["returns"], mask, acc),
+            "value/explained_variance": pm.explained_variance(values, batch.returns, mask, acc),
         }
 
     def no_sync(self, *, last: bool):
