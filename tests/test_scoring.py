@@ -50,22 +50,25 @@ def grpo(tmp_path, **overrides) -> GRPOTrainer:
     )
 
 
-def record_forwards(model, calls: list) -> None:
-    """Record (rows, positions with logits, grad enabled) of every forward of ``model``."""
+def record_forwards(model, calls: list, head_outputs: list) -> None:
+    """Record (rows, sequence length, grad enabled) of every forward of ``model`` and the shape of every output of
+    its LM head."""
 
     def hook(module, args, kwargs, output):
-        calls.append((output.logits.shape[0], output.logits.shape[1], torch.is_grad_enabled()))
+        ids = kwargs["input_ids"]
+        calls.append((ids.shape[0], ids.shape[1], torch.is_grad_enabled()))
 
     model.register_forward_hook(hook, with_kwargs=True)
+    model.get_output_embeddings().register_forward_hook(lambda m, i, output: head_outputs.append(output.shape))
 
 
 def test_a_grpo_step_runs_each_model_once_per_chunk_and_solves_each_position_once(tmp_path):
     trainer = grpo(tmp_path, scoring_batch_size=4)  # a rollout of 16 = 4 scoring chunks
     c = trainer.config
     assert c.step_batch_size == 16
-    policy_calls, ref_calls, evaluations = [], [], []
-    record_forwards(trainer.accelerator.unwrap_model(trainer.policy), policy_calls)
-    record_forwards(trainer.ref_model, ref_calls)
+    policy_calls, ref_calls, evaluations, head_outputs = [], [], [], []
+    record_forwards(trainer.accelerator.unwrap_model(trainer.policy), policy_calls, head_outputs)
+    record_forwards(trainer.ref_model, ref_calls, head_outputs)
     evaluate = trainer.regularizer.evaluate
 
     def counting(policy, ref, actions, mask=None, *, support_gradient=False):
@@ -79,15 +82,17 @@ def test_a_grpo_step_runs_each_model_once_per_chunk_and_solves_each_position_onc
     # the reference: one forward per scoring chunk, never with gradient, never over more rows than a chunk
     assert len(ref_calls) == c.step_batch_size // chunk
     assert all(rows <= chunk and not grad for rows, _, grad in ref_calls)
-    # the policy: the same scoring forwards, then one per update micro-batch (with gradient); generation
-    # computes logits for one position at a time after the prompt
-    scoring = [call for call in policy_calls if call[1] == c.response_length + 1 and not call[2]]
+    # the policy: the same scoring forwards over whole sequences, then one per update micro-batch (with gradient);
+    # generation's forwards see the prompt, then one position at a time
+    full = ref_calls[0][1]
+    scoring = [call for call in policy_calls if call[1] == full and not call[2]]
     update = [call for call in policy_calls if call[2]]
     assert len(scoring) == c.step_batch_size // chunk and all(rows <= chunk for rows, *_ in scoring)
     assert len(update) == c.gradient_accumulation_steps * c.num_mini_batches
-    assert all(rows <= micro for rows, *_ in update)
-    wide = [call for call in policy_calls if call[0] > chunk and call[1] > 1]
-    assert not wide, f"forwards over more than a chunk of rows with more than one position: {wide}"
+    assert all(rows <= micro and length == full for rows, length, _ in update)
+    # no LM head output ever holds more than a chunk's positions
+    vocab = trainer.tokenizer.vocab_size
+    assert max(shape.numel() for shape in head_outputs) <= chunk * (c.response_length + 1) * vocab
     # the regularizer: one call per chunk that returns the penalty and the potentials of the same solve
     assert [flag for _, flag in evaluations] == [True] * (c.step_batch_size // chunk)
 
@@ -165,6 +170,38 @@ def test_scoring_in_chunks_equals_the_regularizer_on_the_whole_rollout(regulariz
     assert torch.allclose(scores.ref_logprobs, ref_logp.gather(-1, actions[..., None])[..., 0], atol=1e-6)
     assert torch.allclose(scores.kl, (logp.exp() * (logp - ref_logp)).sum(-1), atol=1e-5)
     assert torch.allclose(scores.entropy, -(logp.exp() * logp).sum(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("regularizer", ["rkl", "wasserstein"])
+def test_the_lm_head_in_pieces_gives_the_full_logits_answer(regularizer):
+    """Hidden states through the head a few positions at a time == the model's own (b, T, V) logits."""
+    from otalign.generation import SamplingParams, generate, response_logits
+    from otalign.scoring import output_head
+
+    tokenizer = tiny_tokenizer()
+    policy, ref = tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=0)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    rollout = generate(policy, tokenizer, ids, PROMPTS, [1, 2, 3, 4], SamplingParams(7, 1.0, 0, 1.0))
+    vocab = policy.get_output_embeddings().out_features
+    if regularizer == "wasserstein":
+        reg = WassersteinRegularizer(embedding_matrix(ref).float(), top_k=6)
+    else:
+        reg = FDivergenceRegularizer(regularizer)
+    assert output_head(policy) is not None
+    temperature = 0.8
+    pieces = score_rollout(
+        policy, ref, rollout, reg, temperature=temperature, chunk_size=3, support_gradient=True, max_elements=5 * vocab
+    )
+    with torch.no_grad():
+        logp = torch.log_softmax(response_logits(policy, rollout) / temperature, -1)
+        ref_logp = torch.log_softmax(response_logits(ref, rollout) / temperature, -1)
+    mask, actions = rollout.response_mask, rollout.responses
+    whole = reg.evaluate(logp, ref_logp, actions, mask, support_gradient=True)
+    assert torch.allclose(pieces.penalty.per_token, whole.penalty.per_token, atol=1e-5)
+    assert torch.allclose(pieces.old_logprobs, logp.gather(-1, actions[..., None])[..., 0], atol=1e-5)
+    assert torch.allclose(pieces.kl, (logp.exp() * (logp - ref_logp)).sum(-1), atol=1e-5)
+    width = whole.gradient.phi.shape[-1]
+    assert torch.allclose(pieces.gradient.phi[mask][:, :width], whole.gradient.phi, atol=1e-4)
 
 
 def test_a_regularizer_registered_in_one_line_runs_in_ppo_and_grpo_from_the_command_line(tmp_path, monkeypatch):

@@ -1,11 +1,17 @@
 r"""Scoring a rollout in micro-batches of rows, in one pass: everything an RL step needs from the two models.
 
-For each chunk of ``chunk_size`` rollouts: one forward of the policy and one of the reference, one log-softmax of
-each (in place, on the tempered logits), and from those log-probabilities the sampled tokens' log-probabilities,
+For each chunk of ``chunk_size`` rollouts: one forward of the policy and one of the reference, and from them, piece
+by piece of positions, one log-softmax of each and everything the step needs: the sampled tokens' log-probabilities,
 the exact full-vocabulary :math:`\mathrm{KL}(\pi\|\pi_{ref})` and entropy, the regularizer's penalty and, when the
-penalty goes into the loss, its support gradient from the same solve (:meth:`Regularizer.evaluate`). Only (B, T)
-tensors and the support gradient's (B, T, s) tensors outlive a chunk, so the memory of scoring is bounded by one
-chunk's (chunk, T, V) logits, whatever the rollout's size.
+penalty goes into the loss, its support gradient from the same solve (:meth:`Regularizer.evaluate`).
+
+**The LM head in pieces.** A Hugging Face causal LM's forward runs with its output head receiving a single position
+(a pre-hook on ``get_output_embeddings()`` keeps the final hidden states and passes the head one position), and the
+head then runs over pieces of at most ``max_elements // V`` positions: peak memory is ``piece x V``, never
+``chunk x T x V`` (as the fused cross-entropy kernels do). Models whose logits are not the head's output alone
+(final soft-capping or logit scaling in the config) and modules without an output head get the plain forward's
+logits, one row chunk at a time. Only (B, T) tensors and the support gradient's (B, T, s) tensors outlive a chunk,
+so the memory of scoring does not grow with the rollout.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ import torch
 
 from otalign.generation import Rollout, response_logits
 from otalign.regularizers import PenaltyOutput, Regularizer, SupportGradient, exact_f_divergence
+from otalign.regularizers.base import DEFAULT_CHUNK_ELEMENTS
+
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+"""Config attributes of models whose logits are not the output head's alone: they are scored from full logits."""
 
 MAX_STATS = ("sinkhorn/iters", "sinkhorn/marginal_err")
 """Regularizer statistics reduced by their maximum over chunks (and processes); the others are means over the
@@ -57,6 +67,62 @@ def tempered_log_probs(model, rollout: Rollout, rows: slice, temperature: float)
     return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
+def output_head(model) -> torch.nn.Module | None:
+    """The model's LM head when its logits are that head's output alone, else None (score from full logits)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def response_hidden(model, head: torch.nn.Module, rollout: Rollout, rows: slice) -> torch.Tensor:
+    """(b, T, d) final hidden states that the LM ``head`` turns into the logits predicting each response token of
+    ``rollout[rows]``: the model runs once with its head seeing a single position (a forward pre-hook keeps the
+    head's input)."""
+    kept = []
+
+    def keep(module, args):
+        kept.append(args[0])
+        return (args[0][:, -1:], *args[1:])
+
+    handle = head.register_forward_pre_hook(keep)
+    try:
+        response_logits(model, rollout, rows)
+    finally:
+        handle.remove()
+    steps = rollout.responses.shape[1]
+    return kept[-1][:, -(steps + 1) : -1]
+
+
+def log_prob_pieces(policy, reference, rollout: Rollout, rows: slice, temperature: float, max_elements: int):
+    """Yield ``(positions, policy_logp, ref_logp)`` over the flattened (b * T) positions of ``rollout[rows]``:
+    ``positions`` a slice of them and two (n, V) float32 tempered log-softmaxes (see the module on the pieces)."""
+    heads = output_head(policy), output_head(reference)
+    if heads[0] is None or heads[1] is None:
+        policy_logp = tempered_log_probs(policy, rollout, rows, temperature)
+        ref_logp = tempered_log_probs(reference, rollout, rows, temperature)
+        vocab = policy_logp.shape[-1]
+        yield slice(None), policy_logp.reshape(-1, vocab), ref_logp.reshape(-1, vocab)
+        return
+    hidden = [
+        response_hidden(model, head, rollout, rows) for model, head in zip((policy, reference), heads, strict=True)
+    ]
+    policy_hidden, ref_hidden = (h.reshape(-1, h.shape[-1]) for h in hidden)
+    per_piece = max(1, max_elements // heads[0].out_features)
+    for start in range(0, policy_hidden.shape[0], per_piece):
+        piece = slice(start, start + per_piece)
+        logp = []
+        for head, states in zip(heads, (policy_hidden[piece], ref_hidden[piece]), strict=True):
+            logits = head(states).float().div_(temperature)
+            logp.append(logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)))
+        yield piece, logp[0], logp[1]
+
+
 def kl_and_entropy_of_log_probs(
     policy: torch.Tensor, ref: torch.Tensor, *, chunk_positions: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +150,7 @@ def score_rollout(
     chunk_size: int,
     support_gradient: bool = False,
     check: Check | None = None,
+    max_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> RolloutScores:
     """Score ``rollout`` with ``policy`` and ``reference`` in chunks of ``chunk_size`` rows (see the module).
 
@@ -94,7 +161,8 @@ def score_rollout(
         temperature: sampling temperature; every distribution here is ``softmax(logits / temperature)``.
         chunk_size: rollouts per forward (>= 1).
         support_gradient: also return the penalty's support gradient (one solve per position for both).
-        check: optional finite check of each chunk's log-probabilities and penalty.
+        check: optional finite check of each piece's log-probabilities and penalty.
+        max_elements: bound on ``positions x V`` of one piece of the LM head (see the module).
 
     Returns:
         :class:`RolloutScores`; the penalty's statistics are means over the generated positions, except
@@ -109,40 +177,45 @@ def score_rollout(
     maxima: dict[str, float] = {}
     for start in range(0, mask.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
-        tokens, chunk_mask = rollout.responses[rows], mask[rows]
-        policy_logp = tempered_log_probs(policy, rollout, rows, temperature)
-        ref_logp = tempered_log_probs(reference, rollout, rows, temperature)
-        if check is not None:
-            check("policy logits", policy_logp)
-            check("reference logits", ref_logp)
-        pieces["old"].append(policy_logp.gather(-1, tokens[..., None]).squeeze(-1))
-        pieces["ref"].append(ref_logp.gather(-1, tokens[..., None]).squeeze(-1))
-        kl, entropy = kl_and_entropy_of_log_probs(policy_logp, ref_logp)
-        pieces["kl"].append(kl)
-        pieces["entropy"].append(entropy)
-        result = regularizer.evaluate(policy_logp, ref_logp, tokens, chunk_mask, support_gradient=support_gradient)
-        del policy_logp, ref_logp
-        if check is not None:
-            check("penalty", result.penalty.per_token)
-        pieces["penalty"].append(result.penalty.per_token)
-        if result.gradient is not None:
-            gradients.append(result.gradient)
-        positions = int(chunk_mask.sum())
-        for name, value in result.penalty.stats.items():
-            if name in MAX_STATS:
-                maxima[name] = max(maxima.get(name, float("-inf")), float(value))
-            else:
-                sums[name] = sums.get(name, 0.0) + float(value) * positions
+        tokens, chunk_mask = rollout.responses[rows].reshape(-1), mask[rows].reshape(-1)
+        for part, policy_logp, ref_logp in log_prob_pieces(policy, reference, rollout, rows, temperature, max_elements):
+            part_tokens, part_mask = tokens[part], chunk_mask[part]
+            if check is not None:
+                check("policy logits", policy_logp)
+                check("reference logits", ref_logp)
+            pieces["old"].append(policy_logp.gather(-1, part_tokens[:, None])[:, 0])
+            pieces["ref"].append(ref_logp.gather(-1, part_tokens[:, None])[:, 0])
+            kl, entropy = kl_and_entropy_of_log_probs(policy_logp, ref_logp)
+            pieces["kl"].append(kl)
+            pieces["entropy"].append(entropy)
+            result = regularizer.evaluate(
+                policy_logp[None], ref_logp[None], part_tokens[None], part_mask[None], support_gradient=support_gradient
+            )
+            del policy_logp, ref_logp
+            if check is not None:
+                check("penalty", result.penalty.per_token)
+            pieces["penalty"].append(result.penalty.per_token[0])
+            if result.gradient is not None:
+                gradients.append(result.gradient)
+            positions = int(part_mask.sum())
+            for name, value in result.penalty.stats.items():
+                if name in MAX_STATS:
+                    maxima[name] = max(maxima.get(name, float("-inf")), float(value))
+                else:
+                    sums[name] = sums.get(name, 0.0) + float(value) * positions
     total = int(mask.sum())
     stats = {name: value / total if total else 0.0 for name, value in sums.items()}
     stats.update(maxima)
-    per_token = torch.cat(pieces["penalty"])
+
+    def grid(name: str) -> torch.Tensor:
+        return torch.cat(pieces[name]).reshape(mask.shape)
+
     return RolloutScores(
-        old_logprobs=torch.cat(pieces["old"]),
-        ref_logprobs=torch.cat(pieces["ref"]),
-        kl=torch.cat(pieces["kl"]),
-        entropy=torch.cat(pieces["entropy"]),
-        penalty=PenaltyOutput(per_token=per_token, stats=stats),
+        old_logprobs=grid("old"),
+        ref_logprobs=grid("ref"),
+        kl=grid("kl"),
+        entropy=grid("entropy"),
+        penalty=PenaltyOutput(per_token=grid("penalty"), stats=stats),
         gradient=on_grid(concatenate(gradients), mask) if support_gradient else None,
     )
 
