@@ -151,6 +151,7 @@ def score_rollout(
     support_gradient: bool = False,
     check: Check | None = None,
     max_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    lap: Callable[[str], None] | None = None,
 ) -> RolloutScores:
     """Score ``rollout`` with ``policy`` and ``reference`` in chunks of ``chunk_size`` rows (see the module).
 
@@ -163,6 +164,8 @@ def score_rollout(
         support_gradient: also return the penalty's support gradient (one solve per position for both).
         check: optional finite check of each piece's log-probabilities and penalty.
         max_elements: bound on ``positions x V`` of one piece of the LM head (see the module).
+        lap: optional timer, called with ``"forward"`` after each piece's forwards, log-softmax, KL and entropy, and
+            with ``"penalty"`` after its regularizer call.
 
     Returns:
         :class:`RolloutScores`; the penalty's statistics are means over the generated positions, except
@@ -188,6 +191,8 @@ def score_rollout(
             kl, entropy = kl_and_entropy_of_log_probs(policy_logp, ref_logp)
             pieces["kl"].append(kl)
             pieces["entropy"].append(entropy)
+            if lap is not None:
+                lap("forward")
             result = regularizer.evaluate(
                 policy_logp[None], ref_logp[None], part_tokens[None], part_mask[None], support_gradient=support_gradient
             )
@@ -195,6 +200,8 @@ def score_rollout(
             if check is not None:
                 check("penalty", result.penalty.per_token)
             pieces["penalty"].append(result.penalty.per_token[0])
+            if lap is not None:
+                lap("penalty")
             if result.gradient is not None:
                 gradients.append(result.gradient)
             positions = int(part_mask.sum())

@@ -401,8 +401,8 @@ class RLTrainer(BaseTrainer):
             chunk_size=c.scoring_chunk,
             support_gradient=self.placement.needs_support_gradient,
             check=check,
+            lap=timer.lap,
         )
-        timer.lap("penalty")
         columns = {name: [self.prompt_rows[r][name] for r in rows] for name in self.column_names}
         total, components = self.reward_sum(rollout, rows, columns, self.tokenizer.pad_token_id, self.guard.watch)
         return ScoredRollout(
