@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.otalign-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench gpu-bundle clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/loss_potentials.py --steps 2 --out $(BENCH_OUT)
 	$(PY) benchmarks/grpo_verifiable.py --steps 2 --prompts-per-step 2 --num-generations 2 --response-length 8 --out $(BENCH_OUT)
 	$(PY) benchmarks/code_reward.py --programs 8 --tests 3 --repeats 1 --out $(BENCH_OUT)/code_reward.json
+
+# What the GPU machine (torch, transformers, accelerate, peft; no network) lacks, for benchmarks/gpu.sh: otalign's
+# own pure-Python deps as wheels in .whl/ and the default model's config and tokenizer (no weights: the GPU step
+# times a randomly initialised model of the same shape) in .gl/smollm2/. Carry both: see benchmarks/gpu.sh.
+gpu-bundle: $(STAMP)
+	rm -rf .whl .gl && mkdir -p .whl .gl/smollm2
+	$(PY) -m pip download --no-deps --only-binary=:all: -d .whl vaderSentiment pytest pluggy iniconfig
+	$(PY) -c "from otalign.models import load_tokenizer, load_causal_lm; from transformers import AutoConfig; \
+	load_tokenizer('default').save_pretrained('.gl/smollm2'); \
+	AutoConfig.from_pretrained(load_causal_lm('default').name_or_path).save_pretrained('.gl/smollm2')"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from otalign.data import load_prompts
 from otalign.models import frozen_copy, load_causal_lm, load_tokenizer
@@ -31,7 +32,12 @@ PHASES = ("generation", "forward", "penalty", "update", "step")
 
 def run(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.model)
-    base = load_causal_lm(args.model, dtype=args.dtype)
+    if args.random_weights:  # the model's shape and tokenizer without its weights (timing only)
+        torch.manual_seed(args.seed)
+        config = AutoConfig.from_pretrained(args.model)
+        base = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    else:
+        base = load_causal_lm(args.model, dtype=args.dtype)
     reference = frozen_copy(base)
     reward = build_reward("sentiment")
     prompts = load_prompts("builtin", "train")
@@ -97,6 +103,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--mixed-precision", default="no")
     parser.add_argument("--peft", action="store_true", help="train LoRA adapters instead of all weights")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="--model is a config + tokenizer folder: random weights"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ppo_step.json"))
     args = parser.parse_args()
     report = run(args)
