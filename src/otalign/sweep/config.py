@@ -46,8 +46,8 @@ SEED_KEY = "seed"
 
 
 def launcher_names() -> tuple[str, ...]:
-    """The ``launcher`` field's choices: the names of :data:`otalign.sweep.run.LAUNCHERS`."""
-    from .run import LAUNCHERS
+    """The ``launcher`` field's choices: the names of :data:`otalign.sweep.launchers.LAUNCHERS`."""
+    from .launchers import LAUNCHERS
 
     return tuple(LAUNCHERS)
 

@@ -44,6 +44,7 @@ import torch
 from otalign.data import Prompt, load_prompt_rows, prompt_columns, render_prompt, validate_prompt
 from otalign.data.prompts import PROMPT_SETS
 from otalign.data.reading import numbered
+from otalign.generation import Rollout, SamplingParams, encode_prompts, generate, response_logits, sample_seeds
 from otalign.guard import ConvergenceError, ConvergenceWarning, NonFiniteError
 from otalign.models import AdapterDisabled, apply_lora, frozen_copy, load_causal_lm, load_tokenizer
 from otalign.regularizers import (
@@ -65,7 +66,6 @@ from . import ppo_math as pm
 from .base import BaseTrainer
 from .config import ConfigError, TrainerConfig
 from .metrics import Timer
-from .rollout import Rollout, SamplingParams, encode_prompts, generate, response_logits, sample_seeds
 
 MAX_STATS = ("sinkhorn/iters", "sinkhorn/marginal_err")
 """Regularizer statistics reduced by maximum across processes (the others, ``sinkhorn/unconverged_frac``
