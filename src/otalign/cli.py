@@ -45,12 +45,12 @@ class Command:
     example: str = ""
 
     def config_class(self) -> type:
-        from otalign.config import resolve
+        from otalign.registry import resolve
 
         return resolve(self.config)
 
     def execute(self, config) -> object:
-        from otalign.config import resolve
+        from otalign.registry import resolve
 
         target, construct, method = self.run.partition("().")
         if construct:
@@ -74,7 +74,7 @@ class Group:
     imports: tuple[str, ...] = ()
 
     def commands(self) -> list[Command]:
-        from otalign.config import resolve
+        from otalign.registry import resolve
 
         for module in self.imports:
             importlib.import_module(module)
@@ -242,7 +242,7 @@ def find_command(argv: list[str]) -> tuple[Command | Group, list[str]]:
 
 
 def resolve_kind(group: Group) -> str:
-    from otalign.config import resolve
+    from otalign.registry import resolve
 
     return resolve(group.registry).kind
 

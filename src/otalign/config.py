@@ -51,7 +51,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import importlib
 import math
 import re
 import types
@@ -62,6 +61,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from otalign.paths import DATA_SUFFIXES, DEFAULT_MODEL, PATH_KINDS, looks_like_path, path_problem  # noqa: F401
+from otalign.registry import resolve
 
 TRUE = ("true", "yes", "on", "1")
 FALSE = ("false", "no", "off", "0")
@@ -85,15 +85,6 @@ class ConfigError(ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
-
-
-def resolve(spec: str):
-    """The object named by ``"package.module:attribute"`` (or ``"package.module:Class.attribute"``)."""
-    module, _, attr = spec.partition(":")
-    target = importlib.import_module(module)
-    for name in attr.split("."):
-        target = getattr(target, name)
-    return target
 
 
 def field_types(cls: type) -> dict[str, object]:

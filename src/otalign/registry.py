@@ -26,6 +26,19 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 
+def resolve(spec: str):
+    """The object named by ``"package.module:attribute"`` (or ``"package.module:Class.attribute"``), imported now.
+
+    The one resolver of such names: registry targets, config ``section`` classes, the CLI's commands and the
+    sweep's trainers.
+    """
+    module, _, attr = spec.partition(":")
+    target = importlib.import_module(module)
+    for name in attr.split("."):
+        target = getattr(target, name)
+    return target
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered extension.
@@ -46,10 +59,7 @@ class Entry:
 
     def resolve(self):
         """The target object (imported if it was given as a string)."""
-        if isinstance(self.target, str):
-            module, _, attr = self.target.partition(":")
-            return getattr(importlib.import_module(module), attr)
-        return self.target
+        return resolve(self.target) if isinstance(self.target, str) else self.target
 
 
 class Registry(Mapping):

@@ -33,6 +33,12 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     return str(name_or_path)
 
 
+def context_window(model) -> int | None:
+    """The most positions ``model`` takes: its text config's ``max_position_embeddings``, or None when the config
+    sets no such limit."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
 def torch_dtype(name: str) -> torch.dtype | str:
     """The dtype called ``name`` (``auto``, ``float32``, ``bfloat16``, ``float16``)."""
     if name not in DTYPES:

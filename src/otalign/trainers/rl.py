@@ -46,7 +46,7 @@ from otalign.data.prompts import PROMPT_SETS
 from otalign.data.reading import numbered
 from otalign.generation import Rollout, SamplingParams, encode_prompts, generate, response_logits, sample_seeds
 from otalign.guard import ConvergenceError, ConvergenceWarning, NonFiniteError
-from otalign.models import AdapterDisabled, apply_lora, frozen_copy, load_causal_lm, load_tokenizer
+from otalign.models import AdapterDisabled, apply_lora, context_window, frozen_copy, load_causal_lm, load_tokenizer
 from otalign.regularizers import (
     KL_ESTIMATORS,
     LOG_PROB_FLOOR,
@@ -64,7 +64,7 @@ from otalign.rewards import REWARD_FUNCTIONS, Reward, build_reward
 
 from . import ppo_math as pm
 from .base import BaseTrainer
-from .config import ConfigError, TrainerConfig
+from .config import ConfigError, TrainerConfig, stream_seed
 from .metrics import Timer
 
 MAX_STATS = ("sinkhorn/iters", "sinkhorn/marginal_err")
@@ -258,7 +258,7 @@ def regularizer_from_config(config: RLConfig, ref_model) -> Regularizer:
 
 def check_context(model, prompt_ids: list[list[int]], response_length: int) -> None:
     """``ValueError`` if the longest prompt plus ``response_length`` exceeds the model's context window."""
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    limit = context_window(model)
     longest = max(len(ids) for ids in prompt_ids)
     if limit is not None and longest + response_length > limit:
         raise ValueError(
@@ -634,7 +634,7 @@ class RLTrainer(BaseTrainer):
         """Prompt row of prompt position ``index``: epoch-wise seeded permutations of the prompt set."""
         n = len(self.prompt_ids)
         epoch, offset = divmod(index, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(self.config.seed, epoch)))
         return int(order[offset])
 
     def sample(self, step: int) -> tuple[Rollout, list[int]]:
@@ -802,7 +802,7 @@ class RLTrainer(BaseTrainer):
         losses: dict[str, float] = {}
         sums: dict[str, float] = {}
         tokens, updates = 0.0, 0
-        gen = torch.Generator().manual_seed(c.seed * 7919 + step)
+        gen = torch.Generator().manual_seed(stream_seed(c.seed, step))
         for _ in range(epochs):
             order = torch.randperm(mask.shape[0], generator=gen).to(mask.device)
             for minibatch in order.chunk(c.num_mini_batches):
