@@ -35,6 +35,12 @@ def module_files(src: Path = SRC) -> dict[str, Path]:
     return files
 
 
+def import_nodes(path: Path) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement of the file, at any depth (inside functions and classes too)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
 def imports(module: str, path: Path, modules: set[str]) -> list[Import]:
     """The otalign modules ``module`` imports anywhere in its file, relative imports resolved.
 
@@ -44,7 +50,7 @@ def imports(module: str, path: Path, modules: set[str]) -> list[Import]:
     """
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in import_nodes(path):
         if isinstance(node, ast.Import):
             found += [Import(module, alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -164,6 +170,27 @@ def test_every_module_is_in_a_layer():
     assert not unplaced, f"modules in no row of otalign.layers.LAYERS: {unplaced}"
 
 
+def forbidden_imports(src: Path = SRC) -> list[str]:
+    """One message per import of a package the importing module's layer forbids (:attr:`Layer.forbids`)."""
+    problems = []
+    for module, path in module_files(src).items():
+        layer = layers.LAYERS[layers.rank(module)]
+        for node in import_nodes(path):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                names = [] if node.level else [node.module]
+            for name in names:
+                if name.split(".")[0] in layer.forbids:
+                    problems.append(f"{module} (line {node.lineno}, layer '{layer.name}') imports {name}")
+    return problems
+
+
+def test_no_forbidden_package():
+    problems = forbidden_imports()
+    assert not problems, "imports a layer forbids:\n" + "\n".join(problems)
+
+
 def test_no_upward_import():
     problems = upward_imports(import_graph())
     assert not problems, "imports of a higher layer:\n" + "\n".join(problems)
@@ -175,7 +202,8 @@ def test_no_import_cycle():
 
 
 def test_the_walk_sees_relative_and_function_level_imports(tmp_path):
-    """A planted upward import inside a function, written relatively, and a two-module cycle are both reported."""
+    """A planted upward import inside a function, written relatively, a two-module cycle and a forbidden package
+    imported inside a function are all reported."""
     package = tmp_path / "otalign"
     (package / "ot").mkdir(parents=True)
     (package / "trainers").mkdir()
@@ -186,11 +214,13 @@ def test_the_walk_sees_relative_and_function_level_imports(tmp_path):
     (package / "ot" / "b.py").write_text("from . import c\n")
     (package / "ot" / "c.py").write_text("import otalign.ot.b\n")
     (package / "trainers" / "rl.py").write_text("")
+    (package / "ot" / "d.py").write_text("import torch\n\n\ndef f():\n    import transformers.modeling_utils\n")
     graph = import_graph(tmp_path)
     assert upward_imports(graph) == [
         "otalign.ot.a (line 2, layer 'ot') imports otalign.trainers.rl (layer 'trainers', higher)"
     ]
     assert cycles(graph) == ["otalign.ot.b (line 1) -> otalign.ot.c (line 1) -> otalign.ot.b"]
+    assert forbidden_imports(tmp_path) == ["otalign.ot.d (line 5, layer 'ot') imports transformers.modeling_utils"]
 
 
 @pytest.mark.parametrize("module", ["otalign.eval.analysis.coherence", "otalign.eval"])

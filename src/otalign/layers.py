@@ -21,11 +21,13 @@ class Layer(NamedTuple):
         name: the row's name in docs/design.md.
         modules: the dotted module (or package) names in it.
         what: one line on what lives there.
+        forbids: top-level packages its modules never import (``ot`` imports no ``transformers``).
     """
 
     name: str
     modules: tuple[str, ...]
     what: str
+    forbids: tuple[str, ...] = ()
 
 
 LAYERS: tuple[Layer, ...] = (
@@ -40,7 +42,12 @@ LAYERS: tuple[Layer, ...] = (
         ("otalign.data", "otalign.models", "otalign.runs"),
         "dataset formats & one reader · model loading · reading run folders (metrics)",
     ),
-    Layer("ot", ("otalign.ot",), "pure optimal-transport math on tensors — no transformers import"),
+    Layer(
+        "ot",
+        ("otalign.ot",),
+        "pure optimal-transport math on tensors — no transformers import",
+        forbids=("transformers", "accelerate"),
+    ),
     Layer(
         "regularizers, losses",
         ("otalign.regularizers", "otalign.losses"),

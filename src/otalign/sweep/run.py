@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otalign.config import ConfigError
-from otalign.runs import EVAL_PREFIX
+from otalign.runs import EVAL_PREFIX, read_metrics
 
 from .aggregate import aggregate
 from .config import Cell, SweepConfig, check_cells, trainer_classes
@@ -99,8 +99,6 @@ def train_cell(config: SweepConfig, cell: Cell) -> dict:
     preference trainer's pair accuracy on ``eval_dataset_name``), the summed step time (``train_s``, wall clock,
     all steps) and the wall and CPU seconds of the session that finished it (``session_*_s``, setup included; on
     a shared machine the CPU time is what the run costs)."""
-    from otalign.runs import read_metrics
-
     folder = Path(config.output_dir) / cell.name
     marker = read_json(folder / TRAINED)
     if marker is not None:
