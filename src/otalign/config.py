@@ -13,17 +13,16 @@ field: NaN is always rejected, and an infinity only where the field's metadata s
 ``__post_init__``, so a config built in Python is validated exactly like one from the command line, before
 anything is loaded.
 
-``path`` says that a string field names something on disk, one of :data:`otalign.paths.PATH_KINDS` (the
-rules are :mod:`otalign.paths`'); ``builtins`` lists the names its loader takes instead of a path
+``path`` says that a string field names something on disk, one of :data:`otalign.paths.PATH_KINDS`
+(:mod:`otalign.paths` states what each requires); ``builtins`` lists the names its loader takes instead of a path
 (``("builtin", "arithmetic")`` for a prompt set)::
 
     prompts: str = field(default="builtin", metadata={"help": "...", "path": "file", "builtins": PROMPT_SETS})
 
-Paths are checked by :meth:`Config.validate`, not in
-``__post_init__``: a config may name a file that does not exist yet when it is built, e.g. the pipeline's
-later stages read the model and the data its earlier stages write, and the sweep builds every cell's config
-ahead. The CLI validates every command's config right after parsing, and every trainer its config before it
-loads anything; the pipeline validates all its stages before the first runs
+Paths are checked by :meth:`Config.validate`, not in ``__post_init__``: a config may name a file that does not
+exist yet when it is built, e.g. the pipeline's later stages read the model and the data its earlier stages write,
+and the sweep builds every cell's config ahead. The CLI validates every command's config right after parsing, and
+every trainer its config before it loads anything; the pipeline validates all its stages before the first runs
 (:meth:`otalign.pipeline.PipelineConfig.validate`).
 
 ``section`` (``"module:Class"``) marks a ``dict`` field that holds the overrides of another config (the

@@ -30,7 +30,10 @@ def resolve(spec: str):
     """The object named by ``"package.module:attribute"`` (or ``"package.module:Class.attribute"``), imported now.
 
     The one resolver of such names: registry targets, config ``section`` classes, the CLI's commands and the
-    sweep's trainers.
+    sweep's trainers::
+
+        >>> resolve("otalign.registry:Registry.add") is Registry.add
+        True
     """
     module, _, attr = spec.partition(":")
     target = importlib.import_module(module)
