@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from otalign.data import load_prompt_rows, render_prompt
+from otalign.generation import encode_prompts, left_pad
 from otalign.models import frozen_copy, load_causal_lm, load_tokenizer
 from otalign.rewards import arithmetic_reward
 from otalign.trainers import GRPOConfig, GRPOTrainer
-from otalign.trainers.rollout import encode_prompts, left_pad
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -57,6 +57,47 @@ def test_top_level_help_lists_every_command(capsys):
     assert all(c.name in text for c in COMMANDS)
 
 
+@dataclasses.dataclass
+class ToyAnalysisConfig:
+    """Settings of a toy analysis."""
+
+    output_dir: str = dataclasses.field(default="out", metadata={"help": "where it writes"})
+
+
+@pytest.fixture
+def analyses(monkeypatch):
+    """The analysis registry with every built-in (the sweep adds ``beta-sweep``) and a toy one registered by the
+    test (removed afterwards)."""
+    import otalign.sweep  # noqa: F401
+    from otalign.eval.analysis import ANALYSES
+
+    monkeypatch.setattr(ANALYSES, "entries", dict(ANALYSES.entries))
+    ANALYSES.add("toy-analysis", lambda config: 0, help="a toy analysis", config=ToyAnalysisConfig)
+    return ANALYSES
+
+
+def test_help_lists_every_registered_analysis(analyses, capsys):
+    """``otalign analyze --help`` lists each registered analysis with its help; the top-level line names all of
+    them or none (``otalign --help`` imports no analysis), never a partial list."""
+    assert {"penalty-correlation", "coherence", "semantic-similarity", "beta-sweep", "apps"} < set(analyses)
+    assert main(["--help"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  analyze ")]
+    assert len({name for name in analyses if name in line}) in (0, len(analyses)), line
+    assert main(["analyze", "--help"]) == 0
+    listed = re.findall(r"^  analyze (\S+)\s+(.*)$", capsys.readouterr().out, flags=re.M)
+    assert listed == [(name, analyses.entry(name).help) for name in analyses]
+
+
+def test_a_fresh_process_lists_the_analyses_registered_above_eval():
+    """``beta-sweep`` is registered by otalign.sweep, a layer above the registry: the CLI imports it itself."""
+    import subprocess
+    import sys
+
+    code = "from otalign.cli import main; main(['analyze', '--help'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"^  analyze beta-sweep\s", out, flags=re.M), out
+
+
 def run_error(argv, capsys, monkeypatch=None) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

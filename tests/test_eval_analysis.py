@@ -132,7 +132,7 @@ def test_beta_sweep_trains_each_grid_point_and_writes_json_and_plot(tmp_path):
 
 
 def test_beta_sweep_rejects_an_unknown_ppo_field():
-    from otalign.eval.analysis import BetaSweepConfig
+    from otalign.sweep import BetaSweepConfig
 
     with pytest.raises(ConfigError, match="base: unknown option 'max_step'; did you mean max_steps"):
         BetaSweepConfig(ppo={"max_step": 3}).sweep()

@@ -14,6 +14,7 @@ import torch
 
 from otalign.cli import main
 from otalign.config import Config
+from otalign.eval.policy import ot_values
 from otalign.generation import SamplingParams, generate
 from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
 from otalign.regularizers import WassersteinRegularizer
@@ -31,7 +32,6 @@ from otalign.trainers import (
     list_checkpoints,
     read_metrics,
 )
-from otalign.trainers.evaluation import ot_values
 from otalign.trainers.preference_losses import build_preference_loss
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from otalign.models import ValueModel, apply_lora, frozen_copy, torch_dtype
+from otalign.models import AdapterDisabled, ValueModel, apply_lora, context_window, frozen_copy, torch_dtype
 from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -48,6 +50,14 @@ def test_lora_trains_only_adapters():
     lm = apply_lora(tiny_causal_lm(tiny_tokenizer()), r=2, alpha=4, target_modules=["all-linear"])
     trainable = [n for n, p in lm.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_context_window_is_the_text_configs_position_limit():
+    lm = tiny_causal_lm(tiny_tokenizer(), max_positions=96)
+    assert context_window(lm) == 96
+    assert context_window(AdapterDisabled(apply_lora(lm, r=2, alpha=4))) == 96  # the LoRA reference reads the same
+    unlimited = SimpleNamespace(config=SimpleNamespace(get_text_config=SimpleNamespace))  # a config without one
+    assert context_window(unlimited) is None
 
 
 def test_unknown_dtype():

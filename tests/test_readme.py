@@ -7,25 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from otalign.registry import readme_tables
+from otalign.readme import TABLES, readme_tables
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def registries():
-    from otalign.eval.analysis import ANALYSES
-    from otalign.eval.config import JUDGES
-    from otalign.regularizers import REGULARIZERS
-    from otalign.rewards import REWARD_FUNCTIONS
-    from otalign.trainers.preference_losses import PREFERENCE_LOSSES
-
-    return [REGULARIZERS, PREFERENCE_LOSSES, REWARD_FUNCTIONS, JUDGES, ANALYSES]
 
 
 @pytest.fixture
 def restored_registries():
     """The registries as they were before the test (the examples register extensions)."""
-    saved = [(r, dict(r.entries), dict(r.aliases)) for r in registries()]
+    saved = [(r, dict(r.entries), dict(r.aliases)) for r, _ in TABLES.values()]
     yield
     for registry, entries, aliases in saved:
         registry.entries, registry.aliases = entries, aliases
@@ -36,7 +26,7 @@ def test_registry_tables_in_the_readme_are_generated_from_the_registries():
     for name, table in readme_tables().items():
         block = re.search(rf"<!-- registry:{name} -->\n(.*?)<!-- /registry -->", text, flags=re.S)
         assert block is not None, f"README has no registry:{name} block"
-        assert block.group(1).strip() == table, f"README table {name} is stale: run otalign.registry.update_readme()"
+        assert block.group(1).strip() == table, f"README table {name} is stale: run python -m otalign.readme"
 
 
 def extension_examples() -> list[str]:

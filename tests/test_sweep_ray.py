@@ -37,15 +37,15 @@ def test_launcher_ray_without_ray_is_a_one_line_error_before_anything_runs(tmp_p
 
 
 def test_a_ray_task_uses_its_reserved_cpus_and_no_gpu_when_it_reserved_none(tmp_path, monkeypatch):
-    from otalign.sweep import SweepConfig, run
+    from otalign.sweep import SweepConfig, launchers, run
 
     seen = []
     monkeypatch.setattr(run, "run_job", lambda config, job: seen.append((torch.get_num_threads(), os.environ.copy())))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # what a Ray worker on a GPU node may inherit
-    run.run_ray_job(SweepConfig(output_dir=str(tmp_path), launcher="ray", cpus_per_cell=2.5), run.Job(None))
+    launchers.run_ray_job(SweepConfig(output_dir=str(tmp_path), launcher="ray", cpus_per_cell=2.5), run.Job(None))
     assert seen[0][0] == 2 and seen[0][1]["CUDA_VISIBLE_DEVICES"] == ""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what Ray sets for a task reserving a GPU
-    run.run_ray_job(SweepConfig(output_dir=str(tmp_path), cpus_per_cell=0.5, gpus_per_cell=1), run.Job(None))
+    launchers.run_ray_job(SweepConfig(output_dir=str(tmp_path), cpus_per_cell=0.5, gpus_per_cell=1), run.Job(None))
     assert seen[1][0] == 1 and seen[1][1]["CUDA_VISIBLE_DEVICES"] == "3"
 
 

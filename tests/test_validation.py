@@ -9,9 +9,10 @@ import dataclasses
 import pytest
 
 from otalign.cli import COMMANDS, Group, main
-from otalign.config import PATH_KINDS, ConfigError, ConfigParser, path_problem
+from otalign.config import ConfigError, ConfigParser
 from otalign.models import load_causal_lm
 from otalign.models.tiny import save_tiny_model
+from otalign.paths import PATH_KINDS, path_problem
 from otalign.pipeline import PipelineConfig
 from otalign.trainers import GRPOConfig, PPOConfig, PreferenceConfig, SFTConfig, SFTTrainer
 

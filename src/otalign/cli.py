@@ -13,6 +13,7 @@ it with its traceback instead.
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import os
 import re
@@ -44,12 +45,12 @@ class Command:
     example: str = ""
 
     def config_class(self) -> type:
-        from otalign.config import resolve
+        from otalign.registry import resolve
 
         return resolve(self.config)
 
     def execute(self, config) -> object:
-        from otalign.config import resolve
+        from otalign.registry import resolve
 
         target, construct, method = self.run.partition("().")
         if construct:
@@ -60,15 +61,23 @@ class Command:
 @dataclass(frozen=True)
 class Group:
     """A command whose actions come from a registry (``otalign analyze <kind>``): each entry's ``target`` runs the
-    config, its ``config`` setting is the config class, its help the action's."""
+    config, its ``config`` setting is the config class, its help the action's.
+
+    Attributes:
+        registry: ``"module:NAME"`` of the registry.
+        imports: modules that register further actions from a layer above the registry's (imported first).
+    """
 
     name: str
     help: str
     registry: str
+    imports: tuple[str, ...] = ()
 
     def commands(self) -> list[Command]:
-        from otalign.config import resolve
+        from otalign.registry import resolve
 
+        for module in self.imports:
+            importlib.import_module(module)
         registry = resolve(self.registry)
         return [
             Command(f"{self.name} {entry.name}", entry.help, _spec(entry.info["config"]), _spec(entry.resolve()))
@@ -132,8 +141,9 @@ COMMANDS: tuple[Command | Group, ...] = (
     ),
     Group(
         "analyze",
-        "the WPR paper's analyses: penalty-correlation, coherence, semantic-similarity, beta-sweep",
+        "the WPR paper's analyses as JSON + PNG (otalign analyze --help lists them)",
         "otalign.eval.analysis:ANALYSES",
+        imports=("otalign.sweep.beta",),
     ),
     Command(
         "sweep",
@@ -232,7 +242,7 @@ def find_command(argv: list[str]) -> tuple[Command | Group, list[str]]:
 
 
 def resolve_kind(group: Group) -> str:
-    from otalign.config import resolve
+    from otalign.registry import resolve
 
     return resolve(group.registry).kind
 

@@ -13,25 +13,16 @@ field: NaN is always rejected, and an infinity only where the field's metadata s
 ``__post_init__``, so a config built in Python is validated exactly like one from the command line, before
 anything is loaded.
 
-``path`` says that a string field names something on disk, one of :data:`PATH_KINDS`; ``builtins`` lists the
-names its loader takes instead of a path (``("builtin", "arithmetic")`` for a prompt set)::
+``path`` says that a string field names something on disk, one of :data:`otalign.paths.PATH_KINDS`
+(:mod:`otalign.paths` states what each requires); ``builtins`` lists the names its loader takes instead of a path
+(``("builtin", "arithmetic")`` for a prompt set)::
 
     prompts: str = field(default="builtin", metadata={"help": "...", "path": "file", "builtins": PROMPT_SETS})
 
-- ``file``: an input file that exists and is readable; ``dir``: the same for a folder (a checkpoint);
-- ``data``: a dataset: a readable file or folder, or (when it does not look like a path) a Hugging Face dataset
-  name, which cannot be checked offline;
-- ``model``: a readable model folder holding ``config.json``, ``default`` (the embedded model), or (when it
-  does not look like a path) a Hugging Face id ``name`` or ``owner/name``: ``runs/sft/model`` or ``./m``
-  that does not exist is "model folder ... does not exist", never a hub lookup;
-- ``output``: a file or folder the command writes: it, or else its nearest existing parent, is writable.
-
-A string *looks like a path* when it starts with ``.``, ``/`` or ``~``, holds more than one ``/`` (or a
-``\\``), or ends in a data file's extension. Paths are checked by :meth:`Config.validate`, not in
-``__post_init__``: a config may name a file that does not exist yet when it is built, e.g. the pipeline's
-later stages read the model and the data its earlier stages write, and the sweep builds every cell's config
-ahead. The CLI validates every command's config right after parsing, and every trainer its config before it
-loads anything; the pipeline validates all its stages before the first runs
+Paths are checked by :meth:`Config.validate`, not in ``__post_init__``: a config may name a file that does not
+exist yet when it is built, e.g. the pipeline's later stages read the model and the data its earlier stages write,
+and the sweep builds every cell's config ahead. The CLI validates every command's config right after parsing, and
+every trainer its config before it loads anything; the pipeline validates all its stages before the first runs
 (:meth:`otalign.pipeline.PipelineConfig.validate`).
 
 ``section`` (``"module:Class"``) marks a ``dict`` field that holds the overrides of another config (the
@@ -59,9 +50,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import importlib
 import math
-import os
 import re
 import types
 import typing
@@ -69,6 +58,9 @@ from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
+
+from otalign.paths import DATA_SUFFIXES, DEFAULT_MODEL, PATH_KINDS, looks_like_path, path_problem  # noqa: F401
+from otalign.registry import resolve
 
 TRUE = ("true", "yes", "on", "1")
 FALSE = ("false", "no", "off", "0")
@@ -79,12 +71,6 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 """accelerate autocast modes a ``mixed_precision`` field accepts."""
 OWN_METADATA = ("check", "choices", "section", "allow_inf", "path", "builtins")
 """Field metadata keys read by otalign (the rest, e.g. ``help``, ``aliases``, goes to ``argparse``)."""
-
-
-PATH_KINDS = ("file", "dir", "data", "model", "output")
-"""Kinds of ``path`` field metadata (see the module docstring)."""
-DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".yaml", ".yml")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 class ConfigError(ValueError):
@@ -98,15 +84,6 @@ class ConfigError(ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
-
-
-def resolve(spec: str):
-    """The object named by ``"package.module:attribute"`` (or ``"package.module:Class.attribute"``)."""
-    module, _, attr = spec.partition(":")
-    target = importlib.import_module(module)
-    for name in attr.split("."):
-        target = getattr(target, name)
-    return target
 
 
 def field_types(cls: type) -> dict[str, object]:
@@ -229,53 +206,9 @@ def check_fields(config: object) -> None:
         check_value(f, getattr(config, f.name))
 
 
-def looks_like_path(value: str) -> bool:
-    """Whether ``value`` reads as a local path rather than a Hugging Face name (rule in the module docstring)."""
-    return (
-        value.startswith((".", "/", "~"))
-        or value.count("/") > 1
-        or "\\" in value
-        or value.lower().endswith(DATA_SUFFIXES)
-    )
-
-
-def path_problem(kind: str, value: str) -> str | None:
-    """What is wrong with ``value`` as a ``path`` of ``kind`` (:data:`PATH_KINDS`), or None if it passes."""
-    path = Path(value).expanduser()
-    if kind == "output":
-        if path.exists():
-            return None if os.access(path, os.W_OK) else f"{value} is not writable"
-        parent = next(p for p in path.absolute().parents if p.exists())
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            return f"cannot create {value}: {parent} is not a writable folder"
-        return None
-    noun = {"file": "file", "dir": "folder", "data": "dataset", "model": "model folder"}[kind]
-    if path.exists():
-        if kind == "file" and not path.is_file():
-            return f"{value} is not a file"
-        if kind == "dir" and not path.is_dir():
-            return f"{value} is not a folder"
-        if kind == "model" and not path.is_dir():
-            return f"model {value} is a file; give the folder holding config.json"
-        if kind == "model" and not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
-            hint = (
-                f" (a run folder? its model is {path / 'model'})" if (path / "model" / "config.json").is_file() else ""
-            )
-            return f"model folder {value} has no config.json{hint}"
-        readable = os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0))
-        return None if readable else f"{noun} {value} is not readable"
-    if kind in ("file", "dir") or looks_like_path(value):
-        return f"{noun} {value} does not exist"
-    if kind == "model" and not _HUB_ID.match(value):
-        return f"model {value!r} is neither a local folder, 'default' nor a Hugging Face id (owner/name)"
-    return None
-
-
 def check_paths(config: object, skip: tuple[str, ...] = ()) -> None:
     """``ConfigError`` for the first ``path`` field of ``config`` (not in ``skip``) naming something unusable; a
     field's ``builtins`` (and ``default`` for a model) pass."""
-    from otalign.models.default import DEFAULT_MODEL
-
     for f in dataclasses.fields(config):
         kind, value = f.metadata.get("path"), getattr(config, f.name)
         if kind is None or f.name in skip:

@@ -1,4 +1,5 @@
-"""Sampling shared by the trainers, eval and demos: tokenize prompts, sample responses, run a model on them.
+"""Sampling shared by the trainers, eval and demos: tokenize prompts, sample responses, run a model on them
+(logits, critic values, the exact KL to the reference at each response position).
 
 Sampling is an exact draw from ``softmax(top_p(top_k(logits)) / temperature)`` done with the Gumbel-max
 trick inside Hugging Face ``generate`` (greedy decoding of logits plus Gumbel noise). The noise of each
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from otalign.guard import KINDS, NonFiniteError, nonfinite_code
+from otalign.regularizers import exact_f_divergence
 
 SEED_STRIDE = 1_000_003
 
@@ -223,6 +225,43 @@ def response_logits(model, rollout: Rollout, rows: torch.Tensor | slice = slice(
         **kwargs,
     ).logits
     return logits[:, -(steps + 1) : -1]
+
+
+def response_values(critic, rollout: Rollout, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """(b, T) critic values of the states before each response token of ``rollout[rows]`` (a
+    :class:`~otalign.models.ValueModel` returns one value per position)."""
+    steps = rollout.responses.shape[1]
+    values = critic(
+        input_ids=rollout.sequences[rows],
+        attention_mask=rollout.attention_mask[rows].long(),
+        position_ids=rollout.position_ids[rows],
+    )
+    return values[:, -(steps + 1) : -1]
+
+
+def kl_and_entropy(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, *, chunk_positions: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Exact full-vocabulary :math:`\mathrm{KL}(\pi\|\pi_{ref})` and entropy :math:`H(\pi)` per position (nats).
+
+    Args:
+        policy_logits, ref_logits: (B, T, V) logits (already divided by the sampling temperature).
+        chunk_positions: positions per log-softmax chunk (memory ~ ``chunk_positions * V`` floats).
+
+    Returns:
+        kl, entropy: (B, T) float32.
+    """
+    shape = policy_logits.shape[:-1]
+    policy = policy_logits.reshape(-1, policy_logits.shape[-1])
+    ref = ref_logits.reshape(-1, ref_logits.shape[-1])
+    kl = torch.empty(policy.shape[0], device=policy.device)
+    entropy = torch.empty_like(kl)
+    for start in range(0, policy.shape[0], chunk_positions):
+        p = torch.log_softmax(policy[start : start + chunk_positions].float(), dim=-1)
+        q = torch.log_softmax(ref[start : start + chunk_positions].float(), dim=-1)
+        kl[start : start + chunk_positions] = exact_f_divergence(p, q, "rkl")
+        entropy[start : start + chunk_positions] = -(p.exp() * p).sum(-1)
+    return kl.reshape(shape), entropy.reshape(shape)
 
 
 def sample_batches(

@@ -2,8 +2,9 @@
 
 A registry maps a name to an :class:`Entry`: the class or factory that makes the thing, its defaults, and a
 one-line help. The config fields that pick one (``regularizer``, ``loss_type``, ``reward_fn``, ``judge``, the
-``analyze`` commands) take their choices from it, and the README tables are :meth:`Registry.table`. Adding an
-extension is its own module plus one :meth:`Registry.add` call (see the README's "Extending otalign")::
+``analyze`` commands) take their choices from it, and the README tables are :meth:`Registry.table`
+(:mod:`otalign.readme`). Adding an extension is its own module plus one :meth:`Registry.add` call (see the README's
+"Extending otalign")::
 
     >>> from otalign.registry import Registry
     >>> colors = Registry("color")
@@ -23,6 +24,22 @@ import importlib
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+
+
+def resolve(spec: str):
+    """The object named by ``"package.module:attribute"`` (or ``"package.module:Class.attribute"``), imported now.
+
+    The one resolver of such names: registry targets, config ``section`` classes, the CLI's commands and the
+    sweep's trainers::
+
+        >>> resolve("otalign.registry:Registry.add") is Registry.add
+        True
+    """
+    module, _, attr = spec.partition(":")
+    target = importlib.import_module(module)
+    for name in attr.split("."):
+        target = getattr(target, name)
+    return target
 
 
 @dataclass(frozen=True)
@@ -45,10 +62,7 @@ class Entry:
 
     def resolve(self):
         """The target object (imported if it was given as a string)."""
-        if isinstance(self.target, str):
-            module, _, attr = self.target.partition(":")
-            return getattr(importlib.import_module(module), attr)
-        return self.target
+        return resolve(self.target) if isinstance(self.target, str) else self.target
 
 
 class Registry(Mapping):
@@ -127,33 +141,3 @@ class Registry(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return name in self.entries or name in self.aliases
-
-
-def readme_tables() -> dict[str, str]:
-    """The README's table of each registry, keyed by the marker name (``<!-- registry:NAME -->``)."""
-    from otalign.eval.analysis import ANALYSES
-    from otalign.eval.config import JUDGES
-    from otalign.regularizers import REGULARIZERS
-    from otalign.rewards import REWARD_FUNCTIONS
-    from otalign.trainers.preference_losses import PREFERENCE_LOSSES
-
-    return {
-        "regularizers": REGULARIZERS.table("beta"),
-        "preference_losses": PREFERENCE_LOSSES.table("paired"),
-        "reward_functions": REWARD_FUNCTIONS.table(),
-        "judges": JUDGES.table(),
-        "analyses": ANALYSES.table(),
-    }
-
-
-def update_readme(path: str = "README.md") -> None:
-    """Rewrite every ``<!-- registry:NAME -->`` ... ``<!-- /registry -->`` block of ``path`` from the registries."""
-    import re
-    from pathlib import Path
-
-    text = Path(path).read_text(encoding="utf-8")
-    for name, table in readme_tables().items():
-        text = re.sub(
-            rf"(<!-- registry:{name} -->\n).*?(<!-- /registry -->)", rf"\g<1>{table}\n\g<2>", text, flags=re.S
-        )
-    Path(path).write_text(text, encoding="utf-8")

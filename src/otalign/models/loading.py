@@ -11,7 +11,9 @@ import os
 
 import torch
 
-from .default import DEFAULT_MODEL, default_model_path
+from otalign.paths import DEFAULT_MODEL, path_problem
+
+from .default import default_model_path
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,16 +23,20 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     unchanged.
 
     Raises:
-        FileNotFoundError: ``name_or_path`` looks like a path (:func:`otalign.config.looks_like_path`) and is not a
+        FileNotFoundError: ``name_or_path`` looks like a path (:func:`otalign.paths.looks_like_path`) and is not a
             readable folder, or is not a plausible hub id either: "model folder X does not exist".
     """
-    from otalign.config import path_problem
-
     if str(name_or_path) == DEFAULT_MODEL:
         return str(default_model_path())
     if problem := path_problem("model", str(name_or_path)):
         raise FileNotFoundError(problem)
     return str(name_or_path)
+
+
+def context_window(model) -> int | None:
+    """The most positions ``model`` takes: its text config's ``max_position_embeddings``, or None when the config
+    sets no such limit."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
 
 def torch_dtype(name: str) -> torch.dtype | str:

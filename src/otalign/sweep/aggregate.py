@@ -31,11 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from otalign.config import ConfigError
-from otalign.trainers.metrics import EVAL_PREFIX
+from otalign.runs import EVAL_PREFIX
 
 from .config import SweepConfig, expand_grid
-from .evaluate import EVAL_FILE, REFERENCE, read_json, write_json_atomic
-from .run import CELL_FILE, TRAINED
+from .layout import CELL_FILE, EVAL_FILE, REFERENCE, TRAINED, read_json, write_json_atomic
 
 RESULTS = "results.json"
 METRICS = ("reward", "win_rate", "kl_per_token", "w_per_token", "coherence", "response_length")

@@ -19,7 +19,6 @@ and ``seed``. Its folder name lists exactly what distinguishes it (``wpr,beta=0.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import yaml
 
 from otalign.config import Config, ConfigError, check_keys, coerce, field_types, parse_config
 from otalign.data.prompts import PROMPT_SETS
+from otalign.registry import resolve
 
 TRAINERS: dict[str, tuple[str, str]] = {
     "ppo": ("otalign.trainers.ppo:PPOConfig", "otalign.trainers.ppo:PPOTrainer"),
@@ -46,15 +46,10 @@ SEED_KEY = "seed"
 
 
 def launcher_names() -> tuple[str, ...]:
-    """The ``launcher`` field's choices: the names of :data:`otalign.sweep.run.LAUNCHERS`."""
-    from .run import LAUNCHERS
+    """The ``launcher`` field's choices: the names of :data:`otalign.sweep.launchers.LAUNCHERS`."""
+    from .launchers import LAUNCHERS
 
     return tuple(LAUNCHERS)
-
-
-def _import(target: str):
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def trainer_classes(command: str) -> tuple[type, type]:
@@ -62,7 +57,7 @@ def trainer_classes(command: str) -> tuple[type, type]:
     if command not in TRAINERS:
         raise ConfigError(f"command: unknown trainer {command!r}; choose one of {sorted(TRAINERS)}")
     config_path, trainer_path = TRAINERS[command]
-    return _import(config_path), _import(trainer_path)
+    return resolve(config_path), resolve(trainer_path)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The sweep's held-out evaluation: every trained policy and the reference, measured identically.
 
 Each model answers the same held-out prompts with the same per-prompt sampling seeds (common random numbers,
-:func:`otalign.trainers.evaluation.evaluate_policy`), scored by one reward. Per response it records the reward,
+:func:`otalign.eval.policy.evaluate_policy`), scored by one reward. Per response it records the reward,
 the exact KL(pi || pi_ref) summed over its tokens (nats, full vocabulary, distributions
 ``softmax(logits / temperature)``), the Wasserstein distance to the reference summed over its tokens (one
 :class:`~otalign.regularizers.WassersteinRegularizer` built from the reference's input embeddings with the same
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,23 +25,9 @@ import torch
 from otalign.config import ConfigError
 
 from .config import SweepConfig, trainer_classes
+from .layout import EVAL_FILE, read_json, write_json_atomic
 
-EVAL_FILE = "eval.json"
-REFERENCE = "reference"
 _SETUPS: dict[str, EvalSetup] = {}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename: the file is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``, or None when the file is absent."""
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def base_field(config: SweepConfig, name: str, fallback):
@@ -138,10 +123,10 @@ class EvalSetup:
     def build(cls, settings: dict) -> EvalSetup:
         from otalign.data import load_prompt_rows, prompt_columns, render_prompt
         from otalign.eval.winrate import subsample
+        from otalign.generation import SamplingParams, encode_prompts
         from otalign.models import load_causal_lm, load_tokenizer
         from otalign.regularizers import build_regularizer, embedding_matrix
         from otalign.rewards import build_reward
-        from otalign.trainers.rollout import SamplingParams, encode_prompts
 
         s = settings
         rows = load_prompt_rows(s["prompts"], s["split"])
@@ -192,8 +177,8 @@ def coherence_measure(embeddings: torch.Tensor, k: int):
 def evaluate_model(config: SweepConfig, folder: Path, model_path: Path | None) -> dict:
     """Evaluate the model saved at ``model_path`` (None: the reference) into ``folder/eval.json``; an existing
     evaluation with the same settings is returned as it is."""
+    from otalign.eval.policy import evaluate_policy
     from otalign.models import load_causal_lm
-    from otalign.trainers.evaluation import evaluate_policy
 
     path = folder / EVAL_FILE
     setup = eval_setup(config)

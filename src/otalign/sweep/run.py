@@ -1,42 +1,33 @@
 """Running a sweep: the jobs (train a cell, evaluate it), the launcher that runs them, progress, markers.
 
-Layout under ``output_dir``::
-
-    reference/eval.json              the reference model on the held-out prompts
-    <cell>/cell.json                 what the cell is (method, setting, seed, overrides), written first
-    <cell>/config.json, metrics.jsonl, checkpoints/, model/     the trainer's own run folder
-    <cell>/TRAINED                   written (atomically) once training finished and the model is saved
-    <cell>/eval.json                 written (atomically) once the cell's evaluation finished
-    results.json, frontier.png, ...  the aggregate (:mod:`otalign.sweep.aggregate`)
+The folder layout is :mod:`otalign.sweep.layout`.
 
 A rerun skips every cell with ``TRAINED`` and an ``eval.json`` made with the current evaluation settings; a cell
 killed mid-training resumes from its latest checkpoint (every cell runs with ``resume: true``); one killed after
-training only evaluates. Cells run through a :class:`Launcher`: :class:`SequentialLauncher` runs them one by one
-in this process, :class:`RayLauncher` as parallel Ray tasks. Both call the same job function, :func:`run_job`,
-which takes only picklable arguments and leaves all its results in the cell folder; this process only counts the
-jobs as they finish and aggregates from the folders.
+training only evaluates. Cells run through a launcher (:mod:`otalign.sweep.launchers`): one by one in this process, or
+as parallel Ray tasks. Both call the same job function, :func:`run_job`, which takes only picklable arguments and
+leaves all its results in the cell folder; this process only counts the jobs as they finish and aggregates from the
+folders.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from otalign.config import ConfigError
-from otalign.trainers.metrics import EVAL_PREFIX
+from otalign.runs import EVAL_PREFIX, read_metrics
 
+from .aggregate import aggregate
 from .config import Cell, SweepConfig, check_cells, trainer_classes
-from .evaluate import EVAL_FILE, REFERENCE, eval_settings, evaluate_model, read_json, write_json_atomic
-
-TRAINED = "TRAINED"
-CELL_FILE = "cell.json"
+from .evaluate import eval_settings, evaluate_model
+from .launchers import LAUNCHERS
+from .layout import CELL_FILE, EVAL_FILE, REFERENCE, TRAINED, read_json, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -48,6 +39,10 @@ class Job:
     @property
     def name(self) -> str:
         return REFERENCE if self.cell is None else self.cell.name
+
+    def run(self, config: SweepConfig) -> dict:
+        """:func:`run_job` of this job (what a launcher calls, wherever it runs)."""
+        return run_job(config, self)
 
 
 def cell_folder(config: SweepConfig, job: Job) -> Path:
@@ -104,8 +99,6 @@ def train_cell(config: SweepConfig, cell: Cell) -> dict:
     preference trainer's pair accuracy on ``eval_dataset_name``), the summed step time (``train_s``, wall clock,
     all steps) and the wall and CPU seconds of the session that finished it (``session_*_s``, setup included; on
     a shared machine the CPU time is what the run costs)."""
-    from otalign.trainers import read_metrics
-
     folder = Path(config.output_dir) / cell.name
     marker = read_json(folder / TRAINED)
     if marker is not None:
@@ -154,91 +147,6 @@ def run_job(config: SweepConfig, job: Job) -> dict:
     return evaluate_model(config, folder, folder / "model")
 
 
-class Launcher(Protocol):
-    """Runs jobs and reports each one finished through ``done(job, record)`` (in any order)."""
-
-    def run(self, config: SweepConfig, jobs: Sequence[Job], done: Callable[[Job, dict], None]) -> None: ...
-
-
-class SequentialLauncher:
-    """Every job in this process, one after the other, in grid order."""
-
-    def run(self, config: SweepConfig, jobs: Sequence[Job], done: Callable[[Job, dict], None]) -> None:
-        for job in jobs:
-            done(job, run_job(config, job))
-
-
-RAY_MISSING = "--launcher ray needs ray: pip install 'otalign[cluster]'"
-
-
-class RayLauncher:
-    """Every job as one Ray task, all submitted at once, reported in the order they finish.
-
-    The cluster is the one ``ray.init()`` finds: the address in ``RAY_ADDRESS``, else the cluster ``ray start`` last
-    started on this machine, else a new local instance (stopped after the run; from a cluster, the run only
-    disconnects). A Ray session the caller already initialised is used and left as it is. Each
-    task reserves ``cpus_per_cell`` CPUs and ``gpus_per_cell`` GPUs and sees only its own GPUs, none with 0
-    (:func:`run_ray_job`), so Ray runs as many cells at once as the resources allow.
-    Every node needs otalign installed and ``output_dir`` at the same path (a shared filesystem): the tasks write
-    the cell folders, this process reads them to skip finished cells and to aggregate.
-
-    Evaluation goes through Ray too: a cell's task evaluates the model it just trained (:func:`run_job`), on the
-    cell's resources and node, so no model travels and this process needs neither a GPU nor a model. Every
-    evaluation is the same wherever it runs (same prompts, per-prompt sampling seeds and W solver); each worker
-    process builds the shared evaluation setup (reference, reward, solver) once. On the first failed job its error
-    is raised and the jobs still queued or running are cancelled; a rerun resumes them from their checkpoints, as
-    does a task Ray retries after its worker or node died. With nothing left to run, no cluster is started.
-
-    Raises:
-        ImportError: ray is not installed (:data:`RAY_MISSING`), when the launcher is built, before any job runs.
-    """
-
-    def __init__(self) -> None:
-        try:
-            import ray
-        except ImportError as err:
-            raise ImportError(RAY_MISSING) from err
-        self.ray = ray
-
-    def run(self, config: SweepConfig, jobs: Sequence[Job], done: Callable[[Job, dict], None]) -> None:
-        ray = self.ray
-        if not jobs:
-            return
-        started = not ray.is_initialized()
-        if started:
-            ray.init()
-        running: dict = {}
-        try:
-            task = ray.remote(run_ray_job).options(num_cpus=config.cpus_per_cell, num_gpus=config.gpus_per_cell)
-            shared = ray.put(config)
-            running = {task.remote(shared, job): job for job in jobs}
-            while running:
-                (ref,), _ = ray.wait(list(running), num_returns=1)
-                done(running.pop(ref), ray.get(ref))
-        finally:
-            for ref in running:
-                ray.cancel(ref)
-            if started:
-                ray.shutdown()
-
-
-def run_ray_job(config: SweepConfig, job: Job) -> dict:
-    """:func:`run_job` in a Ray task, held to what the task reserved: as many torch threads as CPUs (Ray sets the
-    task's ``OMP_NUM_THREADS``, but a reused worker process keeps the torch thread count it started with) and, with
-    ``gpus_per_cell`` 0, no GPU (Ray leaves ``CUDA_VISIBLE_DEVICES`` as it is for a task reserving none, since
-    2.4x, so the trainer would take GPU 0 of the node)."""
-    import torch
-
-    if not config.gpus_per_cell:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    torch.set_num_threads(max(1, int(config.cpus_per_cell)))
-    return run_job(config, job)
-
-
-LAUNCHERS: dict[str, Callable[[], Launcher]] = {"sequential": SequentialLauncher, "ray": RayLauncher}
-"""``name -> launcher factory`` (the ``launcher`` field of the sweep file)."""
-
-
 def run_sweep(config: SweepConfig) -> dict:
     """Run (or resume) every job of the sweep, then aggregate; with ``aggregate_only`` only aggregate.
 
@@ -246,8 +154,6 @@ def run_sweep(config: SweepConfig) -> dict:
         the ``results.json`` content (see :func:`otalign.sweep.aggregate.aggregate`).
     """
     from tqdm.auto import tqdm
-
-    from .aggregate import aggregate
 
     if config.aggregate_only:
         return aggregate(config)

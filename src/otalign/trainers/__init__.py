@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from otalign.guard import ConvergenceError, ConvergenceWarning, NonFiniteError
+from otalign.runs import read_metrics
 
 from .base import BaseTrainer
 from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint, list_checkpoints
 from .config import ConfigError, TrainerConfig, parse_config
 from .critic_free import CriticFreeConfig, CriticFreeTrainer, GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
-from .metrics import MetricsLogger, read_metrics
+from .metrics import MetricsLogger
 from .ppo import PPOConfig, PPOTrainer
 from .preference import PreferenceConfig, PreferenceTrainer
 from .reward import RewardConfig, RewardTrainer

@@ -1,4 +1,5 @@
-"""Fields every trainer shares (:class:`TrainerConfig`); parsing lives in :mod:`otalign.config` (re-exported here)."""
+"""Fields every trainer shares (:class:`TrainerConfig`) and the seeds derived from its ``seed``
+(:func:`stream_seed`); parsing lives in :mod:`otalign.config` (re-exported here)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ from otalign.config import (
 from otalign.guard import ON_NONFINITE
 
 TRACKERS = ("tensorboard", "wandb", "all")
+SEED_MIX = 7919
+"""Multiplier of :func:`stream_seed` (a prime)."""
+
+
+def stream_seed(seed: int, k: int) -> int:
+    """Seed of the ``k``-th stream of a run seeded with ``seed`` (an epoch's order of prompts or rows, a step's
+    order of mini-batches): ``seed * 7919 + k``, a different seed for every (seed, k) with ``0 <= k < 7919``."""
+    return seed * SEED_MIX + k
 
 
 def _schedulers() -> list[str]:
@@ -190,4 +199,5 @@ __all__ = [
     "field_types",
     "parse_config",
     "redefault",
+    "stream_seed",
 ]

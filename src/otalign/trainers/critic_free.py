@@ -24,10 +24,11 @@ from typing import ClassVar
 
 import torch
 
+from otalign.generation import response_logits
+
 from . import ppo_math as pm
 from .config import ConfigError, redefault
 from .rl import RLConfig, RLTrainer, RolloutBatch
-from .rollout import response_logits
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 ALGORITHMS = ("grpo", "rloo")

@@ -1,7 +1,7 @@
 """Metrics logging: ``metrics.jsonl`` always (main process), plus accelerate trackers when configured.
 
 Each JSONL line is ``{"step": int, "<name>": float, ...}`` with slash names (``reward/mean``, ``kl/exact``);
-evaluation metrics carry the prefix :data:`EVAL_PREFIX` (``eval_loss``).
+evaluation metrics carry the prefix :data:`EVAL_PREFIX` (``eval_loss``). :mod:`otalign.runs` reads them back.
 JSON has no NaN or infinity: such a value is written as ``null``, and the first time a metric is so written a
 ``RuntimeWarning`` names it and the step (the trainers' guard stops or skips a step whose loss, gradient, reward
 or penalty is not finite, so this is left to statistics of an empty or skipped set).
@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-EVAL_PREFIX = "eval_"
-"""Prefix of the evaluation metrics, as transformers' and TRL's trainers write them (``eval_loss``,
-``eval_rewards/accuracies``)."""
+from otalign.runs import EVAL_PREFIX, METRICS_FILE, read_metrics, read_rows  # noqa: F401 (public here too)
 
 
 class MetricsLogger:
@@ -35,14 +33,14 @@ class MetricsLogger:
 
     def __init__(self, accelerator, output_dir: str | Path) -> None:
         self.accelerator = accelerator
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         self._nulled: set[str] = set()  # metrics already warned about
 
     def truncate_after(self, step: int) -> None:
         """Drop lines with ``step`` greater than ``step`` (main process), e.g. when resuming from it."""
         if not (self.accelerator.is_main_process and self.path.is_file()):
             return
-        kept = [row for row in _rows(self.path) if row["step"] <= step]
+        kept = [row for row in read_rows(self.path) if row["step"] <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
         tmp.replace(self.path)
@@ -74,27 +72,6 @@ class MetricsLogger:
 def _finite(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _rows(path: Path) -> list[dict]:
-    """The JSON rows of ``path``; a torn (unparseable) last line is skipped."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i == len(lines):  # written while the run was killed
-                break
-            raise ValueError(f"{path}, line {i}: not valid JSON ({err.msg})") from None
-    return rows
-
-
-def read_metrics(output_dir: str | Path) -> list[dict]:
-    """The rows of ``<output_dir>/metrics.jsonl`` (a torn last line from a killed run is skipped)."""
-    return _rows(Path(output_dir) / "metrics.jsonl")
 
 
 class Timer:

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from otalign.generation import response_logits, response_values
 from otalign.models import ValueModel
 
 from . import ppo_math as pm
 from .config import TrainerConfig, redefault
 from .rl import RLConfig, RLTrainer, RolloutBatch
-from .rollout import response_logits, response_values
 
 __all__ = ["PPOConfig", "PPOTrainer"]
 

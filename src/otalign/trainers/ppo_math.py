@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from otalign.regularizers import exact_f_divergence
+from otalign.generation import kl_and_entropy  # noqa: F401 (pm.kl_and_entropy)
 
 
 def global_sum(x: torch.Tensor, accelerator=None) -> torch.Tensor:
@@ -150,28 +150,3 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     """(B, T) float32 log-probability of ``tokens`` (B, T) under ``softmax(logits / temperature)``, logits (B, T, V)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def kl_and_entropy(
-    policy_logits: torch.Tensor, ref_logits: torch.Tensor, *, chunk_positions: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Exact full-vocabulary :math:`\mathrm{KL}(\pi\|\pi_{ref})` and entropy :math:`H(\pi)` per position (nats).
-
-    Args:
-        policy_logits, ref_logits: (B, T, V) logits (already divided by the sampling temperature).
-        chunk_positions: positions per log-softmax chunk (memory ~ ``chunk_positions * V`` floats).
-
-    Returns:
-        kl, entropy: (B, T) float32.
-    """
-    shape = policy_logits.shape[:-1]
-    policy = policy_logits.reshape(-1, policy_logits.shape[-1])
-    ref = ref_logits.reshape(-1, ref_logits.shape[-1])
-    kl = torch.empty(policy.shape[0], device=policy.device)
-    entropy = torch.empty_like(kl)
-    for start in range(0, policy.shape[0], chunk_positions):
-        p = torch.log_softmax(policy[start : start + chunk_positions].float(), dim=-1)
-        q = torch.log_softmax(ref[start : start + chunk_positions].float(), dim=-1)
-        kl[start : start + chunk_positions] = exact_f_divergence(p, q, "rkl")
-        entropy[start : start + chunk_positions] = -(p.exp() * p).sum(-1)
-    return kl.reshape(shape), entropy.reshape(shape)

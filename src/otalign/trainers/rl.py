@@ -40,7 +40,7 @@ from otalign.data import load_prompt_rows, prompt_columns, render_prompt, valida
 from otalign.data.reading import numbered
 from otalign.generation import Rollout, encode_prompts, generate, sample_seeds
 from otalign.guard import ConvergenceError, ConvergenceWarning, NonFiniteError
-from otalign.models import AdapterDisabled, apply_lora, frozen_copy, load_causal_lm, load_tokenizer
+from otalign.models import AdapterDisabled, apply_lora, context_window, frozen_copy, load_causal_lm, load_tokenizer
 from otalign.regularizers import PenaltyOutput, SupportGradient, k3, regularizer_from_config
 from otalign.rewards import Reward, build_reward
 from otalign.scoring import MAX_STATS, score_rollout
@@ -48,6 +48,7 @@ from otalign.scoring import MAX_STATS, score_rollout
 from . import ppo_math as pm
 from .base import BaseTrainer
 from .beta import BetaController
+from .config import stream_seed
 from .metrics import Timer
 from .penalty import penalty_placement
 from .reward_sum import RewardSum
@@ -116,7 +117,7 @@ def as_rows(prompts: list) -> list[dict]:
 
 def check_context(model, prompt_ids: list[list[int]], response_length: int) -> None:
     """``ValueError`` if the longest prompt plus ``response_length`` exceeds the model's context window."""
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    limit = context_window(model)
     longest = max(len(ids) for ids in prompt_ids)
     if limit is not None and longest + response_length > limit:
         raise ValueError(
@@ -346,7 +347,7 @@ class RLTrainer(BaseTrainer):
         """Prompt row of prompt position ``index``: epoch-wise seeded permutations of the prompt set."""
         n = len(self.prompt_ids)
         epoch, offset = divmod(index, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(self.config.seed, epoch)))
         return int(order[offset])
 
     def sample(self, step: int) -> tuple[Rollout, list[int]]:
@@ -448,7 +449,7 @@ class RLTrainer(BaseTrainer):
         losses: dict[str, float] = {}
         sums: dict[str, float] = {}
         tokens, updates = 0.0, 0
-        gen = torch.Generator().manual_seed(c.seed * 7919 + step)
+        gen = torch.Generator().manual_seed(stream_seed(c.seed, step))
         for _ in range(self.num_epochs):
             order = torch.randperm(mask.shape[0], generator=gen).to(mask.device)
             for minibatch in order.chunk(c.num_mini_batches):

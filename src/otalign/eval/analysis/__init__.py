@@ -6,17 +6,17 @@
   next-token candidates, per model (the paper's Table 8);
 - ``semantic-similarity`` (:mod:`.semantic_similarity`): correlation of each negative penalty with the semantic
   similarity of the policy's and the reference's answers (the paper's Table 7, MiniLM instead of BERTScore);
-- ``beta-sweep`` (:mod:`.beta_sweep`): PPO over a grid of beta per regularizer, win rate and reward vs beta
-  (the paper's Figure 4);
 - ``apps`` (:mod:`.code_execution`): programs run against their tests in the sandbox, pass@k and reward per
-  difficulty (the paper's Table 5).
+  difficulty (the paper's Table 5);
+- ``beta-sweep``: PPO over a grid of beta per regularizer, win rate and reward vs beta (the paper's Figure 4); a
+  sweep, so it lives in :mod:`otalign.sweep.beta` (a layer above eval) and adds itself to :data:`ANALYSES` when
+  :mod:`otalign.sweep` is imported.
 """
 
 from __future__ import annotations
 
 from otalign.registry import Registry
 
-from .beta_sweep import BetaSweepConfig, run_beta_sweep
 from .code_execution import CodeEvalConfig, run_code_eval
 from .coherence import CoherenceConfig, candidate_spread, run_coherence
 from .penalty_correlation import PenaltyCorrelationConfig, correlate, run_penalty_correlation
@@ -43,12 +43,6 @@ ANALYSES.add(
     config=SemanticSimilarityConfig,
 )
 ANALYSES.add(
-    "beta-sweep",
-    run_beta_sweep,
-    help="PPO over a beta grid per regularizer: win rate and reward vs beta (Figure 4)",
-    config=BetaSweepConfig,
-)
-ANALYSES.add(
     "apps",
     run_code_eval,
     help="pass@k, reward and status shares per difficulty of code generations run in the sandbox (APPS)",
@@ -57,14 +51,12 @@ ANALYSES.add(
 
 __all__ = [
     "ANALYSES",
-    "BetaSweepConfig",
     "CodeEvalConfig",
     "CoherenceConfig",
     "PenaltyCorrelationConfig",
     "SemanticSimilarityConfig",
     "candidate_spread",
     "correlate",
-    "run_beta_sweep",
     "run_code_eval",
     "run_coherence",
     "run_penalty_correlation",

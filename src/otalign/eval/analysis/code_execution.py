@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from otalign.config import ConfigError
 from otalign.data.apps import APPS_MINI
-from otalign.trainers.config import ConfigError
 
 from ..config import SamplingFields
 from .sampling import load_model, save_figure
@@ -148,7 +148,7 @@ def read_code_generations(path: str | Path, problems: Sequence[dict]) -> list[li
 
 
 def _sample(config: CodeEvalConfig, problems: list[dict]) -> list[list[str]]:
-    from otalign.trainers.rollout import sample_seeds
+    from otalign.generation import sample_seeds
 
     from ..generations import sample_responses
 

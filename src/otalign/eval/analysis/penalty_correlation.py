@@ -78,7 +78,7 @@ def correlate(kl: np.ndarray, wasserstein: np.ndarray, beta_kl: float = 1.0, bet
 
 def from_metrics(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Per logged step of a WPR run: ``kl/exact`` and ``wasserstein/value`` from ``<run_dir>/metrics.jsonl``."""
-    from otalign.trainers import read_metrics
+    from otalign.runs import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if "kl/exact" in r and "wasserstein/value" in r]
     if not rows:

@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from otalign.generation import Rollout, SamplingParams, response_logits, sample_batches, sample_seeds
+from otalign.generation import Rollout, SamplingParams, kl_and_entropy, response_logits, sample_batches, sample_seeds
 from otalign.guard import ConvergenceWarning
 from otalign.rewards import check_scores
-
-from . import ppo_math as pm
 
 
 @dataclass
@@ -121,7 +119,7 @@ def evaluate_policy(
         mask = rollout.response_mask
         policy_logits = response_logits(policy, rollout) / params.temperature
         ref_logits = response_logits(ref_model, rollout) / params.temperature
-        kl, _ = pm.kl_and_entropy(policy_logits, ref_logits)
+        kl, _ = kl_and_entropy(policy_logits, ref_logits)
         ids, seq_mask = rollout.right_aligned(tokenizer.pad_token_id)
         scores = reward(rollout.prompt_texts, rollout.response_texts, ids, seq_mask, batch_columns)
         check_scores(scores, getattr(reward, "name", "reward"), range(stop - len(rollout.prompt_texts), stop))

@@ -1,6 +1,7 @@
 """Sensitivity to the penalty coefficient (the WPR paper's Figure 4): a grid of beta per regularizer.
 
-A special case of ``otalign sweep`` (:mod:`otalign.sweep`), run through the same code: one method per
+One of the ``otalign analyze`` analyses (registered in :data:`otalign.eval.analysis.ANALYSES` below), it lives
+with the sweep because it is one: a special case of ``otalign sweep``, run through the same code: one method per
 regularizer, its ``betas`` as the method's grid, one seed. Every run starts from the same base PPO config
 (``ppo_config`` file, then the ``ppo`` overrides) with only ``regularizer`` and ``beta`` changed; every trained
 policy and the reference answer the same held-out prompts with the same sampling seeds. Besides the sweep's own
@@ -17,9 +18,12 @@ from pathlib import Path
 
 from otalign.config import Config, ConfigError
 from otalign.data.prompts import PROMPT_SETS
+from otalign.eval.analysis import ANALYSES
+from otalign.eval.analysis.sampling import save_figure
 from otalign.regularizers import REGULARIZERS
 
-from .sampling import save_figure
+from .config import SweepConfig
+from .run import run_sweep
 
 
 @dataclass
@@ -63,8 +67,6 @@ class BetaSweepConfig(Config):
 
     def sweep(self):
         """The equivalent :class:`~otalign.sweep.SweepConfig` (``ConfigError`` names a bad ``ppo`` field)."""
-        from otalign.sweep import SweepConfig
-
         return SweepConfig(
             command="ppo",
             output_dir=self.output_dir,
@@ -83,8 +85,6 @@ class BetaSweepConfig(Config):
 
 def run_beta_sweep(config: BetaSweepConfig) -> dict:
     """Train and evaluate every (regularizer, beta) as a sweep; write ``beta_sweep.json`` and ``beta_sweep.png``."""
-    from otalign.sweep import run_sweep
-
     results = run_sweep(config.sweep())
     runs = [
         {
@@ -131,3 +131,11 @@ def _plot(report: dict, path: Path) -> None:
         ax.set(xlabel="beta", ylabel=label)
         ax.legend()
     save_figure(fig, path)
+
+
+ANALYSES.add(
+    "beta-sweep",
+    run_beta_sweep,
+    help="PPO over a beta grid per regularizer: win rate and reward vs beta (Figure 4)",
+    config=BetaSweepConfig,
+)

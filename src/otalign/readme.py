@@ -1,0 +1,48 @@
+"""The README's registry tables, generated from the registries (``<!-- registry:NAME -->`` blocks).
+
+Top layer: it reads every extension point's registry, from the regularizers up to the trainers' losses. Run
+``python -m otalign.readme`` (or :func:`update_readme`) after registering a built-in; ``tests/test_readme.py``
+checks the README is current.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from otalign.eval.analysis import ANALYSES
+from otalign.eval.config import JUDGES
+from otalign.registry import Registry
+from otalign.regularizers import REGULARIZERS
+from otalign.rewards import REWARD_FUNCTIONS
+from otalign.sweep import beta  # noqa: F401 (registers the analysis beta-sweep)
+from otalign.trainers.preference_losses import PREFERENCE_LOSSES
+
+TABLES: dict[str, tuple[Registry, tuple[str, ...]]] = {
+    "regularizers": (REGULARIZERS, ("beta",)),
+    "preference_losses": (PREFERENCE_LOSSES, ("paired",)),
+    "reward_functions": (REWARD_FUNCTIONS, ()),
+    "judges": (JUDGES, ()),
+    "analyses": (ANALYSES, ()),
+}
+"""README marker name -> (the registry, the default columns its table shows)."""
+
+
+def readme_tables() -> dict[str, str]:
+    """The README's table of each registry, keyed by the marker name (``<!-- registry:NAME -->``)."""
+    return {name: registry.table(*columns) for name, (registry, columns) in TABLES.items()}
+
+
+def update_readme(path: str | Path = "README.md") -> None:
+    """Rewrite every ``<!-- registry:NAME -->`` ... ``<!-- /registry -->`` block of ``path`` from the registries."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    for name, table in readme_tables().items():
+        text = re.sub(
+            rf"(<!-- registry:{name} -->\n).*?(<!-- /registry -->)", rf"\g<1>{table}\n\g<2>", text, flags=re.S
+        )
+    path.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    update_readme()
