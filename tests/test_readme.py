@@ -15,9 +15,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def registries():
     from otalign.eval.analysis import ANALYSES
     from otalign.eval.config import JUDGES
+    from otalign.losses import PREFERENCE_LOSSES
     from otalign.regularizers import REGULARIZERS
     from otalign.rewards import REWARD_FUNCTIONS
-    from otalign.trainers.preference_losses import PREFERENCE_LOSSES
 
     return [REGULARIZERS, PREFERENCE_LOSSES, REWARD_FUNCTIONS, JUDGES, ANALYSES]
 

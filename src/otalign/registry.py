@@ -133,9 +133,9 @@ def readme_tables() -> dict[str, str]:
     """The README's table of each registry, keyed by the marker name (``<!-- registry:NAME -->``)."""
     from otalign.eval.analysis import ANALYSES
     from otalign.eval.config import JUDGES
+    from otalign.losses import PREFERENCE_LOSSES
     from otalign.regularizers import REGULARIZERS
     from otalign.rewards import REWARD_FUNCTIONS
-    from otalign.trainers.preference_losses import PREFERENCE_LOSSES
 
     return {
         "regularizers": REGULARIZERS.table("beta"),

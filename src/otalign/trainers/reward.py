@@ -29,23 +29,24 @@ from otalign.models import load_tokenizer
 from otalign.models.reward_head import load_reward_model, reward_model_from_causal_lm
 
 from .config import ConfigError, redefault
+from .dataset import DatasetConfig
 from .metrics import EVAL_PREFIX, Timer
 from .preference_batch import collate
-from .supervised import SupervisedConfig, SupervisedTrainer
+from .supervised import SupervisedTrainer
 
 Pair = tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]
 """An encoded pair: ((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))."""
 
 
 @dataclass
-class RewardConfig(SupervisedConfig):
-    """Reward-model settings (TRL ``RewardConfig`` names): the dataset options of :class:`SupervisedConfig`
+class RewardConfig(DatasetConfig):
+    """Reward-model settings (TRL ``RewardConfig`` names): the dataset options of :class:`DatasetConfig`
     (``per_device_train_batch_size`` counts pairs); ``model_name_or_path`` is a causal LM (e.g. the SFT output)
     or a sequence-classification checkpoint."""
 
-    output_dir: str = redefault(SupervisedConfig, "output_dir", "runs/reward")
-    learning_rate: float = redefault(SupervisedConfig, "learning_rate", 1e-5)
-    truncation_mode: str = redefault(SupervisedConfig, "truncation_mode", "error")
+    output_dir: str = redefault(DatasetConfig, "output_dir", "runs/reward")
+    learning_rate: float = redefault(DatasetConfig, "learning_rate", 1e-5)
+    truncation_mode: str = redefault(DatasetConfig, "truncation_mode", "error")
     eval_split_size: float = field(
         default=0.0,
         metadata={

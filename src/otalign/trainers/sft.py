@@ -33,19 +33,20 @@ from otalign.data.truncation import kept
 from otalign.models import load_causal_lm, load_tokenizer
 
 from .config import redefault
+from .dataset import DatasetConfig
 from .metrics import EVAL_PREFIX, Timer
-from .supervised import SupervisedConfig, SupervisedTrainer
+from .supervised import SupervisedTrainer
 
 Row = tuple[list[int], list[int]]
 """One training row: (input_ids, labels)."""
 
 
 @dataclass
-class SFTConfig(SupervisedConfig):
-    """SFT settings (TRL ``SFTConfig`` names): the dataset options of :class:`SupervisedConfig`, and packing."""
+class SFTConfig(DatasetConfig):
+    """SFT settings (TRL ``SFTConfig`` names): the dataset options of :class:`DatasetConfig`, and packing."""
 
-    output_dir: str = redefault(SupervisedConfig, "output_dir", "runs/sft")
-    learning_rate: float = redefault(SupervisedConfig, "learning_rate", 2e-5)
+    output_dir: str = redefault(DatasetConfig, "output_dir", "runs/sft")
+    learning_rate: float = redefault(DatasetConfig, "learning_rate", 2e-5)
     packing: bool = field(
         default=False, metadata={"help": "concatenate examples into rows of exactly max_length tokens"}
     )
