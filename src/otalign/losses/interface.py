@@ -1,6 +1,8 @@
-r"""What a preference loss object returns, and how a trainer calls one.
+r"""The preference loss-object interface: what a loss object takes and returns (:class:`LossOutput`, DPO's
+:func:`implicit_rewards`), and how a trainer calls one (:func:`call_loss`).
 
-A loss object (built-ins: :data:`otalign.losses.PREFERENCE_LOSSES`) is a callable with two attributes:
+A loss object (built-ins: :data:`otalign.losses.PREFERENCE_LOSSES`) is a callable with the attributes ``paired`` and
+``needs_kl``, called as:
 
 - ``paired = True``: ``loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected)``, the (n,) sequence
   log-probs (nats; token-weighted for OTPO) of n preference pairs;

@@ -1,4 +1,6 @@
-r"""Preference optimization (DPO family, AOT, KTO, OTPO token weighting): ``PreferenceConfig``, ``PreferenceTrainer``.
+r"""Preference optimization (DPO family, AOT, KTO, OTPO token weighting): ``PreferenceTrainer``.
+
+Settings: :class:`~otalign.trainers.preference_config.PreferenceConfig`.
 
 One step, read top to bottom in :meth:`PreferenceTrainer.train`, per micro-batch:
 
