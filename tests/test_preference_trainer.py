@@ -202,6 +202,21 @@ def test_bad_config_values_raise_clear_errors(argv, message):
         parse_config(PreferenceConfig, None, argv)
 
 
+def test_dataset_options_are_declared_once():
+    """dpo, sft and reward take their dataset options from one declaration (DatasetConfig): same names, help,
+    checks; only the defaults given again (truncation_mode) differ."""
+    from otalign.trainers import RewardConfig, SFTConfig
+    from otalign.trainers.dataset import DatasetConfig
+
+    shared = {f.name: f for f in dataclasses.fields(DatasetConfig)}
+    assert {"dataset_name", "eval_dataset_name", "max_length", "truncation_mode", "save_model"} <= set(shared)
+    for config in (PreferenceConfig, SFTConfig, RewardConfig):
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        for name, field in shared.items():
+            assert fields[name].metadata == field.metadata, (config.__name__, name)
+    assert [PreferenceConfig().truncation_mode, SFTConfig().truncation_mode] == ["keep_end", "keep_start"]
+
+
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_process_cli, make_trainer):
     """``otalign dpo`` under a 2-process CPU launch (gloo) logs the metrics of one process with twice the batch:

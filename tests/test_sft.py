@@ -183,3 +183,11 @@ def test_dataset_config_goes_with_both_splits_of_a_hub_dataset(tmp_path, monkeyp
     trainer = make_trainer(tmp_path, dataset_name="someone/sft", eval_dataset_name="someone/sft", dataset_config="en")
     assert calls == [("someone/sft", "en", "train"), ("someone/sft", "en", "test")]
     assert len(trainer.train_rows) == len(rows)
+
+
+def test_supervised_config_is_a_deprecated_name_of_dataset_config():
+    from otalign.trainers import supervised
+    from otalign.trainers.dataset import DatasetConfig
+
+    with pytest.warns(DeprecationWarning, match="use otalign.trainers.dataset.DatasetConfig"):
+        assert supervised.SupervisedConfig is DatasetConfig
