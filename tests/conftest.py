@@ -67,3 +67,40 @@ def assert_resume_matches():
                     assert row_full[key] == row_resumed[key], key
 
     return check
+
+
+@pytest.fixture
+def trainer_factory():
+    """``factory(trainer_cls, config_cls, *, inputs=None, **defaults)`` -> ``make``, where
+    ``make(output_dir, *, tokenizer=None, model_seed=0, **overrides)`` builds ``trainer_cls`` on tiny random models
+    (:mod:`otalign.models.tiny`) writing to ``output_dir``, without progress bar or saved model unless overridden.
+
+    ``defaults`` then ``overrides`` set the fields of ``config_cls``; the other overrides, on top of ``inputs``, are
+    keyword arguments of the trainer (``train_data``, ``model``, ...). The trainer gets the tokenizer (default: the
+    tiny one) and, unless given, a tiny model seeded ``model_seed`` as ``policy`` (with a ``ref_model`` seeded 0 when
+    it takes one) or as ``model``."""
+    import dataclasses
+    import inspect
+
+    from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+
+    def factory(trainer_cls, config_cls, *, inputs: dict | None = None, **defaults):
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        takes = inspect.signature(trainer_cls).parameters
+
+        def make(output_dir, *, tokenizer=None, model_seed: int = 0, **overrides):
+            tokenizer = tokenizer or tiny_tokenizer()
+            settings = {"output_dir": str(output_dir), "progress_bar": False, "save_model": False, **defaults}
+            kwargs = {"tokenizer": tokenizer, **(inputs or {})}
+            for name, value in overrides.items():
+                (settings if name in fields else kwargs)[name] = value
+            model = "policy" if "policy" in takes else "model"
+            if kwargs.get(model) is None:
+                kwargs[model] = tiny_causal_lm(tokenizer, seed=model_seed)
+            if "ref_model" in takes and kwargs.get("ref_model") is None:
+                kwargs["ref_model"] = tiny_causal_lm(tokenizer, seed=0)
+            return trainer_cls(config_cls(**settings), **kwargs)
+
+        return make
+
+    return factory

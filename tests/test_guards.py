@@ -16,6 +16,7 @@ from otalign.cli import main
 from otalign.config import Config
 from otalign.eval.policy import ot_values
 from otalign.generation import SamplingParams, generate
+from otalign.losses import build_preference_loss
 from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
 from otalign.regularizers import WassersteinRegularizer
 from otalign.trainers import (
@@ -32,7 +33,6 @@ from otalign.trainers import (
     list_checkpoints,
     read_metrics,
 )
-from otalign.trainers.preference_losses import build_preference_loss
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -60,11 +60,11 @@ class NaNOnCall:
 
     def __call__(self, *logps):
         self.calls += 1
-        loss, stats = self.inner(*logps)
+        out = self.inner(*logps)
         if self.calls == self.k:
             self.before = weights(self.trainer.policy)
-            loss = loss * float("nan")
-        return loss, stats
+            out.loss = out.loss * float("nan")
+        return out
 
 
 def dpo(tmp_path, loss, **overrides) -> PreferenceTrainer:

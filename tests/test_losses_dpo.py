@@ -1,4 +1,4 @@
-"""DPO / IPO / hinge losses and sequence log-probabilities against hand-written formulas."""
+"""DPO / IPO / hinge / robust DPO losses and sequence log-probabilities against hand-written formulas."""
 
 import math
 
@@ -52,6 +52,22 @@ def test_hinge_matches_formula(beta):
     assert total.item() == pytest.approx(sum(expected), abs=1e-13)
 
 
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2, 0.4])
+def test_robust_matches_formula_and_is_unbiased_under_label_flips(beta, smoothing):
+    s = smoothing
+
+    def robust(m):
+        return (-(1 - s) * _log_sigmoid(beta * m) + s * _log_sigmoid(-beta * m)) / (1 - 2 * s)
+
+    expected = [robust(m) for m in _margins()]
+    losses, _, _ = dpo_loss(*_tensors(), beta=beta, kind="robust", label_smoothing=s, reduction="none")
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-13)
+    # a label flipped with probability s: the expected robust loss is the clean DPO loss -log sigmoid(beta m)
+    for m in _margins():
+        assert (1 - s) * robust(m) + s * robust(-m) == pytest.approx(-_log_sigmoid(beta * m), abs=1e-12)
+
+
 def test_sigmoid_gradient_matches_formula():
     beta, s = 0.3, 0.1
     pc, pr, rc, rr = _tensors()
@@ -82,7 +98,7 @@ def test_rewards_are_detached_scaled_log_ratios():
     ("kwargs", "message"),
     [
         ({"beta": 0.0}, "beta"),
-        ({"beta": 0.1, "kind": "robust"}, "kind"),
+        ({"beta": 0.1, "kind": "orpo"}, "kind"),
         ({"beta": 0.1, "kind": "ipo", "label_smoothing": 0.1}, "sigmoid"),
         ({"beta": 0.1, "label_smoothing": 0.5}, "label_smoothing"),
         ({"beta": 0.1, "reduction": "max"}, "reduction"),

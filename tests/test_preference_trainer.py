@@ -38,25 +38,16 @@ EXPECTED = [
 OTPO_METRICS = ["otpo/weight_mean", "otpo/weight_min", "otpo/weight_max", "otpo/shorter_share", "time/otpo"]
 
 
-def make_trainer(tmp_path, *, policy_seed: int = 0, tokenizer=None, **overrides) -> PreferenceTrainer:
-    tokenizer = tokenizer or tiny_tokenizer()
-    settings = dict(
-        output_dir=str(tmp_path),
+@pytest.fixture
+def make_trainer(trainer_factory):
+    """``make_trainer(output_dir, **overrides)``: 12 steps of 4 fixture pairs at learning rate 3e-3, on tiny models."""
+    return trainer_factory(
+        PreferenceTrainer,
+        PreferenceConfig,
         dataset_name=PAIRS,
         max_steps=12,
         per_device_train_batch_size=4,
         learning_rate=3e-3,
-        progress_bar=False,
-        save_model=False,
-    )
-    settings.update(overrides)
-    train_data = settings.pop("train_data", None)
-    return PreferenceTrainer(
-        PreferenceConfig(**settings),
-        policy=tiny_causal_lm(tokenizer, seed=policy_seed),
-        ref_model=tiny_causal_lm(tokenizer, seed=0),
-        tokenizer=tokenizer,
-        train_data=train_data,
     )
 
 
@@ -75,7 +66,7 @@ def make_trainer(tmp_path, *, policy_seed: int = 0, tokenizer=None, **overrides)
         ("kto", "none", UNPAIRED),
     ],
 )
-def test_training_raises_preference_accuracy(tmp_path, loss_type, token_weighting, data):
+def test_training_raises_preference_accuracy(tmp_path, loss_type, token_weighting, data, make_trainer):
     trainer = make_trainer(
         tmp_path, loss_type=loss_type, token_weighting=token_weighting, dataset_name=data, eval_dataset_name=PAIRS
     )
@@ -101,17 +92,17 @@ def test_training_raises_preference_accuracy(tmp_path, loss_type, token_weightin
     assert rows[-1]["eval_rewards/accuracies"] == after["eval_rewards/accuracies"]
 
 
-def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, assert_resume_matches):
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, assert_resume_matches, make_trainer):
     settings = dict(max_steps=4, save_steps=2, token_weighting="otpo", gradient_accumulation_steps=2)
     make_trainer(tmp_path / "full", save_total_limit=None, **settings).train()
     checkpoint = tmp_path / "full" / "checkpoints" / "checkpoint-2"
     # different initial policy weights: only the checkpoint can make the resumed run match
-    resumed = make_trainer(tmp_path / "resumed", policy_seed=5, resume_from_checkpoint=str(checkpoint), **settings)
+    resumed = make_trainer(tmp_path / "resumed", model_seed=5, resume_from_checkpoint=str(checkpoint), **settings)
     resumed.train()
     assert_resume_matches(tmp_path / "full", tmp_path / "resumed", [3, 4])
 
 
-def test_precomputed_and_dataset_reference_log_probs_match_the_reference_model(tmp_path):
+def test_precomputed_and_dataset_reference_log_probs_match_the_reference_model(tmp_path, make_trainer):
     def losses(trainer):
         return [h["loss"] for h in trainer.train()] + [trainer.evaluate()["eval_rewards/margins"]]
 
@@ -137,7 +128,7 @@ def test_precomputed_and_dataset_reference_log_probs_match_the_reference_model(t
         make_trainer(tmp_path / "bad", train_data=rows, token_weighting="otpo")
 
 
-def test_chat_rows_are_rendered_with_the_template(tmp_path):
+def test_chat_rows_are_rendered_with_the_template(tmp_path, make_trainer):
     from test_preference_data import ASSISTANT_TEMPLATE
 
     tokenizer = tiny_tokenizer()
@@ -154,7 +145,7 @@ def test_chat_rows_are_rendered_with_the_template(tmp_path):
         make_trainer(tmp_path / "again", dataset_name=CHAT)  # the packaged tiny template has no prefix to cut at
 
 
-def test_lora_trains_only_the_adapters(tmp_path):
+def test_lora_trains_only_the_adapters(tmp_path, make_trainer):
     pytest.importorskip("peft")
     trainer = make_trainer(tmp_path, use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"], max_steps=2)
     names = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
@@ -181,7 +172,7 @@ def test_otalign_dpo_command_runs_from_a_yaml_file(tmp_path):
     assert (tmp_path / "run" / "model" / "config.json").is_file()
 
 
-def test_bad_input_fails_before_training(tmp_path):
+def test_bad_input_fails_before_training(tmp_path, make_trainer):
     with pytest.raises(ValueError, match="loss_type 'sigmoid' needs paired prompt/chosen/rejected data"):
         make_trainer(tmp_path, dataset_name=UNPAIRED)
     with pytest.raises(ValueError, match=r"preference_pairs.jsonl, row 1, field 'chosen': \d+ tokens, more than"):
@@ -211,8 +202,23 @@ def test_bad_config_values_raise_clear_errors(argv, message):
         parse_config(PreferenceConfig, None, argv)
 
 
+def test_dataset_options_are_declared_once():
+    """dpo, sft and reward take their dataset options from one declaration (DatasetConfig): same names, help,
+    checks; only the defaults given again (truncation_mode) differ."""
+    from otalign.trainers import RewardConfig, SFTConfig
+    from otalign.trainers.dataset import DatasetConfig
+
+    shared = {f.name: f for f in dataclasses.fields(DatasetConfig)}
+    assert {"dataset_name", "eval_dataset_name", "max_length", "truncation_mode", "save_model"} <= set(shared)
+    for config in (PreferenceConfig, SFTConfig, RewardConfig):
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        for name, field in shared.items():
+            assert fields[name].metadata == field.metadata, (config.__name__, name)
+    assert [PreferenceConfig().truncation_mode, SFTConfig().truncation_mode] == ["keep_end", "keep_start"]
+
+
 @pytest.mark.multiprocess
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_process_cli):
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_process_cli, make_trainer):
     """``otalign dpo`` under a 2-process CPU launch (gloo) logs the metrics of one process with twice the batch:
     the data order follows the global sample index and the AOT sort spans both processes."""
     save_tiny_model(tmp_path / "tiny")

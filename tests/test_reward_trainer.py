@@ -32,27 +32,22 @@ def toy_pairs() -> list[PreferencePair]:
     ]
 
 
-def make_trainer(tmp_path, *, model=None, **overrides) -> RewardTrainer:
-    tokenizer = tiny_tokenizer()
-    settings = dict(
-        output_dir=str(tmp_path),
+@pytest.fixture
+def make_trainer(trainer_factory):
+    """``make_trainer(output_dir, **overrides)``: 30 steps of 8 toy pairs (a quarter held out) at learning rate 3e-3,
+    tiny model."""
+    return trainer_factory(
+        RewardTrainer,
+        RewardConfig,
+        inputs={"train_data": toy_pairs()},
         max_steps=30,
         per_device_train_batch_size=8,
         learning_rate=3e-3,
         eval_split_size=0.25,
-        progress_bar=False,
-        save_model=False,
-    )
-    settings.update(overrides)
-    return RewardTrainer(
-        RewardConfig(**settings),
-        model=model if model is not None else tiny_causal_lm(tokenizer, seed=0),
-        tokenizer=tokenizer,
-        train_data=toy_pairs(),
     )
 
 
-def test_reward_model_learns_the_toy_preference_and_drives_ppo(tmp_path):
+def test_reward_model_learns_the_toy_preference_and_drives_ppo(tmp_path, make_trainer):
     from transformers import AutoModelForSequenceClassification
 
     trainer = make_trainer(tmp_path / "rm", save_model=True)
@@ -96,7 +91,7 @@ def test_reward_model_learns_the_toy_preference_and_drives_ppo(tmp_path):
     assert torch.isfinite(torch.tensor(metrics["reward/mean"]))
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, make_trainer):
     full = make_trainer(tmp_path / "full", max_steps=4, eval_split_size=0.0).train()
     make_trainer(tmp_path / "cut", max_steps=4, eval_split_size=0.0, save_steps=2, save_total_limit=None).train()
     checkpoint = str(tmp_path / "cut/checkpoints/checkpoint-2")
@@ -107,7 +102,7 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
 
 
-def test_lora_reward_model_saves_merged_standard_checkpoint(tmp_path):
+def test_lora_reward_model_saves_merged_standard_checkpoint(tmp_path, make_trainer):
     from transformers import AutoModelForSequenceClassification
 
     trainer = make_trainer(tmp_path, use_peft=True, lora_r=4, max_steps=2, save_model=True)
@@ -135,7 +130,7 @@ def test_held_out_split_is_seeded_and_disjoint():
     assert held_out(10, 0.3, seed=1) == (train, held) != held_out(10, 0.3, seed=2)
 
 
-def test_bad_input_is_rejected_before_training(tmp_path):
+def test_bad_input_is_rejected_before_training(tmp_path, make_trainer):
     with pytest.raises(ConfigError, match="eval_split_size"):
         RewardConfig(eval_split_size=1.0)
     path = tmp_path / "bad.jsonl"

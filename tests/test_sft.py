@@ -10,7 +10,7 @@ import pytest
 
 from otalign.cli import main
 from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
-from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
+from otalign.models.tiny import save_tiny_model, tiny_tokenizer
 from otalign.trainers import ConfigError, read_metrics
 from otalign.trainers.sft import SFTConfig, SFTTrainer
 
@@ -32,19 +32,12 @@ def chat_tokenizer():
     return tokenizer
 
 
-def make_trainer(tmp_path, *, tokenizer=None, **overrides) -> SFTTrainer:
-    tokenizer = tokenizer or tiny_tokenizer()
-    settings = dict(
-        output_dir=str(tmp_path),
-        dataset_name=PAIRS,
-        max_steps=15,
-        per_device_train_batch_size=4,
-        learning_rate=3e-3,
-        progress_bar=False,
-        save_model=False,
+@pytest.fixture
+def make_trainer(trainer_factory):
+    """``make_trainer(output_dir, **overrides)``: 15 steps of 4 fixture examples at learning rate 3e-3, tiny model."""
+    return trainer_factory(
+        SFTTrainer, SFTConfig, dataset_name=PAIRS, max_steps=15, per_device_train_batch_size=4, learning_rate=3e-3
     )
-    settings.update(overrides)
-    return SFTTrainer(SFTConfig(**settings), model=tiny_causal_lm(tokenizer, seed=0), tokenizer=tokenizer)
 
 
 def test_prompt_tokens_are_left_out_of_the_labels():
@@ -67,7 +60,7 @@ def test_conversation_trains_on_every_assistant_turn_only():
     assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels, strict=True))
 
 
-def test_sft_lowers_the_response_loss(tmp_path):
+def test_sft_lowers_the_response_loss(tmp_path, make_trainer):
     trainer = make_trainer(tmp_path, learning_rate=1e-2, lr_scheduler_type="constant")
     before = trainer.evaluate(trainer.train_rows)["eval_loss"]
     history = trainer.train()
@@ -77,14 +70,14 @@ def test_sft_lowers_the_response_loss(tmp_path):
     assert {"loss", "num_tokens", "mean_token_accuracy", "entropy", "learning_rate", "time/step"} <= set(history[0])
 
 
-def test_packing_makes_full_rows_and_trains(tmp_path):
+def test_packing_makes_full_rows_and_trains(tmp_path, make_trainer):
     trainer = make_trainer(tmp_path, packing=True, max_length=16, max_steps=3)
     assert all(len(ids) == len(labels) == 16 for ids, labels in trainer.train_rows)
     history = trainer.train()
     assert len(history) == 3
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, make_trainer):
     full = make_trainer(tmp_path / "full", max_steps=4).train()
     make_trainer(tmp_path / "cut", max_steps=4, save_steps=2, save_total_limit=None).train()
     resumed = make_trainer(
@@ -96,7 +89,7 @@ def test_resume_continues_exactly(tmp_path):
     assert [row["step"] for row in read_metrics(tmp_path / "cut")] == [1, 2, 3, 4]
 
 
-def test_lora_trains_only_adapters_and_saves_a_merged_model(tmp_path):
+def test_lora_trains_only_adapters_and_saves_a_merged_model(tmp_path, make_trainer):
     from transformers import AutoModelForCausalLM
 
     trainer = make_trainer(tmp_path, use_peft=True, lora_r=4, max_steps=2, save_model=True)
@@ -143,13 +136,13 @@ def test_conversation_without_assistant_turn_is_rejected(tmp_path):
         load_sft_data(str(path))
 
 
-def test_too_long_example_is_an_error_in_error_mode(tmp_path):
+def test_too_long_example_is_an_error_in_error_mode(tmp_path, make_trainer):
     with pytest.raises(ValueError, match="row 1: .* tokens, more than max_length=4"):
         make_trainer(tmp_path, max_length=4, truncation_mode="error")
 
 
 @pytest.mark.multiprocess
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_process_cli):
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_process_cli, make_trainer):
     """``otalign sft`` under a 2-process CPU launch (gloo) logs the metrics of one process with twice the batch:
     the data order follows the global sample index and the loss is the token mean over both processes."""
     model_dir = save_tiny_model(tmp_path / "tiny")
@@ -166,7 +159,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, two_
             assert row_two[key] == pytest.approx(row_one[key], rel=1e-4), key
 
 
-def test_num_train_epochs_sets_the_steps_and_epoch_counts_passes_over_the_rows(tmp_path):
+def test_num_train_epochs_sets_the_steps_and_epoch_counts_passes_over_the_rows(tmp_path, make_trainer):
     # 8 rows, 3 per step: 2 epochs are ceil(16 / 3) = 6 steps, whatever max_steps says
     trainer = make_trainer(tmp_path, num_train_epochs=2, max_steps=100, per_device_train_batch_size=3)
     assert trainer.num_examples == 8 and trainer.config.max_steps == 6
@@ -177,7 +170,7 @@ def test_num_train_epochs_sets_the_steps_and_epoch_counts_passes_over_the_rows(t
         SFTConfig(num_train_epochs=0)
 
 
-def test_dataset_config_goes_with_both_splits_of_a_hub_dataset(tmp_path, monkeypatch):
+def test_dataset_config_goes_with_both_splits_of_a_hub_dataset(tmp_path, monkeypatch, make_trainer):
     datasets = pytest.importorskip("datasets")
     calls = []
     rows = [json.loads(line) for line in Path(PAIRS).read_text().splitlines() if line.strip()]
@@ -190,3 +183,11 @@ def test_dataset_config_goes_with_both_splits_of_a_hub_dataset(tmp_path, monkeyp
     trainer = make_trainer(tmp_path, dataset_name="someone/sft", eval_dataset_name="someone/sft", dataset_config="en")
     assert calls == [("someone/sft", "en", "train"), ("someone/sft", "en", "test")]
     assert len(trainer.train_rows) == len(rows)
+
+
+def test_supervised_config_is_a_deprecated_name_of_dataset_config():
+    from otalign.trainers import supervised
+    from otalign.trainers.dataset import DatasetConfig
+
+    with pytest.warns(DeprecationWarning, match="use otalign.trainers.dataset.DatasetConfig"):
+        assert supervised.SupervisedConfig is DatasetConfig

@@ -1,9 +1,13 @@
-"""otalign's preference losses against values computed once by TRL 1.16.0 (``DPOTrainer._compute_loss`` with
-precomputed reference log-probs, float64 inputs) and committed as ``fixtures/trl_1_16_dpo_losses.json``.
+"""otalign's preference losses and reward metrics against values computed once by TRL 1.16.0
+(``DPOTrainer._compute_loss`` with precomputed reference log-probs, float64 inputs) and committed as
+``fixtures/trl_1_16_dpo_losses.json``.
 
 Nothing is imported from TRL: the fixture holds its inputs (summed sequence log-probs, completion lengths) and
-TRL's loss and reward metrics per case. The loss goes through the trainer's path: :func:`loss_inputs` (per-token
-averaging for IPO) and then the registered loss object.
+TRL's loss and reward metrics per case. Both go through the trainer's own code from the sequence log-probs on, as
+``PreferenceTrainer.micro_step`` runs it: the config's loss object (:meth:`PreferenceConfig.build_loss`),
+:func:`~otalign.losses.call_loss` (per-token averaging for IPO, the loss's implicit rewards), then
+:func:`~otalign.trainers.preference_metrics.example_records` and
+:func:`~otalign.trainers.preference_metrics.summarize`.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from otalign.losses import call_loss
 from otalign.trainers import PreferenceConfig
-from otalign.trainers.preference_losses import build_preference_loss, loss_inputs
+from otalign.trainers.preference_metrics import example_records, summarize
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "trl_1_16_dpo_losses.json").read_text())
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
 def tensors():
@@ -28,6 +34,17 @@ def tensors():
     return policy, ref, lengths
 
 
+def trainer_loss_and_metrics(config: PreferenceConfig) -> tuple[float, dict[str, float]]:
+    """The loss and metrics the trainer logs for the fixture's n pairs as one micro-batch (chosen completions, then
+    rejected ones; labelled completions for the unpaired losses, a pair's chosen one desirable)."""
+    policy, ref, lengths = tensors()
+    n = len(FIXTURE["chosen_lengths"])
+    labels = torch.arange(2 * n) < n
+    out = call_loss(config.build_loss(), policy, ref, labels, pairs=n, lengths=lengths, beta=config.beta)
+    record = example_records(out.rewards, policy, labels, torch.zeros(2 * n), lengths, n)
+    return out.loss.item(), summarize(record)
+
+
 def test_fixture_says_which_trl_produced_it():
     assert FIXTURE["produced_by"].startswith("trl 1.16.0 ")
     assert {c["loss_type"] for c in FIXTURE["cases"]} == {"sigmoid", "hinge", "ipo", "aot", "aot_unpaired", "robust"}
@@ -36,31 +53,20 @@ def test_fixture_says_which_trl_produced_it():
 @pytest.mark.parametrize(
     "case", FIXTURE["cases"], ids=lambda c: f"{c['loss_type']}-b{c['beta']}-s{c['label_smoothing']}"
 )
-def test_loss_matches_trl(case):
+def test_loss_and_reward_metrics_match_trl(case):
     config = PreferenceConfig(loss_type=case["loss_type"], beta=case["beta"], label_smoothing=case["label_smoothing"])
-    loss_fn = build_preference_loss(config.loss_type, beta=config.beta, label_smoothing=config.label_smoothing)
-    policy, ref, lengths = tensors()
-    n = len(FIXTURE["chosen_lengths"])
-    policy_in, ref_in = loss_inputs(loss_fn, policy, ref, lengths)
-    if loss_fn.paired:
-        loss, _ = loss_fn(policy_in[:n], policy_in[n:], ref_in[:n], ref_in[n:])
-    else:  # labelled completions: each pair's chosen one desirable, its rejected one not
-        labels = torch.arange(2 * n) < n
-        loss, _ = loss_fn(policy_in, ref_in, labels, None, None)
-    assert loss.item() == pytest.approx(case["loss"], rel=1e-12, abs=1e-12)
-    rewards = config.beta * (policy - ref)  # the trainer's rewards/* metrics: summed log-probs, as TRL
-    metrics = case["metrics"]
-    assert rewards[:n].mean().item() == pytest.approx(metrics["rewards/chosen"], rel=1e-12)
-    assert rewards[n:].mean().item() == pytest.approx(metrics["rewards/rejected"], rel=1e-12)
-    assert (rewards[:n] - rewards[n:]).mean().item() == pytest.approx(metrics["rewards/margins"], rel=1e-12)
-    assert (rewards[:n] > rewards[n:]).double().mean().item() == metrics["rewards/accuracies"]
+    loss, metrics = trainer_loss_and_metrics(config)
+    assert loss == pytest.approx(case["loss"], rel=1e-12, abs=1e-12)
+    assert set(REWARD_METRICS) <= set(case["metrics"])
+    for name in REWARD_METRICS:  # summarize averages in float32, as the trainer logs
+        assert metrics[name] == pytest.approx(case["metrics"][name], rel=1e-6, abs=1e-9), name
 
 
 def test_ipo_without_per_token_averaging_would_differ():
     """The fixture does tell the two IPO forms apart (summed log-probs give another loss)."""
     case = next(c for c in FIXTURE["cases"] if c["loss_type"] == "ipo")
-    loss_fn = build_preference_loss("ipo", beta=case["beta"])
+    loss_fn = PreferenceConfig(loss_type="ipo", beta=case["beta"]).build_loss()
     policy, ref, _ = tensors()
     n = len(FIXTURE["chosen_lengths"])
-    summed, _ = loss_fn(policy[:n], policy[n:], ref[:n], ref[n:])
+    summed = loss_fn(policy[:n], policy[n:], ref[:n], ref[n:]).loss  # no lengths: the inputs as given
     assert abs(summed.item() - case["loss"]) > 1e-3

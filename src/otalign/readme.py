@@ -12,11 +12,11 @@ from pathlib import Path
 
 from otalign.eval.analysis import ANALYSES
 from otalign.eval.config import JUDGES
+from otalign.losses import PREFERENCE_LOSSES
 from otalign.registry import Registry
 from otalign.regularizers import REGULARIZERS
 from otalign.rewards import REWARD_FUNCTIONS
 from otalign.sweep import beta  # noqa: F401 (registers the analysis beta-sweep)
-from otalign.trainers.preference_losses import PREFERENCE_LOSSES
 
 TABLES: dict[str, tuple[Registry, tuple[str, ...]]] = {
     "regularizers": (REGULARIZERS, ("beta",)),

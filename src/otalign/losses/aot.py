@@ -27,17 +27,21 @@ The sort spans the whole data-parallel batch: under ``torch.distributed`` (``acc
 the scores of all processes are gathered first, the gradient flowing back to each process's own
 scores, so the loss does not depend on how the batch is split over devices. (TRL's ``aot`` and
 ``aot_pair`` losses sort per device.)
+
+:class:`AOTLoss` binds :func:`aot_loss` to config values as a loss object (:mod:`otalign.losses.interface`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ._distributed import all_gather_with_grad
 from ._validation import check_choice, check_positive, check_vectors
+from .interface import LossOutput, implicit_rewards
 
 AOT_LOSSES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "logistic": lambda z, beta: F.softplus(-beta * z),
@@ -138,3 +142,39 @@ def aot_loss(
         v = policy_rejected_logps - ref_rejected_logps
     u, v = all_gather_with_grad(u, v.to(u.dtype), enabled=distributed)
     return sorted_ot_loss(u, v, h=h, beta=beta, label_smoothing=label_smoothing)
+
+
+@dataclass
+class AOTLoss:
+    """Paired or unpaired AOT loss object (:func:`aot_loss`), sorted over the whole data-parallel batch.
+
+    Paired: called with the four (n,) vectors of n pairs. Unpaired: with ``(policy, ref, labels, ...)`` of labelled
+    completions; u = the chosen completions' log-ratios, v = the rejected ones' (any sizes >= 1). Rewards: the
+    implicit rewards of the inputs, in their order.
+    """
+
+    paired: bool
+    beta: float
+    h: str = "logistic"
+    label_smoothing: float = 0.0
+    needs_kl = False
+
+    def __call__(self, *logps: torch.Tensor) -> LossOutput:
+        if self.paired:
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps
+            policy, ref = torch.cat([policy_chosen, policy_rejected]), torch.cat([ref_chosen, ref_rejected])
+        else:
+            policy, ref, labels = logps[:3]
+            policy_chosen, policy_rejected = policy[labels], policy[~labels]
+            ref_chosen, ref_rejected = ref[labels], ref[~labels]
+        loss = aot_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            paired=self.paired,
+            h=self.h,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+        )
+        return LossOutput(loss, implicit_rewards(policy, ref, self.beta))

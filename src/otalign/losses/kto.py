@@ -15,15 +15,19 @@ pairs (prompt :math:`x_k` with the completion :math:`y'_k` of another example), 
 
 as in TRL's ``KTOTrainer`` (``loss_type="kto"``), whose loss is the mean of :math:`\ell_i` over
 the batch. :math:`z_0` is averaged over every process's estimates under ``torch.distributed``.
+
+:class:`KTOLoss` binds :func:`kto_loss` to config values as a loss object (:mod:`otalign.losses.interface`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ._distributed import global_mean
 from ._validation import check_positive, check_vectors, reduce
-from .dpo import implicit_rewards
+from .interface import LossOutput, implicit_rewards
 
 
 def kto_loss(
@@ -82,3 +86,27 @@ def kto_loss(
         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio))),
     )
     return reduce(losses, reduction), implicit_rewards(policy_logps, ref_logps, beta), z0
+
+
+@dataclass
+class KTOLoss:
+    """KTO loss object on labelled completions (:func:`kto_loss`); logs the reference point as ``kto/z0``."""
+
+    beta: float
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    paired = False
+    needs_kl = True
+
+    def __call__(self, policy_logps, ref_logps, labels, policy_kl_logps, ref_kl_logps) -> LossOutput:
+        loss, rewards, z0 = kto_loss(
+            policy_logps,
+            ref_logps,
+            labels,
+            policy_kl_logps,
+            ref_kl_logps,
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+        )
+        return LossOutput(loss, rewards, {"kto/z0": float(z0)})

@@ -7,6 +7,7 @@ from .default import DEFAULT_MODEL, cache_root, default_model_path, gguf_path
 from .loading import (
     AdapterDisabled,
     apply_lora,
+    check_fits_context,
     context_window,
     frozen_copy,
     load_causal_lm,
@@ -22,6 +23,7 @@ __all__ = [
     "ValueModel",
     "apply_lora",
     "cache_root",
+    "check_fits_context",
     "context_window",
     "default_model_path",
     "frozen_copy",

@@ -39,6 +39,14 @@ def context_window(model) -> int | None:
     return getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
 
+def check_fits_context(model, tokens: int, what: str, advice: str) -> None:
+    """``ValueError`` "``what`` has ``tokens`` tokens, more than the model's context of L; ``advice``" when ``tokens``
+    exceeds :func:`context_window` (nothing when the model sets no limit)."""
+    limit = context_window(model)
+    if limit is not None and tokens > limit:
+        raise ValueError(f"{what} has {tokens} tokens, more than the model's context of {limit}; {advice}")
+
+
 def torch_dtype(name: str) -> torch.dtype | str:
     """The dtype called ``name`` (``auto``, ``float32``, ``bfloat16``, ``float16``)."""
     if name not in DTYPES:

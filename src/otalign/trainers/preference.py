@@ -1,4 +1,6 @@
-r"""Preference optimization (DPO family, AOT, KTO, OTPO token weighting): ``PreferenceConfig``, ``PreferenceTrainer``.
+r"""Preference optimization (DPO family, AOT, KTO, OTPO token weighting): ``PreferenceTrainer``.
+
+Settings: :class:`~otalign.trainers.preference_config.PreferenceConfig`.
 
 One step, read top to bottom in :meth:`PreferenceTrainer.train`, per micro-batch:
 
@@ -10,8 +12,10 @@ One step, read top to bottom in :meth:`PreferenceTrainer.train`, per micro-batch
    reference: :math:`\log\pi_w(y|x) = \sum_t w_t \log\pi(y_t|x, y_{<t})`.
 3. **Reference**: the frozen reference model's log-probs (or the ones computed once up front, or the
    dataset's ``ref_*_logps`` columns), weighted the same way.
-4. **Loss**: a loss object (:mod:`otalign.trainers.preference_losses`), pairwise on paired data or on
-   labelled completions (a pair's chosen completion desirable, its rejected one undesirable).
+4. **Loss**: a loss object (:mod:`otalign.losses.interface`, by name from :data:`otalign.losses.PREFERENCE_LOSSES`),
+   pairwise on paired data or on labelled completions (a pair's chosen completion desirable, its rejected one
+   undesirable); it returns the loss and the implicit rewards behind the ``rewards/*`` metrics
+   (:mod:`otalign.trainers.preference_metrics`).
 
 Data: paired ``prompt/chosen/rejected`` or unpaired ``prompt/completion/label`` rows
 (:mod:`otalign.data.preference`). Each step every process takes ``per_device_train_batch_size`` x
@@ -22,120 +26,24 @@ resuming from a checkpoint continues exactly where the run stopped.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from dataclasses import dataclass, field
-
 import torch
 
 from otalign.data.preference import Example, PreferencePair, encode, load_preference_data
 from otalign.data.reading import numbered
-from otalign.data.truncation import truncate_pair, truncation_field
-from otalign.losses import otpo_weights, sequence_logps
-from otalign.losses.aot import AOT_LOSSES
-from otalign.models import AdapterDisabled, apply_lora, frozen_copy, load_causal_lm, load_tokenizer
+from otalign.data.truncation import truncate_pair
+from otalign.losses import call_loss, implicit_rewards, otpo_weights, sequence_logps
+from otalign.models import AdapterDisabled, apply_lora, check_fits_context, frozen_copy, load_causal_lm, load_tokenizer
 
 from .base import BaseTrainer
-from .config import ConfigError, TrainerConfig, redefault
+from .config import ConfigError
+from .dataset import shuffled
 from .metrics import EVAL_PREFIX, Timer
 from .preference_batch import SequenceBatch, collate, completion_logps
-from .preference_losses import PAIRWISE_LOSSES, PREFERENCE_LOSSES, build_preference_loss, loss_inputs, loss_options
+from .preference_config import PreferenceConfig
+from .preference_metrics import example_records, otpo_records, summarize
 
-TOKEN_WEIGHTINGS = ("none", "otpo")
 Key = tuple[str, int, str]
 """A sequence: (split ``train``/``eval``, row index, side ``chosen``/``rejected``/``completion`` [+ ``_kl``])."""
-
-
-@dataclass
-class PreferenceConfig(TrainerConfig):
-    """Preference-optimization settings (TRL ``DPOConfig``/``KTOConfig`` names) on top of :class:`TrainerConfig`.
-
-    Each step every process takes ``per_device_train_batch_size`` pairs (or labelled completions) per micro-batch,
-    ``gradient_accumulation_steps`` micro-batches per step.
-    The dataset's ``ref_chosen_logps``/``ref_rejected_logps`` (or ``ref_logps``) columns, when present, replace the
-    reference model (not with OTPO or KTO, which need per-token or mismatched-pair values).
-    """
-
-    output_dir: str = redefault(TrainerConfig, "output_dir", "runs/dpo")
-    learning_rate: float = redefault(TrainerConfig, "learning_rate", 1e-6)
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "path": "data",
-            "builtins": ("builtin",),
-            "help": "a .jsonl/.json/.parquet file, 'builtin', or a Hugging Face dataset name",
-        },
-    )
-    dataset_config: str | None = field(
-        default=None, metadata={"help": "configuration of a Hugging Face dataset_name (and eval_dataset_name), as TRL"}
-    )
-    dataset_train_split: str = field(default="train", metadata={"help": "split of dataset_name to train on"})
-    dataset_test_split: str = field(default="test", metadata={"help": "split of eval_dataset_name to evaluate"})
-    eval_dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "path": "data",
-            "builtins": ("builtin",),
-            "help": "paired rows evaluated after training (eval_... metrics)",
-        },
-    )
-    eval_steps: int = field(
-        default=0,
-        metadata={"help": "also evaluate every this many steps (0: only after the last one)", "check": ">= 0"},
-    )
-    max_length: int = field(
-        default=1024,
-        metadata={"help": "most tokens of prompt + completion (longer: see truncation_mode)", "check": ">= 2"},
-    )
-    truncation_mode: str = truncation_field("keep_end")
-    loss_type: str = field(default="sigmoid", metadata={"help": "the loss", "choices": PREFERENCE_LOSSES.names})
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "inverse temperature (DPO, hinge, KTO), IPO's regularization, AOT's scale", "check": "> 0"},
-    )
-    label_smoothing: float = field(
-        default=0.0, metadata={"help": "label-flip probability (robust, aot, aot_unpaired)", "check": "[0, 0.5)"}
-    )
-    aot_h: str = field(default="logistic", metadata={"help": "AOT's convex surrogate h", "choices": tuple(AOT_LOSSES)})
-    desirable_weight: float = field(default=1.0, metadata={"help": "KTO's lambda_D", "check": "> 0"})
-    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO's lambda_U", "check": "> 0"})
-    token_weighting: str = field(
-        default="none", metadata={"help": "OTPO token weights (pairwise losses)", "choices": TOKEN_WEIGHTINGS}
-    )
-    otpo_eps1: float = field(default=1.0, metadata={"help": "OTPO entropic regularization", "check": "> 0"})
-    otpo_eps2: float = field(default=0.2, metadata={"help": "OTPO marginal relaxation", "check": "> 0"})
-    ref_model_name_or_path: str | None = field(
-        default=None,
-        metadata={"path": "model", "help": "the frozen reference (none: a copy of the policy before training)"},
-    )
-    precompute_ref_log_probs: bool = field(
-        default=False, metadata={"help": "compute all reference log-probs once up front, then free the model"}
-    )
-    save_model: bool = field(default=True, metadata={"help": "write the trained model to output_dir/model"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.loss_type = PREFERENCE_LOSSES.canonical(self.loss_type)
-        if self.token_weighting == "otpo" and self.loss_type not in PAIRWISE_LOSSES:
-            raise ConfigError(f"token_weighting otpo needs a pairwise loss_type {PAIRWISE_LOSSES}", "token_weighting")
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        used = loss_options(self.loss_type)
-        for name in ("label_smoothing", "aot_h", "desirable_weight", "undesirable_weight"):
-            if name not in used and getattr(self, name) != defaults[name]:
-                raise ConfigError(f"{name} does not apply to loss_type {self.loss_type!r}", name)
-        if self.label_smoothing and "aot_h" in used and self.aot_h != "logistic":
-            raise ConfigError(f"label_smoothing needs aot_h logistic, got {self.aot_h!r}", "label_smoothing")
-
-
-@functools.lru_cache(maxsize=8)
-def _permutation(n: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
-def shuffled(position: int, items: tuple[int, ...], seed: int) -> int:
-    """Item at ``position`` of an endless stream of seeded per-epoch permutations of ``items``."""
-    epoch, offset = divmod(position, len(items))
-    return items[int(_permutation(len(items), seed * 7919 + epoch)[offset])]
 
 
 class PreferenceTrainer(BaseTrainer):
@@ -153,7 +61,7 @@ class PreferenceTrainer(BaseTrainer):
         train_data: :class:`~otalign.data.preference.PreferencePair` or ``LabeledCompletion`` rows instead
             of ``config.dataset_name``.
         eval_data: preference pairs instead of ``config.eval_dataset_name``.
-        loss: a loss object (see :mod:`otalign.trainers.preference_losses`) instead of ``config.loss_type``.
+        loss: a loss object (see :mod:`otalign.losses.interface`) instead of ``config.loss_type``.
         accelerator: an existing ``accelerate.Accelerator``.
 
     Raises:
@@ -178,14 +86,7 @@ class PreferenceTrainer(BaseTrainer):
     ) -> None:
         super().__init__(config, accelerator)
         c = config
-        self.loss = loss or build_preference_loss(
-            c.loss_type,
-            beta=c.beta,
-            label_smoothing=c.label_smoothing,
-            aot_h=c.aot_h,
-            desirable_weight=c.desirable_weight,
-            undesirable_weight=c.undesirable_weight,
-        )
+        self.loss = loss or c.build_loss()
         self.otpo = c.token_weighting == "otpo"
         self.train_data = self._load(train_data, c.dataset_name, "dataset_name", c.dataset_train_split)
         self.eval_data = self._load(
@@ -275,10 +176,8 @@ class PreferenceTrainer(BaseTrainer):
                 self.sequences[(split, i, side + "_kl")] = (prompt_ids, partner[: c.max_length - len(prompt_ids)])
 
     def _check_context(self, model) -> None:
-        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         longest = max(len(p) + len(c) for p, c in self.sequences.values())
-        if limit is not None and longest > limit:
-            raise ValueError(f"a row has {longest} tokens, more than the model's context of {limit}; lower max_length")
+        check_fits_context(model, longest, "a row", "lower max_length")
 
     def _dataset_reference(self) -> dict[Key, float] | None:
         """Reference sequence log-probs from the dataset's ``ref_*_logps`` columns, or None without them."""
@@ -447,23 +346,13 @@ class PreferenceTrainer(BaseTrainer):
                 kl_logps, _, _ = completion_logps(self.accelerator.unwrap_model(self.policy), kl_batch)
             kl = (sequence_logps(kl_logps, kl_batch.mask), self.reference_logps(kl_keys, kl_batch, None))
         timer.lap("forward")
-        policy_in, ref_in = loss_inputs(self.loss, policy, ref, batch.mask.sum(1))
-        if self.loss.paired:
-            loss, stats = self.loss(policy_in[:pairs], policy_in[pairs:], ref_in[:pairs], ref_in[pairs:])
-        else:
-            loss, stats = self.loss(policy_in, ref_in, labels, *kl)
-        record = {
-            "rewards": self.config.beta * (policy - ref).detach(),
-            "logps": sequence_logps(token_logps.detach(), batch.mask),
-            "labels": labels.float(),
-            "logit_sums": logit_sums,
-            "tokens": batch.mask.sum(1).float(),
-        }
-        if pairs:
-            record["correct"] = (record["rewards"][:pairs] > record["rewards"][pairs:]).float()
+        lengths = batch.mask.sum(1)
+        out = call_loss(self.loss, policy, ref, labels, pairs=pairs, lengths=lengths, beta=self.config.beta, kl=kl)
+        logps = sequence_logps(token_logps.detach(), batch.mask)  # unweighted, as TRL's logps/* metrics
+        record = example_records(out.rewards, logps, labels, logit_sums, lengths, pairs)
         if weights is not None:
             record.update(otpo_records(weights[:pairs], weights[pairs:], batch.mask[:pairs], batch.mask[pairs:]))
-        return loss, record, stats
+        return out.loss, record, out.stats
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -487,20 +376,9 @@ class PreferenceTrainer(BaseTrainer):
             batch = self._collate(keys)
             token_logps, _, logit_sums = completion_logps(model, batch)
             policy = sequence_logps(token_logps, batch.mask)
-            rewards = self.config.beta * (policy - self.reference_logps(keys, batch, None))
-            pairs = len(rows)
-            labels = _labels(pairs, pairs).to(rewards.device).float()
-            correct = (rewards[:pairs] > rewards[pairs:]).float()
-            records.append(
-                {
-                    "rewards": rewards,
-                    "logps": policy,
-                    "labels": labels,
-                    "correct": correct,
-                    "logit_sums": logit_sums,
-                    "tokens": batch.mask.sum(1).float(),
-                }
-            )
+            rewards = implicit_rewards(policy, self.reference_logps(keys, batch, None), self.config.beta)
+            labels = _labels(len(rows), len(rows)).to(rewards.device)
+            records.append(example_records(rewards, policy, labels, logit_sums, batch.mask.sum(1), len(rows)))
         merged = {k: torch.cat([r[k] for r in records]) for k in records[0]}
         return {f"{EVAL_PREFIX}{k}": v for k, v in summarize(merged).items()}
 
@@ -512,59 +390,3 @@ def pair_keys(split: str, rows) -> list[Key]:
 
 def _labels(good: int, bad: int) -> torch.Tensor:
     return torch.cat([torch.ones(good, dtype=torch.bool), torch.zeros(bad, dtype=torch.bool)])
-
-
-def otpo_records(
-    chosen_weights: torch.Tensor, rejected_weights: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Per-pair (n,) OTPO weight statistics, for :func:`summarize`: sums, token counts, extremes, and the
-    weight on the shorter response (``otpo_unequal`` marks pairs whose lengths differ)."""
-    weights = torch.cat([chosen_weights, rejected_weights], dim=1)
-    mask = torch.cat([chosen_mask, rejected_mask], dim=1)
-    chosen_sum, rejected_sum = chosen_weights.sum(1), rejected_weights.sum(1)
-    chosen_len, rejected_len = chosen_mask.sum(1), rejected_mask.sum(1)
-    return {
-        "otpo_sum": chosen_sum + rejected_sum,
-        "otpo_count": mask.sum(1).float(),
-        "otpo_min": weights.masked_fill(~mask, float("inf")).amin(1),
-        "otpo_max": weights.masked_fill(~mask, float("-inf")).amax(1),
-        "otpo_shorter": torch.where(chosen_len < rejected_len, chosen_sum, rejected_sum),
-        "otpo_unequal": (chosen_len != rejected_len).float(),
-    }
-
-
-def summarize(records: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Metrics with TRL's names from per-example records gathered over the batch.
-
-    ``rewards``/``logps``/``labels``/``logit_sums``/``tokens``: (N,) per completion (label 1.0 = chosen /
-    desirable; ``logit_sums`` and ``tokens`` as :func:`~otalign.trainers.preference_batch.completion_logps` and the
-    completion's token count); ``correct``: (n,) per pair; ``otpo_*``: (n,) per pair (:func:`otpo_records`).
-    Returns ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (difference of the means, = mean pair
-    margin), ``logps/chosen``, ``logps/rejected``, ``logits/chosen``, ``logits/rejected`` (mean logit over the
-    vocabulary and the completion tokens of the side, token-weighted over the batch), and when present
-    ``rewards/accuracies`` and ``otpo/weight_mean``, ``otpo/weight_min``, ``otpo/weight_max``,
-    ``otpo/shorter_share`` (share of the total weight of unequal-length pairs that is on the shorter response; 0.5
-    when both sides are normalized to tau).
-    """
-    labels, rewards, logps = records["labels"] > 0.5, records["rewards"].float(), records["logps"].float()
-    chosen, rejected = rewards[labels].mean(), rewards[~labels].mean()
-    metrics = {
-        "rewards/chosen": float(chosen),
-        "rewards/rejected": float(rejected),
-        "rewards/margins": float(chosen - rejected),
-        "logps/chosen": float(logps[labels].mean()),
-        "logps/rejected": float(logps[~labels].mean()),
-        "logits/chosen": float(records["logit_sums"][labels].sum() / records["tokens"][labels].sum()),
-        "logits/rejected": float(records["logit_sums"][~labels].sum() / records["tokens"][~labels].sum()),
-    }
-    if "correct" in records:
-        metrics["rewards/accuracies"] = float(records["correct"].mean())
-    if "otpo_sum" in records:
-        unequal = records["otpo_unequal"] > 0
-        metrics["otpo/weight_mean"] = float(records["otpo_sum"].sum() / records["otpo_count"].sum())
-        metrics["otpo/weight_min"] = float(records["otpo_min"].min())
-        metrics["otpo/weight_max"] = float(records["otpo_max"].max())
-        if unequal.any():
-            share = records["otpo_shorter"][unequal].sum() / records["otpo_sum"][unequal].sum()
-            metrics["otpo/shorter_share"] = float(share)
-    return metrics

@@ -25,27 +25,28 @@ import torch.nn.functional as F
 from otalign.data.preference import PreferencePair, encode, load_preference_data
 from otalign.data.reading import numbered
 from otalign.data.truncation import truncate_pair
-from otalign.models import load_tokenizer
+from otalign.models import check_fits_context, load_tokenizer
 from otalign.models.reward_head import load_reward_model, reward_model_from_causal_lm
 
 from .config import ConfigError, redefault
+from .dataset import DatasetConfig
 from .metrics import EVAL_PREFIX, Timer
 from .preference_batch import collate
-from .supervised import SupervisedConfig, SupervisedTrainer
+from .supervised import SupervisedTrainer
 
 Pair = tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]
 """An encoded pair: ((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))."""
 
 
 @dataclass
-class RewardConfig(SupervisedConfig):
-    """Reward-model settings (TRL ``RewardConfig`` names): the dataset options of :class:`SupervisedConfig`
+class RewardConfig(DatasetConfig):
+    """Reward-model settings (TRL ``RewardConfig`` names): the dataset options of :class:`DatasetConfig`
     (``per_device_train_batch_size`` counts pairs); ``model_name_or_path`` is a causal LM (e.g. the SFT output)
     or a sequence-classification checkpoint."""
 
-    output_dir: str = redefault(SupervisedConfig, "output_dir", "runs/reward")
-    learning_rate: float = redefault(SupervisedConfig, "learning_rate", 1e-5)
-    truncation_mode: str = redefault(SupervisedConfig, "truncation_mode", "error")
+    output_dir: str = redefault(DatasetConfig, "output_dir", "runs/reward")
+    learning_rate: float = redefault(DatasetConfig, "learning_rate", 1e-5)
+    truncation_mode: str = redefault(DatasetConfig, "truncation_mode", "error")
     eval_split_size: float = field(
         default=0.0,
         metadata={
@@ -138,10 +139,8 @@ class RewardTrainer(SupervisedTrainer):
             model = reward_model_from_causal_lm(model, pad)
         if model.config.num_labels != 1:
             raise ValueError(f"a reward model has one output (num_labels=1), got {model.config.num_labels}")
-        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         longest = max(len(p) + len(r) for pair in train_pairs + (self.eval_pairs or []) for p, r in pair)
-        if limit is not None and longest > limit:
-            raise ValueError(f"a row has {longest} tokens, more than the model's context of {limit}; lower max_length")
+        check_fits_context(model, longest, "a row", "lower max_length")
         self.count_examples(len(self.train_pairs))
         self.prepare_model(model, task_type="SEQ_CLS")
 

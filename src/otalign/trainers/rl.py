@@ -40,7 +40,7 @@ from otalign.data import load_prompt_rows, prompt_columns, render_prompt, valida
 from otalign.data.reading import numbered
 from otalign.generation import Rollout, encode_prompts, generate, sample_seeds
 from otalign.guard import ConvergenceError, ConvergenceWarning, NonFiniteError
-from otalign.models import AdapterDisabled, apply_lora, context_window, frozen_copy, load_causal_lm, load_tokenizer
+from otalign.models import AdapterDisabled, apply_lora, check_fits_context, frozen_copy, load_causal_lm, load_tokenizer
 from otalign.regularizers import PenaltyOutput, SupportGradient, k3, regularizer_from_config
 from otalign.rewards import Reward, build_reward
 from otalign.scoring import MAX_STATS, score_rollout
@@ -117,13 +117,9 @@ def as_rows(prompts: list) -> list[dict]:
 
 def check_context(model, prompt_ids: list[list[int]], response_length: int) -> None:
     """``ValueError`` if the longest prompt plus ``response_length`` exceeds the model's context window."""
-    limit = context_window(model)
     longest = max(len(ids) for ids in prompt_ids)
-    if limit is not None and longest + response_length > limit:
-        raise ValueError(
-            f"the longest prompt ({longest} tokens) plus response_length={response_length} exceeds the model's "
-            f"context of {limit} tokens; shorten the prompts or response_length"
-        )
+    what = f"the longest prompt ({longest} tokens) plus response_length={response_length}"
+    check_fits_context(model, longest + response_length, what, "shorten the prompts or response_length")
 
 
 def distance_key(regularizer) -> str:

@@ -30,22 +30,23 @@ import torch.nn.functional as F
 from otalign.data.reading import numbered
 from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
 from otalign.data.truncation import kept
-from otalign.models import load_causal_lm, load_tokenizer
+from otalign.models import context_window, load_causal_lm, load_tokenizer
 
 from .config import redefault
+from .dataset import DatasetConfig
 from .metrics import EVAL_PREFIX, Timer
-from .supervised import SupervisedConfig, SupervisedTrainer
+from .supervised import SupervisedTrainer
 
 Row = tuple[list[int], list[int]]
 """One training row: (input_ids, labels)."""
 
 
 @dataclass
-class SFTConfig(SupervisedConfig):
-    """SFT settings (TRL ``SFTConfig`` names): the dataset options of :class:`SupervisedConfig`, and packing."""
+class SFTConfig(DatasetConfig):
+    """SFT settings (TRL ``SFTConfig`` names): the dataset options of :class:`DatasetConfig`, and packing."""
 
-    output_dir: str = redefault(SupervisedConfig, "output_dir", "runs/sft")
-    learning_rate: float = redefault(SupervisedConfig, "learning_rate", 2e-5)
+    output_dir: str = redefault(DatasetConfig, "output_dir", "runs/sft")
+    learning_rate: float = redefault(DatasetConfig, "learning_rate", 2e-5)
     packing: bool = field(
         default=False, metadata={"help": "concatenate examples into rows of exactly max_length tokens"}
     )
@@ -143,7 +144,7 @@ class SFTTrainer(SupervisedTrainer):
         train_data, eval_data = self.load_datasets(train_data, eval_data, load_sft_data)
         self.tokenizer = tokenizer or load_tokenizer(c.model_name_or_path)
         model = model if model is not None else load_causal_lm(c.model_name_or_path, dtype=c.model_dtype)
-        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        limit = context_window(model)
         self.train_rows = self._encode(train_data, c.dataset_name or "train_data", limit)
         if c.packing:
             if limit is not None and c.max_length > limit:

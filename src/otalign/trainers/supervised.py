@@ -1,57 +1,22 @@
-"""What the SFT and reward-model trainers share: dataset options, model preparation, data order, evaluation cadence.
+"""What the SFT and reward-model trainers share: model preparation, data order, evaluation cadence, saving.
 
-Both train one model on a fixed dataset of items (encoded examples or pairs). Each step every process takes
-``per_device_train_batch_size * gradient_accumulation_steps`` items from seeded per-epoch permutations, in
-``gradient_accumulation_steps`` micro-batches; the position follows from the step, so a resumed run
-continues exactly where it stopped. Evaluation runs every ``eval_steps`` and after the last step.
+Both train one model on a fixed dataset of items (encoded examples or pairs), configured by
+:class:`~otalign.trainers.dataset.DatasetConfig`. Each step every process takes
+``per_device_train_batch_size * gradient_accumulation_steps`` items from seeded per-epoch permutations
+(:func:`~otalign.trainers.dataset.shuffled`), in ``gradient_accumulation_steps`` micro-batches; the position
+follows from the step, so a resumed run continues exactly where it stopped. Evaluation runs every ``eval_steps``
+and after the last step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
 
-from otalign.data.truncation import truncation_field
 from otalign.models import apply_lora
 
 from .base import BaseTrainer
-from .config import ConfigError, TrainerConfig
-from .preference import shuffled
-
-
-@dataclass
-class SupervisedConfig(TrainerConfig):
-    """Dataset and evaluation options shared by :class:`~otalign.trainers.SFTConfig` and ``RewardConfig``."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "path": "data",
-            "builtins": ("builtin",),
-            "help": "a .jsonl/.json/.parquet file or a Hugging Face dataset name",
-        },
-    )
-    dataset_config: str | None = field(
-        default=None, metadata={"help": "configuration of a Hugging Face dataset_name (and eval_dataset_name), as TRL"}
-    )
-    dataset_train_split: str = field(default="train", metadata={"help": "split of dataset_name to train on"})
-    dataset_test_split: str = field(default="test", metadata={"help": "split of eval_dataset_name to evaluate"})
-    eval_dataset_name: str | None = field(
-        default=None,
-        metadata={"path": "data", "builtins": ("builtin",), "help": "evaluation rows (file or dataset name)"},
-    )
-    eval_steps: int = field(
-        default=0, metadata={"help": "evaluate every this many steps (0: only after the last one)", "check": ">= 0"}
-    )
-    max_length: int = field(
-        default=1024, metadata={"help": "most tokens of one example (longer: see truncation_mode)", "check": ">= 2"}
-    )
-    truncation_mode: str = truncation_field("keep_start")
-    save_model: bool = field(
-        default=True, metadata={"help": "write the trained model (LoRA merged) and tokenizer to output_dir/model"}
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
+from .config import ConfigError
+from .dataset import DatasetConfig, shuffled
 
 
 class SupervisedTrainer(BaseTrainer):
@@ -136,3 +101,14 @@ class SupervisedTrainer(BaseTrainer):
             target = self.output_dir / "model"
             model.save_pretrained(target, state_dict=state)
             self.tokenizer.save_pretrained(target)
+
+
+def __getattr__(name: str):
+    if name == "SupervisedConfig":  # the shared dataset options were SFT's and the reward model's alone
+        warnings.warn(
+            "otalign.trainers.supervised.SupervisedConfig is deprecated; use otalign.trainers.dataset.DatasetConfig",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return DatasetConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
