@@ -5,6 +5,7 @@ malformed lines skipped and counted under on_error skip, encoding errors and row
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -36,6 +37,34 @@ KINDS = {
         lambda i: {"prompt": f"p{i}", "tests": {"inputs": ["1"], "outputs": ["1"]}},
     ),
 }
+
+
+SOURCES = {  # every loader of a dataset the trainers read: (loader, a good row, the field a bad row leaves empty)
+    "prompts": (load_prompt_rows, {"prompt": "good day", "answer": "1"}, "prompt"),
+    "preference": (load_preference_data, {"prompt": "p", "chosen": "good", "rejected": "bad"}, "chosen"),
+    "sft": (load_sft_data, {"prompt": "p", "completion": "good"}, "completion"),
+    "sft text": (load_sft_data, {"text": "good day"}, "text"),
+}
+
+
+def write_as(rows: list[dict], fmt: str, path) -> str:
+    """``rows`` written as ``fmt``: a ``.jsonl``/``.json``/``.parquet`` file, or a folder written by
+    ``Dataset.save_to_disk`` (``saved``) or ``DatasetDict.save_to_disk`` with a ``train`` split (``saved_dict``)."""
+    if fmt == "jsonl":
+        path = path.with_suffix(".jsonl")
+        path.write_text(lines(*rows), encoding="utf-8")
+    elif fmt == "json":
+        path = path.with_suffix(".json")
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    elif fmt == "parquet":
+        pq = pytest.importorskip("pyarrow.parquet")
+        path = path.with_suffix(".parquet")
+        pq.write_table(pytest.importorskip("pyarrow").Table.from_pylist(rows), path)
+    else:
+        datasets = pytest.importorskip("datasets")
+        table = datasets.Dataset.from_list(rows)
+        (datasets.DatasetDict({"train": table}) if fmt == "saved_dict" else table).save_to_disk(str(path))
+    return str(path)
 
 
 def lines(*rows) -> str:
@@ -183,3 +212,34 @@ def test_a_too_long_row_is_numbered_by_its_line(command, row, message, tmp_path,
     line = run_error([*argv, "--max_length", "8", "--truncation_mode", "error", "--no_progress_bar"], capsys)
     assert line.startswith(f"otalign {command}: error: {data}, row 3") and message in line, line
     assert not (out / "metrics.jsonl").exists() and not (out / "model").exists()
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet", "saved", "saved_dict"])
+@pytest.mark.parametrize("kind", SOURCES)
+def test_every_dataset_reads_json_parquet_and_save_to_disk_as_jsonl(kind, fmt, tmp_path):
+    load, good, field = SOURCES[kind]
+    rows = [good, {**good, field: f"{good[field]} too"}, {**good, field: "good"}]
+    assert load(write_as(rows, fmt, tmp_path / "rows")) == load(write_as(rows, "jsonl", tmp_path / "rows"))
+    source = write_as([good, {**good, field: " "}, good], fmt, tmp_path / "bad")
+    with pytest.raises(ValueError, match=rf"^{re.escape(source)}, row 2, field '{field}': empty text"):
+        load(source)  # rows numbered 1-based by position, as a .jsonl file's by line
+
+
+def test_a_saved_prompt_set_gives_its_split_and_a_folder_must_be_a_saved_one(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    train, test = [{"prompt": "good day"}, {"prompt": "bad day"}], [{"prompt": "a cat"}]
+    folder = tmp_path / "prompts"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)}
+    ).save_to_disk(str(folder))
+    assert load_prompt_rows(str(folder)) == train and load_prompt_rows(str(folder), "test") == test
+    with pytest.raises(ValueError, match=rf"^{folder}: no split 'validation'; it has \['test', 'train'\]$"):
+        load_prompt_rows(str(folder), "validation")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileNotFoundError, match="^prompt set '.*plain': a folder without dataset_info.json or "):
+        load_prompt_rows(str(tmp_path / "plain"))
+    with pytest.raises(FileNotFoundError, match=r"^prompt set '.*gone.parquet': no such file \(nor a folder saved"):
+        load_prompt_rows(str(tmp_path / "gone.parquet"))
+    (tmp_path / "p.csv").write_text("prompt\na\n")
+    with pytest.raises(ValueError, match=r"unsupported extension '.csv'; use .jsonl, .json, .txt, .parquet$"):
+        load_prompt_rows(str(tmp_path / "p.csv"))

@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 
 from otalign.data.preference import LabeledCompletion, PreferencePair, encode, load_preference_data
-from otalign.models.tiny import tiny_tokenizer
+from otalign.models.tiny import CHAT_TEMPLATE, tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-ASSISTANT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'assistant' %}answer : {{ m['content'] }} <eos> "
-    "{% else %}{{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}answer : {% endif %}"
+ASSISTANT_TEMPLATE = CHAT_TEMPLATE
+"""The tiny model's chat template: the prompt (with generation prompt) is a prefix of the whole conversation."""
+NOT_PREFIX_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}answer :{% endif %}"
 )
-"""A chat template whose prompt (with generation prompt) is a prefix of the whole conversation, like real ones."""
+"""A template that renders ``answer :`` only as the generation prompt (the tiny model's before it was fixed): the
+prompt with it is no prefix of the prompt and completion."""
 
 
 def write_rows(path: Path, rows: list) -> str:
@@ -109,7 +111,6 @@ def test_plain_text_gets_eos_and_chat_rows_get_the_template():
     assert tokenizer.decode(prompt_ids) == "write about the cat ."
     assert tokenizer.decode(completion_ids) == "the cat is good . <eos>"
 
-    tokenizer.chat_template = ASSISTANT_TEMPLATE
     prompt = [{"role": "user", "content": "write about the cat ."}]
     completion = [{"role": "assistant", "content": "the cat is good ."}]
     prompt_ids, completion_ids = encode(tokenizer, prompt, completion, "row 1")
@@ -122,9 +123,14 @@ def test_chat_rows_fail_clearly_without_a_usable_template():
     completion = [{"role": "assistant", "content": "good ."}]
     with pytest.raises(ValueError, match="row 3: conversational rows need a tokenizer with a chat template"):
         encode(tiny_tokenizer(chat_template=False), prompt, completion, "row 3")
-    # the packaged tiny template renders "answer :" only as a generation prompt: no prefix to cut at
-    with pytest.raises(ValueError, match="row 3: the chat template does not render the prompt"):
-        encode(tiny_tokenizer(), prompt, completion, "row 3")
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = NOT_PREFIX_TEMPLATE
+    with pytest.raises(ValueError) as error:
+        encode(tokenizer, prompt, completion, "row 3")
+    message = str(error.value)
+    assert message.startswith("row 3: the chat template does not render the conversation so far as a prefix")
+    assert "\n" not in message and "after 'write about the cat . ' one has 'answer :', the other 'good . '" in message
+    assert "chat_template_path" in message  # TRL's way out is named
 
 
 def test_a_name_that_is_no_file_needs_the_datasets_package():

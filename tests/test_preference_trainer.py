@@ -129,10 +129,9 @@ def test_precomputed_and_dataset_reference_log_probs_match_the_reference_model(t
 
 
 def test_chat_rows_are_rendered_with_the_template(tmp_path, make_trainer):
-    from test_preference_data import ASSISTANT_TEMPLATE
+    from test_preference_data import NOT_PREFIX_TEMPLATE
 
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = ASSISTANT_TEMPLATE
+    tokenizer = tiny_tokenizer()  # its chat template is prefix-preserving
     trainer = make_trainer(tmp_path, tokenizer=tokenizer, dataset_name=CHAT, max_steps=1)
     prompt_ids, completion_ids = trainer.sequences[("train", 0, "chosen")]
     assert (
@@ -141,8 +140,9 @@ def test_chat_rows_are_rendered_with_the_template(tmp_path, make_trainer):
     )
     (metrics,) = trainer.train()
     assert metrics["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2 at the start: policy == reference
+    tokenizer.chat_template = NOT_PREFIX_TEMPLATE
     with pytest.raises(ValueError, match=r"preference_chat.jsonl, row 1: the chat template does not render"):
-        make_trainer(tmp_path / "again", dataset_name=CHAT)  # the packaged tiny template has no prefix to cut at
+        make_trainer(tmp_path / "again", tokenizer=tokenizer, dataset_name=CHAT)
 
 
 def test_lora_trains_only_the_adapters(tmp_path, make_trainer):

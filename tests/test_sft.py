@@ -191,3 +191,16 @@ def test_supervised_config_is_a_deprecated_name_of_dataset_config():
 
     with pytest.warns(DeprecationWarning, match="use otalign.trainers.dataset.DatasetConfig"):
         assert supervised.SupervisedConfig is DatasetConfig
+
+
+def test_text_rows_through_the_sft_command_with_dataset_text_field(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"body": f"the {w} is good ."}) + "\n" for w in ("cat", "dog")))
+    out = tmp_path / "run"
+    argv = ["sft", "--model_name_or_path", model_dir, "--dataset_name", str(data), "--output_dir", str(out)]
+    argv += ["--dataset_text_field", "body", "--per_device_train_batch_size", "2", "--max_steps", "1"]
+    assert main([*argv, "--progress_bar", "false"]) == 0
+    (row,) = read_metrics(out)
+    assert row["num_tokens"] == 2 * 6  # five words and the EOS token per row
+    assert json.loads((out / "config.json").read_text())["dataset_text_field"] == "body"

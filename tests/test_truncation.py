@@ -40,7 +40,7 @@ def test_error_mode_and_an_empty_completion_name_the_row():
 
 
 def test_defaults_follow_trl_and_unknown_modes_are_refused():
-    assert PreferenceConfig().truncation_mode == "keep_end"  # TRL DPOConfig
+    assert PreferenceConfig().truncation_mode == "keep_end"  # TRL 1.16 DPOConfig: keep_start (README: why)
     assert SFTConfig().truncation_mode == "keep_start"  # TRL SFTConfig
     assert RewardConfig().truncation_mode == "error"  # TRL drops such pairs; we never drop silently
     with pytest.raises(ConfigError, match="unknown truncation_mode 'keep_middle'"):

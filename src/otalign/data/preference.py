@@ -7,15 +7,16 @@ precomputed sequence log-probabilities in nats: ``ref_chosen_logps`` and ``ref_r
 (paired) or ``ref_logps`` (unpaired), in every row or in none.
 
 Sources: ``builtin`` (the packaged demo set), a local ``.jsonl`` (one object per line), ``.json`` (a list of
-objects) or ``.parquet`` file (needs ``pyarrow``), or a Hugging Face dataset name (needs the ``datasets``
-package and a reachable hub); files are read by :mod:`otalign.data.reading` (blank lines skipped, UTF-8, rows
-numbered by their line). Every row is validated before anything trains; an error names the source, the
+objects) or ``.parquet`` file (needs ``pyarrow``), a folder written by ``save_to_disk`` or a Hugging Face dataset
+name (both need the ``datasets`` package; a name, a reachable hub), all read by
+:func:`otalign.data.reading.read_source` (blank lines skipped, UTF-8, rows numbered by their line or position).
+Every row is validated before anything trains; an error names the source, the
 1-based row and the field. No row is dropped; unknown extra columns are ignored.
 
 :func:`encode` turns a prompt and a completion into token ids: plain text is tokenized as is (special
 tokens such as BOS added to the prompt) and the completion gets the EOS token appended;
 conversations go through the tokenizer's chat template, the completion being what the template adds
-after the prompt rendered with its generation prompt.
+after the prompt rendered with its generation prompt (the template must be prefix-preserving: :func:`check_prefix`).
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
-from .reading import Rows, numbered, read_file
+from .reading import Rows, numbered, read_source
 
 Text = str | list[dict[str, str]]
 """A plain string or a list of chat messages."""
 
 PAIRED_FIELDS = ("prompt", "chosen", "rejected")
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
+DATASET_FORMATS = ("jsonl", "json", "parquet")
+"""The file formats of preference, SFT and reward datasets."""
 
 
 @dataclass(frozen=True)
@@ -85,38 +87,12 @@ BUILTIN_PREFERENCES = "builtin"
 
 
 def read_rows(source: str, split: str = "train", *, on_error: str = "raise", config: str | None = None) -> Rows:
-    """Raw rows of a ``.jsonl``/``.json``/``.parquet`` file (:func:`otalign.data.reading.read_file`, which ``on_error``
-    is passed to), a folder written by ``save_to_disk`` (its ``split`` for a ``DatasetDict``), a Hugging Face
-    dataset's ``split`` in its configuration ``config`` (``datasets.load_dataset(source, config, split=split)``,
-    TRL's ``dataset_config``), or the packaged demo preference set (``"builtin"``).
-
-    Raises:
-        ValueError: ``config`` given for a file or a saved folder (it names a hub dataset's configuration).
-    """
+    """Raw rows of a ``.jsonl``/``.json``/``.parquet`` file, a folder written by ``save_to_disk``, a Hugging Face
+    dataset (:func:`otalign.data.reading.read_source`, which ``split``, ``on_error`` and ``config`` are passed to),
+    or the packaged demo preference set (``"builtin"``)."""
     if source == BUILTIN_PREFERENCES:
         source = str(resources.files("otalign.data") / "builtin" / "sentiment_preferences.jsonl")
-    path = Path(source)
-    if config is not None and path.exists():
-        raise ValueError(f"dataset_config={config!r} names a Hugging Face dataset's configuration; {source} is local")
-    if path.is_file():
-        return read_file(path, kind="dataset", formats=("jsonl", "json", "parquet"), on_error=on_error)
-    try:
-        import datasets
-    except ImportError:
-        raise FileNotFoundError(
-            f"dataset {source!r}: no such file, and loading a Hugging Face dataset needs the 'datasets' package "
-            "(pip install 'otalign[data]')"
-        ) from None
-    if path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json")):
-        saved = datasets.load_from_disk(str(path))  # a folder written by Dataset(Dict).save_to_disk
-        if isinstance(saved, datasets.DatasetDict):
-            if split not in saved:
-                raise ValueError(f"{path}: no split {split!r}; it has {sorted(saved)}")
-            saved = saved[split]
-        return Rows(saved, source)
-    if path.exists() or source.startswith((".", "/", "~")) or path.suffix.lower() in (".jsonl", ".json", ".parquet"):
-        raise FileNotFoundError(f"dataset {source!r}: no such file (nor a folder saved with save_to_disk)")
-    return Rows(datasets.load_dataset(source, config, split=split), source)
+    return read_source(source, split, formats=DATASET_FORMATS, on_error=on_error, config=config)
 
 
 def parse_rows(rows: list[object], where: str) -> list[PreferencePair] | list[LabeledCompletion]:
@@ -232,7 +208,7 @@ def encode(tokenizer, prompt: Text, completion: Text, where: str) -> tuple[list[
 
     Raises:
         ValueError: conversational rows with a tokenizer that has no chat template, or a template that
-            does not render the prompt as a prefix of the whole conversation.
+            does not render the prompt as a prefix of the whole conversation (:func:`check_prefix`).
     """
     if isinstance(prompt, str):
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -241,12 +217,28 @@ def encode(tokenizer, prompt: Text, completion: Text, where: str) -> tuple[list[
         raise ValueError(f"{where}: conversational rows need a tokenizer with a chat template")
     head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     whole = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if not whole.startswith(head):
-        raise ValueError(
-            f"{where}: the chat template does not render the prompt (with its generation prompt) as a prefix of "
-            f"the whole conversation, so the completion cannot be cut out: {head!r:.80} vs {whole!r:.80}"
-        )
+    check_prefix(head, whole, where)
     return (
         tokenizer(head, add_special_tokens=False)["input_ids"],
         tokenizer(whole[len(head) :], add_special_tokens=False)["input_ids"],
+    )
+
+
+def check_prefix(head: str, whole: str, where: str) -> None:
+    """``ValueError`` (one line, starting with ``where``) unless the chat template's rendering ``head`` of a
+    conversation (a prompt with its generation prompt) is a prefix of its rendering ``whole`` of the conversation
+    with the next turn (the completion), showing where the two part.
+
+    TRL trains on such a template by cutting the completion where the two tokenizations part (with a warning), so
+    the end of the prompt is left out of training; otalign asks for a prefix-preserving template instead."""
+    if whole.startswith(head):
+        return
+    at = next((i for i, (a, b) in enumerate(zip(head, whole, strict=False)) if a != b), min(len(head), len(whole)))
+    before, one, other = head[max(at - 30, 0) : at], head[at : at + 30], whole[at : at + 30]
+    raise ValueError(
+        f"{where}: the chat template does not render the conversation so far as a prefix of the conversation with "
+        f"the next turn (it is not prefix-preserving), so the turn cannot be cut out: after {before!r} one has "
+        f"{one!r}, the other {other!r}; use a template whose rendering of a prompt with add_generation_prompt "
+        "begins its rendering with the completion (TRL instead cuts the completion where the two part, leaving the "
+        "prompt's end out of training; its chat_template_path sets another template)"
     )

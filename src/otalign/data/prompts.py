@@ -1,12 +1,15 @@
 """Prompt sets for RL: the built-in sentiment prompts (train / held-out) or a local file, validated up front.
 
-A prompt is a plain string or a conversation (a list of ``{"role", "content"}`` messages). Files:
+A prompt is a plain string or a conversation (a list of ``{"role", "content"}`` messages). Sources:
 
 - ``.jsonl``: one JSON object per line with a ``prompt`` field;
 - ``.json``: a list of such objects (or of strings);
-- ``.txt``: one prompt per non-empty line.
+- ``.txt``: one prompt per non-empty line;
+- ``.parquet`` (needs ``pyarrow``), a folder written by ``save_to_disk`` or a Hugging Face dataset name (need
+  ``datasets``): records with a ``prompt`` column; the split is the ``split`` argument.
 
-Files are read by :mod:`otalign.data.reading` (blank lines skipped, UTF-8, 1-based rows in every message).
+All are read by :func:`otalign.data.reading.read_source`, as the preference and SFT datasets are (blank lines
+skipped, UTF-8, 1-based rows in every message).
 
 Fields of a row other than ``prompt`` are its columns (:func:`load_prompt_rows`), passed to reward functions.
 
@@ -21,23 +24,25 @@ from importlib import resources
 from .arithmetic import SOURCE as ARITHMETIC
 from .arithmetic import arithmetic_rows
 from .preference import check_text
-from .reading import Rows, numbered, parse_text, read_file
+from .reading import Rows, numbered, parse_text, read_source
 
 BUILTIN = "builtin"
 PROMPT_SETS = (BUILTIN, ARITHMETIC)
 """The prompt sets a ``prompts`` option names instead of a file."""
 SPLITS = ("train", "test")
+PROMPT_FORMATS = ("jsonl", "json", "txt", "parquet")
+"""The file formats of a prompt set."""
 Prompt = str | list[dict[str, str]]
 
 
 def load_prompts(source: str = BUILTIN, split: str = "train") -> list[Prompt]:
-    """Prompts of ``source`` (``"builtin"``, ``"arithmetic"`` or a file path); ``split`` picks a built-in set's
-    train/test part. The prompts of :func:`load_prompt_rows`, without their other columns.
+    """Prompts of ``source`` (``"builtin"``, ``"arithmetic"``, a file, a saved folder or a dataset name); ``split``
+    picks its train/test part. The prompts of :func:`load_prompt_rows`, without their other columns.
 
     Raises:
         ValueError: unknown split, an unreadable row, a missing/empty/non-string ``prompt``, or no prompt at all;
             the message names the file and the 1-based row.
-        FileNotFoundError: the file does not exist.
+        FileNotFoundError: a local source that does not exist.
     """
     return [row["prompt"] for row in load_prompt_rows(source, split)]
 
@@ -47,10 +52,12 @@ def load_prompt_rows(source: str = BUILTIN, split: str = "train") -> list[dict]:
     that a data-dependent reward function receives as a column).
 
     Sources: ``"builtin"`` (the sentiment prompts), ``"arithmetic"`` (:mod:`otalign.data.arithmetic`, with an
-    ``answer`` column), or a ``.jsonl``/``.json``/``.txt`` file (a ``.txt`` row has only ``prompt``).
+    ``answer`` column), or one of the module docstring's (a ``.txt`` row has only ``prompt``; ``split`` picks the
+    split of a saved ``DatasetDict`` or a hub dataset).
 
     Raises:
         ValueError, FileNotFoundError: as :func:`load_prompts`.
+        ImportError: a ``.parquet`` file without ``pyarrow``, a saved folder without ``datasets``.
     """
     if source == ARITHMETIC:
         return arithmetic_rows(split)
@@ -59,7 +66,7 @@ def load_prompt_rows(source: str = BUILTIN, split: str = "train") -> list[dict]:
             raise ValueError(f"unknown split {split!r} of the built-in prompts; choose one of {SPLITS}")
         resource = resources.files("otalign.data") / "builtin" / f"sentiment_prompts_{split}.jsonl"
         return prompt_rows(parse_text(resource.read_text(encoding="utf-8"), f"builtin:{split}", "jsonl"))
-    return prompt_rows(read_file(source, kind="prompt", formats=("jsonl", "json", "txt")))
+    return prompt_rows(read_source(source, split, kind="prompt set", formats=PROMPT_FORMATS))
 
 
 def parse_prompts(text: str, where: str, fmt: str) -> list[Prompt]:

@@ -1,7 +1,8 @@
-"""Reading data files: the one path by which every JSONL / JSON / text / Parquet file of otalign is read.
+"""Reading data: the one path by which every JSONL / JSON / text / Parquet file and every dataset of otalign is read.
 
-Prompt sets, preference and SFT rows, the published datasets' converters and eval generation files all read
-through :func:`read_file` (or :func:`parse_text` for text already in memory), with the same rules:
+Prompt sets, preference and SFT rows and the published datasets' converters read through :func:`read_source`
+(a file, a folder written by ``save_to_disk`` or a Hugging Face dataset name); eval generation files through
+:func:`read_file` (or :func:`parse_text` for text already in memory). Files follow the same rules:
 
 - bytes are UTF-8 (a leading byte-order mark is dropped); other bytes stop the read with
   ``"<file>, row <r> (byte offset <b>): not UTF-8 ..."``, whatever ``on_error`` says (a file in another
@@ -13,6 +14,8 @@ through :func:`read_file` (or :func:`parse_text` for text already in memory), wi
 - ``.json``: a list of rows, numbered 1-based by position (a file that is not JSON always stops the read);
 - ``.txt``: one row (a string) per non-blank line, numbered by its line;
 - ``.parquet`` (needs ``pyarrow``): one row per record, numbered 1-based.
+
+A ``save_to_disk`` folder or a hub dataset (both need ``datasets``) gives one row per record, numbered 1-based.
 
 Rows come back as :class:`Rows`, a list that also knows its source, every row's number and what was skipped;
 :func:`numbered` pairs rows with their numbers for any list (plain lists count from 1), so messages of later
@@ -28,6 +31,8 @@ from pathlib import Path
 ON_ERROR = ("raise", "skip")
 """What a reader does with a bad row: stop with its file and row (``raise``) or leave it out and count it."""
 FORMATS = ("jsonl", "json", "txt", "parquet")
+SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json")
+"""Files of which one marks a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
 
 
 class Rows(list):
@@ -128,3 +133,59 @@ def read_file(path: str | Path, *, kind: str = "data", formats=FORMATS, on_error
             raise ImportError(f"{path}: reading Parquet needs the 'pyarrow' package") from None
         return Rows(pq.read_table(path).to_pylist(), str(path))
     return parse_text(decode(path.read_bytes(), str(path)), str(path), fmt, on_error=on_error)
+
+
+def read_source(
+    source: str,
+    split: str = "train",
+    *,
+    kind: str = "dataset",
+    formats=FORMATS,
+    on_error: str = "raise",
+    config: str | None = None,
+) -> Rows:
+    """The rows of ``source``: a file (:func:`read_file`, one of ``formats``; ``on_error`` goes with it), a folder
+    written by ``save_to_disk`` (its ``split`` for a ``DatasetDict``), or a Hugging Face dataset's ``split`` in its
+    configuration ``config`` (``datasets.load_dataset(source, config, split=split)``, TRL's ``dataset_config``).
+
+    A name that reads as a local path (it starts with ``.``, ``/`` or ``~``, or ends in one of ``formats``) never
+    goes to the hub. ``kind`` names the source in messages (``"prompt set 'p.jsonl': no such file ..."``).
+
+    Raises:
+        FileNotFoundError: a local path that is neither a file nor a saved folder; a hub name without ``datasets``.
+        ValueError: ``config`` given for a local source (it names a hub dataset's configuration), a ``split`` a
+            saved ``DatasetDict`` lacks, or a file's problems (:func:`read_file`).
+        ImportError: a saved folder without the ``datasets`` package.
+    """
+    path = Path(source).expanduser()
+    if config is not None and path.exists():
+        raise ValueError(f"dataset_config={config!r} names a Hugging Face dataset's configuration; {source} is local")
+    if path.is_file():
+        return read_file(path, kind=kind, formats=formats, on_error=on_error)
+    saved = path.is_dir() and any((path / name).is_file() for name in SAVED_MARKERS)
+    if path.is_dir() and not saved:
+        raise FileNotFoundError(
+            f"{kind} {source!r}: a folder without {' or '.join(SAVED_MARKERS)}, so not one written by save_to_disk"
+        )
+    local = source.startswith((".", "/", "~")) or path.suffix.lower().lstrip(".") in formats
+    if not saved and local:
+        raise FileNotFoundError(f"{kind} {source!r}: no such file (nor a folder saved with save_to_disk)")
+    try:
+        import datasets
+    except ImportError:
+        if saved:
+            raise ImportError(
+                f"{source}: reading a folder saved with save_to_disk needs the 'datasets' package"
+            ) from None
+        raise FileNotFoundError(
+            f"{kind} {source!r}: no such file, and loading a Hugging Face dataset needs the 'datasets' package "
+            "(pip install 'otalign[data]')"
+        ) from None
+    if not saved:
+        return Rows(datasets.load_dataset(source, config, split=split), source)
+    rows = datasets.load_from_disk(str(path))
+    if isinstance(rows, datasets.DatasetDict):
+        if split not in rows:
+            raise ValueError(f"{source}: no split {split!r}; it has {sorted(rows)}")
+        rows = rows[split]
+    return Rows(rows, source)

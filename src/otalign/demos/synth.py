@@ -33,7 +33,11 @@ class SynthConfig(Config):
     model_dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": MODEL_DTYPES})
     prompts: str = field(
         default="builtin",
-        metadata={"path": "file", "builtins": PROMPT_SETS, "help": "'builtin' or a .jsonl/.json/.txt prompt file"},
+        metadata={
+            "path": "data",
+            "builtins": PROMPT_SETS,
+            "help": "'builtin' or a prompt dataset (.jsonl/.json/.txt/.parquet, a saved folder)",
+        },
     )
     prompts_split: str = field(default="train", metadata={"help": "split of the built-in prompts"})
     reward_fn: str = field(

@@ -27,7 +27,11 @@ class SamplingFields(Config):
     output_dir: str = field(default="reports/analysis", metadata={"path": "output", "help": "where the outputs go"})
     prompts: str = field(
         default="builtin",
-        metadata={"path": "file", "builtins": PROMPT_SETS, "help": "'builtin' or a .jsonl/.json/.txt prompt file"},
+        metadata={
+            "path": "data",
+            "builtins": PROMPT_SETS,
+            "help": "'builtin' or a prompt dataset (.jsonl/.json/.txt/.parquet, a saved folder)",
+        },
     )
     prompt_split: str = field(default="test", metadata={"help": "split of the built-in prompts (train or test)"})
     num_prompts: int = field(

@@ -5,7 +5,8 @@
 
 The vocabulary holds a few dozen English words (some clearly positive or negative, for sentiment
 rewards), ``.``, ``,``, ``?`` and the special tokens ``<pad>``, ``<eos>``, ``<unk>``. The chat template
-renders a conversation as its contents followed by ``answer :``.
+(:data:`CHAT_TEMPLATE`) renders each turn's content followed by a space, an assistant turn as
+``answer : <content> <eos> ``, and the generation prompt as ``answer : ``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ WORDS = tuple(
 )
 SPECIALS = ("<pad>", "<eos>", "<unk>")
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}answer :{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}answer : {{ m['content'] }} <eos> "
+    "{% else %}{{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}answer : {% endif %}"
 )
+"""Prefix-preserving, as the conversational formats need: a conversation rendered with the generation prompt is a
+prefix of it rendered with the next assistant turn, which ends in the EOS token (what the model learns to stop on)."""
 
 
 def tiny_tokenizer(*, chat_template: bool = True, words: tuple[str, ...] = WORDS):

@@ -127,7 +127,7 @@ class SweepConfig(Config):
     )
     eval_prompts: str = field(
         default="builtin",
-        metadata={"path": "file", "builtins": PROMPT_SETS, "help": "held-out prompts: builtin or a prompt file"},
+        metadata={"path": "data", "builtins": PROMPT_SETS, "help": "held-out prompts: builtin or a prompt dataset"},
     )
     eval_split: str = field(default="test", metadata={"help": "split of the built-in prompts"})
     num_eval_prompts: int = field(default=0, metadata={"help": "seeded subsample of the held-out prompts (0: all)"})

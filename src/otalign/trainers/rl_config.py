@@ -37,12 +37,14 @@ class RLConfig(TrainerConfig):
     prompts: str = field(
         default="builtin",
         metadata={
-            "path": "file",
+            "path": "data",
             "builtins": PROMPT_SETS,
-            "help": "prompt set: builtin, arithmetic, or a .jsonl/.json/.txt prompt file",
+            "help": "prompt set: builtin, arithmetic, or a dataset (.jsonl/.json/.txt/.parquet, a saved folder, a hub name)",
         },
     )
-    prompts_split: str = field(default="train", metadata={"help": "split of a built-in prompt set (train or test)"})
+    prompts_split: str = field(
+        default="train", metadata={"help": "split of a built-in prompt set or a saved dataset (train or test)"}
+    )
     use_chat_template: bool = field(
         default=True, metadata={"help": "wrap each prompt as a user turn when the tokenizer has a chat template"}
     )

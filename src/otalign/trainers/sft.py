@@ -1,8 +1,9 @@
-"""Supervised fine-tuning of a causal LM on response tokens only: ``SFTConfig``, ``SFTTrainer``.
+"""Supervised fine-tuning of a causal LM on response tokens (text rows: every token): ``SFTConfig``, ``SFTTrainer``.
 
-Data (:mod:`otalign.data.sft`): ``prompt``/``completion`` rows or ``messages`` conversations, each encoded
-to ``(input_ids, labels)`` with label ``-100`` on prompt tokens (chat template applied to conversations), and
-cut to ``max_length`` tokens by ``truncation_mode`` (:mod:`otalign.data.truncation`; TRL's default ``keep_start``).
+Data (:mod:`otalign.data.sft`): ``prompt``/``completion`` rows, ``messages`` conversations or ``text`` rows (the
+column ``dataset_text_field``; every token trained), each encoded to ``(input_ids, labels)`` with label ``-100`` on
+prompt tokens (chat template applied to conversations), and cut to ``max_length`` tokens by ``truncation_mode``
+(:mod:`otalign.data.truncation`; TRL's default ``keep_start``).
 With ``packing`` the encoded examples are concatenated, in a seeded order, into one token stream cut into
 rows of exactly ``max_length`` tokens (examples may span two rows; attention is not blocked between
 examples). Each step every process takes ``per_device_train_batch_size`` rows (examples, or packed
@@ -23,12 +24,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from otalign.data.reading import numbered
-from otalign.data.sft import IGNORE_INDEX, SFTExample, encode_sft, load_sft_data
+from otalign.data.sft import IGNORE_INDEX, TEXT_FIELD, SFTExample, encode_sft, load_sft_data
 from otalign.data.truncation import kept
 from otalign.models import context_window, load_causal_lm, load_tokenizer
 
@@ -49,6 +51,10 @@ class SFTConfig(DatasetConfig):
     learning_rate: float = redefault(DatasetConfig, "learning_rate", 2e-5)
     packing: bool = field(
         default=False, metadata={"help": "concatenate examples into rows of exactly max_length tokens"}
+    )
+    dataset_text_field: str = field(
+        default=TEXT_FIELD,
+        metadata={"help": "column of language-modeling rows (TRL's {'text': ...} form; the loss covers every token)"},
     )
 
 
@@ -141,7 +147,8 @@ class SFTTrainer(SupervisedTrainer):
     ) -> None:
         super().__init__(config, accelerator)
         c = config
-        train_data, eval_data = self.load_datasets(train_data, eval_data, load_sft_data)
+        load = partial(load_sft_data, dataset_text_field=c.dataset_text_field)
+        train_data, eval_data = self.load_datasets(train_data, eval_data, load)
         self.tokenizer = tokenizer or load_tokenizer(c.model_name_or_path)
         model = model if model is not None else load_causal_lm(c.model_name_or_path, dtype=c.model_dtype)
         limit = context_window(model)
