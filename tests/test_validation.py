@@ -52,7 +52,7 @@ def test_every_path_field_names_a_known_kind():
         for f in dataclasses.fields(cls)
         if "path" in f.metadata
     }
-    assert kinds[("SFTConfig", "model_name_or_path")] == "model" and kinds[("PPOConfig", "prompts")] == "file"
+    assert kinds[("SFTConfig", "model_name_or_path")] == "model" and kinds[("PPOConfig", "prompts")] == "data"
     assert {kind for kind in kinds.values()} <= set(PATH_KINDS)
 
 
@@ -100,7 +100,7 @@ def test_missing_input_files_are_named_with_their_option(tiny, tmp_path, capsys)
     line = run_error(["dpo", "--model_name_or_path", tiny, "--dataset_name", str(missing)], capsys)
     assert line == f"otalign dpo: error: --dataset_name: dataset {missing} does not exist"
     line = run_error(["ppo", "--model_name_or_path", tiny, "--prompts", str(missing)], capsys)
-    assert line == f"otalign ppo: error: --prompts: file {missing} does not exist"
+    assert line == f"otalign ppo: error: --prompts: dataset {missing} does not exist"
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "a", "response": "b"}\n')
     line = run_error(["eval", "--generation_files", str(good), str(missing)], capsys)

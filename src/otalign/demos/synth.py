@@ -36,7 +36,7 @@ class SynthConfig(Config):
         metadata={
             "path": "data",
             "builtins": PROMPT_SETS,
-            "help": "'builtin' or a prompt dataset (.jsonl/.json/.txt/.parquet, a saved folder)",
+            "help": "'builtin' or a prompt dataset (file or saved folder)",
         },
     )
     prompts_split: str = field(default="train", metadata={"help": "split of the built-in prompts"})

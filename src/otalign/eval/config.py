@@ -30,7 +30,7 @@ class SamplingFields(Config):
         metadata={
             "path": "data",
             "builtins": PROMPT_SETS,
-            "help": "'builtin' or a prompt dataset (.jsonl/.json/.txt/.parquet, a saved folder)",
+            "help": "'builtin' or a prompt dataset (file or saved folder)",
         },
     )
     prompt_split: str = field(default="test", metadata={"help": "split of the built-in prompts (train or test)"})

@@ -39,7 +39,7 @@ class RLConfig(TrainerConfig):
         metadata={
             "path": "data",
             "builtins": PROMPT_SETS,
-            "help": "prompt set: builtin, arithmetic, or a dataset (.jsonl/.json/.txt/.parquet, a saved folder, a hub name)",
+            "help": "prompt set: builtin, arithmetic, or a dataset (.jsonl/.json/.txt/.parquet, saved folder)",
         },
     )
     prompts_split: str = field(
