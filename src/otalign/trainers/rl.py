@@ -30,20 +30,16 @@ A solve that stops above its tolerance is counted in ``sinkhorn/unconverged_frac
 
 from __future__ import annotations
 
-import math
-import warnings
-from dataclasses import dataclass
-
 import torch
 
 from otalign.data import load_prompt_rows, prompt_columns, render_prompt, validate_prompt
 from otalign.data.reading import numbered
 from otalign.generation import Rollout, encode_prompts, generate, sample_seeds
-from otalign.guard import ConvergenceError, ConvergenceWarning, NonFiniteError
+from otalign.guard import NonFiniteError
 from otalign.models import AdapterDisabled, apply_lora, check_fits_context, frozen_copy, load_causal_lm, load_tokenizer
-from otalign.regularizers import PenaltyOutput, SupportGradient, k3, regularizer_from_config
+from otalign.regularizers import k3, regularizer_from_config
 from otalign.rewards import Reward, build_reward
-from otalign.scoring import MAX_STATS, score_rollout
+from otalign.scoring import score_rollout
 
 from . import ppo_math as pm
 from .base import BaseTrainer
@@ -53,58 +49,8 @@ from .metrics import Timer
 from .penalty import penalty_placement
 from .reward_sum import RewardSum
 from .rl_config import LOSS_POTENTIALS, PENALTY_IN, RLConfig
-
-
-@dataclass
-class ScoredRollout:
-    """A rollout with everything scored under no grad (B rollouts, T response positions).
-
-    Attributes:
-        rollout: the sampled batch. rows: each rollout's prompt row (index into the prompt set).
-        old_logprobs, ref_logprobs: (B, T) float32 log-probabilities of the sampled tokens.
-        kl, entropy: (B, T) exact full-vocabulary KL(pi || pi_ref) and entropy of pi (nats).
-        penalty: the regularizer's :class:`~otalign.regularizers.PenaltyOutput`.
-        scores: (B,) weighted sum of the rewards (after the missing-EOS penalty and clipping).
-        components: each reward function's (B,) raw scores by name.
-        potentials: the loss surrogate's :class:`~otalign.regularizers.SupportGradient` on the (B, T) grid, when
-            the penalty is in the loss with rollout potentials and the regularizer has no per-token loss term.
-    """
-
-    rollout: Rollout
-    rows: list[int]
-    old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    kl: torch.Tensor
-    entropy: torch.Tensor
-    penalty: PenaltyOutput
-    scores: torch.Tensor
-    components: dict[str, torch.Tensor]
-    potentials: SupportGradient | None = None
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.rollout.response_mask
-
-
-@dataclass
-class RolloutBatch:
-    """What the update needs of a scored rollout, as the algorithm's :meth:`RLTrainer.advantages` computed it.
-
-    Attributes:
-        scored: the :class:`ScoredRollout`.
-        advantages: (B, T) per-token advantages (PPO) or (B,) one per response (critic-free).
-        units: (B,) each rollout's share of a mini-batch's loss normalizer Z (its token count for a token mean, 1 for
-            a mean over sequences, ...); Z sums them over the global mini-batch.
-        weights: (B, T) per-token loss weights (0 off the generated positions).
-        old_values, returns: (B, T) the critic's values at the rollout and the GAE returns (PPO only).
-    """
-
-    scored: ScoredRollout
-    advantages: torch.Tensor
-    units: torch.Tensor
-    weights: torch.Tensor
-    old_values: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
+from .rl_metrics import report_convergence, rollout_metrics
+from .rollout_batch import RolloutBatch, ScoredRollout
 
 
 def as_rows(prompts: list) -> list[dict]:
@@ -479,66 +425,19 @@ class RLTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ 5. log, beta, checkpoint
     def rollout_metrics(self, scored: ScoredRollout) -> dict[str, float]:
-        """Rollout statistics over all processes (token means weighted by token counts), ``beta`` used this step
-        and the measured distance ``regularizer/distance`` the adaptive beta steers."""
-        acc, mask = self.accelerator, scored.mask
-        scores, penalty = scored.scores, scored.penalty
-        rows = torch.ones_like(scores, dtype=torch.bool)
-
-        def batch_mean(x: torch.Tensor) -> float:
-            return float(pm.masked_mean(x, rows, acc))
-
-        def token_mean(x: torch.Tensor) -> float:
-            return float(pm.masked_mean(x, mask, acc))
-
-        tokens = float(pm.global_sum(mask.sum(), acc))
-        metrics = {
-            "reward/mean": batch_mean(scores),
-            "reward/std": math.sqrt(float(pm.masked_var(scores, rows, acc))),
-            "reward/total": batch_mean(scores - self.beta * (penalty.per_token * mask).sum(1)),
-            **{f"reward/{name}": batch_mean(values) for name, values in scored.components.items()},
-            "penalty/mean": token_mean(penalty.per_token),
-            "kl/exact": token_mean(scored.kl),
-            "kl/exact_seq": batch_mean((scored.kl * mask).sum(1)),
-            "policy/entropy": token_mean(scored.entropy),
-            "response/length": batch_mean(mask.sum(1).float()),
-        }
-        local_tokens = float(mask.sum())
-        for name, value in penalty.stats.items():
-            if name in ("penalty/mean", "kl/exact"):
-                continue
-            if name in MAX_STATS:
-                t = torch.tensor(float(value), device=mask.device)
-                metrics[name] = float(acc.reduce(t, reduction="max") if acc.num_processes > 1 else t)
-            else:
-                metrics[name] = float(pm.global_sum(torch.tensor(value * local_tokens), acc)) / max(tokens, 1)
-        metrics["beta"] = self.beta
-        metrics["regularizer/distance"] = metrics.get(distance_key(self.regularizer), metrics["penalty/mean"])
-        return metrics
+        """Rollout statistics over all processes, ``beta`` and ``regularizer/distance`` (:func:`rollout_metrics`)."""
+        return rollout_metrics(scored, self.beta, distance_key(self.regularizer), self.accelerator)
 
     def check_convergence(self, step: int, metrics: dict[str, float]) -> None:
-        """Count a step whose solves did not all converge (``sinkhorn/unconverged_frac`` > 0, the same on every
-        process) and warn on the first one of the run (:class:`~otalign.guard.ConvergenceWarning`).
+        """Count a step whose solves did not all converge and warn on the first one of the run
+        (:func:`~otalign.trainers.rl_metrics.report_convergence`).
 
         Raises:
             ConvergenceError: with ``wpr_strict``, before the step's update.
         """
-        share = metrics.get("sinkhorn/unconverged_frac", 0.0)
-        if not share > 0:
-            return
-        c = self.config
-        message = (
-            f"step {step}: Sinkhorn stopped at wpr_max_iter={c.wpr_max_iter} above wpr_tol={c.wpr_tol:g}, and "
-            f"wpr_newton_steps={c.wpr_newton_steps} Newton steps did not finish, at {share:.1%} of the generated "
-            f"positions (wpr_lambda={c.wpr_lambda:g}), so their penalties are approximate; raise wpr_max_iter, "
-            "wpr_newton_steps or wpr_tol, or lower wpr_lambda"
+        self.unconverged_steps += report_convergence(
+            step, metrics, self.config, first=not self.unconverged_steps, warn=self.accelerator.is_main_process
         )
-        if c.wpr_strict:
-            raise ConvergenceError(message)
-        self.unconverged_steps += 1
-        if self.unconverged_steps == 1 and self.accelerator.is_main_process:
-            message += " (warned once per run; sinkhorn/unconverged_frac has the share of every step)"
-            warnings.warn(message, ConvergenceWarning, stacklevel=2)
 
     def end_rl_step(self, step: int, metrics: dict[str, float]) -> None:
         """Move the adaptive beta by the step's measured distance, then log and checkpoint (:meth:`end_step`)."""
