@@ -231,3 +231,9 @@ def test_rank_is_by_longest_prefix(module):
 def test_unknown_module_is_in_no_layer():
     with pytest.raises(KeyError, match="otalign.nowhere"):
         layers.rank("otalign.nowhere")
+
+
+def test_the_design_document_shows_this_layer_table():
+    design = (Path(__file__).parents[1] / "docs" / "design.md").read_text(encoding="utf-8")
+    block = design.split("<!-- layers -->\n", 1)[1].split("<!-- /layers -->", 1)[0]
+    assert block.strip() == layers.markdown().strip(), "docs/design.md's layer table is stale: paste markdown()"
