@@ -1,7 +1,10 @@
 """Per-token policy penalties for RLHF: the f-divergence family and the Wasserstein (WPR) penalty.
 
-Every regularizer has ``penalty(policy_logits, ref_logits, actions, mask=None) -> PenaltyOutput``;
-:func:`build_regularizer` makes one from a name, as a PPO trainer's config names it.
+Every regularizer has ``penalty(policy_logits, ref_logits, actions, mask=None) -> PenaltyOutput`` and
+``evaluate(..., support_gradient=False) -> Evaluation`` (penalty and support gradient from one pass); the
+Wasserstein penalty and the f-divergences' sampled-token penalties also take a top-k record
+(:class:`TopKLogProbs`, ``evaluate_topk``) instead of full logits. :func:`build_regularizer` makes one from a name,
+as a trainer's config names it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from otalign.registry import Registry
 from .base import LOG_PROB_FLOOR, Evaluation, PenaltyOutput, Regularizer, SupportGradient
 from .embeddings import check_vocab_size, embedding_matrix, load_embedding_matrix
 from .f_divergence import F_DIVERGENCES, KL_ESTIMATORS, FDivergenceRegularizer, exact_f_divergence, f_over_x, f_prime
+from .topk import TopKLogProbs
 from .wasserstein import (
     Support,
     TruncatedProblem,
@@ -66,6 +70,7 @@ __all__ = [
     "Regularizer",
     "Support",
     "SupportGradient",
+    "TopKLogProbs",
     "TruncatedProblem",
     "WassersteinRegularizer",
     "WassersteinSolution",
