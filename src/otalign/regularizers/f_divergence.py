@@ -108,8 +108,11 @@ def exact_f_divergence(
         of ``inf``); float32 for float32 inputs.
     """
     policy = policy_logprobs.clamp_min(LOG_PROB_FLOOR)
-    ratio = policy - ref_logprobs.clamp_min(LOG_PROB_FLOOR)
-    return (policy.exp() * f_over_x(ratio, kind, alpha=alpha)).sum(-1)
+    ratio = ref_logprobs.clamp_min(LOG_PROB_FLOOR).neg_().add_(policy)
+    terms = ratio if kind == "rkl" else f_over_x(ratio, kind, alpha=alpha)  # rkl (k1): f(x)/x is the log-ratio
+    if torch.is_grad_enabled() and (policy.requires_grad or terms.requires_grad):
+        return (policy.exp() * terms).sum(-1)
+    return policy.exp_().mul_(terms).sum(-1)  # in place: three V-sized buffers instead of six
 
 
 def canonical_kind(kind: str) -> str:
