@@ -37,11 +37,15 @@ def _squared_distances(
     Without autograd the distances come back already floored (entries below the floor set to 0, floor
     ``None``), computed in place: on CPU each fresh (..., n, m) temporary costs page faults.
     """
+    same = y is x  # distances within one cloud: centre it once and reuse its norms
     x, y = _promote(x, y)
     if not centred:
         # Centring shrinks the norms, hence the cancellation in the expansion.
-        centre = ((x.sum(-2, keepdim=True) + y.sum(-2, keepdim=True)) / (x.shape[-2] + y.shape[-2])).detach()
-        x, y = x - centre, y - centre
+        x_sum = x.sum(-2, keepdim=True)
+        y_sum = x_sum if same else y.sum(-2, keepdim=True)
+        centre = ((x_sum + y_sum) / (x.shape[-2] + y.shape[-2])).detach()
+        x = x - centre
+        y = x if same else y - centre
     # Rounding in the d-term dot products grows like sqrt(d) (random-walk accumulation).
     rounding = 4 * math.sqrt(x.shape[-1]) * torch.finfo(x.dtype).eps
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
@@ -51,7 +55,7 @@ def _squared_distances(
         return sq, rounding * (x_sq + y_sq).detach()
     # Squared norms as a reduction (no (..., n, d) temporary).
     x_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
-    y_sq = torch.linalg.vector_norm(y, dim=-1, keepdim=True).square_().transpose(-1, -2)
+    y_sq = (x_sq if same else torch.linalg.vector_norm(y, dim=-1, keepdim=True).square_()).transpose(-1, -2)
     sq = torch.matmul(x, y.transpose(-1, -2)).mul_(-2.0).add_(x_sq).add_(y_sq)
     floor = torch.add(x_sq, y_sq).mul_(rounding)
     return sq.masked_fill_(sq <= floor, 0.0), None
