@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from otalign.ot import pairwise_cost
+from otalign.ot import euclidean, pairwise_cost
 
 from ..base import LOG_PROB_FLOOR, chunk_bounds
 from ..topk import TopKLogProbs
@@ -157,8 +157,13 @@ def support_cost(
     dtype = torch.promote_types(embeddings.dtype, torch.float32)
     cost = torch.empty(n, s + 1, s + 1, dtype=dtype, device=tokens.device)
     for start, stop in chunk_bounds(n, block_positions or n):
-        points = embeddings[tokens[start:stop]]
-        pair = pairwise_cost(points, points, metric).to(dtype)
+        points = embeddings[tokens[start:stop]]  # a fresh gather: the Euclidean cost may centre it in place
+        pair = (
+            euclidean(points, points, overwrite=True)
+            if metric == "euclidean"
+            else pairwise_cost(points, points, metric)
+        )
+        pair = pair.to(dtype)
         dust = pair.amax(dim=(1, 2)) if dust_cost == "max" else torch.full_like(pair[:, 0, 0], float(dust_cost))
         if radius is not None:
             reach = radius[tokens[start:stop]].to(dtype)
