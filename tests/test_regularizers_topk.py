@@ -207,3 +207,17 @@ def test_record_errors_name_the_field_and_the_position():
         regularizer.evaluate_topk({"actions": actions})
     with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, V\]"):
         TopKLogProbs.from_log_probs(policy, ref, actions, 21)
+
+
+def test_which_regularizers_take_a_record():
+    from otalign.regularizers import Regularizer
+
+    class Constant(Regularizer):
+        def _penalize(self, positions):
+            raise AssertionError
+
+    _, _, _, embeddings = inputs(1, 10, 2)
+    assert WassersteinRegularizer(embeddings, top_k=2).has_topk and FDivergenceRegularizer("tv").has_topk
+    assert not Constant().has_topk
+    with pytest.raises(NotImplementedError, match="Constant needs full logits"):
+        Constant().evaluate_topk(record_of(*inputs(2, 10, 2)[:3], 2))

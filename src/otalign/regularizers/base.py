@@ -372,6 +372,11 @@ class Regularizer(ABC):
         """Whether :meth:`support_gradient` is implemented (needed for the penalty in a loss)."""
         return type(self)._support_gradient is not Regularizer._support_gradient
 
+    @property
+    def has_topk(self) -> bool:
+        """Whether :meth:`evaluate_topk` is implemented (the penalty from a top-k record, no full logits)."""
+        return type(self).evaluate_topk is not Regularizer.evaluate_topk
+
     def _support_gradient(self, positions: Positions) -> SupportGradient:
         raise NotImplementedError(f"{type(self).__name__} has no support_gradient")
 
