@@ -168,6 +168,7 @@ def test_record_errors_name_the_field_and_the_position():
     ids[2, 1] = ids[2, 0]
     with pytest.raises(ValueError, match="policy_ids lists an id twice at position 2"):
         regularizer.evaluate_topk(dataclasses.replace(record, policy_ids=ids))
+    regularizer.evaluate_topk(dataclasses.replace(record, policy_ids=ids), check=False)  # trusted input: no check
     with pytest.raises(ValueError, match="policy_at_actions must hold normalised log-probabilities"):
         regularizer.evaluate_topk(dataclasses.replace(record, policy_at_actions=record.policy_at_actions + 5.0))
     small = torch.full((1, 4), -3.0)

@@ -345,10 +345,16 @@ class Regularizer(ABC):
             stats.add_mean("penalty/mean", values)
         return Evaluation(PenaltyOutput(per_token=per_token, stats=stats.result(positions.count)), gradient)
 
-    def evaluate_topk(self, record: TopKLogProbs, *, support_gradient: bool = False) -> Evaluation:
+    def evaluate_topk(self, record: TopKLogProbs, *, support_gradient: bool = False, check: bool = True) -> Evaluation:
         """The penalty (and, with ``support_gradient``, the support gradient) from a top-k record
         (:class:`~otalign.regularizers.topk.TopKLogProbs`) instead of full logits, for regularizers that need only
         what the record holds.
+
+        Args:
+            record: the N positions' :class:`~otalign.regularizers.topk.TopKLogProbs`.
+            support_gradient: also return the :class:`SupportGradient` over the record's positions.
+            check: validate the record first (:meth:`~otalign.regularizers.topk.TopKLogProbs.check`, a few host
+                synchronisations); False for a record this library built (e.g. ``TopKLogProbs.from_log_probs``).
 
         Returns:
             :class:`Evaluation` with ``penalty.per_token`` (N,) float32, one per position of the record.

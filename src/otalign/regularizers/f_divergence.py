@@ -167,7 +167,7 @@ class FDivergenceRegularizer(Regularizer):
         extra += f", estimator={self.estimator!r}" if self.kind == "rkl" else ""
         return f"FDivergenceRegularizer({self.kind!r}{extra})"
 
-    def evaluate_topk(self, record: TopKLogProbs, *, support_gradient: bool = False) -> Evaluation:
+    def evaluate_topk(self, record: TopKLogProbs, *, support_gradient: bool = False, check: bool = True) -> Evaluation:
         """The sampled-token penalty :math:`f(x)/x` from a top-k record: it needs only the two log-probabilities at
         the sampled token (:meth:`~otalign.regularizers.topk.TopKLogProbs.sampled_log_ratio`), so it equals
         :meth:`penalty`'s. Stats: ``penalty/mean`` only: the exact divergences sum over the whole vocabulary.
@@ -183,7 +183,8 @@ class FDivergenceRegularizer(Regularizer):
                 f"the {self.kind} support gradient needs the whole vocabulary (full logits); for the KL in a loss "
                 "use the k3 estimator"
             )
-        record.check()
+        if check:
+            record.check()
         with torch.no_grad():
             values = f_over_x(record.sampled_log_ratio(), self.kind, alpha=self.alpha, estimator=self.estimator)
             stats = StatAccumulator()

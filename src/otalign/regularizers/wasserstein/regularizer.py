@@ -196,7 +196,7 @@ class WassersteinRegularizer(Regularizer):
             newton_steps=self.newton_steps,
         )
 
-    def evaluate_topk(self, record: TopKLogProbs, *, support_gradient: bool = False) -> Evaluation:
+    def evaluate_topk(self, record: TopKLogProbs, *, support_gradient: bool = False, check: bool = True) -> Evaluation:
         """The penalty, its statistics and (with ``support_gradient``) the support gradient from a top-k record, with
         no V-sized tensor: the support is the record's ``[y | policy top-k | reference top-k]``, the dust what its
         distinct ids do not hold. With the record of :meth:`TopKLogProbs.from_log_probs
@@ -207,6 +207,7 @@ class WassersteinRegularizer(Regularizer):
             record: :class:`~otalign.regularizers.topk.TopKLogProbs` of N positions, on any device (validated by
                 :meth:`~otalign.regularizers.topk.TopKLogProbs.check` against the embeddings' vocabulary).
             support_gradient: also return the :class:`SupportGradient` (width ``1 + k_p + k_r``).
+            check: validate the record first (False for a record built by ``TopKLogProbs.from_log_probs``).
 
         Returns:
             :class:`Evaluation` with ``penalty.per_token`` (N,) float32 and the stats of :class:`WassersteinRegularizer`
@@ -214,7 +215,8 @@ class WassersteinRegularizer(Regularizer):
         """
         if not isinstance(record, TopKLogProbs):
             raise ValueError(f"record must be a TopKLogProbs, got {describe(record)}")
-        record.check(vocab=self.embeddings.shape[0])
+        if check:
+            record.check(vocab=self.embeddings.shape[0])
         with torch.no_grad():
             stats = StatAccumulator()
             values, gradient = self._solve_record(record, stats, support_gradient)
