@@ -1,7 +1,8 @@
 """``support_gradient``: the surrogate sum_i pi_theta(i) phi_i (phi detached) has the gradient of the distance itself.
 
 Oracle: central finite differences of the converged distance (float64, tiny vocabularies, tight Sinkhorn
-tolerance) with respect to the policy logits, against autograd through the surrogate. Only the public API is
+tolerance) with respect to the policy logits, against autograd through the surrogate, for every transport form
+(the default ``smooth`` included) and every f-divergence. Only the public API is
 used, so the tests hold for any transport form or penalty formula whose potentials are the distance's gradient.
 """
 
@@ -59,6 +60,31 @@ def test_wasserstein_surrogate_gradient_matches_finite_differences(transport, de
     float32 = build_regularizer("wasserstein", **{**settings, "max_iter": 5000}, tol=1e-5)  # penalty() is float32
     penalty = float32.penalty(policy, ref, actions).per_token[0].double()
     torch.testing.assert_close(out.phi[:, 0], penalty, rtol=1e-3, atol=1e-4)
+    if top_k < V:
+        assert bool((out.distinct.sum(1) < V).all())  # a dust atom with mass: its phi matters
+
+
+@pytest.mark.parametrize("top_k", [3, V])
+@pytest.mark.parametrize(
+    ("drift", "tau"),
+    [(0.05, None), (None, None), (None, 5.0)],
+    ids=["near-reference-default-tau", "beyond-tau", "inside-the-blend"],
+)
+def test_smooth_surrogate_gradient_matches_finite_differences(drift, tau, top_k):
+    """The default transport (GRPO's ``penalty_in: loss``): the surrogate's autograd gradient is the central finite
+    difference of the smoothed distance h_tau(W), near the reference (W < tau, the blend's quadratic zone, the
+    default tau), far from it (W > tau: h is the identity) and with every position inside the blend (tau = 5)."""
+    policy, ref, actions, embeddings = problem(1)
+    if drift is not None:
+        policy = ref + drift * torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=ref.dtype)
+    settings = dict(embeddings=embeddings, lam=10.0, top_k=top_k, transport="smooth", smooth_tau=tau)
+    regularizer = build_regularizer("wasserstein", max_iter=100_000, tol=1e-12, **settings)
+    out = check_surrogate_gradient(regularizer, policy, ref, actions)
+    inside = out.value < regularizer.tau
+    if drift is not None or tau is not None:
+        assert bool(inside.all())  # h_tau is the blend, not the identity, at every position
+    else:
+        assert not bool(inside.any())
     if top_k < V:
         assert bool((out.distinct.sum(1) < V).all())  # a dust atom with mass: its phi matters
 

@@ -1,4 +1,5 @@
-r"""Optimal-transport math on tensors: Sinkhorn solvers, ground costs and k-NN radii.
+r"""Optimal-transport math on tensors: Sinkhorn solvers, the difference transport, the soft c-transform, ground
+costs and k-NN radii.
 
 Pure PyTorch; no transformers import, so other frameworks can call it directly.
 
@@ -20,16 +21,21 @@ of the batch goes on), ``n_iter`` the largest of them.
 """
 
 from .costs import COST_FUNCTIONS, cosine, euclidean, pairwise_cost, sqeuclidean
+from .difference import DifferenceResult, difference_transport
 from .knn import content_hash, knn_radius
 from .sinkhorn import SinkhornResult, sinkhorn
+from .transforms import c_transform
 from .unbalanced import UnbalancedResult, unbalanced_sinkhorn
 
 __all__ = [
     "COST_FUNCTIONS",
+    "DifferenceResult",
     "SinkhornResult",
     "UnbalancedResult",
+    "c_transform",
     "content_hash",
     "cosine",
+    "difference_transport",
     "euclidean",
     "knn_radius",
     "pairwise_cost",

@@ -40,24 +40,12 @@ from typing import NamedTuple
 
 import torch
 
+from .transforms import c_transform
+
 ABSORB_AT = 30.0  # rebuild a problem's kernel once its |log s| or |log t| exceeds this
 DROP_FRACTION = 0.125
 """Converged problems leave the batch once they are at least this fraction of it (or all of it): compacting
 the kernel buffer costs about one iteration, so dropping one problem at a time would not pay."""
-
-
-def c_transform(
-    potential: torch.Tensor, log_mass: torch.Tensor, cost: torch.Tensor, eps: float, dim: int
-) -> torch.Tensor:
-    r"""Soft c-transform: :math:`-\varepsilon \log \sum_k \exp(\log w_k + (h_k - C_{k\cdot})/\varepsilon)`.
-
-    The sum runs over axis ``dim`` (1 or 2) of ``cost`` (B, n, m); ``potential`` ``h`` and
-    ``log_mass`` ``log w`` are indexed along that axis. An atom with no finite cost to a
-    positive-mass partner gets 0 (it carries no plan mass, so its potential is arbitrary).
-    """
-    weights = (log_mass + potential / eps).unsqueeze(-1 if dim == 1 else -2)
-    out = -eps * torch.logsumexp(weights - cost / eps, dim=dim)
-    return torch.where(torch.isinf(out), torch.zeros_like(out), out)
 
 
 def kernel(u: torch.Tensor, v: torch.Tensor, cost: torch.Tensor, eps: float, out: torch.Tensor | None = None):

@@ -30,18 +30,23 @@ def _promote(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _squared_distances(
-    x: torch.Tensor, y: torch.Tensor, centred: bool = False
+    x: torch.Tensor, y: torch.Tensor, centred: bool = False, overwrite: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Return (squared distances, rounding floor) on centred points (``centred``: the caller centred them).
+    """Return (squared distances, rounding floor) on centred points (``centred``: the caller centred them;
+    ``overwrite``: centre ``x`` in place, when it needs no gradient).
 
     Without autograd the distances come back already floored (entries below the floor set to 0, floor
     ``None``), computed in place: on CPU each fresh (..., n, m) temporary costs page faults.
     """
+    same = y is x  # distances within one cloud: centre it once and reuse its norms
     x, y = _promote(x, y)
     if not centred:
         # Centring shrinks the norms, hence the cancellation in the expansion.
-        centre = ((x.sum(-2, keepdim=True) + y.sum(-2, keepdim=True)) / (x.shape[-2] + y.shape[-2])).detach()
-        x, y = x - centre, y - centre
+        x_sum = x.sum(-2, keepdim=True)
+        y_sum = x_sum if same else y.sum(-2, keepdim=True)
+        centre = ((x_sum + y_sum) / (x.shape[-2] + y.shape[-2])).detach()
+        x = x.sub_(centre) if overwrite and not x.requires_grad else x - centre
+        y = x if same else y - centre
     # Rounding in the d-term dot products grows like sqrt(d) (random-walk accumulation).
     rounding = 4 * math.sqrt(x.shape[-1]) * torch.finfo(x.dtype).eps
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
@@ -51,7 +56,7 @@ def _squared_distances(
         return sq, rounding * (x_sq + y_sq).detach()
     # Squared norms as a reduction (no (..., n, d) temporary).
     x_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
-    y_sq = torch.linalg.vector_norm(y, dim=-1, keepdim=True).square_().transpose(-1, -2)
+    y_sq = (x_sq if same else torch.linalg.vector_norm(y, dim=-1, keepdim=True).square_()).transpose(-1, -2)
     sq = torch.matmul(x, y.transpose(-1, -2)).mul_(-2.0).add_(x_sq).add_(y_sq)
     floor = torch.add(x_sq, y_sq).mul_(rounding)
     return sq.masked_fill_(sq <= floor, 0.0), None
@@ -67,14 +72,16 @@ def sqeuclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @_register
-def euclidean(x: torch.Tensor, y: torch.Tensor, *, centred: bool = False) -> torch.Tensor:
+def euclidean(x: torch.Tensor, y: torch.Tensor, *, centred: bool = False, overwrite: bool = False) -> torch.Tensor:
     """Euclidean distances ``||x_i - y_j||``: (..., n, d), (..., m, d) -> (..., n, m).
 
     The gradient at (numerically) zero distance is 0, a valid subgradient. ``centred=True`` says the
     caller already moved both clouds near their joint mean (which float32 accuracy needs when the points
-    share a large offset), saving two copies of the points.
+    share a large offset), saving two copies of the points. ``overwrite=True`` lets the function centre ``x``
+    in place (its values change; ignored when ``x`` needs a gradient): for a scratch tensor such as a gather, the
+    same distances without a copy of the points.
     """
-    sq, floor = _squared_distances(x, y, centred)
+    sq, floor = _squared_distances(x, y, centred, overwrite)
     if floor is None:
         return sq.sqrt_()
     positive = sq > floor

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from ._scaling import c_transform
+from .transforms import c_transform
 
 CHUNK_BYTES = 32 * 2**20
 """Problems per batched solve are chosen so one chunk's Newton matrices take at most this many bytes."""

@@ -1,7 +1,10 @@
 """Per-token policy penalties for RLHF: the f-divergence family and the Wasserstein (WPR) penalty.
 
-Every regularizer has ``penalty(policy_logits, ref_logits, actions, mask=None) -> PenaltyOutput``;
-:func:`build_regularizer` makes one from a name, as a PPO trainer's config names it.
+Every regularizer has ``penalty(policy_logits, ref_logits, actions, mask=None) -> PenaltyOutput`` and
+``evaluate(..., support_gradient=False) -> Evaluation`` (penalty and support gradient from one pass); the
+Wasserstein penalty and the f-divergences' sampled-token penalties also take a top-k record
+(:class:`TopKLogProbs`, ``evaluate_topk``) instead of full logits. :func:`build_regularizer` makes one from a name,
+as a trainer's config names it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .f_divergence import (
     f_prime,
     k3,
 )
+from .topk import TopKLogProbs
 from .wasserstein import (
     Support,
     TruncatedProblem,
@@ -85,6 +89,7 @@ __all__ = [
     "Regularizer",
     "Support",
     "SupportGradient",
+    "TopKLogProbs",
     "TruncatedProblem",
     "WassersteinRegularizer",
     "WassersteinSolution",

@@ -11,8 +11,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .topk import TopKLogProbs
 
 LOG_PROB_FLOOR = -80.0
 """Log-probabilities are floored here (probability ``e^-80 ~ 1.8e-35``) where a penalty needs a finite
@@ -31,7 +35,9 @@ class PenaltyOutput:
 
     Attributes:
         per_token: (B, T) float32; the penalty at each generated position (0 where ``mask`` is False).
-            The trainer adds ``-beta * per_token`` to the reward.
+            The trainer adds ``-beta * per_token`` to the reward. From :meth:`Regularizer.evaluate_topk`: (N,), one
+            per position of the record (``per_token_bt[mask] = per_token`` puts them on a (B, T) grid when the
+            record lists the positions of ``mask`` in row-major order).
         stats: scalars for logging with slash names (``penalty/mean``, ``kl/exact``, ...), averaged over
             the generated positions unless a name says otherwise; 0.0 when no position is generated.
     """
@@ -45,9 +51,11 @@ class Evaluation:
     """A regularizer's penalty and, when asked for, its support gradient, from one solve per position.
 
     Attributes:
-        penalty: the :class:`PenaltyOutput` of :meth:`Regularizer.penalty`.
+        penalty: the :class:`PenaltyOutput` of :meth:`Regularizer.penalty` (``per_token`` (N,) from
+            :meth:`Regularizer.evaluate_topk`).
         gradient: the :class:`SupportGradient` of :meth:`Regularizer.support_gradient` over the N generated
-            positions in row-major (b, t) order, or None when not asked for.
+            positions in row-major (b, t) order (the record's order from :meth:`Regularizer.evaluate_topk`), or None
+            when not asked for.
     """
 
     penalty: PenaltyOutput
@@ -140,12 +148,26 @@ class SupportGradient:
     def surrogate(self, policy_logprobs: torch.Tensor) -> torch.Tensor:
         r"""(N,) :math:`S = \sum_i \pi(i)\,\phi_i + (1 - \sum_i \pi(i))\,\phi_{dust}`, differentiable in
         ``policy_logprobs`` (N, V), the policy's normalised log-probabilities at the same positions."""
-        probs = policy_logprobs.exp()
         if self.tokens is None:
+            probs = policy_logprobs.exp()
             return (probs * self.phi.to(probs.dtype)).sum(-1)
-        held = probs.gather(-1, self.tokens) * self.distinct
-        dust = self.dust.to(probs.dtype)
-        return (held * (self.phi.to(probs.dtype) - dust[..., None])).sum(-1) + dust
+        return self.surrogate_at_slots(policy_logprobs.gather(-1, self.tokens))
+
+    def surrogate_at_slots(self, slot_logprobs: torch.Tensor) -> torch.Tensor:
+        r"""(N,) the surrogate :meth:`surrogate` from the policy's normalised log-probabilities at the support slots
+        only, ``slot_logprobs`` (N, s) :math:`= \log\pi_\theta(\texttt{tokens})` (e.g. gathered logits minus the
+        full log-sum-exp): no V-sized tensor, and the gradient flows through the gathered log-probabilities (the
+        dust's mass is :math:`1 - \sum` of the distinct slots'). Needs ``tokens`` (not the whole-vocabulary form)."""
+        if self.tokens is None:
+            raise ValueError("surrogate_at_slots needs a support (tokens); this gradient covers the whole vocabulary")
+        if slot_logprobs.shape != self.tokens.shape:
+            raise ValueError(
+                f"slot_logprobs must be (N, s) = {tuple(self.tokens.shape)} like tokens, "
+                f"got {tuple(slot_logprobs.shape)}"
+            )
+        held = slot_logprobs.exp() * self.distinct
+        dust = self.dust.to(held.dtype)
+        return (held * (self.phi.to(held.dtype) - dust[..., None])).sum(-1) + dust
 
 
 def chunk_bounds(count: int, per_chunk: int) -> Iterator[tuple[int, int]]:
@@ -290,14 +312,7 @@ class Regularizer(ABC):
             ValueError: on malformed shapes, dtypes, devices or token ids, or logits whose vocabulary does
                 not fit the regularizer.
         """
-        check_inputs(policy_logits, ref_logits, actions, mask)
-        with torch.no_grad():
-            positions = select_positions(policy_logits, ref_logits, actions, mask)
-            values, stats = self._penalize(positions)
-            per_token = torch.zeros(actions.shape, dtype=torch.float32, device=actions.device)
-            per_token[positions.batch_index, positions.time_index] = values.float()
-            stats.add_mean("penalty/mean", values)
-        return PenaltyOutput(per_token=per_token, stats=stats.result(positions.count))
+        return self.evaluate(policy_logits, ref_logits, actions, mask).penalty
 
     def support_gradient(
         self,
@@ -327,22 +342,62 @@ class Regularizer(ABC):
         *,
         support_gradient: bool = False,
     ) -> Evaluation:
-        """:meth:`penalty` and, with ``support_gradient``, :meth:`support_gradient` in one call (a regularizer that
-        solves a problem per position solves it once for both).
+        """:meth:`penalty` and, with ``support_gradient``, :meth:`support_gradient` in one call (one log-softmax of each
+        chunk of positions, and one solve per position where the regularizer solves a problem).
 
         Args: as :meth:`penalty`.
 
         Raises:
             NotImplementedError: ``support_gradient`` asked of a regularizer that has none.
         """
-        penalty = self.penalty(policy_logits, ref_logits, actions, mask)
-        gradient = self.support_gradient(policy_logits, ref_logits, actions, mask) if support_gradient else None
-        return Evaluation(penalty, gradient)
+        check_inputs(policy_logits, ref_logits, actions, mask)
+        if support_gradient and not self.has_support_gradient:
+            raise NotImplementedError(f"{type(self).__name__} has no support_gradient")
+        with torch.no_grad():
+            positions = select_positions(policy_logits, ref_logits, actions, mask)
+            values, stats, gradient = self._evaluate(positions, support_gradient)
+            per_token = torch.zeros(actions.shape, dtype=torch.float32, device=actions.device)
+            per_token[positions.batch_index, positions.time_index] = values.float()
+            stats.add_mean("penalty/mean", values)
+        return Evaluation(PenaltyOutput(per_token=per_token, stats=stats.result(positions.count)), gradient)
+
+    def evaluate_topk(self, record: TopKLogProbs, *, support_gradient: bool = False, check: bool = True) -> Evaluation:
+        """The penalty (and, with ``support_gradient``, the support gradient) from a top-k record
+        (:class:`~otalign.regularizers.topk.TopKLogProbs`) instead of full logits, for regularizers that need only
+        what the record holds.
+
+        Args:
+            record: the N positions' :class:`~otalign.regularizers.topk.TopKLogProbs`.
+            support_gradient: also return the :class:`SupportGradient` over the record's positions.
+            check: validate the record first (:meth:`~otalign.regularizers.topk.TopKLogProbs.check`, a few host
+                synchronisations); False for a record this library built (e.g. ``TopKLogProbs.from_log_probs``).
+
+        Returns:
+            :class:`Evaluation` with ``penalty.per_token`` (N,) float32, one per position of the record.
+
+        Raises:
+            NotImplementedError: for a regularizer that needs the whole vocabulary.
+        """
+        raise NotImplementedError(f"{type(self).__name__} needs full logits (it has no top-k form)")
+
+    def _evaluate(
+        self, positions: Positions, gradient: bool
+    ) -> tuple[torch.Tensor, StatAccumulator, SupportGradient | None]:
+        """Penalties (N,), statistics and (when ``gradient``) the support gradient at the selected positions. This
+        default calls :meth:`_penalize` then :meth:`_support_gradient`; a regularizer that solves a problem per
+        position overrides it to solve once for both."""
+        values, stats = self._penalize(positions)
+        return values, stats, self._support_gradient(positions) if gradient else None
 
     @property
     def has_support_gradient(self) -> bool:
         """Whether :meth:`support_gradient` is implemented (needed for the penalty in a loss)."""
         return type(self)._support_gradient is not Regularizer._support_gradient
+
+    @property
+    def has_topk(self) -> bool:
+        """Whether :meth:`evaluate_topk` is implemented (the penalty from a top-k record, no full logits)."""
+        return type(self).evaluate_topk is not Regularizer.evaluate_topk
 
     def _support_gradient(self, positions: Positions) -> SupportGradient:
         raise NotImplementedError(f"{type(self).__name__} has no support_gradient")

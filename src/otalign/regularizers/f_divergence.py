@@ -17,12 +17,16 @@ import torch
 from .base import (
     DEFAULT_CHUNK_ELEMENTS,
     LOG_PROB_FLOOR,
+    Evaluation,
+    PenaltyOutput,
     Positions,
     Regularizer,
     StatAccumulator,
     SupportGradient,
     chunk_bounds,
+    describe,
 )
+from .topk import TopKLogProbs
 
 F_DIVERGENCES = ("rkl", "fkl", "js", "alpha", "tv", "chi2")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -104,8 +108,11 @@ def exact_f_divergence(
         of ``inf``); float32 for float32 inputs.
     """
     policy = policy_logprobs.clamp_min(LOG_PROB_FLOOR)
-    ratio = policy - ref_logprobs.clamp_min(LOG_PROB_FLOOR)
-    return (policy.exp() * f_over_x(ratio, kind, alpha=alpha)).sum(-1)
+    ratio = ref_logprobs.clamp_min(LOG_PROB_FLOOR).neg_().add_(policy)
+    terms = ratio if kind == "rkl" else f_over_x(ratio, kind, alpha=alpha)  # rkl (k1): f(x)/x is the log-ratio
+    if torch.is_grad_enabled() and (policy.requires_grad or terms.requires_grad):
+        return (policy.exp() * terms).sum(-1)
+    return policy.exp_().mul_(terms).sum(-1)  # in place: three V-sized buffers instead of six
 
 
 def k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -128,6 +135,10 @@ class FDivergenceRegularizer(Regularizer):
 
     Stats: ``penalty/mean``; ``kl/exact`` (the full-vocabulary :math:`\mathrm{KL}(\pi_\theta\|\pi_{ref})`) and
     ``<kind>/exact`` (the full-vocabulary :math:`D_f`), each averaged over the generated positions.
+
+    From a top-k record (:meth:`evaluate_topk`) the sampled-token penalty is exact (it needs the two log-probabilities
+    at the sampled token only); the exact divergences and the support gradient need the whole vocabulary, and are
+    not estimated from a top-k (for the KL in a loss, the k3 estimator needs only the sampled token).
 
     Args:
         kind: ``rkl`` (alias ``kl``), ``fkl``, ``js``, ``alpha``, ``tv`` or ``chi2``.
@@ -179,11 +190,46 @@ class FDivergenceRegularizer(Regularizer):
         extra += f", estimator={self.estimator!r}" if self.kind == "rkl" else ""
         return f"FDivergenceRegularizer({self.kind!r}{extra})"
 
-    def _penalize(self, positions: Positions) -> tuple[torch.Tensor, StatAccumulator]:
+    def evaluate_topk(self, record: TopKLogProbs, *, support_gradient: bool = False, check: bool = True) -> Evaluation:
+        """The sampled-token penalty :math:`f(x)/x` from a top-k record: it needs only the two log-probabilities at
+        the sampled token (:meth:`~otalign.regularizers.topk.TopKLogProbs.sampled_log_ratio`), so it equals
+        :meth:`penalty`'s. Stats: ``penalty/mean`` only: the exact divergences sum over the whole vocabulary.
+
+        Raises:
+            NotImplementedError: with ``support_gradient``: the f-divergence's gradient covers the whole vocabulary
+                (for the KL in a loss use the k3 estimator, which needs only the sampled token).
+        """
+        if not isinstance(record, TopKLogProbs):
+            raise ValueError(f"record must be a TopKLogProbs, got {describe(record)}")
+        if support_gradient:
+            raise NotImplementedError(
+                f"the {self.kind} support gradient needs the whole vocabulary (full logits); for the KL in a loss "
+                "use the k3 estimator"
+            )
+        if check:
+            record.check()
+        with torch.no_grad():
+            values = f_over_x(record.sampled_log_ratio(), self.kind, alpha=self.alpha, estimator=self.estimator)
+            stats = StatAccumulator()
+            stats.add_mean("penalty/mean", values)
+        return Evaluation(PenaltyOutput(per_token=values.float(), stats=stats.result(record.count)), None)
+
+    def _evaluate(
+        self, positions: Positions, gradient: bool
+    ) -> tuple[torch.Tensor, StatAccumulator, SupportGradient | None]:
+        """One log-softmax per chunk of ``max_chunk_elements // V`` positions gives the penalties, the exact
+        divergences and (when ``gradient``) the support gradient."""
+        dtype = torch.promote_types(positions.policy_logits.dtype, torch.float32)
+        device = positions.actions.device
         stats = StatAccumulator()
-        values = torch.empty(positions.count, dtype=torch.float32, device=positions.actions.device)
+        values = torch.empty(positions.count, dtype=torch.float32, device=device)
+        out = None
+        if gradient:
+            phi = torch.empty(positions.count, positions.vocab, dtype=dtype, device=device)
+            value = torch.empty(positions.count, dtype=dtype, device=device)
+            out = SupportGradient(tokens=None, distinct=None, phi=phi, dust=torch.zeros_like(value), value=value)
         for start, stop in chunk_bounds(positions.count, self.max_chunk_elements // positions.vocab):
-            policy, ref = positions.log_probs(start, stop)
+            policy, ref = positions.log_probs(start, stop, dtype)
             sampled = positions.actions[start:stop, None]
             log_ratio = policy.gather(1, sampled).clamp_min(LOG_PROB_FLOOR) - ref.gather(1, sampled).clamp_min(
                 LOG_PROB_FLOOR
@@ -193,21 +239,20 @@ class FDivergenceRegularizer(Regularizer):
             stats.add_mean("kl/exact", kl)
             exact = kl if self.kind == "rkl" else exact_f_divergence(policy, ref, self.kind, alpha=self.alpha)
             stats.add_mean(f"{self.kind}/exact", exact)
+            if out is not None:
+                # phi = f'(pi / pi_ref) shifted (a constant per position: the same gradient along the simplex) so
+                # that sum(pi * phi) = D_f
+                full_ratio = policy.clamp_min(LOG_PROB_FLOOR) - ref.clamp_min(LOG_PROB_FLOOR)
+                slope = f_prime(full_ratio, self.kind, alpha=self.alpha)
+                out.phi[start:stop] = slope + (exact - (policy.exp() * slope).sum(-1))[:, None]
+                out.value[start:stop] = exact
+        return values, stats, out
+
+    def _penalize(self, positions: Positions) -> tuple[torch.Tensor, StatAccumulator]:
+        values, stats, _ = self._evaluate(positions, False)
         return values, stats
 
     def _support_gradient(self, positions: Positions) -> SupportGradient:
         """Over the whole vocabulary: ``phi = f'(pi/pi_ref) + c`` (:func:`f_prime`, log-probabilities floored as in
         :func:`exact_f_divergence`; ``c`` per position makes ``sum(pi * phi)`` the exact :math:`D_f`); no dust."""
-        dtype = torch.promote_types(positions.policy_logits.dtype, torch.float32)
-        device = positions.actions.device
-        phi = torch.empty(positions.count, positions.vocab, dtype=dtype, device=device)
-        value = torch.empty(positions.count, dtype=dtype, device=device)
-        for start, stop in chunk_bounds(positions.count, self.max_chunk_elements // positions.vocab):
-            policy, ref = positions.log_probs(start, stop, dtype)
-            log_ratio = policy.clamp_min(LOG_PROB_FLOOR) - ref.clamp_min(LOG_PROB_FLOOR)
-            gradient = f_prime(log_ratio, self.kind, alpha=self.alpha)
-            exact = exact_f_divergence(policy, ref, self.kind, alpha=self.alpha)
-            # shifted (a constant per position: the same gradient along the simplex) so that sum(pi * phi) = D_f
-            phi[start:stop] = gradient + (exact - (policy.exp() * gradient).sum(-1))[:, None]
-            value[start:stop] = exact
-        return SupportGradient(tokens=None, distinct=None, phi=phi, dust=torch.zeros_like(value), value=value)
+        return self._evaluate(positions, True)[2]
