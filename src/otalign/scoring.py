@@ -194,7 +194,12 @@ def score_rollout(
             if lap is not None:
                 lap("forward")
             result = regularizer.evaluate(
-                policy_logp[None], ref_logp[None], part_tokens[None], part_mask[None], support_gradient=support_gradient
+                policy_logp[None],
+                ref_logp[None],
+                part_tokens[None],
+                part_mask[None],
+                support_gradient=support_gradient,
+                normalized=True,
             )
             del policy_logp, ref_logp
             if check is not None:

@@ -8,6 +8,7 @@ memory a penalty needs beyond its inputs is bounded by the chunk, never by ``B *
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class Positions:
         actions: (N,) int64 sampled tokens at the selected positions.
         batch_index: (N,) batch coordinate of each selected position.
         time_index: (N,) time coordinate of each selected position.
+        normalized: the logits are normalised log-probabilities already (no log-softmax needed).
     """
 
     policy_logits: torch.Tensor
@@ -79,6 +81,7 @@ class Positions:
     actions: torch.Tensor
     batch_index: torch.Tensor
     time_index: torch.Tensor
+    normalized: bool = False
 
     @property
     def count(self) -> int:
@@ -89,8 +92,11 @@ class Positions:
         return self.policy_logits.shape[-1]
 
     def log_probs(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-softmax (in ``dtype``) of both logits at positions ``start:stop``: two (stop - start, V) tensors."""
+        """Log-softmax (in ``dtype``) of both logits at positions ``start:stop``: two (stop - start, V) tensors (the
+        logits themselves, cast, when they are :attr:`normalized`)."""
         rows = (self.batch_index[start:stop], self.time_index[start:stop])
+        if self.normalized:
+            return self.policy_logits[rows].to(dtype), self.ref_logits[rows].to(dtype)
         policy = torch.log_softmax(self.policy_logits[rows].to(dtype), dim=-1)
         ref = torch.log_softmax(self.ref_logits[rows].to(dtype), dim=-1)
         return policy, ref
@@ -341,11 +347,13 @@ class Regularizer(ABC):
         mask: torch.Tensor | None = None,
         *,
         support_gradient: bool = False,
+        normalized: bool = False,
     ) -> Evaluation:
         """:meth:`penalty` and, with ``support_gradient``, :meth:`support_gradient` in one call (one log-softmax of each
         chunk of positions, and one solve per position where the regularizer solves a problem).
 
-        Args: as :meth:`penalty`.
+        Args: as :meth:`penalty`; ``normalized``: the "logits" are log-probabilities already (a caller that took the
+            log-softmax itself, e.g. :func:`otalign.scoring.score_rollout`): none is taken again.
 
         Raises:
             NotImplementedError: ``support_gradient`` asked of a regularizer that has none.
@@ -355,6 +363,8 @@ class Regularizer(ABC):
             raise NotImplementedError(f"{type(self).__name__} has no support_gradient")
         with torch.no_grad():
             positions = select_positions(policy_logits, ref_logits, actions, mask)
+            if normalized:
+                positions = dataclasses.replace(positions, normalized=True)
             values, stats, gradient = self._evaluate(positions, support_gradient)
             per_token = torch.zeros(actions.shape, dtype=torch.float32, device=actions.device)
             per_token[positions.batch_index, positions.time_index] = values.float()
