@@ -123,7 +123,9 @@ def measure(spec: dict) -> dict:
         from otalign.regularizers import load_embedding_matrix
 
         embeddings = load_embedding_matrix(default_model_path(), dtype=torch.float32, device=device)
-    if spec.get("reference"):  # the oracle: the same problems in float64 (costs and masses)
+    logits_dtype = getattr(torch, spec.get("logits_dtype", "float32"))  # e.g. bf16 logits, as a bf16 model gives
+    policy, ref = policy.to(logits_dtype), ref.to(logits_dtype)
+    if spec.get("reference"):  # the oracle: the same (rounded) logits, solved in float64 (costs and masses)
         policy, ref, embeddings = policy.double(), ref.double(), embeddings.double()
     if spec["method"] == "rkl":
         reg = FDivergenceRegularizer("rkl")
@@ -334,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         "--reference-newton-steps", type=int, default=50, help="Newton steps of the reference's stalled problems"
     )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "penalty.json"))
+    parser.add_argument(
+        "--logits-dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the timed runs' logits (the float64 reference is computed from them in float64)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -357,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "seed": 0,
         "embeddings": args.embeddings,
+        "logits_dtype": args.logits_dtype,
     }
     print(
         f"B={batch} T={steps} lam={args.lam} max_iter={args.max_iter} tol={args.tol} w={args.overrelaxation} "
