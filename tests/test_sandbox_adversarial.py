@@ -379,6 +379,30 @@ def test_writes_on_fd_3_never_crash_the_caller(suite, payload):
     assert called.detail == "malformed result channel"
 
 
+def test_the_syscall_filter_leaves_ordinary_programs_alone(suite):
+    """Threads (clone3 answers ENOSYS: the C library falls back to clone), fork, a stream socketpair, an inet socket
+    and exec still work behind the filter."""
+    program = textwrap.dedent(
+        """
+        import os, socket, threading
+        seen = []
+        threads = [threading.Thread(target=seen.append, args=(i,)) for i in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        a, b = socket.socketpair()
+        a.send(b'ok')
+        print(sorted(seen), os.waitpid(pid, 0)[1] >> 8, b.recv(2).decode(), socket.socket().family.name, flush=True)
+        os.execv('/bin/sh', ['sh', '-c', 'echo from sh'])
+        """
+    )
+    expected = "[0, 1, 2, 3] 7 ok AF_INET\nfrom sh\n"
+    result = suite["scorer"].score(program, {"inputs": ["\n"], "outputs": [expected]})
+    assert result.status == "passed", result.detail
+
+
 def test_machine_is_left_as_it_was(suite):
     """No process of the sandbox's uids, no leftover temporary directory, the parent's memory within a margin; after
     ``close()`` no child process beyond those earlier tests left. (Runs last: it closes the module's scorer.)"""
