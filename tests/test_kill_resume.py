@@ -230,3 +230,33 @@ def test_resume_skips_a_truncated_checkpoint(sft_args, uninterrupted_run, uninte
 
 def verify_manifest_bytes(checkpoint, name: str) -> int:
     return json.loads((checkpoint / "manifest.json").read_text())["files"][name]["bytes"]
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="mounts a small tmpfs in a private mount namespace: Linux, root, util-linux unshare",
+)
+def test_a_really_full_disk_stops_in_one_line_and_leaves_no_temporary_folder(sft_args, tmp_path):
+    """The run's output folder is a 200 KiB tmpfs (a checkpoint needs ~320 KiB): torch's own error on the full disk
+    (``unexpected pos ...``) becomes one line naming the checkpoint and the space; nothing temporary is left."""
+    out = tmp_path / "full"
+    out.mkdir()
+    script = LAUNCH.format(arm="")
+    shell = 'mount -t tmpfs -o size=200k tmpfs "$1" || exit 99; shift; "$@"; echo "exit=$?"; ls -A "$0/checkpoints"'
+    command = ["unshare", "-m", "--propagation", "private", "sh", "-c", shell, str(out), str(out)]
+    done = subprocess.run(
+        [*command, sys.executable, "-c", script, *sft_args(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if "exit=" not in done.stdout:
+        pytest.skip(f"no private tmpfs here: {done.stderr[-500:]}")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("otalign sft:")]
+    assert len(errors) == 1 and "exit=2" in done.stdout, done.stderr[-3000:]
+    assert errors[0].startswith(
+        f"otalign sft: error: no space left to write checkpoint {out}/checkpoints/checkpoint-2:"
+    )
+    assert "MiB free on its disk, a checkpoint needs more than" in errors[0]
+    assert done.stdout.split("exit=2", 1)[1].strip() == ""  # checkpoints/ is empty: the partial write was removed

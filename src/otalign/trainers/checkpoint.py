@@ -132,12 +132,17 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in _files(folder)) if folder.is_dir() else 0
 
 
-def _out_of_space(err: BaseException) -> bool:
-    """Whether ``err`` (from torch, pickle or the OS) reports a full disk or quota."""
+LOW_SPACE = 16 << 20
+"""Free bytes under which a failed checkpoint write is taken for a full disk, whatever the error says (torch's
+zip writer reports one as ``unexpected pos 576 vs 534``)."""
+
+
+def _out_of_space(err: BaseException, free: int) -> bool:
+    """Whether ``err`` (from torch, pickle or the OS), raised with ``free`` bytes left, means a full disk or quota."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err).lower()
-    return "no space left" in text or "file write failed" in text or "quota exceeded" in text
+    return free < LOW_SPACE or any(s in text for s in ("no space left", "file write failed", "quota exceeded"))
 
 
 class CheckpointManager:
@@ -181,8 +186,9 @@ class CheckpointManager:
     def _failed(self, final: Path, tmp: Path, err: BaseException) -> None:
         """After a failed save: remove the temporary folder; on a full disk raise :class:`CheckpointError`."""
         written = _folder_bytes(tmp)
+        free_then = shutil.disk_usage(self.folder).free if self.folder.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _out_of_space(err):
+        if not _out_of_space(err, free_then):
             return
         found = list_checkpoints(self.folder.parent)
         previous = found[-1] if found else None
