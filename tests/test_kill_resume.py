@@ -260,3 +260,25 @@ def test_a_really_full_disk_stops_in_one_line_and_leaves_no_temporary_folder(sft
     )
     assert "MiB free on its disk, a checkpoint needs more than" in errors[0]
     assert done.stdout.split("exit=2", 1)[1].strip() == ""  # checkpoints/ is empty: the partial write was removed
+
+
+def test_a_lora_run_checkpoints_only_what_trains_and_resumes_exactly(sft_args, uninterrupted_run, tmp_path):
+    """With LoRA the checkpoint's model file holds the adapters only (the frozen base weights are the pretrained
+    ones, loaded again on resume); a run killed mid-step resumes to the uninterrupted LoRA run's metrics."""
+    import torch
+
+    lora = ["--use_peft", "true", "--lora_r", "2"]
+    whole = otalign([*sft_args(tmp_path / "whole"), *lora])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    checkpoint = list_checkpoints(tmp_path / "whole")[-1]
+    keys = list(torch.load(checkpoint / "pytorch_model.bin", map_location="cpu", weights_only=True))
+    assert keys and all(".lora_" in k for k in keys), keys[:5]
+    full = (list_checkpoints(uninterrupted_run)[-1] / "pytorch_model.bin").stat().st_size
+    assert (checkpoint / "pytorch_model.bin").stat().st_size < full / 2  # the tiny model: 32 KB against 100 KB
+    assert json.loads((checkpoint / "manifest.json").read_text())["trainable_only"] == [0]
+
+    killed = otalign([*sft_args(tmp_path / "killed"), *lora], KILL_POINTS["during a step"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = otalign([*sft_args(tmp_path / "killed"), *lora, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert non_timing(read_metrics(tmp_path / "killed")) == non_timing(read_metrics(tmp_path / "whole"))

@@ -8,6 +8,11 @@ bytes and SHA-256) last, and renames the folder into place. A crash mid-save lea
 which the next save removes. A save that fails (a full disk) removes its temporary folder and stops with one line
 (:class:`CheckpointError`) naming the checkpoint, the free space and the space a checkpoint needs.
 
+A model holding LoRA adapters (peft) is saved without its frozen base weights (the pretrained ones every run and
+resume loads): its model file holds the trainable parameters only (adapters, a value head), as TRL/PEFT
+checkpoints do, and the manifest lists it under ``trainable_only``; :meth:`CheckpointManager.load` then loads
+non-strictly and checks that each model file held exactly the keys it should.
+
 Files can still be damaged after the rename (a copy cut short, a truncated file): :func:`latest_checkpoint` checks
 each checkpoint against its manifest, newest first, says in one line which file of which checkpoint is broken, and
 returns the newest intact one. Checkpoints written before manifests existed are taken as they are.
@@ -23,6 +28,7 @@ import pickle
 import re
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,10 +86,12 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: str | Path) -> dict:
-    """Write ``folder/manifest.json``: ``{"files": {relative path: {"bytes", "sha256"}}}`` of every file in it."""
+def write_manifest(folder: str | Path, trainable_only: Sequence[int] = ()) -> dict:
+    """Write ``folder/manifest.json``: ``{"files": {relative path: {"bytes", "sha256"}}, "trainable_only":
+    [model indices]}`` of every file in it (``trainable_only``: the models saved without their frozen weights)."""
     folder = Path(folder)
     manifest = {"files": {p.relative_to(folder).as_posix(): _entry(p) for p in _files(folder)}}
+    manifest["trainable_only"] = list(trainable_only)
     with (folder / MANIFEST).open("w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -128,6 +136,24 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+
+
+def _has_adapters(model) -> bool:
+    """Whether ``model`` holds a peft (LoRA) model and frozen parameters."""
+    return any(hasattr(m, "peft_config") for m in model.modules()) and any(
+        not p.requires_grad for p in model.parameters()
+    )
+
+
+def _trainable_names(model) -> set[str]:
+    return {n.removeprefix("module.") for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in _files(folder)) if folder.is_dir() else 0
 
@@ -158,6 +184,21 @@ class CheckpointManager:
         self.accelerator = accelerator
         self.folder = Path(output_dir) / "checkpoints"
         self.total_limit = total_limit
+        self._trainable_only: list[int] = []
+        accelerator.register_save_state_pre_hook(self._keep_trainable)
+
+    def _keep_trainable(self, models: list, weights: list[dict], output_dir: str) -> None:
+        """accelerate's pre-save hook: the state dict of a model holding LoRA adapters (peft) keeps only its
+        trainable parameters (the adapters, a value head); its frozen base weights are the pretrained ones the run
+        starts from, loaded again on resume. Other models are saved whole."""
+        self._trainable_only = []
+        for i, (model, state) in enumerate(zip(models, weights, strict=False)):
+            if not _has_adapters(model):
+                continue
+            trainable = _trainable_names(model)
+            for key in [k for k in state if k.removeprefix("module.") not in trainable]:
+                del state[key]
+            self._trainable_only.append(i)
 
     def save(self, step: int) -> Path:
         """Write ``checkpoint-<step>`` atomically (all processes must call this); returns its path."""
@@ -172,7 +213,7 @@ class CheckpointManager:
             acc.save_state(str(tmp), safe_serialization=False)
             acc.wait_for_everyone()
             if acc.is_main_process:
-                write_manifest(tmp)
+                write_manifest(tmp, self._trainable_only)
         except (OSError, RuntimeError) as err:
             self._failed(final, tmp, err)
             raise
@@ -213,11 +254,35 @@ class CheckpointManager:
         why = verify_checkpoint(path)
         if why is not None:
             raise CheckpointError(f"checkpoint {path} is broken: {why}")
+        partial = _read_manifest(path).get("trainable_only", [])
         try:
-            self.accelerator.load_state(str(path))
+            self.accelerator.load_state(str(path), **({"strict": False} if partial else {}))
+            if partial:
+                self._check_keys(path, partial)
+        except CheckpointError:
+            raise
         except (RuntimeError, EOFError, ValueError, KeyError, OSError, pickle.UnpicklingError) as err:
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
             raise CheckpointError(f"checkpoint {path} could not be read: {type(err).__name__}: {first}") from None
+
+    def _check_keys(self, path: Path, partial: list[int]) -> None:
+        """After a non-strict load: each model file held exactly the keys it should (the trainable parameters of a
+        model saved without its frozen weights, every key of the others); else :class:`CheckpointError`."""
+        import torch
+
+        for i, model in enumerate(self.accelerator._models):
+            file = path / ("pytorch_model.bin" if i == 0 else f"pytorch_model_{i}.bin")
+            if not file.is_file():
+                continue
+            got = {
+                k.removeprefix("module.") for k in torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            }
+            want = _trainable_names(model) if i in partial else {k.removeprefix("module.") for k in model.state_dict()}
+            if got != want:
+                missing, extra = sorted(want - got)[:3], sorted(got - want)[:3]
+                raise CheckpointError(
+                    f"checkpoint {path}: {file.name} does not fit this model (missing {missing}, unexpected {extra})"
+                )
 
     def _prune(self) -> None:
         if self.total_limit is None:
