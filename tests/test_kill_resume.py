@@ -282,3 +282,20 @@ def test_a_lora_run_checkpoints_only_what_trains_and_resumes_exactly(sft_args, u
     resumed = otalign([*sft_args(tmp_path / "killed"), *lora, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert non_timing(read_metrics(tmp_path / "killed")) == non_timing(read_metrics(tmp_path / "whole"))
+
+
+def test_lora_checkpoints_resume_grpo_exactly_and_refuse_other_base_weights(tmp_path, assert_resume_matches):
+    """GRPO with LoRA: resuming from an adapter-only checkpoint gives the uninterrupted metrics; resuming it into a
+    policy with other base weights (another seed) stops in one line instead of silently mixing them."""
+    from test_critic_free import make
+
+    from otalign.trainers.checkpoint import CheckpointError
+
+    settings = dict(max_steps=4, save_steps=2, use_peft=True, lora_r=2)
+    make(tmp_path / "full", save_total_limit=None, **settings).train()
+    checkpoint = tmp_path / "full" / "checkpoints" / "checkpoint-2"
+    assert json.loads((checkpoint / "manifest.json").read_text())["trainable_only"] == [0]
+    make(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint), **settings).train()
+    assert_resume_matches(tmp_path / "full", tmp_path / "resumed", [3, 4])
+    with pytest.raises(CheckpointError, match="holds LoRA adapters trained on other base weights than this model's"):
+        make(tmp_path / "other", policy_seed=5, resume_from_checkpoint=str(checkpoint), **settings).train()

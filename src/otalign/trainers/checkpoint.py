@@ -10,8 +10,10 @@ which the next save removes. A save that fails (a full disk) removes its tempora
 
 A model holding LoRA adapters (peft) is saved without its frozen base weights (the pretrained ones every run and
 resume loads): its model file holds the trainable parameters only (adapters, a value head), as TRL/PEFT
-checkpoints do, and the manifest lists it under ``trainable_only``; :meth:`CheckpointManager.load` then loads
-non-strictly and checks that each model file held exactly the keys it should.
+checkpoints do, and the manifest lists it under ``trainable_only`` with a print of its frozen weights (the sum of
+squares of each frozen tensor); :meth:`CheckpointManager.load` refuses a model whose frozen weights differ from
+that print (adapters on other base weights), loads non-strictly and checks that each model file held exactly the
+keys it should.
 
 Files can still be damaged after the rename (a copy cut short, a truncated file): :func:`latest_checkpoint` checks
 each checkpoint against its manifest, newest first, says in one line which file of which checkpoint is broken, and
@@ -28,7 +30,7 @@ import pickle
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,12 +88,12 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: str | Path, trainable_only: Sequence[int] = ()) -> dict:
-    """Write ``folder/manifest.json``: ``{"files": {relative path: {"bytes", "sha256"}}, "trainable_only":
-    [model indices]}`` of every file in it (``trainable_only``: the models saved without their frozen weights)."""
+def write_manifest(folder: str | Path, extra: Mapping | None = None) -> dict:
+    """Write ``folder/manifest.json``: ``{"files": {relative path: {"bytes", "sha256"}}, **extra}`` of every file
+    in it (:class:`CheckpointManager` adds ``trainable_only``, the indices of the models saved without their frozen
+    weights, and ``frozen_weights``, per such model the sum of squares of each frozen tensor, in name order)."""
     folder = Path(folder)
-    manifest = {"files": {p.relative_to(folder).as_posix(): _entry(p) for p in _files(folder)}}
-    manifest["trainable_only"] = list(trainable_only)
+    manifest = {"files": {p.relative_to(folder).as_posix(): _entry(p) for p in _files(folder)}, **(extra or {})}
     with (folder / MANIFEST).open("w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -150,6 +152,22 @@ def _has_adapters(model) -> bool:
     )
 
 
+def _frozen_sums(model) -> list[float]:
+    """Sum of squares of each frozen parameter (float64, in ``named_parameters`` order): the base weights' print."""
+    import torch
+
+    with torch.no_grad():
+        sums = [p.detach().double().square().sum() for _, p in model.named_parameters() if not p.requires_grad]
+        return torch.stack(sums).tolist() if sums else []
+
+
+def _same_sums(now: list[float], saved: list[float] | None) -> bool:
+    """Equal up to summation order (relative 1e-9: float64 sums of float32 squares)."""
+    if saved is None or len(now) != len(saved):
+        return False
+    return all(abs(a - b) <= 1e-9 * abs(b) for a, b in zip(now, saved, strict=True))
+
+
 def _trainable_names(model) -> set[str]:
     return {n.removeprefix("module.") for n, p in model.named_parameters() if p.requires_grad}
 
@@ -184,21 +202,22 @@ class CheckpointManager:
         self.accelerator = accelerator
         self.folder = Path(output_dir) / "checkpoints"
         self.total_limit = total_limit
-        self._trainable_only: list[int] = []
+        self._partial: dict = {}
         accelerator.register_save_state_pre_hook(self._keep_trainable)
 
     def _keep_trainable(self, models: list, weights: list[dict], output_dir: str) -> None:
         """accelerate's pre-save hook: the state dict of a model holding LoRA adapters (peft) keeps only its
         trainable parameters (the adapters, a value head); its frozen base weights are the pretrained ones the run
         starts from, loaded again on resume. Other models are saved whole."""
-        self._trainable_only = []
+        self._partial = {"trainable_only": [], "frozen_weights": {}}
         for i, (model, state) in enumerate(zip(models, weights, strict=False)):
             if not _has_adapters(model):
                 continue
             trainable = _trainable_names(model)
             for key in [k for k in state if k.removeprefix("module.") not in trainable]:
                 del state[key]
-            self._trainable_only.append(i)
+            self._partial["trainable_only"].append(i)
+            self._partial["frozen_weights"][str(i)] = _frozen_sums(model)
 
     def save(self, step: int) -> Path:
         """Write ``checkpoint-<step>`` atomically (all processes must call this); returns its path."""
@@ -213,7 +232,7 @@ class CheckpointManager:
             acc.save_state(str(tmp), safe_serialization=False)
             acc.wait_for_everyone()
             if acc.is_main_process:
-                write_manifest(tmp, self._trainable_only)
+                write_manifest(tmp, self._partial)
         except (OSError, RuntimeError) as err:
             self._failed(final, tmp, err)
             raise
@@ -254,7 +273,15 @@ class CheckpointManager:
         why = verify_checkpoint(path)
         if why is not None:
             raise CheckpointError(f"checkpoint {path} is broken: {why}")
-        partial = _read_manifest(path).get("trainable_only", [])
+        manifest = _read_manifest(path)
+        partial = manifest.get("trainable_only", [])
+        for i in partial:  # the adapters only fit the base weights they were trained on
+            model = self.accelerator._models[i]
+            if not _same_sums(_frozen_sums(model), manifest.get("frozen_weights", {}).get(str(i))):
+                raise CheckpointError(
+                    f"checkpoint {path} holds LoRA adapters trained on other base weights than this model's "
+                    "(it saves the adapters only): start from the same --model_name_or_path"
+                )
         try:
             self.accelerator.load_state(str(path), **({"strict": False} if partial else {}))
             if partial:
