@@ -79,3 +79,39 @@ def test_cli_samples_a_model(tmp_path):
     report = json.loads((out / "apps.json").read_text())
     assert report["summary"]["all"]["samples"] == 6 and report["summary"]["all"]["problems"] == 3
     assert -1.0 <= report["summary"]["all"]["mean_reward"] <= 1.0
+
+
+def test_summary_is_valid_json_and_says_what_pass_at_k_averages(tmp_path, capsys):
+    """A difficulty without samples has null means (never NaN, which is not JSON); pass@k over fewer problems
+    than the set says so, in the summary and the printed line; a k beyond every problem's samples is one error."""
+    problems = load_code_problems().rows
+    first = {p["difficulty"]: p for p in reversed(problems)}  # one problem per difficulty
+    rows = [{"problem_id": p["problem_id"], "response": p["solutions"][0]} for p in first.values()]
+    rows.append(rows[0])  # two samples for one problem, one for the others, none for the rest
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "report"
+    argv = ["analyze", "apps", "--generation_file", str(gen), "--timeout", "1", "--output_dir", str(out)]
+    assert main([*argv, "--ks", "1,2"]) == 0
+    text = (out / "apps.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in apps.json"))
+    summary = report["summary"]["all"]
+    assert summary["problems"] == len(problems) and summary["pass@1/problems"] == len(first)
+    assert summary["pass@1"] == 1.0 and summary["pass@2"] == 1.0 and summary["pass@2/problems"] == 1
+    printed = capsys.readouterr().out
+    assert f"all: {len(problems)} problems, pass@1 1.000 (over {len(first)} of them)" in printed
+    empty = summarize([{"difficulty": "x"}], [[]], [1])["x"]
+    assert empty["mean_reward"] is None and empty["test_pass_rate"] is None and "pass@1" not in empty
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--ks", "1,5"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass@5 needs a problem with 5 samples or more" in err[0] and "at most 2" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"), [("workers", 0, "workers must be >= 1"), ("timeout", 0, "timeout must be > 0")]
+)
+def test_pool_and_timeout_are_checked(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        CodeEvalConfig(generation_file="x.jsonl", **{field: value})

@@ -3,9 +3,11 @@ the named reward and the batched/cached scorer (programs run in the real sandbox
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -46,7 +48,15 @@ def scorer():
         ("2.5\n", "2.5000000000\n", True),
         ("2.50002\n", "2.5\n", True),  # |difference| 2e-5 <= 1e-8 + 1e-5 * 2.5
         ("2.5001\n", "2.5\n", False),
-        ("1e-9\n", "0\n", True),  # within atol
+        ("1e-9\n", "0.0\n", True),  # within atol of a float
+        ("1e-9\n", "0\n", False),  # an integer matches exactly or not at all
+        ("1000009000\n", "999999999\n", False),  # within allclose's rtol, but integers are exact (issue 32)
+        ("3300030\n", "3300000\n", False),  # print(a + b + 30) for an answer of ~3.3 million
+        ("3.0\n", "3\n", True),  # the same number exactly
+        ("+3\n", "3\n", True),
+        ("3.0000001\n", "3\n", False),
+        ("1e999999999\n", "3\n", False),  # decided without expanding the exponent
+        ("3\n", "3.0000001\n", True),  # a float expected: the tolerance holds
         ("3 2 1\n", "1 2 3\n", False),  # no order-insensitive set comparison
         ("YES\n", "yes\n", False),
         ("", "0\n", False),
@@ -79,6 +89,18 @@ def test_float_tolerance_is_numpy_allclose():
         ({"a": 1.0}, [{"a": 1}], True),
         (None, [None], True),
         ([6, 6], [6], False),
+        (1000009000, [999999999], False),  # integers are exact (issue 32)
+        (999999999, 999999999, True),
+        (3.0, 3, True),  # the same number exactly
+        (3.0000001, 3, False),
+        (3, 3.0000001, True),  # a float expected: the tolerance holds
+        (True, [1], False),  # bool is not int
+        (False, 0, False),
+        (1, [True], False),
+        (True, [True], True),
+        ([True, 0], [[1, 0]], False),
+        (10**400, 1.5, False),  # too large for a float: no OverflowError
+        (float("inf"), [float("inf")], True),
     ],
 )
 def test_call_comparison(value, expected, ok):
@@ -257,3 +279,22 @@ def test_degraded_isolation_still_judges_and_kills_leftovers():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     finally:
         degraded.close()
+
+
+def test_harness_failing_mid_program_is_that_programs_runtime_error():
+    """A harness killed while it runs a program (by the host, say) is that program's runtime error, not an
+    exception in the caller; the next program gets a fresh harness."""
+    single = CodeScorer(config=SandboxConfig(timeout=2.0), workers=1, cache_size=0)
+    try:
+        assert single.score("print(1)", {"inputs": [""], "outputs": ["1"]}).status == "passed"  # harness started
+        (harness,) = single.sandbox._harnesses.values()
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        pending = pool.submit(single.score, "import time\ntime.sleep(1.5)\nprint(3)", SUM)
+        time.sleep(0.5)
+        harness.proc.kill()
+        result = pending.result(timeout=30)
+        pool.shutdown()
+        assert result.status == "runtime_error" and "sandbox harness" in result.detail, result
+        assert single.score("a, b = map(int, input().split())\nprint(a + b)", SUM).status == "passed"
+    finally:
+        single.close()

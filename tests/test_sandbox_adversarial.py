@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import textwrap
@@ -29,6 +30,12 @@ PROJECT = Path(__file__).resolve().parents[1]
 SECRET_DIR = PROJECT / f".otalign-private-{uuid.uuid4().hex}"  # 0700 in a world-readable tree, made by the fixture
 UID_BASE = 62000  # this module's uids, so a leftover process is recognisable
 ONE = {"inputs": ["\n"], "outputs": [f"{EXPECTED}\n"]}
+# world-writable directories holding world-connectable Unix sockets (as dbus or journald sockets are on a host):
+# one in the project tree (visible in the sandbox's read-only view), one under /tmp (hidden by its empty /tmp)
+SOCKET_DIRS = (PROJECT / f".otalign-sockets-{TAG[:8]}", Path(f"/tmp/otalign-sockets-{TAG[:8]}"))
+STREAM_SOCKETS = [str(d / "stream") for d in SOCKET_DIRS]
+DGRAM_SOCKETS = [str(d / "dgram") for d in SOCKET_DIRS]
+ADD_SUM = {"inputs": [[1, 2]], "outputs": [3], "fn_name": "f"}
 
 ATTACKS = {
     "infinite loop": ("while True:\n    pass\n", ONE, {"timeout"}),
@@ -99,6 +106,66 @@ ATTACKS = {
         {"inputs": [[1]], "outputs": [[7]], "fn_name": "f"},
         {"failed"},  # serialised as the plain int 0, then compared here: a wrong answer, not a pass
     ),
+    "connect to a host's Unix socket": (
+        textwrap.dedent(
+            f"""
+            import socket, sys
+            reached = 0
+            for path in {STREAM_SOCKETS!r}:
+                try:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.connect(path)
+                    s.sendall(b'pwned')
+                    reached += 1
+                except OSError as e:
+                    print('blocked', path, e, file=sys.stderr)
+            print({EXPECTED!r} if reached else 'blocked')
+            """
+        ),
+        ONE,
+        {"failed"},
+    ),
+    "datagram to a host's Unix socket from a socketpair": (
+        textwrap.dedent(
+            f"""
+            import socket, sys
+            reached = 0
+            for path in {DGRAM_SOCKETS!r}:
+                try:
+                    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    a.sendto(b'pwned', path)
+                    reached += 1
+                except OSError as e:
+                    print('blocked', path, e, file=sys.stderr)
+            print({EXPECTED!r} if reached else 'blocked')
+            """
+        ),
+        ONE,
+        {"failed"},
+    ),
+    "memfds holding memory outside RLIMIT_AS": (
+        # the issue's example: 60 x 16 MiB held with memory_mb=128 (here 512: 960 MiB is still beyond it)
+        "import os\nfds = []\nfor _ in range(60):\n    fd = os.memfd_create('x')\n    os.write(fd, b'x' * (16 << 20))\n"
+        f"    fds.append(fd)\nprint({EXPECTED!r})\n",
+        ONE,
+        {"runtime_error"},
+    ),
+    "user namespace with a tmpfs mount": (
+        "import os\nos.execv('/usr/bin/unshare', ['unshare', '-Urm', 'sh', '-c', "
+        f"'mount -t tmpfs none . && echo {EXPECTED}'])\n",
+        ONE,
+        {"runtime_error"},
+    ),
+    "result forged on fd 3 without the function (call-based)": (
+        "import os\nos.write(3, b'{\"result\": 3}')\nos._exit(0)\n",
+        ADD_SUM,
+        {"runtime_error"},  # it defines no f: what a correct reading of it earns
+    ),
+    "result forged on fd 3 before returning (call-based)": (
+        "import os\nos.write(3, b'{\"result\": 3}')\ndef f(a, b):\n    return a + b\n",
+        ADD_SUM,
+        {"runtime_error"},  # two messages on the channel: not one result
+    ),
     "monkeypatched print and builtins": (
         "import builtins, sys\nbuiltins.print = lambda *a, **k: None\nsys.stdout.write = lambda s: len(s)\n"
         "print('anything')\nraise SystemExit(3)\n",
@@ -160,6 +227,7 @@ def suite(tmp_path_factory):
     (SECRET_DIR / "secret.txt").write_text(SECRET)
     (SECRET_DIR / "secret.txt").chmod(0o600)
     os.environ["OTALIGN_TEST_SECRET"] = SECRET
+    servers = _unix_servers()
     config = SandboxConfig(timeout=1.0, memory_mb=512, file_size_mb=8, workdir_mb=16, output_mb=2.0, uid_base=UID_BASE)
     scorer = CodeScorer(config=config, workers=2, cache_size=0)
     try:
@@ -173,6 +241,8 @@ def suite(tmp_path_factory):
                 "search for the expected output",
                 "write home and project",
                 "socket to an outside address",
+                "connect to a host's Unix socket",
+                "datagram to a host's Unix socket from a socketpair",
             )
         }
         scored = scorer.score_batch([ATTACKS[n][0] for n in names], [ATTACKS[n][1] for n in names])
@@ -185,11 +255,33 @@ def suite(tmp_path_factory):
             "rss": rss,
             "children": children,  # earlier tests' processes (e.g. the shared default scorer's harnesses)
             "scorer": scorer,
+            "servers": servers,
         }
     finally:
         scorer.close()
         os.environ.pop("OTALIGN_TEST_SECRET", None)
         shutil.rmtree(SECRET_DIR, ignore_errors=True)
+        for server in servers:
+            server.close()
+        for directory in SOCKET_DIRS:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _unix_servers() -> list[socket.socket]:
+    """A listening stream socket and a bound datagram socket in each of :data:`SOCKET_DIRS`, all world-writable."""
+    servers = []
+    for directory, stream, dgram in zip(SOCKET_DIRS, STREAM_SOCKETS, DGRAM_SOCKETS, strict=True):
+        directory.mkdir()
+        directory.chmod(0o777)
+        for path, kind in ((stream, socket.SOCK_STREAM), (dgram, socket.SOCK_DGRAM)):
+            server = socket.socket(socket.AF_UNIX, kind)
+            server.bind(path)
+            os.chmod(path, 0o777)
+            if kind == socket.SOCK_STREAM:
+                server.listen(8)
+            server.setblocking(False)
+            servers.append(server)
+    return servers
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
@@ -204,8 +296,8 @@ def test_isolation_is_complete_here(suite):
     iso = suite["isolation"]
     if os.geteuid() != 0:
         pytest.skip(f"not root: {describe(iso)}")
-    assert iso["net"] and iso["mount"] and iso["pid"] and iso["user"], iso
-    assert suite["scorer"].sandbox.isolation == {k: iso[k] for k in ("net", "mount", "pid", "user")}
+    assert iso["net"] and iso["mount"] and iso["pid"] and iso["user"] and iso["seccomp"], iso
+    assert suite["scorer"].sandbox.isolation == {k: iso[k] for k in ("net", "mount", "pid", "user", "seccomp")}
 
 
 def test_nothing_secret_or_expected_reaches_the_program(suite):
@@ -236,6 +328,79 @@ def test_no_writes_outside_the_temporary_directory(suite):
         Path(f"/tmp/otalign-daemon-{TAG}"),
     ):
         assert not path.exists(), path
+
+
+def test_host_unix_sockets_are_unreachable(suite):
+    """Neither a connection nor a datagram reached the host's world-writable Unix sockets (checked here, from the
+    sockets' side: nothing queued)."""
+    for server in suite["servers"]:
+        with pytest.raises(BlockingIOError):
+            server.accept() if server.type == socket.SOCK_STREAM else server.recv(64)
+    for name in ("connect to a host's Unix socket", "datagram to a host's Unix socket from a socketpair"):
+        stderr = suite["raw"][name][0].stderr
+        assert stderr.count("blocked") == 2, stderr
+        if suite["isolation"]["seccomp"]:  # refused by the filter, before any path is looked up
+            assert stderr.count("[Errno 1] Operation not permitted") == 2, stderr
+
+
+def test_memfd_and_user_namespaces_are_refused(suite):
+    if not suite["isolation"]["seccomp"]:
+        pytest.skip(f"no syscall filter: {describe(suite['isolation'])}")
+    assert "PermissionError: [Errno 1]" in suite["results"]["memfds holding memory outside RLIMIT_AS"].detail
+    assert "Operation not permitted" in suite["results"]["user namespace with a tmpfs mount"].detail
+
+
+def test_forged_result_is_the_program_not_defining_the_function(suite):
+    result = suite["results"]["result forged on fd 3 without the function (call-based)"]
+    assert result.detail == "the program does not define 'f'"
+    assert suite["results"]["result forged on fd 3 before returning (call-based)"].detail == "malformed result channel"
+
+
+CHANNEL_WRITES = [
+    b'{"compile_error": ',  # a truncated compile error: once raised JSONDecodeError in the caller
+    b'{"compile_error": "forged"}',
+    b"\xff\xfe\x00",
+    b"[" * 100000,  # too deep for the JSON decoder
+    b'{"result": 1' + b"0" * 5000 + b"}",  # more digits than int() converts
+    b'{"result": 3, "extra": 1}',
+    b"[3]",
+]
+
+
+@pytest.mark.parametrize("payload", CHANNEL_WRITES, ids=range(len(CHANNEL_WRITES)))
+def test_writes_on_fd_3_never_crash_the_caller(suite, payload):
+    """Whatever a program writes on fd 3 is its own verdict, never an exception here: a stdin/stdout program has no
+    fd 3 (writing fails, and it then prints the right answer: a pass); a call-based one that writes there before
+    returning the right value has a malformed channel (a runtime error)."""
+    write = f"import os\ntry:\n    os.write(3, {payload!r})\nexcept OSError:\n    pass\n"
+    stdio = suite["scorer"].score(write + f"print({EXPECTED!r})\n", ONE)
+    called = suite["scorer"].score(write + "def f(a, b):\n    return a + b\n", ADD_SUM)
+    assert (stdio.status, called.status) == ("passed", "runtime_error"), (stdio.detail, called.detail)
+    assert called.detail == "malformed result channel"
+
+
+def test_the_syscall_filter_leaves_ordinary_programs_alone(suite):
+    """Threads (clone3 answers ENOSYS: the C library falls back to clone), fork, a stream socketpair, an inet socket
+    and exec still work behind the filter."""
+    program = textwrap.dedent(
+        """
+        import os, socket, threading
+        seen = []
+        threads = [threading.Thread(target=seen.append, args=(i,)) for i in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        a, b = socket.socketpair()
+        a.send(b'ok')
+        print(sorted(seen), os.waitpid(pid, 0)[1] >> 8, b.recv(2).decode(), socket.socket().family.name, flush=True)
+        os.execv('/bin/sh', ['sh', '-c', 'echo from sh'])
+        """
+    )
+    expected = "[0, 1, 2, 3] 7 ok AF_INET\nfrom sh\n"
+    result = suite["scorer"].score(program, {"inputs": ["\n"], "outputs": [expected]})
+    assert result.status == "passed", result.detail
 
 
 def test_machine_is_left_as_it_was(suite):

@@ -4,7 +4,8 @@ Started by :mod:`otalign.rewards.sandbox` as ``python -I -S <this file>`` in a n
 environment and ``close_fds``; one long-lived harness per worker slot (its own uid). Standard library only; it
 never imports otalign. It never sees the expected outputs: the caller compares.
 
-Protocol (JSON lines on stdin/stdout): first a session ``{"uid", "isolation": {"net", "mount", "pid", "user"},
+Protocol (JSON lines on stdin/stdout): first a session ``{"uid", "isolation": {"net", "mount", "pid", "user",
+"seccomp"},
 "preload": [allowed module names]}``, answered ``{"ready": true}`` or ``{"setup_error": message}``; then any
 number of jobs ``{"program", "mode": "stdio"|"call", "fn_name", "inputs": [...], "timeout", "cpu_seconds",
 "memory_bytes", "file_bytes", "max_processes", "max_open_files", "output_bytes", "workdir_bytes",
@@ -20,9 +21,11 @@ read-only tmpfs (holding only the empty working directory). Per test::
                    on the working directory (SysV/POSIX IPC objects die with the test's IPC namespace)
       A ─fork→ B: pid 1 of the new pid namespace; mounts its own /proc; reaps; exits with the program's status
                   (or "left a process behind"), and the kernel then kills everything left in the namespace
-        B ─fork→ C: stdin = the test input (an anonymous memfd), stdout/stderr/result = pipes to the harness,
-                    every other fd closed; rlimits (CPU, AS, FSIZE, NPROC, NOFILE, CORE); setgroups([]),
-                    setgid/setuid to the unprivileged uid; no_new_privs; then compiles and runs the program.
+        B ─fork→ C: stdin = the test input (an anonymous memfd), stdout/stderr = pipes to the harness, fd 3 the
+                    result pipe (call-based tests only), fd 4 the prelude pipe, every other fd closed; rlimits
+                    (CPU, AS, FSIZE, NPROC, NOFILE, CORE, MEMLOCK, MSGQUEUE); setgroups([]), setgid/setuid to the
+                    unprivileged uid; no_new_privs; the syscall filter (:data:`SYSCALLS`); compiles the program
+                    (a compile error goes on fd 4), closes fd 4, then runs it.
 
 The harness (trusted, outside the pid namespaces) reads the pipes with byte caps and a wall-clock deadline and
 kills A's process group (hence B, hence the namespace) on timeout or overflow. Missing pieces degrade as the
@@ -32,11 +35,14 @@ as the harness's user. Standard-library modules a program imports that are in th
 imported by the harness first (the contained uid may be unable to read the interpreter's library directory).
 
 Per-test line: ``{"index", "outcome": "exited"|"signaled"|"timeout"|"output_limit"|"leftover_process",
-"returncode", "signal", "stdout", "stderr" (first 4 KB), "channel" (what the program process wrote to fd 3: a
-compile error or the call-based result, as JSON text), "wall"}``. A setup failure (a namespace that cannot be
-created) ends the job with ``{"setup_error": message}`` (reported by A on a pipe no contained process holds).
+"returncode", "signal", "stdout", "stderr" (first 4 KB), "channel" (what the program's process wrote to fd 3: the
+call-based result as JSON text, or whatever the program wrote there itself), "compile_error" (what fd 4 carried:
+written before any of the program's code ran, so never the program's; null when it compiled), "wall"}``. A setup
+failure (a namespace that cannot be created) ends the job with ``{"setup_error": message}`` (reported by A on a
+pipe no contained process holds).
 """
 
+import ast
 import contextlib
 import ctypes
 import json
@@ -62,7 +68,7 @@ MOUNT_FLAGS = {
     "relatime": MS_RELATIME,
     "strictatime": MS_STRICTATIME,
 }
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
 SETUP_ERROR = 125  # exit status of A when containment could not be set up
 LEFTOVER = 121  # exit status of B when the program exited but left a process running in its namespace
 STDERR_KEEP = 4096
@@ -90,6 +96,142 @@ def _mount(source, target, fstype, flags, data):
 def _prctl(option, value):
     if _libc is not None:
         _libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0)
+
+
+# The program's syscall filter (seccomp-BPF). Refused with EPERM: memory no rlimit counts (memfd_create,
+# memfd_secret, SysV shared memory and message queues), filesystem Unix sockets (socket(AF_UNIX); a socketpair
+# other than SOCK_STREAM, whose datagram ends can sendto() a path), new namespaces (unshare, setns, clone with a
+# CLONE_NEW* flag: no user namespace, hence no mounts), and kernel surface no solution needs (io_uring, which
+# bypasses seccomp; bpf, userfaultfd, perf_event_open, keyrings). clone3 answers ENOSYS (its flags sit in memory a
+# filter cannot read; the C library then falls back to clone). Another architecture (x32 included) is killed.
+SYSCALLS = {  # (audit arch, {name: number}) per machine
+    "x86_64": (
+        0xC000003E,
+        {
+            "clone": 56,
+            "clone3": 435,
+            "socket": 41,
+            "socketpair": 53,
+            "memfd_create": 319,
+            "memfd_secret": 447,
+            "shmget": 29,
+            "msgget": 68,
+            "unshare": 272,
+            "setns": 308,
+            "io_uring_setup": 425,
+            "io_uring_enter": 426,
+            "io_uring_register": 427,
+            "bpf": 321,
+            "userfaultfd": 323,
+            "perf_event_open": 298,
+            "add_key": 248,
+            "request_key": 249,
+            "keyctl": 250,
+        },
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {
+            "clone": 220,
+            "clone3": 435,
+            "socket": 198,
+            "socketpair": 199,
+            "memfd_create": 279,
+            "memfd_secret": 447,
+            "shmget": 194,
+            "msgget": 186,
+            "unshare": 97,
+            "setns": 268,
+            "io_uring_setup": 425,
+            "io_uring_enter": 426,
+            "io_uring_register": 427,
+            "bpf": 280,
+            "userfaultfd": 282,
+            "perf_event_open": 241,
+            "add_key": 217,
+            "request_key": 218,
+            "keyctl": 219,
+        },
+    ),
+}
+CLONE_NEW_ANY = 0x7E020080  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET | NEWTIME
+AF_UNIX, SOCK_STREAM, SOCK_TYPE_MASK = 1, 1, 0xF
+EPERM, ENOSYS = 1, 38
+RET_ALLOW, RET_ERRNO, RET_KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
+LD_ABS, JEQ, JGE, JSET, AND, RET = 0x20, 0x15, 0x35, 0x45, 0x54, 0x06  # BPF_LD|W|ABS, BPF_JMP|K ..., BPF_RET|K
+NR, ARCH, ARG0, ARG1 = 0, 4, 16, 24  # offsets in struct seccomp_data (low 32 bits of an argument, little-endian)
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _filter_program(machine):
+    """The filter of :data:`SYSCALLS` for ``machine`` as (code, jt, jf, k) tuples; jumps are to labels."""
+    arch, nr = SYSCALLS[machine]
+    refused = [n for name, n in nr.items() if name not in ("clone", "clone3", "socket", "socketpair")]
+    prog = [(LD_ABS, 0, 0, ARCH), (JEQ, 0, "kill", arch), (LD_ABS, 0, 0, NR)]
+    if machine == "x86_64":
+        prog.append((JGE, "kill", 0, 0x40000000))  # the x32 ABI's numbers
+    prog += [
+        (JEQ, "clone", 0, nr["clone"]),
+        (JEQ, "socket", 0, nr["socket"]),
+        (JEQ, "socketpair", 0, nr["socketpair"]),
+        (JEQ, "enosys", 0, nr["clone3"]),
+    ]
+    prog += [(JEQ, "eperm", 0, n) for n in refused]
+    prog += [
+        (RET, 0, 0, RET_ALLOW),
+        ("clone",),
+        (LD_ABS, 0, 0, ARG0),
+        (JSET, "eperm", "allow", CLONE_NEW_ANY),
+        ("socket",),
+        (LD_ABS, 0, 0, ARG0),
+        (JEQ, "eperm", "allow", AF_UNIX),
+        ("socketpair",),
+        (LD_ABS, 0, 0, ARG0),
+        (JEQ, 0, "allow", AF_UNIX),
+        (LD_ABS, 0, 0, ARG1),
+        (AND, 0, 0, SOCK_TYPE_MASK),
+        (JEQ, "allow", "eperm", SOCK_STREAM),
+        ("allow",),
+        (RET, 0, 0, RET_ALLOW),
+        ("eperm",),
+        (RET, 0, 0, RET_ERRNO | EPERM),
+        ("enosys",),
+        (RET, 0, 0, RET_ERRNO | ENOSYS),
+        ("kill",),
+        (RET, 0, 0, RET_KILL_PROCESS),
+    ]
+    labels, out = {}, []
+    for item in prog:
+        if len(item) == 1:
+            labels[item[0]] = len(out)
+        else:
+            out.append(item)
+    resolved = []
+    for i, (code, jt, jf, k) in enumerate(out):
+        jt, jf = (labels[j] - i - 1 if isinstance(j, str) else j for j in (jt, jf))
+        resolved.append((code, jt, jf, k))
+    return resolved
+
+
+def _seccomp():
+    """Install the program's syscall filter on the calling process (needs no_new_privs; irreversible)."""
+    machine = os.uname().machine
+    if _libc is None or machine not in SYSCALLS:
+        raise OSError(f"no syscall filter for {sys.platform}/{machine}")
+    prog = _filter_program(machine)
+    insns = (_SockFilter * len(prog))(*(_SockFilter(*insn) for insn in prog))
+    fprog = _SockFprog(len(prog), insns)
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if _libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(2), ctypes.byref(fprog), 0, 0) != 0:  # SECCOMP_MODE_FILTER
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp: {os.strerror(err)}")
 
 
 def _mount_points():
@@ -143,6 +285,8 @@ def _limits(job):
         (resource.RLIMIT_NPROC, (job["max_processes"],) * 2),
         (resource.RLIMIT_NOFILE, (job["max_open_files"],) * 2),
         (resource.RLIMIT_CORE, (0, 0)),
+        (resource.RLIMIT_MEMLOCK, (0, 0)),
+        (resource.RLIMIT_MSGQUEUE, (0, 0)),  # POSIX message queues hold kernel memory outside RLIMIT_AS
     ):
         resource.setrlimit(which, value)
 
@@ -152,12 +296,37 @@ def _write_all(fd, data):
         data = data[os.write(fd, data) :]
 
 
+def _defines(tree, name):
+    """Whether the module ``tree`` binds ``name`` anywhere (def, class, assignment target, import alias)."""
+    for node in ast.walk(tree):
+        bound = None
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            bound = node.name
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound = node.id
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            bound = node.attr
+        elif isinstance(node, ast.alias):
+            bound = node.asname or node.name.rpartition(".")[2]
+        if bound == name:
+            return True
+    return False
+
+
 def _program(job, index, stdin_fd, fds):
-    """Process C: becomes the contained program; never returns."""
-    out, err, channel = fds
-    for src, dst in ((stdin_fd, 0), (out, 1), (err, 2), (channel, 3)):
+    """Process C: becomes the contained program; never returns.
+
+    Before any of the program's code runs (under the limits, as the contained uid, behind the syscall filter) it is
+    compiled; a compile error is written to the prelude pipe, which is closed before the program starts, so only
+    this code can report one. A call-based program that binds no ``fn_name`` anywhere is refused unrun (it could
+    not return a value). The result channel (fd 3) exists for call-based tests only."""
+    out, err, channel, prelude = fds
+    call = job["mode"] == "call"
+    for src, dst in ((stdin_fd, 0), (out, 1), (err, 2), (channel, 3), (prelude, 4)):
         os.dup2(src, dst)
-    os.closerange(4, 1 << 16)
+    os.closerange(5, 1 << 16)
+    if not call:
+        os.close(3)
     _limits(job)
     uid = job["uid"] if job["isolation"]["user"] else None
     if uid is not None:
@@ -165,6 +334,8 @@ def _program(job, index, stdin_fd, fds):
         os.setgid(uid)
         os.setuid(uid)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if job["isolation"].get("seccomp"):
+        _seccomp()
     home = os.getcwd()
     os.environ.clear()
     os.environ.update({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home})
@@ -174,18 +345,24 @@ def _program(job, index, stdin_fd, fds):
     sys.stdout = sys.__stdout__ = out_file = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
     sys.stderr = sys.__stderr__ = err_file = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
     source, mode, fn_name = job["program"], job["mode"], job["fn_name"]
-    args = job["inputs"][index] if mode == "call" else None
+    args = job["inputs"][index] if call else None
     job.clear()  # the program's process keeps nothing of the job but its own source and arguments
     try:
-        code = compile(source, "<program>", "exec")
+        tree = ast.parse(source, "<program>")
+        code = compile(tree, "<program>", "exec")
     except BaseException as e:  # SyntaxError, ValueError (null bytes), MemoryError, RecursionError
-        _write_all(3, json.dumps({"compile_error": f"{type(e).__name__}: {e}"[:2000]}).encode())
+        _write_all(4, f"{type(e).__name__}: {e}"[:2000].encode("utf-8", "replace"))
         _exit(1)
+    os.close(4)
+    if call and not _defines(tree, fn_name):
+        _write_all(2, f"the program does not define {fn_name!r}\n".encode())
+        _exit(1)
+    del tree
     status = 0
     try:
         namespace = {"__name__": "__main__" if mode == "stdio" else "solution", "__builtins__": __builtins__}
         exec(code, namespace)
-        if mode == "call":
+        if call:
             target = namespace.get("Solution")
             fn = getattr(target(), fn_name) if isinstance(target, type) and "class Solution" in source else None
             fn = fn if fn is not None else namespace[fn_name]
@@ -197,7 +374,7 @@ def _program(job, index, stdin_fd, fds):
             _write_all(3, payload.encode())
     except SystemExit as e:
         status = 0 if e.code is None else (e.code if isinstance(e.code, int) else 1)
-        if mode == "call":
+        if call:
             status = status or 1  # a call-based program that exits never returned a value
     except BaseException:
         traceback.print_exc()
@@ -336,7 +513,7 @@ def _children():
 
 def _run_one(job, index):
     stdin_fd = _stdin_fd(job, index)
-    pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, channel
+    pipes = [os.pipe() for _ in range(4)]  # stdout, stderr, channel, prelude
     setup_r, setup_w = os.pipe()
     sys.stdout.flush()
     start = time.monotonic()
@@ -358,7 +535,7 @@ def _run_one(job, index):
             os.close(r)
         os.waitpid(pid, 0)
         return {"setup_error": setup_error.decode("utf-8", "replace")}
-    names = ("stdout", "stderr", "channel")
+    names = ("stdout", "stderr", "channel", "prelude")
     buffers = {name: bytearray() for name in names}
     sizes = dict.fromkeys(names, 0)
     selector = selectors.DefaultSelector()
@@ -390,7 +567,7 @@ def _run_one(job, index):
                 continue
             name = key.data
             sizes[name] += len(chunk)
-            keep = STDERR_KEEP if name == "stderr" else job["output_bytes"]
+            keep = STDERR_KEEP if name in ("stderr", "prelude") else job["output_bytes"]
             buffers[name] += chunk[: max(0, keep - len(buffers[name]))]
             if sizes[name] > job["output_bytes"] and outcome is None:
                 outcome = "output_limit"
@@ -422,6 +599,7 @@ def _run_one(job, index):
     if job["isolation"]["pid"] and returncode == LEFTOVER and outcome is None:
         outcome = "leftover_process"
     channel = buffers["channel"].decode("utf-8", "replace")
+    prelude = buffers["prelude"].decode("utf-8", "replace")
     return {
         "index": index,
         "outcome": outcome or ("signaled" if sig is not None else "exited"),
@@ -430,6 +608,7 @@ def _run_one(job, index):
         "stdout": buffers["stdout"].decode("utf-8", "replace"),
         "stderr": buffers["stderr"].decode("utf-8", "replace"),
         "channel": channel,
+        "compile_error": prelude or None,
         "wall": wall,
     }
 
@@ -480,12 +659,21 @@ def _probe(uid):
         if os.getuid() != uid:
             raise OSError("setuid had no effect")
 
+    def seccomp():
+        _seccomp()
+        try:
+            os.close(os.memfd_create("probe", 0))
+        except PermissionError:
+            return
+        raise OSError("the syscall filter let memfd_create through")
+
     results = {}
     for name, fn in (
         ("net", lambda: _call("unshare", CLONE_NEWNET)),
         ("mount", mount_ns),
         ("pid", pid_ns),
         ("user", user),
+        ("seccomp", seccomp),
     ):
         ok, message = attempt(fn)
         results[name] = ok
@@ -537,7 +725,7 @@ def _serve(session, workdir):
         for index in range(len(job["inputs"])):
             record = _run_one(job, index)
             print(json.dumps(record), flush=True)
-            if "setup_error" in record or record["channel"].startswith('{"compile_error"'):
+            if "setup_error" in record or record["compile_error"] is not None:
                 break
             failed = record["outcome"] != "exited" or record["returncode"] != 0
             if failed and job["stop_on_error"]:

@@ -13,20 +13,34 @@ Verdicts (the APPS reference evaluator's rules, with the differences noted):
 
 - standard input/output (no ``fn_name``): the test's input is the program's stdin (a list of lines is joined with
   newlines); the output passes when its non-empty lines, split on whitespace, equal the expected ones token by
-  token (trailing spaces, blank lines and line endings are ignored), where two numeric tokens also match when
-  ``|out - expected| <= 1e-8 + 1e-5 |expected|`` (``numpy.allclose``'s tolerance). The reference's last,
-  order-insensitive comparison of token *sets* is not used: it accepts permuted (wrong) answers.
+  token (trailing spaces, blank lines and line endings are ignored). Numbers: when the expected token is an
+  integer (``[-+]?digits``) the output token must be the same number exactly (``3``, ``+3`` or ``3.0`` for ``3``;
+  never ``3.0000001``, and ``1000009000`` never for ``999999999``); when it is a decimal or exponent token, any
+  numeric output within ``|out - expected| <= 1e-8 + 1e-5 |expected|`` (``numpy.allclose``'s tolerance) matches.
+  The reference compares integers with that relative tolerance too, so ``print(a + b + 30)`` passed for an answer
+  near 3.3 million; here it does not. The reference's last, order-insensitive comparison of token *sets* is not
+  used: it accepts permuted (wrong) answers.
   A program that exits with status 0 (also through ``sys.exit(0)``) is judged by its output; any other status
   is a runtime error.
 - call-based (``fn_name``): the program is run as a module (``__name__ != "__main__"``); the function is
   ``Solution().<fn_name>`` when the program defines ``class Solution``, else the top-level ``<fn_name>``; it is
   called with the test's input as positional arguments, its return value is serialised to JSON inside the
   sandbox (tuples become lists) and compared here with the expected value, or with its single element when the
-  expected value is a one-element-wrapped list, as the reference does; numbers with the same tolerance. No
-  object of the program's reaches this process, so ``__eq__`` tricks cannot fake a pass. A program that exits
-  or does not return is a runtime error.
+  expected value is a one-element-wrapped list, as the reference does. Integers exactly (a float equal to the
+  integer matches: ``2.0`` for ``2``), a finite expected float within the tolerance above, and ``bool`` is not a
+  number: ``True`` never matches ``1`` nor ``False`` ``0``. No object of the program's reaches this process, so
+  ``__eq__`` tricks cannot fake a pass. A program that exits or does not return is a runtime error; so is one
+  that binds ``fn_name`` nowhere (refused before it runs).
+- the result channel: the harness writes the return value as one JSON document on the program process's fd 3
+  (call-based tests only; a stdin/stdout program has no fd 3). The program runs in that process and can write
+  there too, so a channel that is not exactly one ``{"result": ...}`` (or ``{"unserializable": ...}``) document
+  (two documents, garbage, invalid UTF-8, nesting or digits beyond the decoder's limits) is that test's runtime
+  error, never an exception here. What a program can still do is report a value for a function it defines
+  without returning it: no more than returning that value earns. Compile errors come on a pipe closed before the
+  program's first line runs, so a program cannot forge one.
 - a test that exceeds the wall clock or RLIMIT_CPU is a ``timeout``; one that prints more than the output cap,
-  is killed by a signal, exits non-zero or leaves a process running after it exits is a runtime error.
+  is killed by a signal, exits non-zero or leaves a process running after it exits is a runtime error, and so is
+  one whose harness failed while running it (``outcome="sandbox_error"``: the harness is restarted).
 
 Reward (the paper's adaptive compiler-based reward, Chai et al. 2025)::
 
@@ -57,6 +71,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 
 import torch
 
@@ -68,6 +83,7 @@ EXTRACT_MODES = ("auto", "fenced", "raw")
 RTOL, ATOL = 1e-5, 1e-8
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_INTEGER = re.compile(r"[-+]?\d+")
 _XCPU = 24  # SIGXCPU: RLIMIT_CPU exceeded
 
 
@@ -150,11 +166,15 @@ def _close(a: float, b: float) -> bool:
 
 
 def _token_match(out: str, expected: str) -> bool:
+    """An integer token matches only the same number exactly (``3``, ``3.0``, ``+3``, never ``3.00001``); a
+    decimal or exponent token matches any number within the float tolerance."""
     if out == expected:
         return True
-    if _NUMBER.fullmatch(out) and _NUMBER.fullmatch(expected):
-        return _close(float(out), float(expected))
-    return False
+    if not (_NUMBER.fullmatch(out) and _NUMBER.fullmatch(expected)):
+        return False
+    if _INTEGER.fullmatch(expected):
+        return Decimal(out) == Decimal(expected)  # exact; Decimal never expands a huge exponent
+    return _close(float(out), float(expected))
 
 
 def stdio_match(output: str, expected: str | list) -> bool:
@@ -174,9 +194,15 @@ def _is_number(x) -> bool:
 
 
 def _value_match(got, want) -> bool:
-    numbers = _is_number(got) and _is_number(want) and float in (type(got), type(want))
-    if numbers and math.isfinite(got) and math.isfinite(want):
-        return _close(float(got), float(want))
+    if isinstance(got, bool) or isinstance(want, bool):  # bool is not int: True never matches 1
+        return type(got) is type(want) and got == want
+    if _is_number(got) and _is_number(want):
+        if isinstance(want, int) or not math.isfinite(want):
+            return got == want  # exact (Python compares int with float exactly): 3.0 matches 3, 3.0000001 not
+        try:  # a finite float expected: within the tolerance (never for inf or nan)
+            return _close(float(got), want)
+        except OverflowError:  # an int too large for a float is far from any finite float
+            return False
     if isinstance(got, list) and isinstance(want, list):
         return len(got) == len(want) and all(_value_match(g, w) for g, w in zip(got, want, strict=False))
     if isinstance(got, dict) and isinstance(want, dict):
@@ -205,20 +231,25 @@ def _verdict(run: TestRun, expected, call_based: bool) -> tuple[str, str]:
         return ("pass", "") if stdio_match(run.stdout, expected) else ("fail", "wrong output")
     try:
         reported = json.loads(run.channel) if run.channel else {}
-    except json.JSONDecodeError:
-        reported = {}
-    if not isinstance(reported, dict) or "result" not in reported:
-        why = "returned an unserialisable value" if "unserializable" in reported else "did not return a value"
-        return "runtime_error", why
-    return ("pass", "") if call_match(reported["result"], expected) else ("fail", "wrong return value")
+    except (ValueError, RecursionError):  # not one JSON document: the program wrote on the channel itself
+        return "runtime_error", "malformed result channel"
+    if not isinstance(reported, dict) or set(reported) not in ({"result"}, {"unserializable"}):
+        return "runtime_error", "did not return a value" if reported == {} else "malformed result channel"
+    if "unserializable" in reported:
+        return "runtime_error", "returned an unserialisable value"
+    try:
+        ok = call_match(reported["result"], expected)
+    except RecursionError:
+        return "runtime_error", "malformed result channel"
+    return ("pass", "") if ok else ("fail", "wrong return value")
 
 
 def judge(runs: list[TestRun], tests: dict, scheme: RewardScheme | None = None) -> CodeResult:
     """The :class:`CodeResult` of a program's test runs (in order; fewer than the tests when it stopped early)."""
     scheme = scheme or RewardScheme()
     n_tests = len(tests["inputs"])
-    if runs and runs[0].channel.startswith('{"compile_error"'):
-        detail = json.loads(runs[0].channel)["compile_error"]
+    if runs and runs[0].compile_error is not None:
+        detail = runs[0].compile_error
         return CodeResult(scheme("compile_error", 0, 0), 0, 0, "compile_error", ("skipped",) * n_tests, detail)
     verdicts, detail = [], ""
     for run, expected in zip(runs, tests["outputs"], strict=False):

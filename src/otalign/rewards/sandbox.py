@@ -10,7 +10,7 @@ the expected outputs happens here, in the caller, and the expected outputs never
 Guarantees, by platform (what :func:`detect_isolation` finds is reported by :meth:`Sandbox.describe`):
 
 =============================  =================================================  ==============================
-guarantee                      Linux as root (user, pid, mount, net namespaces)    elsewhere / missing pieces
+guarantee                      Linux as root (namespaces, uid, seccomp filter)     elsewhere / missing pieces
 =============================  =================================================  ==============================
 no network                     new network namespace (no interface is up)          refused unless
                                                                                    ``allow_unsandboxed_network``
@@ -28,6 +28,20 @@ no process outlives its test   pid namespace: its init exiting kills the rest   
 fork bombs                     RLIMIT_NPROC on the slot's own uid                   RLIMIT_NPROC (not enforced for
                                                                                    root); the wall clock bounds it
 CPU, memory, file size, fds    RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NOFILE   same (POSIX)
+memory outside RLIMIT_AS       seccomp refuses memfd_create, memfd_secret, SysV    memfds and SysV shm unbounded
+                               shm and message queues; RLIMIT_MSGQUEUE and         without the filter
+                               RLIMIT_MEMLOCK are 0; the workdir tmpfs holds at
+                               most ``workdir_mb``; /dev/shm is read-only. Not
+                               bounded as a total: ``max_processes`` processes
+                               of ``memory_mb`` each (a cgroup would be)
+Unix sockets of the host       seccomp refuses socket(AF_UNIX) and AF_UNIX         read-only mounts do not stop
+                               socketpairs other than SOCK_STREAM (a datagram      connect(): reachable
+                               end could sendto() a path); abstract sockets
+                               belong to the network namespace
+no new namespaces              seccomp refuses unshare, setns and clone with a     user namespaces allowed where
+                               CLONE_NEW* flag (no user namespace, so no           the host allows them
+                               mounts); clone3 answers ENOSYS; io_uring, bpf,
+                               userfaultfd, perf_event_open, keyrings refused
 wall clock, output size        the harness kills the test's process group at        same
                                ``timeout`` or at ``output_mb``; this process kills
                                the harness's group at the job's total deadline
@@ -146,13 +160,17 @@ class TestRun:
 
     Attributes:
         outcome: ``exited`` | ``signaled`` | ``timeout`` | ``output_limit`` | ``leftover_process`` (it exited
-            leaving a process running; that process was killed).
+            leaving a process running; that process was killed) | ``sandbox_error`` (the harness failed during
+            this program's tests, e.g. killed by the host; ``stderr`` says how; the next run restarts it).
         returncode: exit status (None when killed by a signal). signal: the signal number, or None.
         stdout: its standard output (UTF-8, undecodable bytes replaced), at most ``output_mb``.
         stderr: the first 4 KB of its standard error.
-        channel: what it reported on its result channel: ``{"compile_error": msg}``, ``{"result": value}``
-            (call-based tests) or empty.
+        channel: what its process wrote on the result channel (call-based tests only): the harness's
+            ``{"result": value}`` or ``{"unserializable": type name}`` JSON text after the call returned, or
+            whatever the program wrote there itself (it runs in the same process; see :mod:`otalign.rewards.code`).
         wall: seconds.
+        compile_error: why the program did not compile (``SyntaxError: ...``), reported before any of its code
+            ran, on a pipe closed before it starts; None when it compiled.
     """
 
     outcome: str
@@ -162,6 +180,7 @@ class TestRun:
     stderr: str
     channel: str
     wall: float
+    compile_error: str | None = None
 
 
 def _minimal_env() -> dict[str, str]:
@@ -215,7 +234,14 @@ class _Harness:
             if end >= 0:
                 line = bytes(self._buffer[: end + 1])
                 del self._buffer[: end + 1]
-                yield json.loads(line)
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if not isinstance(record, dict):
+                    self.kill()
+                    raise SandboxError(f"the sandbox harness wrote a malformed line: {line[:200]!r}")
+                yield record
                 continue
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -249,16 +275,23 @@ class _Harness:
             raise SandboxError(f"could not set up the sandbox: {answer['setup_error']}")
 
     def run(self, job: dict, timeout: float) -> list[dict]:
+        """The job's per-test records. A harness that cannot start raises :class:`SandboxError`; one that fails
+        once started (killed, past the job's deadline, a malformed line) is killed (the next job restarts it) and
+        the job ends with a ``sandbox_error`` record: a verdict on this program, never an exception."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
-        self._send(job)
         records = []
         cap = len(job["inputs"]) * (6 * job["output_bytes"] + (1 << 16)) + (1 << 20)
-        for record in self._lines(time.monotonic() + timeout, cap):
-            if record.get("done"):
-                return records
-            records.append(record)
-        return records  # unreachable: _lines ends only by raising
+        try:
+            self._send(job)
+            for record in self._lines(time.monotonic() + timeout, cap):
+                if record.get("done"):
+                    return records
+                records.append(record)
+        except SandboxError as err:
+            logger.warning("code sandbox: %s", err)
+            records.append(_failure(str(err)))
+        return records
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -266,12 +299,25 @@ class _Harness:
             self.proc = None
 
 
+def _failure(message: str) -> dict:
+    """The record of a test whose run the sandbox could not report (``outcome="sandbox_error"``)."""
+    return {
+        "outcome": "sandbox_error",
+        "returncode": None,
+        "signal": None,
+        "stdout": "",
+        "stderr": message[-2000:],
+        "channel": "",
+        "wall": 0.0,
+    }
+
+
 @functools.lru_cache(maxsize=8)
 def detect_isolation(python: str = sys.executable, uid: int = 61000) -> dict[str, bool]:
     """Which isolation this machine allows, probed once per (interpreter, uid) in throwaway children:
-    ``{"net", "mount", "pid", "user"}`` -> bool, plus ``"<name>_error"`` messages for what failed."""
+    ``{"net", "mount", "pid", "user", "seccomp"}`` -> bool, plus ``"<name>_error"`` messages for what failed."""
     if not sys.platform.startswith("linux"):
-        return {"net": False, "mount": False, "pid": False, "user": False, "platform_error": sys.platform}
+        return {**dict.fromkeys(ISOLATION, False), "platform_error": sys.platform}
     proc = _start_harness(python)
     try:
         out, _ = proc.communicate(json.dumps({"probe": True, "uid": uid}).encode() + b"\n", timeout=60.0)
@@ -294,6 +340,10 @@ def describe(isolation: dict) -> str:
         "files: " + ("read-only view + private tmpfs" if isolation["mount"] else "permissions only"),
         "processes: " + ("own pid namespace" if isolation["pid"] else "subreaper cleanup"),
         "user: " + ("separate unprivileged uid per worker" if isolation["user"] else "same user as the trainer"),
+        "syscalls: "
+        + (
+            "filtered (no AF_UNIX sockets, memfd, SysV shm, namespaces)" if isolation.get("seccomp") else "NOT filtered"
+        ),
     ]
     return "; ".join(parts)
 
@@ -340,8 +390,8 @@ class Sandbox:
         ``stop_on_error``, after a runtime error or timeout).
 
         Raises:
-            SandboxError: the sandbox could not be set up or its harness failed (never for anything the program
-                does).
+            SandboxError: the sandbox could not be set up or its harness could not start (never for anything the
+                program does; a harness failing during the program's tests ends them with a ``sandbox_error`` run).
         """
         c = self.config
         job = {
@@ -380,8 +430,12 @@ class Sandbox:
         for record in records:
             if "setup_error" in record:
                 raise SandboxError(f"could not contain the program: {record['setup_error']}")
-            record.pop("index")
-            runs.append(TestRun(**record))
+            record.pop("index", None)
+            try:
+                runs.append(TestRun(**record))
+            except TypeError as err:  # a record of another protocol version: this program's sandbox failure
+                runs.append(TestRun(**_failure(f"malformed record from the sandbox harness: {err}")))
+                break
         return runs
 
     def close(self) -> None:
@@ -395,7 +449,7 @@ def _close_all(harnesses: dict) -> None:
     harnesses.clear()
 
 
-ISOLATION = ("net", "mount", "pid", "user")
+ISOLATION = ("net", "mount", "pid", "user", "seccomp")
 
 
 def default_workers() -> int:

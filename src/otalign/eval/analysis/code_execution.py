@@ -75,15 +75,21 @@ class CodeEvalConfig(SamplingFields):
             raise ConfigError(f"every k must be <= num_samples={self.num_samples}, got ks={self.ks}")
         if self.extract not in ("auto", "fenced", "raw"):
             raise ConfigError(f"extract must be auto, fenced or raw, got {self.extract!r}")
+        if not self.timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1 (or left out for the CPU count), got {self.workers}")
 
 
 def summarize(problems: Sequence[dict], results: Sequence[Sequence], ks: Sequence[int]) -> dict:
     """Overall and per-difficulty metrics of ``results[i]`` (the :class:`~otalign.rewards.code.CodeResult` list of
-    problem ``i``'s samples); a k larger than a problem's sample count is left out of that problem's pass@k.
+    problem ``i``'s samples); a problem with fewer than k samples is left out of pass@k, whose mean is over the
+    ``pass@<k>/problems`` problems that have k or more (absent when none has).
 
     Returns:
         ``{"all": metrics, "<difficulty>": metrics, ...}`` with metrics ``{"problems", "samples",
-        "pass@<k>", "mean_reward", "test_pass_rate", "status/<status>"}``.
+        "pass@<k>", "pass@<k>/problems", "mean_reward", "test_pass_rate", "status/<status>"}``; the means of a
+        group without samples are None (``null`` in JSON, never NaN).
     """
     from otalign.rewards.code import STATUSES, pass_at_k
 
@@ -102,9 +108,10 @@ def summarize(problems: Sequence[dict], results: Sequence[Sequence], ks: Sequenc
             ]
             if values:
                 metrics[f"pass@{k}"] = float(np.mean(values))
-        metrics["mean_reward"] = float(np.mean([r.reward for r in samples])) if samples else float("nan")
+                metrics[f"pass@{k}/problems"] = len(values)
+        metrics["mean_reward"] = float(np.mean([r.reward for r in samples])) if samples else None
         metrics["test_pass_rate"] = (
-            float(np.mean([r.n_pass / max(r.n_pass + r.n_fail, 1) for r in samples])) if samples else float("nan")
+            float(np.mean([r.n_pass / max(r.n_pass + r.n_fail, 1) for r in samples])) if samples else None
         )
         counts = Counter(r.status for r in samples)
         for status in STATUSES:
@@ -183,6 +190,12 @@ def run_code_eval(config: CodeEvalConfig) -> dict:
         responses = read_code_generations(config.generation_file, problems)
     else:
         responses = _sample(config, problems)
+    most = max(map(len, responses), default=0)
+    if max(config.ks) > most:
+        raise ConfigError(
+            f"ks={config.ks}: pass@{max(config.ks)} needs a problem with {max(config.ks)} samples or more; "
+            f"{config.generation_file or 'the sampling'} gives at most {most}"
+        )
     sandbox = SandboxConfig(timeout=config.timeout, allow_unsandboxed_network=config.allow_unsandboxed_network)
     scorer = CodeScorer(config=sandbox, workers=config.workers)
     try:
@@ -219,9 +232,18 @@ def run_code_eval(config: CodeEvalConfig) -> dict:
     _plot(summary, config.ks, out / "apps.png")
     print(f"sandbox: {scorer.sandbox.describe()}")
     for name, m in summary.items():
-        passes = ", ".join(f"pass@{k} {m[f'pass@{k}']:.3f}" for k in config.ks if f"pass@{k}" in m)
-        print(f"{name}: {m['problems']} problems, {passes}, mean reward {m['mean_reward']:.3f}")
+        print(_summary_line(name, m, config.ks))
     return summary
+
+
+def _summary_line(name: str, m: dict, ks: Sequence[int]) -> str:
+    """``name: N problems, pass@k x (over n of N problems, when fewer), ..., mean reward r``."""
+    passes = []
+    for k in (k for k in ks if f"pass@{k}" in m):
+        over = m[f"pass@{k}/problems"]
+        passes.append(f"pass@{k} {m[f'pass@{k}']:.3f}" + (f" (over {over} of them)" if over < m["problems"] else ""))
+    reward = "n/a" if m["mean_reward"] is None else f"{m['mean_reward']:.3f}"
+    return f"{name}: {m['problems']} problems, {', '.join(passes) or 'no pass@k'}, mean reward {reward}"
 
 
 def _plot(summary: dict, ks: Sequence[int], path: Path) -> None:
