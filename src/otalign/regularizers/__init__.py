@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from otalign.registry import Registry
 
-from .base import LOG_PROB_FLOOR, Evaluation, PenaltyOutput, Regularizer, SupportGradient
+from .base import Evaluation, PenaltyOutput, Regularizer, SupportGradient
+from .common import LOG_PROB_FLOOR
 from .embeddings import check_vocab_size, embedding_matrix, load_embedding_matrix
 from .f_divergence import (
     F_DIVERGENCES,

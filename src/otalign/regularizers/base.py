@@ -12,18 +12,11 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .topk import TopKLogProbs
-
-LOG_PROB_FLOOR = -80.0
-"""Log-probabilities are floored here (probability ``e^-80 ~ 1.8e-35``) where a penalty needs a finite
-log-ratio or mass: a token the reference (or the policy) rules out with a ``-inf`` logit, or whose
-probability underflows float32. ``80`` leaves headroom so that ``exp(+-80)`` times the small constants of
-the penalties stays inside float32 (max ``3.4e38``)."""
+from .common import describe
+from .topk import TopKLogProbs
 
 DEFAULT_CHUNK_ELEMENTS = 2**24
 """Default bound on the elements of the largest per-chunk tensor (``positions x V`` for log-softmax,
@@ -237,13 +230,6 @@ def check_inputs(
     devices = {t.device for t in (policy_logits, ref_logits, actions) + ((mask,) if mask is not None else ())}
     if len(devices) > 1:
         raise ValueError(f"logits, actions and mask must be on one device, got {sorted(map(str, devices))}")
-
-
-def describe(value: object) -> str:
-    """A short description of ``value`` for error messages: dtype and shape of a tensor, else its type."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 def select_positions(

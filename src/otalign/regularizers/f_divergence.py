@@ -16,7 +16,6 @@ import torch
 
 from .base import (
     DEFAULT_CHUNK_ELEMENTS,
-    LOG_PROB_FLOOR,
     Evaluation,
     PenaltyOutput,
     Positions,
@@ -24,8 +23,8 @@ from .base import (
     StatAccumulator,
     SupportGradient,
     chunk_bounds,
-    describe,
 )
+from .common import LOG_PROB_FLOOR, describe
 from .topk import TopKLogProbs
 
 F_DIVERGENCES = ("rkl", "fkl", "js", "alpha", "tv", "chi2")

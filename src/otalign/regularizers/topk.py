@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .base import LOG_PROB_FLOOR, describe
+from .common import LOG_PROB_FLOOR, describe
 
 MASS_ATOL = 1e-4
 """Slack of :meth:`TopKLogProbs.check` on probabilities: the listed mass of a side may exceed 1 by this much, and

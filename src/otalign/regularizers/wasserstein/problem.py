@@ -14,7 +14,8 @@ import torch
 
 from otalign.ot import euclidean, pairwise_cost
 
-from ..base import LOG_PROB_FLOOR, chunk_bounds
+from ..base import chunk_bounds
+from ..common import LOG_PROB_FLOOR
 from ..topk import TopKLogProbs
 
 METRICS = ("euclidean", "cosine")

@@ -19,8 +19,8 @@ from ..base import (
     StatAccumulator,
     SupportGradient,
     chunk_bounds,
-    describe,
 )
+from ..common import describe
 from ..embeddings import check_vocab_size, embedding_matrix
 from ..f_divergence import exact_f_divergence
 from ..topk import TopKLogProbs
