@@ -200,6 +200,7 @@ def score_rollout(
                 part_mask[None],
                 support_gradient=support_gradient,
                 normalized=True,
+                kl_diagnostic=False,  # measured above, per position
             )
             del policy_logp, ref_logp
             if check is not None:

@@ -67,6 +67,7 @@ class Positions:
         batch_index: (N,) batch coordinate of each selected position.
         time_index: (N,) time coordinate of each selected position.
         normalized: the logits are normalised log-probabilities already (no log-softmax needed).
+        kl_diagnostic: compute the ``kl/exact`` statistic (a caller that measures the KL itself turns it off).
     """
 
     policy_logits: torch.Tensor
@@ -75,6 +76,7 @@ class Positions:
     batch_index: torch.Tensor
     time_index: torch.Tensor
     normalized: bool = False
+    kl_diagnostic: bool = True
 
     @property
     def count(self) -> int:
@@ -334,12 +336,15 @@ class Regularizer(ABC):
         *,
         support_gradient: bool = False,
         normalized: bool = False,
+        kl_diagnostic: bool = True,
     ) -> Evaluation:
         """:meth:`penalty` and, with ``support_gradient``, :meth:`support_gradient` in one call (one log-softmax of each
         chunk of positions, and one solve per position where the regularizer solves a problem).
 
         Args: as :meth:`penalty`; ``normalized``: the "logits" are log-probabilities already (a caller that took the
-            log-softmax itself, e.g. :func:`otalign.scoring.score_rollout`): none is taken again.
+            log-softmax itself, e.g. :func:`otalign.scoring.score_rollout`): none is taken again; with
+            ``kl_diagnostic`` False no ``kl/exact`` statistic is computed (the caller measures the KL itself) unless
+            it is the regularizer's own distance.
 
         Raises:
             NotImplementedError: ``support_gradient`` asked of a regularizer that has none.
@@ -349,8 +354,7 @@ class Regularizer(ABC):
             raise NotImplementedError(f"{type(self).__name__} has no support_gradient")
         with torch.no_grad():
             positions = select_positions(policy_logits, ref_logits, actions, mask)
-            if normalized:
-                positions = dataclasses.replace(positions, normalized=True)
+            positions = dataclasses.replace(positions, normalized=normalized, kl_diagnostic=kl_diagnostic)
             values, stats, gradient = self._evaluate(positions, support_gradient)
             per_token = torch.zeros(actions.shape, dtype=torch.float32, device=actions.device)
             per_token[positions.batch_index, positions.time_index] = values.float()

@@ -234,9 +234,11 @@ class FDivergenceRegularizer(Regularizer):
                 LOG_PROB_FLOOR
             )
             values[start:stop] = f_over_x(log_ratio[:, 0], self.kind, alpha=self.alpha, estimator=self.estimator)
-            kl = exact_f_divergence(policy, ref, "rkl")
-            stats.add_mean("kl/exact", kl)
-            exact = kl if self.kind == "rkl" else exact_f_divergence(policy, ref, self.kind, alpha=self.alpha)
+            exact = exact_f_divergence(policy, ref, self.kind, alpha=self.alpha)
+            if self.kind == "rkl":
+                stats.add_mean("kl/exact", exact)
+            elif positions.kl_diagnostic:
+                stats.add_mean("kl/exact", exact_f_divergence(policy, ref, "rkl"))
             stats.add_mean(f"{self.kind}/exact", exact)
             if out is not None:
                 # phi = f'(pi / pi_ref) shifted (a constant per position: the same gradient along the simplex) so

@@ -256,7 +256,8 @@ class WassersteinRegularizer(Regularizer):
         stats, records = StatAccumulator(), []
         for start, stop in chunk_bounds(positions.count, self.max_chunk_elements // positions.vocab):
             policy, ref = positions.log_probs(start, stop, dtype)
-            stats.add_mean("kl/exact", exact_f_divergence(policy, ref, "rkl"))
+            if positions.kl_diagnostic:
+                stats.add_mean("kl/exact", exact_f_divergence(policy, ref, "rkl"))
             records.append(TopKLogProbs.from_log_probs(policy, ref, positions.actions[start:stop], self.top_k))
         if not records:
             values = torch.empty(0, dtype=torch.float32, device=positions.actions.device)
