@@ -3,6 +3,8 @@ adaptive beta, resume, bad input."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from test_ppo import good_share
@@ -20,6 +22,7 @@ from otalign.trainers import (
     read_metrics,
 )
 from otalign.trainers.critic_free import group_advantages, token_weights
+from otalign.trainers.rollout_batch import RolloutBatch
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -83,12 +86,65 @@ def test_grpo_and_rloo_advantages_match_hand_computed_values():
 def test_loss_type_normalisations_match_hand_computed_values():
     mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
     loss = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0]])
-    expected = {"grpo": ((1 + 2 + 3) / 3 + 4) / 2, "bnpo": (1 + 2 + 3 + 4) / 4, "dr_grpo": (1 + 2 + 3 + 4) / (2 * 4)}
+    token_mean = (1 + 2 + 3 + 4) / 4
+    expected = {"grpo": ((1 + 2 + 3) / 3 + 4) / 2, "bnpo": token_mean, "dapo": token_mean, "dr_grpo": 10 / (2 * 4)}
     for loss_type, value in expected.items():
         weights, units = token_weights(mask, loss_type, max_length=4)
         assert float((weights * loss).sum() / units.sum()) == pytest.approx(value), loss_type
     with pytest.raises(ValueError, match="loss_type"):
         token_weights(mask, "seq", 4)
+
+
+def trl_grpo_loss(per_token_loss, mask, loss_type, micro, *, accumulation, steps_per_generation, max_length):
+    """TRL 1.16 ``GRPOTrainer._compute_loss``'s aggregation of one micro-batch (rows ``micro``, one process), as TRL
+    writes it: the value whose gradient the optimizer step accumulates."""
+    loss, m = per_token_loss[micro], mask[micro].float()
+    if loss_type == "grpo":
+        return ((loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean() / accumulation
+    if loss_type == "bnpo":
+        return (loss * m).sum() / m.sum().clamp(min=1.0) / accumulation
+    if loss_type == "dr_grpo":
+        return (loss * m).sum() / (loss.size(0) * max_length) / accumulation
+    num_items_in_batch = mask.sum()  # the whole generation batch (gathered over processes)
+    normalizer = num_items_in_batch.clamp(min=1.0) * accumulation / steps_per_generation
+    return (loss * m).sum() / normalizer
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_each_loss_type_aggregates_an_optimizer_step_as_trl(loss_type):
+    """Two mini-batches of two micro-batches of two responses of different lengths: the summed micro-batch losses of
+    each optimizer step equal TRL's (``steps_per_generation`` 4 = 2 optimizer steps per generation)."""
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]] * 2).bool()
+    mask[5:, 3:] = False  # the second mini-batch shorter than the first
+    per_token_loss = torch.arange(40, dtype=torch.float32).reshape(8, 5).sqrt()
+    trainer = GRPOTrainer.__new__(GRPOTrainer)  # normalizers need only the config and the process count
+    trainer.config = GRPOConfig(
+        loss_type=loss_type,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        num_mini_batches=2,
+        num_generations=2,
+        response_length=5,
+    )
+    trainer.accelerator = types.SimpleNamespace(num_processes=1)
+    weights, units = token_weights(mask, loss_type, max_length=5)
+    batch = RolloutBatch(None, torch.zeros(8), units, weights)
+    for minibatch in torch.arange(8).chunk(2):
+        micro = minibatch.chunk(2)
+        ours = sum(
+            (weights[rows] * per_token_loss[rows]).sum() / z
+            for rows, z in zip(micro, trainer.normalizers(batch, micro), strict=True)
+        )
+        trl = sum(
+            trl_grpo_loss(per_token_loss, mask, loss_type, rows, accumulation=2, steps_per_generation=4, max_length=5)
+            for rows in micro
+        )
+        assert float(ours) == pytest.approx(float(trl), rel=1e-6)
+        token_mean = float((per_token_loss[minibatch] * mask[minibatch]).sum() / mask[minibatch].sum())
+        if loss_type == "bnpo":  # TRL's bnpo is not the mini-batch's token mean (otalign's bnpo before it was TRL's)
+            assert float(ours) != pytest.approx(token_mean, rel=1e-3)
+        if loss_type == "dapo":  # TRL's dapo is not either, with two mini-batches of different token counts
+            assert float(ours) != pytest.approx(token_mean, rel=1e-3)
 
 
 @pytest.mark.parametrize("penalty_in", ["reward", "loss"])

@@ -11,10 +11,15 @@ are the shared machinery of :mod:`otalign.trainers.rl`):
    with ``scale_rewards`` divided by the group's standard deviation plus :math:`10^{-4}`.
 3. **Update**: ``num_iterations`` passes over the same rollouts (``num_mini_batches`` optimizer steps each),
    clipped surrogate :math:`\ell_{it} = -\min(\rho_{it} A_i, \mathrm{clip}(\rho_{it}, 1\pm\epsilon) A_i)`, plus
-   :math:`\beta d_{it}` with ``penalty_in: loss``; no critic. Length normalisation ``loss_type`` (TRL's names):
-   ``grpo`` :math:`\frac1N\sum_i \frac{1}{|o_i|}\sum_t \ell_{it}`; ``bnpo`` :math:`\sum_{it}\ell_{it} / \sum_i |o_i|`;
-   ``dr_grpo`` :math:`\sum_{it}\ell_{it} / (N\cdot T_{max})` (:func:`token_weights`), all over the global
-   mini-batch of N responses.
+   :math:`\beta d_{it}` with ``penalty_in: loss``; no critic. Length normalisation ``loss_type``, as TRL 1.16's
+   ``GRPOTrainer`` computes it (:func:`token_weights`, :meth:`CriticFreeTrainer.normalizers`), for a mini-batch of
+   N responses in micro-batches of b per process, G = ``gradient_accumulation_steps``:
+   ``grpo`` :math:`\frac1N\sum_i \frac{1}{|o_i|}\sum_t \ell_{it}`; ``dr_grpo``
+   :math:`\sum_{it}\ell_{it} / (N\cdot T_{max})`; ``dapo`` :math:`\sum_{it}\ell_{it}` over the mini-batch divided
+   by the whole rollout's token count over ``num_mini_batches`` (the mini-batch's token count when
+   ``num_mini_batches`` is 1); ``bnpo`` each micro-batch's own token mean on its process
+   :math:`\sum_{it \in m}\ell_{it} / \sum_{i\in m}|o_i|`, divided by G (so the mean of the micro-batch means over
+   micro-batches and processes, not the mini-batch's token mean).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from . import ppo_math as pm
 from .config import ConfigError, redefault
 from .rl import RLConfig, RLTrainer, RolloutBatch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+"""``loss_type`` values, TRL 1.16's names and normalisations (see the module docstring)."""
 ALGORITHMS = ("grpo", "rloo")
 SCALE_EPS = 1e-4
 
@@ -57,15 +63,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, algorithm: str, 
 def token_weights(mask: torch.Tensor, loss_type: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss weights (B, T) and per-response normalizer units (B,) of a ``loss_type``.
 
-    The loss of a mini-batch is ``sum(weights * l) / Z`` with ``Z`` the sum of ``units`` over the global
-    mini-batch: ``grpo`` weights ``1/|o_i|``, units 1 (mean of per-sequence means); ``bnpo`` weights 1, units
-    ``|o_i|`` (token mean); ``dr_grpo`` weights 1, units ``max_length`` (sum over N x max_length).
+    A micro-batch's loss is ``sum(weights * l) / Z``, ``Z`` summing ``units`` over the rows that
+    :meth:`CriticFreeTrainer.normalizers` takes for the ``loss_type``: ``grpo`` weights ``1/|o_i|``, units 1 (mean of
+    per-sequence means); ``bnpo`` and ``dapo`` weights 1, units ``|o_i|`` (token means: of each micro-batch, of the
+    rollout); ``dr_grpo`` weights 1, units ``max_length`` (sum over N x max_length).
     """
     m = mask.float()
     lengths = m.sum(1)
     if loss_type == "grpo":
         return m / lengths.clamp_min(1)[:, None], torch.ones_like(lengths)
-    if loss_type == "bnpo":
+    if loss_type in ("bnpo", "dapo"):
         return m, lengths
     if loss_type == "dr_grpo":
         return m, torch.full_like(lengths, float(max_length))
@@ -178,6 +185,21 @@ class CriticFreeTrainer(RLTrainer):
         )
         pen = self.penalty_loss(batch, rows, logits, logprobs, normalizer)
         return pg + pen, {"loss/policy": pg.detach(), "loss/penalty": pen.detach()}, stats
+
+    def normalizers(self, batch: RolloutBatch, micro: tuple[torch.Tensor, ...]) -> list[float]:
+        """Z of each micro-batch as TRL 1.16 computes it for the ``loss_type`` (units: :func:`token_weights`).
+
+        ``bnpo``: the micro-batch's own token count on this process (at least 1) times ``gradient_accumulation_steps``;
+        ``dapo``: the whole rollout's token count over all processes (at least 1) divided by the process count and
+        ``num_mini_batches``; ``grpo``, ``dr_grpo``: the mini-batch's units over the process count (the default).
+        """
+        c, acc = self.config, self.accelerator
+        if c.loss_type == "bnpo":
+            return [max(float(batch.units[rows].sum()), 1.0) * len(micro) for rows in micro]
+        if c.loss_type == "dapo":
+            total = max(float(pm.global_sum(batch.units.sum(), acc)), 1.0)
+            return [total / (acc.num_processes * c.num_mini_batches)] * len(micro)
+        return super().normalizers(batch, micro)
 
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         """Mean within-group reward std, share of groups whose rewards are all equal, mean |advantage|."""

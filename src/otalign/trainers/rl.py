@@ -278,6 +278,14 @@ class RLTrainer(BaseTrainer):
         """The algorithm's own metrics of the step (over all processes)."""
         return {}
 
+    def normalizers(self, batch: RolloutBatch, micro: tuple[torch.Tensor, ...]) -> list[float]:
+        """The normalizer Z of each micro-batch (rows ``micro[k]``) of one mini-batch: by default the ``units`` of the
+        whole global mini-batch over the process count (a token mean over the global mini-batch with token-count
+        units), the same for each of its micro-batches."""
+        acc = self.accelerator
+        total = float(pm.global_sum(batch.units[torch.cat(micro)].sum(), acc))
+        return [max(total / acc.num_processes, 1e-12)] * len(micro)
+
     # ------------------------------------------------------------------ 1. sample
     def batch_indices(self) -> list[int]:
         """Global sample indices of this process's rollouts for the next step (from ``state.samples_seen``)."""
@@ -379,8 +387,8 @@ class RLTrainer(BaseTrainer):
         """:attr:`num_epochs` passes over ``num_mini_batches`` shuffled mini-batches, one optimizer step each.
 
         Each micro-batch's :meth:`loss` returns ``(loss, losses, sums)``: ``loss`` to back-propagate, ``losses``
-        named parts already divided by the per-process normalizer, ``sums`` statistics summed over the micro-batch's
-        generated tokens.
+        named parts already divided by the micro-batch's normalizer (:meth:`normalizers`), ``sums`` statistics
+        summed over the micro-batch's generated tokens.
 
         Returns:
             Losses averaged over the applied optimizer steps and processes, statistics per token, ``learning_rate``
@@ -395,11 +403,10 @@ class RLTrainer(BaseTrainer):
         for _ in range(self.num_epochs):
             order = torch.randperm(mask.shape[0], generator=gen).to(mask.device)
             for minibatch in order.chunk(c.num_mini_batches):
-                normalizer = max(float(pm.global_sum(batch.units[minibatch].sum(), acc)) / acc.num_processes, 1e-12)
                 micro = minibatch.chunk(c.gradient_accumulation_steps)
                 update_losses: dict[str, float] = {}
                 update_sums: dict[str, float] = {}
-                for k, rows in enumerate(micro):
+                for k, (rows, normalizer) in enumerate(zip(micro, self.normalizers(batch, micro), strict=True)):
                     with self.no_sync(last=k == len(micro) - 1):
                         loss, parts, stats = self.loss(batch, rows, normalizer)
                         self.guard.watch("the loss", loss, self.divergence_cause())
