@@ -4,6 +4,7 @@ metrics TRL logs (``num_tokens``, ``mean_token_accuracy``, ``entropy``, ``logits
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,35 @@ def test_a_text_prompt_beside_whole_conversations_is_implicit_too():
     row = {"prompt": "Sky?", "chosen": [user, {"role": "assistant", "content": "Blue."}], "rejected": [user]}
     pair = parse_pair({**row, "rejected": [user, {"role": "assistant", "content": "Green."}]}, "row 1")
     assert pair.prompt == [user] and pair.chosen == [{"role": "assistant", "content": "Blue."}]
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_the_k3_loss_term_with_and_without_trls_bias_correction(bias_correction):
+    """``use_bias_correction_kl`` (TRL 1.16's default): the k3 term times exp(logp - logp_old). The value at the
+    rollout policy is k3's, the gradient gains k3 itself: d/dl [k3 e^(l - l_old)] = (1 - e^(r - l) + k3) at l = l_old
+    (r the reference log-probability), against 1 - e^(r - l) without it; with the policy moved, TRL's formula."""
+    from otalign.regularizers import FDivergenceRegularizer
+    from otalign.trainers.penalty import PenaltyInLoss
+
+    placement = PenaltyInLoss(FDivergenceRegularizer("rkl"), "rollout", None, 1.0, bias_correction)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.5, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.7], [-2.0, -2.5, 0.0]])
+    scored = types.SimpleNamespace(mask=mask, old_logprobs=old, ref_logprobs=ref)
+    rows, weights, beta, z = torch.arange(2), mask.float(), 0.3, 5.0
+    for moved in (0.0, 0.2):  # at the rollout policy, then a moved one
+        logprobs = (old + moved * mask).requires_grad_(True)
+        loss = placement.loss(scored, rows, None, logprobs, weights, z, beta)
+        loss.backward()
+        lp = logprobs.detach().requires_grad_(True)
+        per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1  # TRL 1.16 GRPOTrainer._compute_loss
+        if bias_correction:
+            per_token_kl = per_token_kl * torch.exp(lp - old)
+        trl = beta * (per_token_kl * mask).sum() / z
+        trl.backward()
+        assert float(loss.detach()) == pytest.approx(float(trl.detach()), rel=1e-6)
+        assert torch.allclose(logprobs.grad, lp.grad, rtol=1e-6, atol=1e-8)
+        if moved == 0.0:
+            k3 = torch.exp(ref - old) - (ref - old) - 1
+            hand = (1 - torch.exp(ref - old) + (k3 if bias_correction else 0)) * mask * beta / z
+            assert torch.allclose(logprobs.grad, hand, rtol=1e-6, atol=1e-8)

@@ -143,7 +143,7 @@ class RLTrainer(BaseTrainer):
         for name, model in zip(extra, prepared, strict=True):
             setattr(self, name, model)
         self.placement = penalty_placement(
-            c.penalty_in, self.regularizer, c.loss_potentials, self.ref_model, c.temperature
+            c.penalty_in, self.regularizer, c.loss_potentials, self.ref_model, c.temperature, c.use_bias_correction_kl
         )
 
     # ------------------------------------------------------------------ setup
