@@ -102,8 +102,14 @@ RUNS = {
     "grpo_wasserstein_current": lambda out: run_rl(
         GRPOConfig, GRPOTrainer, out, num_generations=2, regularizer="wasserstein", loss_potentials="current"
     ),
-    "rloo_wasserstein": lambda out: run_rl(
-        RLOOConfig, RLOOTrainer, out, num_generations=2, regularizer="wasserstein", gradient_accumulation_steps=2
+    "rloo_wasserstein": lambda out: run_rl(  # RLOO's per-token objective of the recording (now loss_type grpo)
+        RLOOConfig,
+        RLOOTrainer,
+        out,
+        num_generations=2,
+        regularizer="wasserstein",
+        gradient_accumulation_steps=2,
+        loss_type="grpo",
     ),
     "dpo_otpo": run_dpo,
     "sft": run_sft,

@@ -147,6 +147,57 @@ def test_each_loss_type_aggregates_an_optimizer_step_as_trl(loss_type):
             assert float(ours) != pytest.approx(token_mean, rel=1e-3)
 
 
+def test_rloo_sequence_objective_is_trls():
+    """TRL 1.16 ``RLOOTrainer._compute_loss``: ratio exp(sum logp - sum old) per response, -min(ratio A, clip(ratio) A)
+    averaged over the responses; value and gradient, with ratios inside and outside the clip range."""
+    from otalign.trainers import ppo_math as pm
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]).bool()
+    old = -torch.arange(1, 17, dtype=torch.float32).reshape(4, 4).sqrt()
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.5])
+    for shift in (0.0, 0.05, -0.3):  # ratio 1, mostly inside, outside the clip range
+        moved = old + shift * torch.tensor([1.0, -1.0, 0.5, 2.0])[:, None]
+        ours_in = moved.clone().requires_grad_(True)
+        loss, stats = pm.sequence_policy_loss(ours_in, old, advantages, mask, cliprange=0.2, normalizer=4.0)
+        loss.backward()
+        trl_in = moved.clone().requires_grad_(True)
+        logps, old_logps = (trl_in * mask).sum(1), (old * mask).sum(1)
+        coef_1 = torch.exp(logps - old_logps)
+        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.2)
+        trl = -torch.min(coef_1 * advantages, coef_2 * advantages)
+        trl.mean().backward()
+        # float32: the sum of differences (ours) against the difference of sums (TRL's)
+        assert float(loss.detach()) == pytest.approx(float(trl.mean().detach()), rel=1e-5)
+        assert torch.allclose(ours_in.grad, trl_in.grad, rtol=1e-5, atol=1e-7)
+        clipped = (coef_1 < 0.8) & (advantages < 0) | (coef_1 > 1.2) & (advantages > 0)
+        assert float(stats["policy/clipfrac"]) == float((clipped * mask.sum(1)).sum())
+    assert float(stats["policy/clipfrac"]) > 0  # the last shift clips
+
+
+def test_rloo_normalize_advantages_standardises_over_the_rollout_as_trl(tmp_path):
+    trainer = make(tmp_path, "rloo", normalize_advantages=True, max_steps=1, per_device_train_batch_size=8)
+    captured = []
+    advantages = trainer.advantages
+    trainer.advantages = lambda scored: captured.append((scored, advantages(scored))) or captured[-1][1]
+    trainer.train()
+    scored, batch = captured[0]
+    a = group_advantages(trainer.sequence_rewards(scored), 2, algorithm="rloo", scale=False)
+    expected = (a - a.mean()) / (a.std() + 1e-4)  # TRL: (A - nanmean(A)) / (nanstd(A) + 1e-4), std unbiased
+    assert batch.advantages.tolist() == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-6)
+    assert float(a.std()) > 0.1 and float(batch.advantages.std()) == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("loss_type", ["sequence", "dapo"])
+def test_rloo_trains_with_either_objective_and_the_penalty_in_the_loss(tmp_path, loss_type):
+    trainer = make(tmp_path, "rloo", loss_type=loss_type, penalty_in="loss", regularizer="wasserstein", beta=0.5)
+    before = [p.detach().clone() for p in trainer.params]
+    history = trainer.train()
+    assert history[1]["loss/penalty"] > 0 and all(v == v for v in history[1].values())
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.params, strict=True))
+    with pytest.raises(ConfigError, match="loss_type"):
+        GRPOConfig(loss_type="sequence")  # TRL's GRPO has no such loss
+
+
 @pytest.mark.parametrize("penalty_in", ["reward", "loss"])
 @pytest.mark.parametrize("regularizer", ["kl", "js", "wasserstein"])
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])

@@ -192,3 +192,45 @@ def test_the_k3_loss_term_with_and_without_trls_bias_correction(bias_correction)
             k3 = torch.exp(ref - old) - (ref - old) - 1
             hand = (1 - torch.exp(ref - old) + (k3 if bias_correction else 0)) * mask * beta / z
             assert torch.allclose(logprobs.grad, hand, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize(
+    ("warmup_steps", "expected"), [(0, [0.01, 0.0075, 0.005, 0.0025]), (2, [0.0, 0.005, 0.01, 0.005])]
+)
+def test_the_rl_schedule_steps_per_optimizer_step_as_trl(tmp_path, warmup_steps, expected):
+    """TRL steps the schedule once per optimizer step, over all of them: GRPO with num_iterations 2 and 2 rollouts
+    takes 4 optimizer steps, at a linear schedule's 4 learning rates (warmup counted in optimizer steps too)."""
+    from otalign.trainers import GRPOConfig, GRPOTrainer
+
+    tokenizer = tiny_tokenizer()
+    config = GRPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        num_iterations=2,
+        learning_rate=0.01,
+        warmup_steps=warmup_steps,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        response_length=3,
+        progress_bar=False,
+        save_model=False,
+    )
+    trainer = GRPOTrainer(
+        config,
+        policy=tiny_causal_lm(tokenizer, seed=1),
+        ref_model=tiny_causal_lm(tokenizer),
+        tokenizer=tokenizer,
+        reward=lambda prompts, responses: [len(r) / 20 for r in responses],
+        prompts=["a b", "c d"],
+    )
+    used, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    history = trainer.train()
+    assert used == pytest.approx(expected)
+    assert [row["learning_rate"] for row in history] == pytest.approx([sum(expected[:2]) / 2, sum(expected[2:]) / 2])

@@ -37,6 +37,9 @@ from .rl import RLConfig, RLTrainer, RolloutBatch
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 """``loss_type`` values, TRL 1.16's names and normalisations (see the module docstring)."""
+RLOO_LOSS_TYPES = ("sequence", *LOSS_TYPES)
+"""RLOO's ``loss_type``: TRL's sequence-level objective (:func:`~otalign.trainers.ppo_math.sequence_policy_loss`) or
+the per-token loss of a GRPO ``loss_type``."""
 ALGORITHMS = ("grpo", "rloo")
 SCALE_EPS = 1e-4
 
@@ -66,7 +69,8 @@ def token_weights(mask: torch.Tensor, loss_type: str, max_length: int) -> tuple[
     A micro-batch's loss is ``sum(weights * l) / Z``, ``Z`` summing ``units`` over the rows that
     :meth:`CriticFreeTrainer.normalizers` takes for the ``loss_type``: ``grpo`` weights ``1/|o_i|``, units 1 (mean of
     per-sequence means); ``bnpo`` and ``dapo`` weights 1, units ``|o_i|`` (token means: of each micro-batch, of the
-    rollout); ``dr_grpo`` weights 1, units ``max_length`` (sum over N x max_length).
+    rollout); ``dr_grpo`` weights 1, units ``max_length`` (sum over N x max_length); RLOO's ``sequence`` weights 1,
+    units 1 (a penalty in the loss: its sum over each response, averaged over the responses).
     """
     m = mask.float()
     lengths = m.sum(1)
@@ -76,7 +80,9 @@ def token_weights(mask: torch.Tensor, loss_type: str, max_length: int) -> tuple[
         return m, lengths
     if loss_type == "dr_grpo":
         return m, torch.full_like(lengths, float(max_length))
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "sequence":  # one term per response; a penalty in the loss summed over its tokens
+        return m, torch.ones_like(lengths)
+    raise ValueError(f"loss_type must be one of {RLOO_LOSS_TYPES}, got {loss_type!r}")
 
 
 @dataclass
@@ -127,12 +133,25 @@ class GRPOConfig(CriticFreeConfig):
 
 @dataclass
 class RLOOConfig(CriticFreeConfig):
-    """RLOO: leave-one-out baseline, the penalty in the sequence reward by default, unscaled advantages."""
+    """RLOO: leave-one-out baseline, the penalty in the sequence reward by default, unscaled advantages, TRL's
+    sequence-level objective (``loss_type: sequence``) by default."""
 
     algorithm: ClassVar[str] = "rloo"
     output_dir: str = redefault(RLConfig, "output_dir", "runs/rloo")
     penalty_in: str = redefault(RLConfig, "penalty_in", "reward")
     scale_rewards: bool = redefault(CriticFreeConfig, "scale_rewards", False)
+    loss_type: str = field(
+        default="sequence",
+        metadata={
+            "help": "sequence: TRL's RLOO objective (one clipped ratio exp(sum logp - sum logp_old) per response, "
+            "mean over responses); grpo, bnpo, dr_grpo, dapo: per-token ratios normalised as GRPO's loss_type",
+            "choices": RLOO_LOSS_TYPES,
+        },
+    )
+    normalize_advantages: bool = field(
+        default=False,
+        metadata={"help": "standardise the advantages over the whole rollout of all processes (as TRL's RLOO)"},
+    )
 
 
 class CriticFreeTrainer(RLTrainer):
@@ -219,4 +238,37 @@ class GRPOTrainer(CriticFreeTrainer):
 
 
 class RLOOTrainer(CriticFreeTrainer):
-    """:class:`CriticFreeTrainer` with an :class:`RLOOConfig`."""
+    """:class:`CriticFreeTrainer` with an :class:`RLOOConfig`: TRL's ``normalize_advantages`` and sequence-level
+    objective (``loss_type: sequence``)."""
+
+    def advantages(self, scored) -> RolloutBatch:
+        r"""The group advantages; with ``normalize_advantages`` standardised over the whole rollout of all processes,
+        :math:`(A - \bar A) / (\mathrm{std}(A) + 10^{-4})` (unbiased std), as TRL's ``RLOOTrainer``."""
+        batch = super().advantages(scored)
+        if self.config.normalize_advantages:
+            acc, adv = self.accelerator, batch.advantages
+            every = torch.ones_like(adv, dtype=torch.bool)
+            mean, std = pm.masked_mean(adv, every, acc), pm.masked_var(adv, every, acc).sqrt()
+            batch.advantages = (adv - mean) / (std + SCALE_EPS)
+        return batch
+
+    def loss(self, batch: RolloutBatch, rows: torch.Tensor, normalizer: float):
+        """``loss_type: sequence``: TRL's clipped sequence-level surrogate
+        (:func:`~otalign.trainers.ppo_math.sequence_policy_loss`) plus the penalty (``penalty_in: loss``); else the
+        per-token loss of :class:`CriticFreeTrainer`."""
+        c, scored = self.config, batch.scored
+        if c.loss_type != "sequence":
+            return super().loss(batch, rows, normalizer)
+        rollout, mask = scored.rollout, scored.mask[rows]
+        logits = response_logits(self.policy, rollout, rows) / c.temperature
+        logprobs = pm.token_logprobs(logits, rollout.responses[rows])
+        pg, stats = pm.sequence_policy_loss(
+            logprobs,
+            scored.old_logprobs[rows],
+            batch.advantages[rows],
+            mask,
+            cliprange=c.cliprange,
+            normalizer=normalizer,
+        )
+        pen = self.penalty_loss(batch, rows, logits, logprobs, normalizer)
+        return pg + pen, {"loss/policy": pg.detach(), "loss/penalty": pen.detach()}, stats

@@ -115,6 +115,38 @@ def policy_loss(
     return loss, stats
 
 
+def sequence_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange: float,
+    normalizer: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""TRL's RLOO objective: one ratio per response :math:`\rho_i = \exp(\sum_t \log\pi_\theta - \sum_t
+    \log\pi_{old})` over its generated tokens, loss :math:`\sum_i \max(-A_i\rho_i, -A_i\,\mathrm{clip}(\rho_i,
+    1\pm\epsilon)) / Z` with Z the responses the loss averages over (per process).
+
+    Args:
+        logprobs, old_logprobs: (b, T) the sampled tokens' log-probabilities (current with grad; rollout).
+        advantages: (b,) one per response. mask: (b, T) generated positions.
+
+    Stats as :func:`policy_loss`'s, sums over the masked tokens: ``policy/clipfrac`` counts every token of a
+    response whose ratio is clipped, ``policy/approx_kl`` is per token.
+    """
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio.sum(1))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    loss = torch.maximum(unclipped, clipped).sum() / normalizer
+    stats = {
+        "policy/clipfrac": ((clipped > unclipped).float() * mask.sum(1)).sum().detach(),
+        "policy/approx_kl": (0.5 * log_ratio.pow(2) * mask).sum().detach(),
+    }
+    return loss, stats
+
+
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,

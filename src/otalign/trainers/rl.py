@@ -247,7 +247,7 @@ class RLTrainer(BaseTrainer):
             if finite:
                 metrics.update(self.update(step, batch))
             else:  # on_nonfinite skip: none of the step's optimizer steps
-                self.state.skipped_steps += self.num_epochs * c.num_mini_batches
+                self.skip_optimizer_steps(self.optimizer_steps_per_step)
                 metrics.update(self.advance())
             timer.lap("update")
             metrics.update(timer.metrics())
@@ -265,6 +265,11 @@ class RLTrainer(BaseTrainer):
     def num_epochs(self) -> int:
         """Passes of :meth:`update` over each rollout batch."""
         raise NotImplementedError
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        """Optimizer steps per rollout: ``num_epochs x num_mini_batches`` (the schedule counts these, as TRL's)."""
+        return self.num_epochs * self.config.num_mini_batches
 
     def advantages(self, scored: ScoredRollout) -> RolloutBatch:
         """Under no grad: the :class:`RolloutBatch` the algorithm's :meth:`loss` needs."""
