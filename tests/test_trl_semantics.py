@@ -234,3 +234,73 @@ def test_the_rl_schedule_steps_per_optimizer_step_as_trl(tmp_path, warmup_steps,
     history = trainer.train()
     assert used == pytest.approx(expected)
     assert [row["learning_rate"] for row in history] == pytest.approx([sum(expected[:2]) / 2, sum(expected[2:]) / 2])
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_rl_metrics_under_trls_names(tmp_path, algorithm):
+    """TRL's GRPO/RLOO keys next to otalign's: ``reward``, ``reward_std``, ``rewards/<fn>/mean|std``,
+    ``frac_reward_zero_std``, ``kl`` (GRPO: k3, RLOO: k1 at the rollout), ``entropy``, ``completions/*``,
+    ``num_tokens`` (prompt + completion tokens so far) and ``clip_ratio/*``, recomputed from the scored rollouts."""
+    from otalign.regularizers import k3
+    from otalign.trainers import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    config_class, trainer_class = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[algorithm]
+    tokenizer = tiny_tokenizer()
+    config = config_class(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        learning_rate=3e-2,
+        per_device_train_batch_size=8,
+        num_generations=2,
+        response_length=8,
+        temperature=2.0,
+        num_iterations=2,
+        progress_bar=False,
+        save_model=False,
+    )  # a hot sampler hits EOS in some responses only; two iterations move the ratios off 1
+
+    def characters(prompts, responses):
+        return [float(len(r) % 3) for r in responses]
+
+    trainer = trainer_class(
+        config,
+        policy=tiny_causal_lm(tokenizer, seed=1),
+        ref_model=tiny_causal_lm(tokenizer),
+        tokenizer=tokenizer,
+        reward=characters,
+        prompts=["a b", "c d", "e f g", "h"],
+    )
+    captured, advantages = [], trainer.advantages
+    trainer.advantages = lambda scored: captured.append(scored) or advantages(scored)
+    history = trainer.train()
+    tokens = 0.0
+    for row, scored in zip(history, captured, strict=True):
+        mask = scored.mask
+        lengths = mask.sum(1).float()
+        ended = ((scored.rollout.responses == tokenizer.eos_token_id) & mask).any(1)
+        tokens += float(scored.rollout.attention_mask.sum())
+        assert row["reward"] == row["reward/mean"] and row["reward_std"] == row["reward/std"]
+        raw = scored.components["characters"].double()
+        assert row["rewards/characters/mean"] == pytest.approx(float(raw.mean()))
+        assert row["rewards/characters/std"] == pytest.approx(float(raw.std()), rel=1e-6)
+        flat = trainer.sequence_rewards(scored).reshape(-1, 2).std(1)
+        assert row["frac_reward_zero_std"] == pytest.approx(float(torch.isclose(flat, torch.zeros(4)).float().mean()))
+        per_token = (
+            k3(scored.old_logprobs, scored.ref_logprobs)
+            if algorithm == "grpo"
+            else (scored.old_logprobs - scored.ref_logprobs)
+        )
+        assert row["kl"] == pytest.approx(float((per_token * mask).sum() / mask.sum()), rel=1e-5, abs=1e-7)
+        assert row["entropy"] == row["policy/entropy"]
+        assert row["num_tokens"] == tokens
+        assert row["completions/mean_length"] == pytest.approx(float(lengths.mean()))
+        assert (row["completions/min_length"], row["completions/max_length"]) == (lengths.min(), lengths.max())
+        assert row["completions/clipped_ratio"] == pytest.approx(1 - float(ended.float().mean()))
+        done = lengths[ended] if ended.any() else torch.zeros(1)
+        assert row["completions/mean_terminated_length"] == pytest.approx(float(done.mean()))
+        assert row["completions/min_terminated_length"] == float(done.min())
+        assert row["completions/max_terminated_length"] == float(done.max())
+        assert row["clip_ratio/region_mean"] == pytest.approx(row["clip_ratio/low_mean"] + row["clip_ratio/high_mean"])
+        assert row["clip_ratio/region_mean"] == pytest.approx(row["policy/clipfrac"])
+    assert any(0 < row["completions/clipped_ratio"] < 1 for row in history)  # some responses ended with EOS
+    assert max(row["clip_ratio/region_mean"] for row in history) > 0

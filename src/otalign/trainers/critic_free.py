@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 
 from otalign.generation import response_logits
+from otalign.regularizers import k3
 
 from . import ppo_math as pm
 from .config import ConfigError, redefault
@@ -220,16 +221,29 @@ class CriticFreeTrainer(RLTrainer):
             return [total / (acc.num_processes * c.num_mini_batches)] * len(micro)
         return super().normalizers(batch, micro)
 
+    def token_kl(self, scored) -> torch.Tensor:
+        """(B, T) the per-token KL estimate TRL's trainer logs as ``kl``: GRPO's k3 at the rollout policy."""
+        return k3(scored.old_logprobs, scored.ref_logprobs)
+
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
-        """Mean within-group reward std, share of groups whose rewards are all equal, mean |advantage|."""
-        acc, advantages = self.accelerator, batch.advantages
-        groups = batch.scored.scores.reshape(-1, self.config.num_generations).std(1)
-        stats = torch.stack([groups.sum(), (groups == 0).sum(), torch.tensor(groups.numel()), advantages.abs().sum()])
+        """Mean within-group reward std, share of groups whose rewards are all equal, mean |advantage|; under TRL's
+        names ``frac_reward_zero_std`` (share of groups whose sequence rewards, penalty included where the
+        advantages include it, have a std close to 0) and ``kl`` (:meth:`token_kl`, mean per generated token)."""
+        acc, advantages, scored = self.accelerator, batch.advantages, batch.scored
+        g = self.config.num_generations
+        groups = scored.scores.reshape(-1, g).std(1)
+        flat = self.sequence_rewards(scored).reshape(-1, g).std(1)
+        zero = torch.isclose(flat, torch.zeros_like(flat)).sum()
+        n = torch.tensor(float(groups.numel()), device=groups.device)
+        parts = [groups.sum(), (groups == 0).sum(), n, advantages.abs().sum(), zero]
+        stats = torch.stack([x.double().to(groups.device) for x in parts])
         counts = pm.global_sum(stats, acc)
         return {
             "reward/group_std": float(counts[0] / counts[2]),
             "reward/zero_std_frac": float(counts[1] / counts[2]),
-            "advantage/abs_mean": float(counts[3] / (counts[2] * self.config.num_generations)),
+            "advantage/abs_mean": float(counts[3] / (counts[2] * g)),
+            "frac_reward_zero_std": float(counts[4] / counts[2]),
+            "kl": float(pm.masked_mean(self.token_kl(scored), scored.mask, acc)),
         }
 
 
@@ -240,6 +254,10 @@ class GRPOTrainer(CriticFreeTrainer):
 class RLOOTrainer(CriticFreeTrainer):
     """:class:`CriticFreeTrainer` with an :class:`RLOOConfig`: TRL's ``normalize_advantages`` and sequence-level
     objective (``loss_type: sequence``)."""
+
+    def token_kl(self, scored) -> torch.Tensor:
+        """(B, T) TRL's RLOO ``kl``: the first-order log-ratio of the rollout policy to the reference (k1)."""
+        return scored.old_logprobs - scored.ref_logprobs
 
     def advantages(self, scored) -> RolloutBatch:
         r"""The group advantages; with ``normalize_advantages`` standardised over the whole rollout of all processes,

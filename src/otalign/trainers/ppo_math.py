@@ -111,8 +111,22 @@ def policy_loss(
     stats = {
         "policy/clipfrac": ((clipped > unclipped).float() * mask).sum().detach(),
         "policy/approx_kl": (0.5 * log_ratio.pow(2) * mask).sum().detach(),
+        **clip_ratios(ratio, advantages, cliprange, mask),
     }
     return loss, stats
+
+
+def clip_ratios(ratio: torch.Tensor, advantages: torch.Tensor, cliprange: float, tokens: torch.Tensor) -> dict:
+    r"""TRL's ``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean`` as sums over tokens, to be divided by the token
+    count: ratios below :math:`1-\epsilon` with a negative advantage, above :math:`1+\epsilon` with a positive one
+    (where the clip binds), either; each entry counted ``tokens`` times ((b, T) mask, or (b,) token counts)."""
+    low = ((ratio < 1.0 - cliprange) & (advantages < 0)).float() * tokens
+    high = ((ratio > 1.0 + cliprange) & (advantages > 0)).float() * tokens
+    return {
+        "clip_ratio/low_mean": low.sum().detach(),
+        "clip_ratio/high_mean": high.sum().detach(),
+        "clip_ratio/region_mean": (low + high).sum().detach(),
+    }
 
 
 def sequence_policy_loss(
@@ -143,6 +157,7 @@ def sequence_policy_loss(
     stats = {
         "policy/clipfrac": ((clipped > unclipped).float() * mask.sum(1)).sum().detach(),
         "policy/approx_kl": (0.5 * log_ratio.pow(2) * mask).sum().detach(),
+        **clip_ratios(ratio, advantages, cliprange, mask.sum(1)),
     }
     return loss, stats
 

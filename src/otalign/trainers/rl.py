@@ -437,8 +437,14 @@ class RLTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ 5. log, beta, checkpoint
     def rollout_metrics(self, scored: ScoredRollout) -> dict[str, float]:
-        """Rollout statistics over all processes, ``beta`` and ``regularizer/distance`` (:func:`rollout_metrics`)."""
-        return rollout_metrics(scored, self.beta, distance_key(self.regularizer), self.accelerator)
+        """Rollout statistics over all processes, ``beta`` and ``regularizer/distance`` (:func:`rollout_metrics`),
+        and TRL's ``num_tokens``: prompt and response tokens sampled so far by all processes
+        (``state.num_input_tokens_seen``, saved with checkpoints)."""
+        acc = self.accelerator
+        metrics = rollout_metrics(scored, self.beta, distance_key(self.regularizer), acc, self.tokenizer.eos_token_id)
+        self.state.num_input_tokens_seen += int(pm.global_sum(scored.rollout.attention_mask.sum(), acc))
+        metrics["num_tokens"] = float(self.state.num_input_tokens_seen)
+        return metrics
 
     def check_convergence(self, step: int, metrics: dict[str, float]) -> None:
         """Count a step whose solves did not all converge and warn on the first one of the run
