@@ -147,6 +147,17 @@ def test_each_loss_type_aggregates_an_optimizer_step_as_trl(loss_type):
             assert float(ours) != pytest.approx(token_mean, rel=1e-3)
 
 
+def test_use_bias_correction_kl_changes_the_update_not_the_loss_value(tmp_path):
+    """The k3 term's ratio is 1 at the rollout policy: the first step's losses are equal with and without it; its
+    gradient differs, so the second step's are not."""
+    settings = dict(regularizer="rkl", penalty_in="loss", beta=0.5, policy_seed=1, learning_rate=1e-2)
+    corrected = make(tmp_path / "a", **settings).train()
+    plain = make(tmp_path / "b", use_bias_correction_kl=False, **settings).train()
+    assert corrected[0]["loss/penalty"] == pytest.approx(plain[0]["loss/penalty"], rel=1e-6)
+    assert corrected[0]["loss/penalty"] > 0  # policy seed 1 against reference seed 0
+    assert corrected[1]["loss/penalty"] != pytest.approx(plain[1]["loss/penalty"], rel=1e-4)
+
+
 def test_rloo_sequence_objective_is_trls():
     """TRL 1.16 ``RLOOTrainer._compute_loss``: ratio exp(sum logp - sum old) per response, -min(ratio A, clip(ratio) A)
     averaged over the responses; value and gradient, with ratios inside and outside the clip range."""

@@ -19,7 +19,10 @@ are the shared machinery of :mod:`otalign.trainers.rl`):
    by the whole rollout's token count over ``num_mini_batches`` (the mini-batch's token count when
    ``num_mini_batches`` is 1); ``bnpo`` each micro-batch's own token mean on its process
    :math:`\sum_{it \in m}\ell_{it} / \sum_{i\in m}|o_i|`, divided by G (so the mean of the micro-batch means over
-   micro-batches and processes, not the mini-batch's token mean).
+   micro-batches and processes, not the mini-batch's token mean). RLOO's default ``loss_type: sequence`` is TRL's
+   ``RLOOTrainer`` objective instead: one clipped ratio per response,
+   :math:`\rho_i = \exp(\sum_t \log\pi_\theta - \log\pi_{old})`, averaged over the responses, with optional
+   ``normalize_advantages`` over the whole rollout.
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ bottom; each stage is one call:
    checkpoint.
 
 The algorithm is the small interface a subclass implements: :attr:`num_epochs`, :meth:`advantages`, :meth:`loss`,
-:meth:`batch_metrics` (and :meth:`build_models` for models trained beside the policy, PPO's critic). Where the
+:meth:`batch_metrics` (and :meth:`build_models` for models trained beside the policy, PPO's critic, and
+:meth:`normalizers` where a loss is not normalised over the global mini-batch). The learning-rate schedule steps once
+per optimizer step (``num_epochs x num_mini_batches`` per rollout, as TRL), while ``max_steps``, ``global_step``
+and checkpoints count rollouts. Where the
 penalty goes (``penalty_in``) is one object chosen at start (:mod:`otalign.trainers.penalty`); the regularizer is
 built by its registry entry from the config (:func:`otalign.regularizers.regularizer_from_config`), so no trainer
 names a regularizer.
