@@ -1,6 +1,7 @@
 """Trainer options with TRL's meaning: accumulation multiplies the batch, gradient checkpointing changes nothing but
 memory, DPO evaluates every ``eval_steps``, a used ``output_dir`` is not silently reused, and the SFT and DPO
-metrics TRL logs (``num_tokens``, ``mean_token_accuracy``, ``entropy``, ``logits/*``) are computed as TRL does."""
+metrics TRL logs (``num_tokens``, ``mean_token_accuracy``, ``entropy``, ``logits/*``) are computed as TRL does; the
+RL trainers' bias-corrected k3 term, learning-rate schedule and GRPO/RLOO metric names are TRL 1.16's."""
 
 from __future__ import annotations
 
