@@ -42,7 +42,7 @@ SCENARIOS: dict[str, tuple[str, int, dict]] = {
         dict(
             gradient_accumulation_steps=2,
             regularizer="wasserstein",
-            loss_type="bnpo",
+            loss_type="dapo",
             beta=0.5,
             beta_target=0.01,
             beta_horizon=10.0,

@@ -94,15 +94,22 @@ RUNS = {
     "ppo_rkl": lambda out: run_rl(PPOConfig, PPOTrainer, out, regularizer="rkl"),
     "ppo_wasserstein": lambda out: run_rl(PPOConfig, PPOTrainer, out, regularizer="wasserstein"),
     "ppo_js_in_loss": lambda out: run_rl(PPOConfig, PPOTrainer, out, regularizer="js", penalty_in="loss"),
-    "grpo_kl": lambda out: run_rl(GRPOConfig, GRPOTrainer, out, num_generations=2),
+    # the fixture's k3 term predates use_bias_correction_kl (TRL 1.16's default, now otalign's)
+    "grpo_kl": lambda out: run_rl(GRPOConfig, GRPOTrainer, out, num_generations=2, use_bias_correction_kl=False),
     "grpo_wasserstein_in_loss": lambda out: run_rl(
         GRPOConfig, GRPOTrainer, out, num_generations=2, regularizer="wasserstein"
     ),
     "grpo_wasserstein_current": lambda out: run_rl(
         GRPOConfig, GRPOTrainer, out, num_generations=2, regularizer="wasserstein", loss_potentials="current"
     ),
-    "rloo_wasserstein": lambda out: run_rl(
-        RLOOConfig, RLOOTrainer, out, num_generations=2, regularizer="wasserstein", gradient_accumulation_steps=2
+    "rloo_wasserstein": lambda out: run_rl(  # RLOO's per-token objective of the recording (now loss_type grpo)
+        RLOOConfig,
+        RLOOTrainer,
+        out,
+        num_generations=2,
+        regularizer="wasserstein",
+        gradient_accumulation_steps=2,
+        loss_type="grpo",
     ),
     "dpo_otpo": run_dpo,
     "sft": run_sft,

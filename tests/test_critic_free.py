@@ -3,6 +3,8 @@ adaptive beta, resume, bad input."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from test_ppo import good_share
@@ -20,6 +22,7 @@ from otalign.trainers import (
     read_metrics,
 )
 from otalign.trainers.critic_free import group_advantages, token_weights
+from otalign.trainers.rollout_batch import RolloutBatch
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -83,12 +86,127 @@ def test_grpo_and_rloo_advantages_match_hand_computed_values():
 def test_loss_type_normalisations_match_hand_computed_values():
     mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
     loss = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0]])
-    expected = {"grpo": ((1 + 2 + 3) / 3 + 4) / 2, "bnpo": (1 + 2 + 3 + 4) / 4, "dr_grpo": (1 + 2 + 3 + 4) / (2 * 4)}
+    token_mean = (1 + 2 + 3 + 4) / 4
+    expected = {"grpo": ((1 + 2 + 3) / 3 + 4) / 2, "bnpo": token_mean, "dapo": token_mean, "dr_grpo": 10 / (2 * 4)}
     for loss_type, value in expected.items():
         weights, units = token_weights(mask, loss_type, max_length=4)
         assert float((weights * loss).sum() / units.sum()) == pytest.approx(value), loss_type
     with pytest.raises(ValueError, match="loss_type"):
         token_weights(mask, "seq", 4)
+
+
+def trl_grpo_loss(per_token_loss, mask, loss_type, micro, *, accumulation, steps_per_generation, max_length):
+    """TRL 1.16 ``GRPOTrainer._compute_loss``'s aggregation of one micro-batch (rows ``micro``, one process), as TRL
+    writes it: the value whose gradient the optimizer step accumulates."""
+    loss, m = per_token_loss[micro], mask[micro].float()
+    if loss_type == "grpo":
+        return ((loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean() / accumulation
+    if loss_type == "bnpo":
+        return (loss * m).sum() / m.sum().clamp(min=1.0) / accumulation
+    if loss_type == "dr_grpo":
+        return (loss * m).sum() / (loss.size(0) * max_length) / accumulation
+    num_items_in_batch = mask.sum()  # the whole generation batch (gathered over processes)
+    normalizer = num_items_in_batch.clamp(min=1.0) * accumulation / steps_per_generation
+    return (loss * m).sum() / normalizer
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_each_loss_type_aggregates_an_optimizer_step_as_trl(loss_type):
+    """Two mini-batches of two micro-batches of two responses of different lengths: the summed micro-batch losses of
+    each optimizer step equal TRL's (``steps_per_generation`` 4 = 2 optimizer steps per generation)."""
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]] * 2).bool()
+    mask[5:, 3:] = False  # the second mini-batch shorter than the first
+    per_token_loss = torch.arange(40, dtype=torch.float32).reshape(8, 5).sqrt()
+    trainer = GRPOTrainer.__new__(GRPOTrainer)  # normalizers need only the config and the process count
+    trainer.config = GRPOConfig(
+        loss_type=loss_type,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        num_mini_batches=2,
+        num_generations=2,
+        response_length=5,
+    )
+    trainer.accelerator = types.SimpleNamespace(num_processes=1)
+    weights, units = token_weights(mask, loss_type, max_length=5)
+    batch = RolloutBatch(None, torch.zeros(8), units, weights)
+    for minibatch in torch.arange(8).chunk(2):
+        micro = minibatch.chunk(2)
+        ours = sum(
+            (weights[rows] * per_token_loss[rows]).sum() / z
+            for rows, z in zip(micro, trainer.normalizers(batch, micro), strict=True)
+        )
+        trl = sum(
+            trl_grpo_loss(per_token_loss, mask, loss_type, rows, accumulation=2, steps_per_generation=4, max_length=5)
+            for rows in micro
+        )
+        assert float(ours) == pytest.approx(float(trl), rel=1e-6)
+        token_mean = float((per_token_loss[minibatch] * mask[minibatch]).sum() / mask[minibatch].sum())
+        if loss_type == "bnpo":  # TRL's bnpo is not the mini-batch's token mean (otalign's bnpo before it was TRL's)
+            assert float(ours) != pytest.approx(token_mean, rel=1e-3)
+        if loss_type == "dapo":  # TRL's dapo is not either, with two mini-batches of different token counts
+            assert float(ours) != pytest.approx(token_mean, rel=1e-3)
+
+
+def test_use_bias_correction_kl_changes_the_update_not_the_loss_value(tmp_path):
+    """The k3 term's ratio is 1 at the rollout policy: the first step's losses are equal with and without it; its
+    gradient differs, so the second step's are not."""
+    settings = dict(regularizer="rkl", penalty_in="loss", beta=0.5, policy_seed=1, learning_rate=1e-2)
+    corrected = make(tmp_path / "a", **settings).train()
+    plain = make(tmp_path / "b", use_bias_correction_kl=False, **settings).train()
+    assert corrected[0]["loss/penalty"] == pytest.approx(plain[0]["loss/penalty"], rel=1e-6)
+    assert corrected[0]["loss/penalty"] > 0  # policy seed 1 against reference seed 0
+    assert corrected[1]["loss/penalty"] != pytest.approx(plain[1]["loss/penalty"], rel=1e-4)
+
+
+def test_rloo_sequence_objective_is_trls():
+    """TRL 1.16 ``RLOOTrainer._compute_loss``: ratio exp(sum logp - sum old) per response, -min(ratio A, clip(ratio) A)
+    averaged over the responses; value and gradient, with ratios inside and outside the clip range."""
+    from otalign.trainers import ppo_math as pm
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]).bool()
+    old = -torch.arange(1, 17, dtype=torch.float32).reshape(4, 4).sqrt()
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.5])
+    for shift in (0.0, 0.05, -0.3):  # ratio 1, mostly inside, outside the clip range
+        moved = old + shift * torch.tensor([1.0, -1.0, 0.5, 2.0])[:, None]
+        ours_in = moved.clone().requires_grad_(True)
+        loss, stats = pm.sequence_policy_loss(ours_in, old, advantages, mask, cliprange=0.2, normalizer=4.0)
+        loss.backward()
+        trl_in = moved.clone().requires_grad_(True)
+        logps, old_logps = (trl_in * mask).sum(1), (old * mask).sum(1)
+        coef_1 = torch.exp(logps - old_logps)
+        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.2)
+        trl = -torch.min(coef_1 * advantages, coef_2 * advantages)
+        trl.mean().backward()
+        # float32: the sum of differences (ours) against the difference of sums (TRL's)
+        assert float(loss.detach()) == pytest.approx(float(trl.mean().detach()), rel=1e-5)
+        assert torch.allclose(ours_in.grad, trl_in.grad, rtol=1e-5, atol=1e-7)
+        clipped = (coef_1 < 0.8) & (advantages < 0) | (coef_1 > 1.2) & (advantages > 0)
+        assert float(stats["policy/clipfrac"]) == float((clipped * mask.sum(1)).sum())
+    assert float(stats["policy/clipfrac"]) > 0  # the last shift clips
+
+
+def test_rloo_normalize_advantages_standardises_over_the_rollout_as_trl(tmp_path):
+    trainer = make(tmp_path, "rloo", normalize_advantages=True, max_steps=1, per_device_train_batch_size=8)
+    captured = []
+    advantages = trainer.advantages
+    trainer.advantages = lambda scored: captured.append((scored, advantages(scored))) or captured[-1][1]
+    trainer.train()
+    scored, batch = captured[0]
+    a = group_advantages(trainer.sequence_rewards(scored), 2, algorithm="rloo", scale=False)
+    expected = (a - a.mean()) / (a.std() + 1e-4)  # TRL: (A - nanmean(A)) / (nanstd(A) + 1e-4), std unbiased
+    assert batch.advantages.tolist() == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-6)
+    assert float(a.std()) > 0.1 and float(batch.advantages.std()) == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("loss_type", ["sequence", "dapo"])
+def test_rloo_trains_with_either_objective_and_the_penalty_in_the_loss(tmp_path, loss_type):
+    trainer = make(tmp_path, "rloo", loss_type=loss_type, penalty_in="loss", regularizer="wasserstein", beta=0.5)
+    before = [p.detach().clone() for p in trainer.params]
+    history = trainer.train()
+    assert history[1]["loss/penalty"] > 0 and all(v == v for v in history[1].values())
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.params, strict=True))
+    with pytest.raises(ConfigError, match="loss_type"):
+        GRPOConfig(loss_type="sequence")  # TRL's GRPO has no such loss
 
 
 @pytest.mark.parametrize("penalty_in", ["reward", "loss"])

@@ -81,6 +81,7 @@ class BaseTrainer:
         self.guard = FiniteGuard(self.accelerator, config.on_nonfinite)
         self._updated = False  # an optimizer step was applied in this process (for the guard's likely cause)
         self._grad_norms: list[float] = []  # gradient norms of the applied optimizer steps since the last advance
+        self._learning_rates: list[float] = []  # learning rates of the optimizer steps since the last advance
         self.num_examples: int | None = None  # training-set size (count_examples), for epoch and num_train_epochs
 
     def print(self, *args) -> None:
@@ -98,14 +99,19 @@ class BaseTrainer:
             weight_decay=c.weight_decay,
         )
 
+    optimizer_steps_per_step = 1
+    """Optimizer steps one step of the loop takes (RL: ``num_epochs x num_mini_batches`` per rollout)."""
+
     def create_scheduler(self, optimizer: torch.optim.Optimizer):
-        """``transformers.get_scheduler`` over ``max_steps`` optimizer steps (stepped once per step, whatever
-        the number of processes; saved with every checkpoint)."""
+        """``transformers.get_scheduler`` over ``max_steps x optimizer_steps_per_step`` optimizer steps with
+        ``warmup_steps`` optimizer steps of warmup, stepped once per optimizer step as TRL's (applied or skipped,
+        whatever the number of processes; saved with every checkpoint)."""
         from transformers import get_scheduler
 
         c = self.config
+        total = c.max_steps * self.optimizer_steps_per_step
         scheduler = get_scheduler(
-            c.lr_scheduler_type, optimizer, num_warmup_steps=c.warmup_steps, num_training_steps=c.max_steps
+            c.lr_scheduler_type, optimizer, num_warmup_steps=c.warmup_steps, num_training_steps=total
         )
         self.accelerator.register_for_checkpointing(scheduler)
         return scheduler
@@ -202,7 +208,7 @@ class BaseTrainer:
         """Clip ``self.params``' gradients (``max_grad_norm``; none: only measure their norm), check the values
         watched since the last optimizer step and the gradient norm (``self.guard``), step ``self.optimizer``
         unless the guard skips the step (``on_nonfinite: skip``, counted in ``state.skipped_steps``), zero the
-        gradients; returns whether the step was applied.
+        gradients, step the schedule (either way); returns whether the step was applied.
 
         Raises:
             NonFiniteError: a watched value or the gradient norm is NaN or infinite (``on_nonfinite: error``).
@@ -220,21 +226,35 @@ class BaseTrainer:
         else:
             self.state.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_schedule()
         return applied
 
+    def step_schedule(self) -> None:
+        """Record the learning rate of the optimizer step just taken (or skipped), then advance the schedule."""
+        self._learning_rates.append(self.scheduler.get_last_lr()[0])
+        self.scheduler.step()
+
+    def skip_optimizer_steps(self, count: int) -> None:
+        """``count`` optimizer steps that did not run (a whole step skipped before its updates, ``on_nonfinite:
+        skip``): counted in ``state.skipped_steps``, and the schedule moves past them as past a skipped step."""
+        self.state.skipped_steps += count
+        for _ in range(count):
+            self.step_schedule()
+
     def advance(self) -> dict[str, float]:
-        """End a step's updates: advance ``self.scheduler`` and the data position (``state.samples_seen``).
+        """End a step's updates: advance the data position (``state.samples_seen``).
 
         Returns:
-            The step's optimizer metrics under TRL's names: ``learning_rate`` (the one the step used) and
-            ``grad_norm`` (total gradient norm before clipping, averaged over the step's applied optimizer steps;
-            absent when none was applied).
+            The step's optimizer metrics under TRL's names: ``learning_rate`` (the one the step's optimizer steps
+            used, their mean when there are several) and ``grad_norm`` (total gradient norm before clipping,
+            averaged over the step's applied optimizer steps; absent when none was applied).
         """
-        metrics = {"learning_rate": self.scheduler.get_last_lr()[0]}
+        rates = self._learning_rates or [self.scheduler.get_last_lr()[0]]
+        metrics = {"learning_rate": sum(rates) / len(rates)}
         if self._grad_norms:
             metrics["grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
         self._grad_norms.clear()
-        self.scheduler.step()
+        self._learning_rates.clear()
         self.state.samples_seen += self.config.step_batch_size * self.accelerator.num_processes
         return metrics
 

@@ -50,11 +50,14 @@ class TrainerState:
         global_step: optimizer steps completed.
         samples_seen: examples (prompts) consumed across all processes: the data position.
         skipped_steps: optimizer steps skipped for a non-finite value (``on_nonfinite: skip``).
+        num_input_tokens_seen: RL: prompt and response tokens sampled so far by all processes (TRL's
+            ``num_tokens``; 0 in a checkpoint written before it was kept).
     """
 
     global_step: int = 0
     samples_seen: int = 0
     skipped_steps: int = 0
+    num_input_tokens_seen: int = 0
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)

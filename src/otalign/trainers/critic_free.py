@@ -11,10 +11,18 @@ are the shared machinery of :mod:`otalign.trainers.rl`):
    with ``scale_rewards`` divided by the group's standard deviation plus :math:`10^{-4}`.
 3. **Update**: ``num_iterations`` passes over the same rollouts (``num_mini_batches`` optimizer steps each),
    clipped surrogate :math:`\ell_{it} = -\min(\rho_{it} A_i, \mathrm{clip}(\rho_{it}, 1\pm\epsilon) A_i)`, plus
-   :math:`\beta d_{it}` with ``penalty_in: loss``; no critic. Length normalisation ``loss_type`` (TRL's names):
-   ``grpo`` :math:`\frac1N\sum_i \frac{1}{|o_i|}\sum_t \ell_{it}`; ``bnpo`` :math:`\sum_{it}\ell_{it} / \sum_i |o_i|`;
-   ``dr_grpo`` :math:`\sum_{it}\ell_{it} / (N\cdot T_{max})` (:func:`token_weights`), all over the global
-   mini-batch of N responses.
+   :math:`\beta d_{it}` with ``penalty_in: loss``; no critic. Length normalisation ``loss_type``, as TRL 1.16's
+   ``GRPOTrainer`` computes it (:func:`token_weights`, :meth:`CriticFreeTrainer.normalizers`), for a mini-batch of
+   N responses in micro-batches of b per process, G = ``gradient_accumulation_steps``:
+   ``grpo`` :math:`\frac1N\sum_i \frac{1}{|o_i|}\sum_t \ell_{it}`; ``dr_grpo``
+   :math:`\sum_{it}\ell_{it} / (N\cdot T_{max})`; ``dapo`` :math:`\sum_{it}\ell_{it}` over the mini-batch divided
+   by the whole rollout's token count over ``num_mini_batches`` (the mini-batch's token count when
+   ``num_mini_batches`` is 1); ``bnpo`` each micro-batch's own token mean on its process
+   :math:`\sum_{it \in m}\ell_{it} / \sum_{i\in m}|o_i|`, divided by G (so the mean of the micro-batch means over
+   micro-batches and processes, not the mini-batch's token mean). RLOO's default ``loss_type: sequence`` is TRL's
+   ``RLOOTrainer`` objective instead: one clipped ratio per response,
+   :math:`\rho_i = \exp(\sum_t \log\pi_\theta - \log\pi_{old})`, averaged over the responses, with optional
+   ``normalize_advantages`` over the whole rollout.
 """
 
 from __future__ import annotations
@@ -25,12 +33,17 @@ from typing import ClassVar
 import torch
 
 from otalign.generation import response_logits
+from otalign.regularizers import k3
 
 from . import ppo_math as pm
 from .config import ConfigError, redefault
 from .rl import RLConfig, RLTrainer, RolloutBatch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+"""``loss_type`` values, TRL 1.16's names and normalisations (see the module docstring)."""
+RLOO_LOSS_TYPES = ("sequence", *LOSS_TYPES)
+"""RLOO's ``loss_type``: TRL's sequence-level objective (:func:`~otalign.trainers.ppo_math.sequence_policy_loss`) or
+the per-token loss of a GRPO ``loss_type``."""
 ALGORITHMS = ("grpo", "rloo")
 SCALE_EPS = 1e-4
 
@@ -57,19 +70,23 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, algorithm: str, 
 def token_weights(mask: torch.Tensor, loss_type: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss weights (B, T) and per-response normalizer units (B,) of a ``loss_type``.
 
-    The loss of a mini-batch is ``sum(weights * l) / Z`` with ``Z`` the sum of ``units`` over the global
-    mini-batch: ``grpo`` weights ``1/|o_i|``, units 1 (mean of per-sequence means); ``bnpo`` weights 1, units
-    ``|o_i|`` (token mean); ``dr_grpo`` weights 1, units ``max_length`` (sum over N x max_length).
+    A micro-batch's loss is ``sum(weights * l) / Z``, ``Z`` summing ``units`` over the rows that
+    :meth:`CriticFreeTrainer.normalizers` takes for the ``loss_type``: ``grpo`` weights ``1/|o_i|``, units 1 (mean of
+    per-sequence means); ``bnpo`` and ``dapo`` weights 1, units ``|o_i|`` (token means: of each micro-batch, of the
+    rollout); ``dr_grpo`` weights 1, units ``max_length`` (sum over N x max_length); RLOO's ``sequence`` weights 1,
+    units 1 (a penalty in the loss: its sum over each response, averaged over the responses).
     """
     m = mask.float()
     lengths = m.sum(1)
     if loss_type == "grpo":
         return m / lengths.clamp_min(1)[:, None], torch.ones_like(lengths)
-    if loss_type == "bnpo":
+    if loss_type in ("bnpo", "dapo"):
         return m, lengths
     if loss_type == "dr_grpo":
         return m, torch.full_like(lengths, float(max_length))
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "sequence":  # one term per response; a penalty in the loss summed over its tokens
+        return m, torch.ones_like(lengths)
+    raise ValueError(f"loss_type must be one of {RLOO_LOSS_TYPES}, got {loss_type!r}")
 
 
 @dataclass
@@ -120,12 +137,25 @@ class GRPOConfig(CriticFreeConfig):
 
 @dataclass
 class RLOOConfig(CriticFreeConfig):
-    """RLOO: leave-one-out baseline, the penalty in the sequence reward by default, unscaled advantages."""
+    """RLOO: leave-one-out baseline, the penalty in the sequence reward by default, unscaled advantages, TRL's
+    sequence-level objective (``loss_type: sequence``) by default."""
 
     algorithm: ClassVar[str] = "rloo"
     output_dir: str = redefault(RLConfig, "output_dir", "runs/rloo")
     penalty_in: str = redefault(RLConfig, "penalty_in", "reward")
     scale_rewards: bool = redefault(CriticFreeConfig, "scale_rewards", False)
+    loss_type: str = field(
+        default="sequence",
+        metadata={
+            "help": "sequence: TRL's RLOO objective (one clipped ratio exp(sum logp - sum logp_old) per response, "
+            "mean over responses); grpo, bnpo, dr_grpo, dapo: per-token ratios normalised as GRPO's loss_type",
+            "choices": RLOO_LOSS_TYPES,
+        },
+    )
+    normalize_advantages: bool = field(
+        default=False,
+        metadata={"help": "standardise the advantages over the whole rollout of all processes (as TRL's RLOO)"},
+    )
 
 
 class CriticFreeTrainer(RLTrainer):
@@ -179,16 +209,44 @@ class CriticFreeTrainer(RLTrainer):
         pen = self.penalty_loss(batch, rows, logits, logprobs, normalizer)
         return pg + pen, {"loss/policy": pg.detach(), "loss/penalty": pen.detach()}, stats
 
+    def normalizers(self, batch: RolloutBatch, micro: tuple[torch.Tensor, ...]) -> list[float]:
+        """Z of each micro-batch as TRL 1.16 computes it for the ``loss_type`` (units: :func:`token_weights`).
+
+        ``bnpo``: the micro-batch's own token count on this process (at least 1) times ``gradient_accumulation_steps``;
+        ``dapo``: the whole rollout's token count over all processes (at least 1) divided by the process count and
+        ``num_mini_batches``; ``grpo``, ``dr_grpo``: the mini-batch's units over the process count (the default).
+        """
+        c, acc = self.config, self.accelerator
+        if c.loss_type == "bnpo":
+            return [max(float(batch.units[rows].sum()), 1.0) * len(micro) for rows in micro]
+        if c.loss_type == "dapo":
+            total = max(float(pm.global_sum(batch.units.sum(), acc)), 1.0)
+            return [total / (acc.num_processes * c.num_mini_batches)] * len(micro)
+        return super().normalizers(batch, micro)
+
+    def token_kl(self, scored) -> torch.Tensor:
+        """(B, T) the per-token KL estimate TRL's trainer logs as ``kl``: GRPO's k3 at the rollout policy."""
+        return k3(scored.old_logprobs, scored.ref_logprobs)
+
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
-        """Mean within-group reward std, share of groups whose rewards are all equal, mean |advantage|."""
-        acc, advantages = self.accelerator, batch.advantages
-        groups = batch.scored.scores.reshape(-1, self.config.num_generations).std(1)
-        stats = torch.stack([groups.sum(), (groups == 0).sum(), torch.tensor(groups.numel()), advantages.abs().sum()])
+        """Mean within-group reward std, share of groups whose rewards are all equal, mean |advantage|; under TRL's
+        names ``frac_reward_zero_std`` (share of groups whose sequence rewards, penalty included where the
+        advantages include it, have a std close to 0) and ``kl`` (:meth:`token_kl`, mean per generated token)."""
+        acc, advantages, scored = self.accelerator, batch.advantages, batch.scored
+        g = self.config.num_generations
+        groups = scored.scores.reshape(-1, g).std(1)
+        flat = self.sequence_rewards(scored).reshape(-1, g).std(1)
+        zero = torch.isclose(flat, torch.zeros_like(flat)).sum()
+        n = torch.tensor(float(groups.numel()), device=groups.device)
+        parts = [groups.sum(), (groups == 0).sum(), n, advantages.abs().sum(), zero]
+        stats = torch.stack([x.double().to(groups.device) for x in parts])
         counts = pm.global_sum(stats, acc)
         return {
             "reward/group_std": float(counts[0] / counts[2]),
             "reward/zero_std_frac": float(counts[1] / counts[2]),
-            "advantage/abs_mean": float(counts[3] / (counts[2] * self.config.num_generations)),
+            "advantage/abs_mean": float(counts[3] / (counts[2] * g)),
+            "frac_reward_zero_std": float(counts[4] / counts[2]),
+            "kl": float(pm.masked_mean(self.token_kl(scored), scored.mask, acc)),
         }
 
 
@@ -197,4 +255,41 @@ class GRPOTrainer(CriticFreeTrainer):
 
 
 class RLOOTrainer(CriticFreeTrainer):
-    """:class:`CriticFreeTrainer` with an :class:`RLOOConfig`."""
+    """:class:`CriticFreeTrainer` with an :class:`RLOOConfig`: TRL's ``normalize_advantages`` and sequence-level
+    objective (``loss_type: sequence``)."""
+
+    def token_kl(self, scored) -> torch.Tensor:
+        """(B, T) TRL's RLOO ``kl``: the first-order log-ratio of the rollout policy to the reference (k1)."""
+        return scored.old_logprobs - scored.ref_logprobs
+
+    def advantages(self, scored) -> RolloutBatch:
+        r"""The group advantages; with ``normalize_advantages`` standardised over the whole rollout of all processes,
+        :math:`(A - \bar A) / (\mathrm{std}(A) + 10^{-4})` (unbiased std), as TRL's ``RLOOTrainer``."""
+        batch = super().advantages(scored)
+        if self.config.normalize_advantages:
+            acc, adv = self.accelerator, batch.advantages
+            every = torch.ones_like(adv, dtype=torch.bool)
+            mean, std = pm.masked_mean(adv, every, acc), pm.masked_var(adv, every, acc).sqrt()
+            batch.advantages = (adv - mean) / (std + SCALE_EPS)
+        return batch
+
+    def loss(self, batch: RolloutBatch, rows: torch.Tensor, normalizer: float):
+        """``loss_type: sequence``: TRL's clipped sequence-level surrogate
+        (:func:`~otalign.trainers.ppo_math.sequence_policy_loss`) plus the penalty (``penalty_in: loss``); else the
+        per-token loss of :class:`CriticFreeTrainer`."""
+        c, scored = self.config, batch.scored
+        if c.loss_type != "sequence":
+            return super().loss(batch, rows, normalizer)
+        rollout, mask = scored.rollout, scored.mask[rows]
+        logits = response_logits(self.policy, rollout, rows) / c.temperature
+        logprobs = pm.token_logprobs(logits, rollout.responses[rows])
+        pg, stats = pm.sequence_policy_loss(
+            logprobs,
+            scored.old_logprobs[rows],
+            batch.advantages[rows],
+            mask,
+            cliprange=c.cliprange,
+            normalizer=normalizer,
+        )
+        pen = self.penalty_loss(batch, rows, logits, logprobs, normalizer)
+        return pg + pen, {"loss/policy": pg.detach(), "loss/penalty": pen.detach()}, stats

@@ -8,7 +8,11 @@ the regularizer's own per-token loss term when it has one (the reverse KL's k3, 
 surrogate :math:`\sum_i \pi_\theta(i\mid\text{ctx})\,\phi_i`, whose gradient is the distance's own
 (:class:`otalign.regularizers.SupportGradient`, proof there). The potentials :math:`\phi` come from the scoring
 pass (``loss_potentials: rollout``: the rollout policy, the same solve as the penalty) or from the current policy at
-every micro-batch (``current``: one more reference forward and solve each time).
+every micro-batch (``current``: one more reference forward and solve each time). With ``use_bias_correction_kl``
+(TRL 1.16's default) the per-token loss term is multiplied by the ratio :math:`\rho_t = e^{\ell_t - \ell^{old}_t}`
+(value 1 at the rollout policy, gradient :math:`d_t\nabla\ell_t` added), TRL's importance-sampling correction of
+its KL term: the tokens were sampled from the rollout policy. The surrogate needs none: it sums over the whole
+vocabulary at each position.
 """
 
 from __future__ import annotations
@@ -45,11 +49,14 @@ class PenaltyInLoss:
         potentials: ``rollout`` or ``current`` (``loss_potentials``).
         reference: the frozen reference (``current`` potentials run it per micro-batch).
         temperature: sampling temperature (the distributions are ``softmax(logits / temperature)``).
+        bias_correction: multiply a per-token loss term by the ratio to the rollout policy (``use_bias_correction_kl``).
     """
 
     where = "loss"
 
-    def __init__(self, regularizer: Regularizer, potentials: str, reference, temperature: float) -> None:
+    def __init__(
+        self, regularizer: Regularizer, potentials: str, reference, temperature: float, bias_correction: bool = False
+    ) -> None:
         probe = torch.zeros(1)
         self.uses_loss_term = regularizer.loss_term(probe, probe) is not None
         if not self.uses_loss_term and not regularizer.has_support_gradient:
@@ -60,6 +67,7 @@ class PenaltyInLoss:
             reference,
             temperature,
         )
+        self.bias_correction = bias_correction
         self.needs_support_gradient = not self.uses_loss_term and potentials == "rollout"
 
     def reward_beta(self, beta: float) -> float:
@@ -75,7 +83,10 @@ class PenaltyInLoss:
         """
         mask = scored.mask[rows]
         if self.uses_loss_term:
-            return self.regularizer.loss_term(logprobs, scored.ref_logprobs[rows]) * mask
+            terms = self.regularizer.loss_term(logprobs, scored.ref_logprobs[rows])
+            if self.bias_correction:
+                terms = terms * torch.exp((logprobs - scored.old_logprobs[rows]) * mask)
+            return terms * mask
         if self.potentials == "rollout":
             potentials = rows_of(scored.potentials, rows)
         else:
@@ -94,8 +105,10 @@ class PenaltyInLoss:
         return beta * (self.terms(scored, rows, logits, logprobs) * weights).sum() / normalizer
 
 
-def penalty_placement(where: str, regularizer: Regularizer, potentials: str, reference, temperature: float):
+def penalty_placement(
+    where: str, regularizer: Regularizer, potentials: str, reference, temperature: float, bias_correction: bool = False
+):
     """:class:`PenaltyInReward` for ``where == "reward"``, else :class:`PenaltyInLoss`."""
     if where == "reward":
         return PenaltyInReward()
-    return PenaltyInLoss(regularizer, potentials, reference, temperature)
+    return PenaltyInLoss(regularizer, potentials, reference, temperature, bias_correction)

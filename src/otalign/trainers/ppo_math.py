@@ -111,6 +111,53 @@ def policy_loss(
     stats = {
         "policy/clipfrac": ((clipped > unclipped).float() * mask).sum().detach(),
         "policy/approx_kl": (0.5 * log_ratio.pow(2) * mask).sum().detach(),
+        **clip_ratios(ratio, advantages, cliprange, mask),
+    }
+    return loss, stats
+
+
+def clip_ratios(ratio: torch.Tensor, advantages: torch.Tensor, cliprange: float, tokens: torch.Tensor) -> dict:
+    r"""TRL's ``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean`` as sums over tokens, to be divided by the token
+    count: ratios below :math:`1-\epsilon` with a negative advantage, above :math:`1+\epsilon` with a positive one
+    (where the clip binds), either; each entry counted ``tokens`` times ((b, T) mask, or (b,) token counts)."""
+    low = ((ratio < 1.0 - cliprange) & (advantages < 0)).float() * tokens
+    high = ((ratio > 1.0 + cliprange) & (advantages > 0)).float() * tokens
+    return {
+        "clip_ratio/low_mean": low.sum().detach(),
+        "clip_ratio/high_mean": high.sum().detach(),
+        "clip_ratio/region_mean": (low + high).sum().detach(),
+    }
+
+
+def sequence_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange: float,
+    normalizer: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""TRL's RLOO objective: one ratio per response :math:`\rho_i = \exp(\sum_t \log\pi_\theta - \sum_t
+    \log\pi_{old})` over its generated tokens, loss :math:`\sum_i \max(-A_i\rho_i, -A_i\,\mathrm{clip}(\rho_i,
+    1\pm\epsilon)) / Z` with Z the responses the loss averages over (per process).
+
+    Args:
+        logprobs, old_logprobs: (b, T) the sampled tokens' log-probabilities (current with grad; rollout).
+        advantages: (b,) one per response. mask: (b, T) generated positions.
+
+    Stats as :func:`policy_loss`'s, sums over the masked tokens: ``policy/clipfrac`` counts every token of a
+    response whose ratio is clipped, ``policy/approx_kl`` is per token.
+    """
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio.sum(1))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    loss = torch.maximum(unclipped, clipped).sum() / normalizer
+    stats = {
+        "policy/clipfrac": ((clipped > unclipped).float() * mask.sum(1)).sum().detach(),
+        "policy/approx_kl": (0.5 * log_ratio.pow(2) * mask).sum().detach(),
+        **clip_ratios(ratio, advantages, cliprange, mask.sum(1)),
     }
     return loss, stats
 

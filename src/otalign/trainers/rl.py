@@ -16,7 +16,10 @@ bottom; each stage is one call:
    checkpoint.
 
 The algorithm is the small interface a subclass implements: :attr:`num_epochs`, :meth:`advantages`, :meth:`loss`,
-:meth:`batch_metrics` (and :meth:`build_models` for models trained beside the policy, PPO's critic). Where the
+:meth:`batch_metrics` (and :meth:`build_models` for models trained beside the policy, PPO's critic, and
+:meth:`normalizers` where a loss is not normalised over the global mini-batch). The learning-rate schedule steps once
+per optimizer step (``num_epochs x num_mini_batches`` per rollout, as TRL), while ``max_steps``, ``global_step``
+and checkpoints count rollouts. Where the
 penalty goes (``penalty_in``) is one object chosen at start (:mod:`otalign.trainers.penalty`); the regularizer is
 built by its registry entry from the config (:func:`otalign.regularizers.regularizer_from_config`), so no trainer
 names a regularizer.
@@ -143,7 +146,7 @@ class RLTrainer(BaseTrainer):
         for name, model in zip(extra, prepared, strict=True):
             setattr(self, name, model)
         self.placement = penalty_placement(
-            c.penalty_in, self.regularizer, c.loss_potentials, self.ref_model, c.temperature
+            c.penalty_in, self.regularizer, c.loss_potentials, self.ref_model, c.temperature, c.use_bias_correction_kl
         )
 
     # ------------------------------------------------------------------ setup
@@ -247,7 +250,7 @@ class RLTrainer(BaseTrainer):
             if finite:
                 metrics.update(self.update(step, batch))
             else:  # on_nonfinite skip: none of the step's optimizer steps
-                self.state.skipped_steps += self.num_epochs * c.num_mini_batches
+                self.skip_optimizer_steps(self.optimizer_steps_per_step)
                 metrics.update(self.advance())
             timer.lap("update")
             metrics.update(timer.metrics())
@@ -266,6 +269,11 @@ class RLTrainer(BaseTrainer):
         """Passes of :meth:`update` over each rollout batch."""
         raise NotImplementedError
 
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        """Optimizer steps per rollout: ``num_epochs x num_mini_batches`` (the schedule counts these, as TRL's)."""
+        return self.num_epochs * self.config.num_mini_batches
+
     def advantages(self, scored: ScoredRollout) -> RolloutBatch:
         """Under no grad: the :class:`RolloutBatch` the algorithm's :meth:`loss` needs."""
         raise NotImplementedError
@@ -277,6 +285,14 @@ class RLTrainer(BaseTrainer):
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         """The algorithm's own metrics of the step (over all processes)."""
         return {}
+
+    def normalizers(self, batch: RolloutBatch, micro: tuple[torch.Tensor, ...]) -> list[float]:
+        """The normalizer Z of each micro-batch (rows ``micro[k]``) of one mini-batch: by default the ``units`` of the
+        whole global mini-batch over the process count (a token mean over the global mini-batch with token-count
+        units), the same for each of its micro-batches."""
+        acc = self.accelerator
+        total = float(pm.global_sum(batch.units[torch.cat(micro)].sum(), acc))
+        return [max(total / acc.num_processes, 1e-12)] * len(micro)
 
     # ------------------------------------------------------------------ 1. sample
     def batch_indices(self) -> list[int]:
@@ -379,8 +395,8 @@ class RLTrainer(BaseTrainer):
         """:attr:`num_epochs` passes over ``num_mini_batches`` shuffled mini-batches, one optimizer step each.
 
         Each micro-batch's :meth:`loss` returns ``(loss, losses, sums)``: ``loss`` to back-propagate, ``losses``
-        named parts already divided by the per-process normalizer, ``sums`` statistics summed over the micro-batch's
-        generated tokens.
+        named parts already divided by the micro-batch's normalizer (:meth:`normalizers`), ``sums`` statistics
+        summed over the micro-batch's generated tokens.
 
         Returns:
             Losses averaged over the applied optimizer steps and processes, statistics per token, ``learning_rate``
@@ -395,11 +411,10 @@ class RLTrainer(BaseTrainer):
         for _ in range(self.num_epochs):
             order = torch.randperm(mask.shape[0], generator=gen).to(mask.device)
             for minibatch in order.chunk(c.num_mini_batches):
-                normalizer = max(float(pm.global_sum(batch.units[minibatch].sum(), acc)) / acc.num_processes, 1e-12)
                 micro = minibatch.chunk(c.gradient_accumulation_steps)
                 update_losses: dict[str, float] = {}
                 update_sums: dict[str, float] = {}
-                for k, rows in enumerate(micro):
+                for k, (rows, normalizer) in enumerate(zip(micro, self.normalizers(batch, micro), strict=True)):
                     with self.no_sync(last=k == len(micro) - 1):
                         loss, parts, stats = self.loss(batch, rows, normalizer)
                         self.guard.watch("the loss", loss, self.divergence_cause())
@@ -425,8 +440,14 @@ class RLTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ 5. log, beta, checkpoint
     def rollout_metrics(self, scored: ScoredRollout) -> dict[str, float]:
-        """Rollout statistics over all processes, ``beta`` and ``regularizer/distance`` (:func:`rollout_metrics`)."""
-        return rollout_metrics(scored, self.beta, distance_key(self.regularizer), self.accelerator)
+        """Rollout statistics over all processes, ``beta`` and ``regularizer/distance`` (:func:`rollout_metrics`),
+        and TRL's ``num_tokens``: prompt and response tokens sampled so far by all processes
+        (``state.num_input_tokens_seen``, saved with checkpoints)."""
+        acc = self.accelerator
+        metrics = rollout_metrics(scored, self.beta, distance_key(self.regularizer), acc, self.tokenizer.eos_token_id)
+        self.state.num_input_tokens_seen += int(pm.global_sum(scored.rollout.attention_mask.sum(), acc))
+        metrics["num_tokens"] = float(self.state.num_input_tokens_seen)
+        return metrics
 
     def check_convergence(self, step: int, metrics: dict[str, float]) -> None:
         """Count a step whose solves did not all converge and warn on the first one of the run

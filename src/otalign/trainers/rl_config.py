@@ -110,6 +110,13 @@ class RLConfig(TrainerConfig):
             "choices": LOSS_POTENTIALS,
         },
     )
+    use_bias_correction_kl: bool = field(
+        default=True,
+        metadata={
+            "help": "penalty_in loss with the reverse KL's k3 term: multiply it by exp(logp - logp_old), TRL's "
+            "importance-sampling correction (false: the plain k3, TRL before 1.16)"
+        },
+    )
     f_alpha: float = field(default=0.5, metadata={"help": "alpha of the alpha-divergence", "check": "(0, 1)"})
     kl_estimator: str = field(
         default="k1", metadata={"help": "KL estimator of the sampled token (rkl only)", "choices": KL_ESTIMATORS}

@@ -14,9 +14,47 @@ from . import ppo_math as pm
 from .rollout_batch import ScoredRollout
 
 
-def rollout_metrics(scored: ScoredRollout, beta: float, distance_stat: str, accelerator) -> dict[str, float]:
+def global_max(x: torch.Tensor, accelerator) -> float:
+    """The largest entry of ``x`` over all processes."""
+    t = x.max().double()
+    return float(accelerator.reduce(t, reduction="max") if accelerator.num_processes > 1 else t)
+
+
+def completion_metrics(scored: ScoredRollout, eos_token_id: int | None, accelerator) -> dict[str, float]:
+    """TRL's ``completions/*`` over all processes: mean, min and max response length (generated tokens, EOS
+    included), ``clipped_ratio`` (share of responses without EOS, cut at ``response_length``) and the same lengths
+    over the responses that ended with EOS (0 when none did)."""
+    acc, mask = accelerator, scored.mask
+    lengths = mask.sum(1).double()
+    ended = (
+        (scored.rollout.responses == eos_token_id).logical_and(mask).any(1)
+        if eos_token_id is not None
+        else torch.zeros_like(lengths, dtype=torch.bool)
+    )
+    every = torch.ones_like(ended)
+    terminated = torch.where(ended, lengths, torch.zeros_like(lengths))
+    huge = torch.full_like(lengths, float("inf"))
+    count = float(pm.global_sum(ended.sum(), acc))
+    return {
+        "completions/mean_length": float(pm.masked_mean(lengths, every, acc)),
+        "completions/min_length": -global_max(-lengths, acc),
+        "completions/max_length": global_max(lengths, acc),
+        "completions/clipped_ratio": 1.0 - count / float(pm.global_sum(every.sum(), acc)),
+        "completions/mean_terminated_length": float(pm.masked_mean(lengths, ended, acc)),
+        "completions/min_terminated_length": -global_max(-torch.where(ended, lengths, huge), acc) if count else 0.0,
+        "completions/max_terminated_length": global_max(terminated, acc),
+    }
+
+
+def rollout_metrics(
+    scored: ScoredRollout, beta: float, distance_stat: str, accelerator, eos_token_id: int | None = None
+) -> dict[str, float]:
     """Rollout statistics over all processes (token means weighted by token counts), ``beta`` used this step and
-    the measured distance ``regularizer/distance`` (the statistic ``distance_stat``) the adaptive beta steers."""
+    the measured distance ``regularizer/distance`` (the statistic ``distance_stat``) the adaptive beta steers.
+
+    Also under TRL's ``GRPOTrainer`` names: ``reward``, ``reward_std``, ``rewards/<name>/mean`` and ``/std`` (each
+    reward function's raw scores), ``entropy`` (the rollout policy's, tempered, per token) and
+    :func:`completion_metrics`."""
     acc, mask = accelerator, scored.mask
     scores, penalty = scored.scores, scored.penalty
     rows = torch.ones_like(scores, dtype=torch.bool)
@@ -39,6 +77,17 @@ def rollout_metrics(scored: ScoredRollout, beta: float, distance_stat: str, acce
         "policy/entropy": token_mean(scored.entropy),
         "response/length": batch_mean(mask.sum(1).float()),
     }
+    metrics.update(
+        {
+            "reward": metrics["reward/mean"],
+            "reward_std": metrics["reward/std"],
+            "entropy": metrics["policy/entropy"],
+            **completion_metrics(scored, eos_token_id, acc),
+        }
+    )
+    for name, values in scored.components.items():
+        metrics[f"rewards/{name}/mean"] = metrics[f"reward/{name}"]
+        metrics[f"rewards/{name}/std"] = math.sqrt(float(pm.masked_var(values, rows, acc)))
     local_tokens = float(mask.sum())
     for name, value in penalty.stats.items():
         if name in ("penalty/mean", "kl/exact"):
