@@ -11,5 +11,6 @@ from ._version import SUPPORTED_RANGE, check_trl
 check_trl()
 
 from .dpo import OTPODPOTrainer  # noqa: E402
+from .grpo import WPRGRPOTrainer  # noqa: E402
 
-__all__ = ["SUPPORTED_RANGE", "OTPODPOTrainer", "check_trl"]
+__all__ = ["SUPPORTED_RANGE", "OTPODPOTrainer", "WPRGRPOTrainer", "check_trl"]

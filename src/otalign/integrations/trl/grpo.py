@@ -1,0 +1,189 @@
+r"""TRL's ``GRPOTrainer`` with any otalign regularizer in the loss, in place of TRL's k3 term.
+
+TRL's GRPO loss is :math:`\mathrm{agg}(\ell^{PG}_t) + \beta\,\mathrm{agg}(k3_t)`, where :math:`\mathrm{agg}` is the
+loss type's masked average (linear in its per-token input). This trainer runs TRL's loss with the k3 term off and
+adds :math:`\beta\,\mathrm{agg}(R_t)` with the same :math:`\mathrm{agg}`, ``beta = GRPOConfig.beta``:
+
+- a regularizer with a per-token loss term (:meth:`~otalign.regularizers.Regularizer.loss_term`: ``kl``/``rkl``,
+  the k3 estimate) gives :math:`R_t` from TRL's own sampled-token log-probabilities, times TRL's importance weight
+  under ``use_bias_correction_kl``: TRL's GRPO loss and gradients exactly;
+- any other regularizer with a support gradient (``wasserstein``, the f-divergences) gives the surrogate
+  :math:`R_t = \sum_i \pi_\theta(i)\,\phi_i` (:class:`~otalign.regularizers.SupportGradient`: its gradient in
+  :math:`\theta` is the gradient of the distance :math:`D(\pi_\theta, \pi_{ref})` at each generated position),
+  solved at the current policy every micro-batch (``otalign grpo --penalty_in loss --loss_potentials current``).
+
+No ``(B, T, V)`` tensor is built. TRL keeps its fused LM head for the sampled-token log-probabilities; the
+backbone's final hidden states of TRL's own passes (O(d) per position: the reference's from TRL's reference pass,
+kept with the batch; the policy's from the loss pass, with gradient) go through the LM heads in chunks of positions
+(``regularizer.max_chunk_elements`` logits at a time) for the solve, and the surrogate's chunk is recomputed in
+the backward pass (activation checkpointing) instead of being stored. The reference is TRL's: ``ref_model``, or
+with PEFT the model with its adapters disabled. Generation is untouched, so TRL's vLLM generation works as is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from trl import GRPOTrainer
+
+from otalign.regularizers import Regularizer, SupportGradient
+from otalign.scoring import output_head
+
+from .capture import causal_lm, hidden_states
+
+REF_HIDDEN = "ref_hidden"
+"""The batch key of the reference's (B, T, d) final hidden states at the completion positions."""
+
+
+class WPRGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer(model, reward_funcs, args=GRPOConfig(beta=...), ..., regularizer=...)``.
+
+    Args:
+        regularizer: an otalign :class:`~otalign.regularizers.Regularizer` (e.g.
+            ``build_regularizer("wasserstein", embeddings=...)``) with a ``loss_term`` or a support gradient; its
+            coefficient is ``GRPOConfig.beta`` (> 0).
+        *args, **kwargs: TRL's ``GRPOTrainer`` arguments.
+
+    Raises:
+        ValueError: ``beta`` 0, a regularizer with neither form, or (for the surrogate) an LM head that is not a
+            plain linear layer (logit scaling or soft-capping, an adapted head): one line each.
+    """
+
+    def __init__(self, *args, regularizer: Regularizer, **kwargs) -> None:
+        if not isinstance(regularizer, Regularizer):
+            raise ValueError(f"regularizer must be an otalign Regularizer, got {type(regularizer).__name__}")
+        probe = torch.zeros(1)
+        self.uses_surrogate = regularizer.loss_term(probe, probe) is None
+        if self.uses_surrogate and not regularizer.has_support_gradient:
+            raise ValueError(f"{regularizer!r} has neither a loss_term nor a support gradient: it cannot be in a loss")
+        super().__init__(*args, **kwargs)
+        if self.beta == 0.0:
+            raise ValueError("WPRGRPOTrainer: GRPOConfig.beta is the regularizer's coefficient; set it > 0")
+        self.regularizer = regularizer
+        if self.uses_surrogate:
+            reference = self.ref_model if self.ref_model is not None else self.model
+            self.heads = tuple(output_head(causal_lm(m)) for m in (self.model, reference))
+            if any(head is None for head in self.heads):
+                raise ValueError(
+                    "WPRGRPOTrainer: the surrogate needs LM heads that are plain linear layers (no logit scaling, "
+                    "soft-capping or adapter on the head)"
+                )
+
+    # ------------------------------------------------------------------ TRL's passes, with their hidden states
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """TRL's scoring pass; also keeps, in ``self._scored``, its per-token log-probs and (for the surrogate) the
+        (B, T, d) final hidden states predicting the ``logits_to_keep`` completion tokens."""
+        if not self.uses_surrogate:
+            out = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+            self._scored = (out[0], None)
+            return out
+        with hidden_states(model, detach=not torch.is_grad_enabled()) as kept:
+            out = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        hidden = torch.cat([h[:, -logits_to_keep - 1 : -1] for h in kept])
+        self._scored = (out[0], hidden)
+        return out
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's batch, plus the reference's hidden states from TRL's reference pass (its last scoring pass)."""
+        output = super()._generate_and_score_completions(inputs)
+        if self.uses_surrogate:
+            output[REF_HIDDEN] = self._scored[1]
+        self._scored = None
+        return output
+
+    # ------------------------------------------------------------------ the loss
+    def _compute_loss(self, model, inputs):
+        """TRL's loss without its k3 term, plus ``beta`` times the regularizer's term under the same aggregation."""
+        beta = self.beta
+        self.beta = 0.0
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self.beta = beta
+        logps, hidden = self._scored
+        self._scored = None
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        if self.uses_surrogate:
+            term = self._surrogate(hidden, inputs[REF_HIDDEN], inputs["completion_ids"], mask.bool())
+        else:
+            term = self.regularizer.loss_term(logps, inputs["ref_per_token_logps"])
+            if self.args.use_bias_correction_kl:
+                term = term * self._importance_weights(logps, inputs, mask)
+        mode = "train" if self.model.training else "eval"
+        value = (term.detach() * mask).sum() / mask.sum().clamp(min=1.0)
+        self._metrics[mode]["regularizer/term"].append(self.accelerator.gather(value).nanmean().item())
+        return loss + beta * self._aggregate(term, mask, inputs, mode)
+
+    def _surrogate(
+        self, hidden: torch.Tensor, ref_hidden: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, T) the support-gradient surrogate at the generated positions (0 elsewhere), differentiable in the
+        policy's (B, T, d) ``hidden`` and LM head; the reference's (B, T, d) ``ref_hidden`` is held fixed."""
+        head, ref_head = self.heads
+        states, ref_states, tokens = hidden[mask], ref_hidden[mask].to(hidden.device), actions[mask]
+        per_chunk = max(1, self.regularizer.max_chunk_elements // head.out_features)
+        values, stats = [], {}
+        for start in range(0, tokens.shape[0], per_chunk):
+            rows = slice(start, start + per_chunk)
+            with torch.no_grad():
+                evaluation = self.regularizer.evaluate(
+                    self._log_probs(head, states[rows])[None],
+                    self._log_probs(ref_head, ref_states[rows])[None],
+                    tokens[rows][None],
+                    support_gradient=True,
+                    normalized=True,
+                )
+            gradient = evaluation.gradient
+            values.append(checkpoint(self._chunk_surrogate, states[rows], gradient, use_reentrant=False))
+            count = tokens[rows].shape[0]
+            for name, value in evaluation.penalty.stats.items():
+                stats[name] = stats.get(name, 0.0) + value * count / max(tokens.shape[0], 1)
+        term = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+        if values:
+            term = term.masked_scatter(mask, torch.cat(values).float())
+        mode = "train" if self.model.training else "eval"
+        for name, value in stats.items():
+            self._metrics[mode][name].append(value)
+        return term
+
+    def _chunk_surrogate(self, states: torch.Tensor, gradient: SupportGradient) -> torch.Tensor:
+        """(n,) the surrogate of ``n`` positions from their (n, d) hidden states through the policy's head."""
+        return gradient.surrogate(self._log_probs(self.heads[0], states))
+
+    def _log_probs(self, head: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """(n, V) float32 log-softmax of ``head(states) / temperature``, TRL's tempered policy distribution."""
+        logits = head(states).float() / self.temperature
+        return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+    def _importance_weights(self, logps: torch.Tensor, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
+        """TRL's importance weight of the k3 term under ``use_bias_correction_kl``: (B, T) or (B, 1)."""
+        old = inputs.get("old_per_token_logps")
+        log_ratio = logps - (logps.detach() if old is None else old)
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        return torch.exp(log_ratio)
+
+    def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict, mode: str) -> torch.Tensor:
+        """The scalar TRL's ``loss_type`` makes of a (B, T) per-token loss (its masked average and normalizer)."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        masked = per_token * mask
+        if self.loss_type in ("grpo", "sapo"):
+            return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+        if self.loss_type == "bnpo":
+            return masked.sum() / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":
+            return masked.sum() / (per_token.size(0) * self.max_completion_length) / accumulation
+        if self.loss_type in ("cispo", "dapo", "vespo"):
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            return masked.sum() / normalizer
+        if self.loss_type == "luspo":
+            return masked.sum(-1).mean() / accumulation
+        raise ValueError(f"WPRGRPOTrainer: unknown loss_type {self.loss_type!r}")
