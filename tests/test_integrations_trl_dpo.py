@@ -162,3 +162,12 @@ def tiny_plain_loss(t, batch) -> float:
 def test_settings_that_would_be_silently_wrong_are_refused(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         trainer(tmp_path, **overrides)
+
+
+def test_two_training_steps_through_trainer_train(tmp_path):
+    t = trainer(tmp_path, max_steps=2, learning_rate=1e-2, per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.train()
+    assert any(not torch.equal(p, before[n]) for n, p in t.model.named_parameters())
+    losses = [entry["loss"] for entry in t.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

@@ -226,3 +226,29 @@ def test_refusals(tmp_path):
         build(WPRGRPOTrainer, tmp_path, regularizer=build_regularizer("kl"), beta=0.0)
     with pytest.raises(ValueError, match="Regularizer"):
         build(WPRGRPOTrainer, tmp_path, regularizer="kl")
+
+
+@pytest.mark.parametrize("name", ["kl", "wasserstein"])
+def test_two_training_steps_through_trainer_train(tmp_path, name):
+    """Trainer.train() as a TRL user runs it (gradient accumulation, logging): the weights move, the regularizer's
+    term is logged and finite."""
+    tokenizer = tiny_tokenizer()
+    embeddings = tiny_causal_lm(tokenizer, seed=1).get_input_embeddings().weight.detach()
+    regularizer = wasserstein(embeddings) if name == "wasserstein" else build_regularizer(name)
+    trainer = build(
+        WPRGRPOTrainer,
+        tmp_path,
+        regularizer=regularizer,
+        max_steps=2,
+        learning_rate=1e-2,
+        gradient_accumulation_steps=2,
+        loss_type="dapo",
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert "lm_head.weight" in moved
+    logged = [entry for entry in trainer.state.log_history if "regularizer/term" in entry]
+    assert len(logged) == 2
+    assert all(torch.isfinite(torch.tensor(entry["regularizer/term"])) for entry in logged)
+    assert all(entry["regularizer/term"] > 0 for entry in logged)
