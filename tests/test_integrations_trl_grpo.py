@@ -64,9 +64,9 @@ def models(folder, peft: bool):
     return tokenizer, policy, None if peft else tiny_causal_lm(tokenizer, seed=1)
 
 
-def build(cls, tmp_path, *, peft=False, regularizer=None, **overrides):
+def build(cls, tmp_path, *, peft=False, regularizer=None, penalty_in="loss", **overrides):
     tokenizer, policy, ref = models(tmp_path, peft)
-    kwargs = {"regularizer": regularizer} if cls is WPRGRPOTrainer else {}
+    kwargs = {"regularizer": regularizer, "penalty_in": penalty_in} if cls is WPRGRPOTrainer else {}
     if peft:
         from peft import LoraConfig
 
@@ -252,3 +252,39 @@ def test_two_training_steps_through_trainer_train(tmp_path, name):
     assert len(logged) == 2
     assert all(torch.isfinite(torch.tensor(entry["regularizer/term"])) for entry in logged)
     assert all(entry["regularizer/term"] > 0 for entry in logged)
+
+
+@pytest.mark.parametrize("name", ["kl", "wasserstein"])
+def test_penalty_in_the_reward(tmp_path, name):
+    """penalty_in='reward': each completion's reward loses beta times its summed penalty (the regularizer's
+    full-logits penalty, otalign's PPO/GRPO reward), before TRL's group normalisation; the loss has no term."""
+    tokenizer = tiny_tokenizer()
+    embeddings = tiny_causal_lm(tokenizer, seed=1).get_input_embeddings().weight.detach()
+    regularizer = wasserstein(embeddings) if name == "wasserstein" else build_regularizer(name)
+    ours = build(WPRGRPOTrainer, tmp_path, regularizer=regularizer, penalty_in="reward", scale_rewards="none")
+    generation = next(iter(ours.get_train_dataloader()))
+    torch.manual_seed(1234)
+    inputs = ours._generate_and_score_completions(generation)
+    mask = inputs["completion_mask"].bool()
+
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    steps = mask.shape[1]
+    with torch.no_grad():
+        logits = [
+            m(input_ids=ids, attention_mask=attention).logits[:, -steps - 1 : -1] / ours.temperature
+            for m in (ours.model, ours.ref_model)
+        ]
+    penalty = regularizer.penalty(*logits, inputs["completion_ids"], mask).per_token.sum(1)
+    completions = list(ours._logs["completion"])[-mask.shape[0] :]  # what the reward function saw
+    rewards = torch.tensor(reward_length(completions)) - BETA * penalty
+    grouped = rewards.view(-1, ours.num_generations)
+    expected = (grouped - grouped.mean(1, keepdim=True)).flatten()
+    torch.testing.assert_close(inputs["advantages"], expected, atol=1e-5, rtol=1e-5)
+    assert float(penalty.abs().max()) > 1e-3
+    assert REF_HIDDEN not in inputs
+    # the loss is TRL's without the k3 term
+    ours.beta = 0.0
+    plain = GRPOTrainer._compute_loss(ours, ours.model, inputs)
+    ours.beta = BETA
+    torch.testing.assert_close(ours.compute_loss(ours.model, inputs), plain)

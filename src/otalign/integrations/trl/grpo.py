@@ -12,6 +12,12 @@ adds :math:`\beta\,\mathrm{agg}(R_t)` with the same :math:`\mathrm{agg}`, ``beta
   :math:`\theta` is the gradient of the distance :math:`D(\pi_\theta, \pi_{ref})` at each generated position),
   solved at the current policy every micro-batch (``otalign grpo --penalty_in loss --loss_potentials current``).
 
+With ``penalty_in="reward"`` the regularizer's per-token penalty (its ``penalty``, e.g. the Wasserstein potential
+at the sampled token, or :math:`\log\pi_\theta/\pi_{ref}` for ``kl``) is summed over each completion and
+:math:`\beta` times that sum is taken off the completion's reward before TRL's group normalisation (the loss then
+has no regularizer term), as WPR's PPO puts ``-beta * penalty`` into the reward. The policy side comes from TRL's
+old-policy pass when it runs one, else from one extra scoring pass of the policy (no gradient).
+
 No ``(B, T, V)`` tensor is built. TRL keeps its fused LM head for the sampled-token log-probabilities; the
 backbone's final hidden states of TRL's own passes (O(d) per position: the reference's from TRL's reference pass,
 kept with the batch; the policy's from the loss pass, with gradient) go through the LM heads in chunks of positions
@@ -34,46 +40,63 @@ from .capture import causal_lm, hidden_states
 REF_HIDDEN = "ref_hidden"
 """The batch key of the reference's (B, T, d) final hidden states at the completion positions."""
 
+PENALTY_IN = ("loss", "reward")
+
 
 class WPRGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer(model, reward_funcs, args=GRPOConfig(beta=...), ..., regularizer=...)``.
 
     Args:
         regularizer: an otalign :class:`~otalign.regularizers.Regularizer` (e.g.
-            ``build_regularizer("wasserstein", embeddings=...)``) with a ``loss_term`` or a support gradient; its
-            coefficient is ``GRPOConfig.beta`` (> 0).
+            ``build_regularizer("wasserstein", embeddings=...)``); in the loss it needs a ``loss_term`` or a support
+            gradient. Its coefficient is ``GRPOConfig.beta`` (> 0).
+        penalty_in: ``"loss"`` (default) or ``"reward"`` (see the module).
         *args, **kwargs: TRL's ``GRPOTrainer`` arguments.
 
     Raises:
-        ValueError: ``beta`` 0, a regularizer with neither form, or (for the surrogate) an LM head that is not a
-            plain linear layer (logit scaling or soft-capping, an adapted head): one line each.
+        ValueError: ``beta`` 0, a regularizer with neither form in the loss, an LM head that is not a plain linear
+            layer (logit scaling or soft-capping, an adapted head) where the heads are needed, or (in the reward)
+            ``multi_objective_aggregation="normalize_then_sum"`` or tools: one line each.
     """
 
-    def __init__(self, *args, regularizer: Regularizer, **kwargs) -> None:
+    def __init__(self, *args, regularizer: Regularizer, penalty_in: str = "loss", **kwargs) -> None:
         if not isinstance(regularizer, Regularizer):
             raise ValueError(f"regularizer must be an otalign Regularizer, got {type(regularizer).__name__}")
+        if penalty_in not in PENALTY_IN:
+            raise ValueError(f"penalty_in must be one of {PENALTY_IN}, got {penalty_in!r}")
         probe = torch.zeros(1)
-        self.uses_surrogate = regularizer.loss_term(probe, probe) is None
+        self.penalty_in = penalty_in
+        self.uses_surrogate = penalty_in == "loss" and regularizer.loss_term(probe, probe) is None
         if self.uses_surrogate and not regularizer.has_support_gradient:
             raise ValueError(f"{regularizer!r} has neither a loss_term nor a support gradient: it cannot be in a loss")
+        self._scored = None
+        self._passes: list[torch.Tensor] = []
         super().__init__(*args, **kwargs)
         if self.beta == 0.0:
             raise ValueError("WPRGRPOTrainer: GRPOConfig.beta is the regularizer's coefficient; set it > 0")
+        if penalty_in == "reward":
+            if self.multi_objective_aggregation != "sum_then_normalize":
+                raise ValueError(
+                    "WPRGRPOTrainer: penalty_in='reward' needs multi_objective_aggregation='sum_then_normalize'"
+                )
+            if getattr(self, "tools", None):
+                raise ValueError("WPRGRPOTrainer: penalty_in='reward' does not support tools (tool tokens unmasked)")
         self.regularizer = regularizer
-        if self.uses_surrogate:
+        if self.uses_surrogate or penalty_in == "reward":
             reference = self.ref_model if self.ref_model is not None else self.model
             self.heads = tuple(output_head(causal_lm(m)) for m in (self.model, reference))
             if any(head is None for head in self.heads):
                 raise ValueError(
-                    "WPRGRPOTrainer: the surrogate needs LM heads that are plain linear layers (no logit scaling, "
+                    "WPRGRPOTrainer: the regularizer needs LM heads that are plain linear layers (no logit scaling, "
                     "soft-capping or adapter on the head)"
                 )
 
     # ------------------------------------------------------------------ TRL's passes, with their hidden states
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """TRL's scoring pass; also keeps, in ``self._scored``, its per-token log-probs and (for the surrogate) the
-        (B, T, d) final hidden states predicting the ``logits_to_keep`` completion tokens."""
-        if not self.uses_surrogate:
+        """TRL's scoring pass; also keeps, in ``self._scored``, its per-token log-probs and (where the heads are
+        needed) the (B, T, d) final hidden states predicting the ``logits_to_keep`` completion tokens; the passes of
+        a generation step are listed in ``self._passes`` as ``(input_ids, attention_mask, logits_to_keep, hidden)``."""
+        if not (self.uses_surrogate or self.penalty_in == "reward"):
             out = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
@@ -85,15 +108,80 @@ class WPRGRPOTrainer(GRPOTrainer):
             )
         hidden = torch.cat([h[:, -logits_to_keep - 1 : -1] for h in kept])
         self._scored = (out[0], hidden)
+        if not torch.is_grad_enabled():
+            self._passes.append((input_ids, attention_mask, logits_to_keep, hidden))
         return out
 
     def _generate_and_score_completions(self, inputs):
         """TRL's batch, plus the reference's hidden states from TRL's reference pass (its last scoring pass)."""
-        output = super()._generate_and_score_completions(inputs)
-        if self.uses_surrogate:
-            output[REF_HIDDEN] = self._scored[1]
-        self._scored = None
+        self._passes = []
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            if self.uses_surrogate:
+                output[REF_HIDDEN] = self._passes[-1][3]
+        finally:
+            self._scored = None
+            self._passes = []
         return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's (N, F) rewards of every process; with ``penalty_in="reward"``, ``beta`` times each completion's
+        summed penalty taken off its first scored column (divided by that column's weight, so that TRL's weighted
+        sum loses exactly ``beta * penalty``)."""
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.penalty_in != "reward":
+            return rewards
+        penalty = self.accelerator.gather(self._sequence_penalties()).to(rewards.device)
+        scored = ~torch.isnan(rewards)
+        column = scored.float().argmax(dim=1, keepdim=True)  # the first scored column of each row
+        weights = self.reward_weights.to(rewards.device)[column[:, 0]]
+        if bool((weights[scored.any(1)] == 0).any()):
+            raise ValueError("WPRGRPOTrainer: penalty_in='reward' needs a non-zero weight on each row's first reward")
+        shift = torch.where(scored.any(1), self.beta * penalty / weights.where(weights != 0, 1.0), 0.0)
+        return rewards.scatter_add(1, column, -shift[:, None].to(rewards.dtype))
+
+    def _sequence_penalties(self) -> torch.Tensor:
+        """(B,) the regularizer's penalty summed over each completion of this step, from the reference's pass (the
+        last scoring pass) and the policy's (TRL's old-policy pass, or one more pass here)."""
+        input_ids, attention_mask, keep, ref_hidden = self._passes[-1]
+        if len(self._passes) >= 2:
+            policy_hidden = self._passes[-2][3]
+        else:
+            with torch.no_grad():
+                self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, keep)
+            policy_hidden = self._scored[1]
+        mask = attention_mask[:, -keep:].bool()
+        actions = input_ids[:, -keep:]
+        head, ref_head = self.heads
+        per_chunk = max(1, self.regularizer.max_chunk_elements // head.out_features)
+        states, ref_states, tokens = policy_hidden[mask], ref_hidden[mask], actions[mask]
+        values, stats = [], {}
+        with torch.no_grad():
+            for start in range(0, tokens.shape[0], per_chunk):
+                rows = slice(start, start + per_chunk)
+                evaluation = self.regularizer.evaluate(
+                    self._log_probs(head, states[rows])[None],
+                    self._log_probs(ref_head, ref_states[rows])[None],
+                    tokens[rows][None],
+                    normalized=True,
+                )
+                values.append(evaluation.penalty.per_token[0])
+                self._add_stats(stats, evaluation.penalty.stats, tokens[rows].shape[0], tokens.shape[0])
+        per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        if values:
+            per_token = per_token.masked_scatter(mask, torch.cat(values))
+        self._log_stats({**stats, "regularizer/penalty_sum": float(per_token.sum(1).mean())})
+        return per_token.sum(1)
+
+    def _add_stats(self, into: dict, stats: dict, count: int, total: int) -> None:
+        """Accumulate a chunk's ``stats`` (means over its ``count`` positions) into means over ``total``."""
+        for name, value in stats.items():
+            into[name] = into.get(name, 0.0) + value * count / max(total, 1)
+
+    def _log_stats(self, stats: dict) -> None:
+        mode = "train" if self.model.training else "eval"
+        for name, value in stats.items():
+            self._metrics[mode][name].append(value)
 
     # ------------------------------------------------------------------ the loss
     def _compute_loss(self, model, inputs):
@@ -106,6 +194,8 @@ class WPRGRPOTrainer(GRPOTrainer):
             self.beta = beta
         logps, hidden = self._scored
         self._scored = None
+        if self.penalty_in == "reward":
+            return loss
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
@@ -141,15 +231,11 @@ class WPRGRPOTrainer(GRPOTrainer):
                 )
             gradient = evaluation.gradient
             values.append(checkpoint(self._chunk_surrogate, states[rows], gradient, use_reentrant=False))
-            count = tokens[rows].shape[0]
-            for name, value in evaluation.penalty.stats.items():
-                stats[name] = stats.get(name, 0.0) + value * count / max(tokens.shape[0], 1)
+            self._add_stats(stats, evaluation.penalty.stats, tokens[rows].shape[0], tokens.shape[0])
         term = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
         if values:
             term = term.masked_scatter(mask, torch.cat(values).float())
-        mode = "train" if self.model.training else "eval"
-        for name, value in stats.items():
-            self._metrics[mode][name].append(value)
+        self._log_stats(stats)
         return term
 
     def _chunk_surrogate(self, states: torch.Tensor, gradient: SupportGradient) -> torch.Tensor:
