@@ -33,9 +33,9 @@ from torch.utils.checkpoint import checkpoint
 from trl import GRPOTrainer
 
 from otalign.regularizers import Regularizer, SupportGradient
-from otalign.scoring import output_head
 
-from .capture import causal_lm, hidden_states
+from .capture import hidden_states
+from .penalty import chunk_rows, lm_heads, mean_stats, penalties, tempered_log_probs
 
 REF_HIDDEN = "ref_hidden"
 """The batch key of the reference's (B, T, d) final hidden states at the completion positions."""
@@ -83,13 +83,7 @@ class WPRGRPOTrainer(GRPOTrainer):
                 raise ValueError("WPRGRPOTrainer: penalty_in='reward' does not support tools (tool tokens unmasked)")
         self.regularizer = regularizer
         if self.uses_surrogate or penalty_in == "reward":
-            reference = self.ref_model if self.ref_model is not None else self.model
-            self.heads = tuple(output_head(causal_lm(m)) for m in (self.model, reference))
-            if any(head is None for head in self.heads):
-                raise ValueError(
-                    "WPRGRPOTrainer: the regularizer needs LM heads that are plain linear layers (no logit scaling, "
-                    "soft-capping or adapter on the head)"
-                )
+            self.heads = lm_heads(self.model, self.ref_model if self.ref_model is not None else self.model)
 
     # ------------------------------------------------------------------ TRL's passes, with their hidden states
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -151,32 +145,11 @@ class WPRGRPOTrainer(GRPOTrainer):
                 self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, keep)
             policy_hidden = self._scored[1]
         mask = attention_mask[:, -keep:].bool()
-        actions = input_ids[:, -keep:]
-        head, ref_head = self.heads
-        per_chunk = max(1, self.regularizer.max_chunk_elements // head.out_features)
-        states, ref_states, tokens = policy_hidden[mask], ref_hidden[mask], actions[mask]
-        values, stats = [], {}
-        with torch.no_grad():
-            for start in range(0, tokens.shape[0], per_chunk):
-                rows = slice(start, start + per_chunk)
-                evaluation = self.regularizer.evaluate(
-                    self._log_probs(head, states[rows])[None],
-                    self._log_probs(ref_head, ref_states[rows])[None],
-                    tokens[rows][None],
-                    normalized=True,
-                )
-                values.append(evaluation.penalty.per_token[0])
-                self._add_stats(stats, evaluation.penalty.stats, tokens[rows].shape[0], tokens.shape[0])
-        per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        if values:
-            per_token = per_token.masked_scatter(mask, torch.cat(values))
+        per_token, stats = penalties(
+            self.regularizer, self.heads, policy_hidden, ref_hidden, input_ids[:, -keep:], mask, self.temperature
+        )
         self._log_stats({**stats, "regularizer/penalty_sum": float(per_token.sum(1).mean())})
         return per_token.sum(1)
-
-    def _add_stats(self, into: dict, stats: dict, count: int, total: int) -> None:
-        """Accumulate a chunk's ``stats`` (means over its ``count`` positions) into means over ``total``."""
-        for name, value in stats.items():
-            into[name] = into.get(name, 0.0) + value * count / max(total, 1)
 
     def _log_stats(self, stats: dict) -> None:
         mode = "train" if self.model.training else "eval"
@@ -217,35 +190,27 @@ class WPRGRPOTrainer(GRPOTrainer):
         policy's (B, T, d) ``hidden`` and LM head; the reference's (B, T, d) ``ref_hidden`` is held fixed."""
         head, ref_head = self.heads
         states, ref_states, tokens = hidden[mask], ref_hidden[mask].to(hidden.device), actions[mask]
-        per_chunk = max(1, self.regularizer.max_chunk_elements // head.out_features)
-        values, stats = [], {}
-        for start in range(0, tokens.shape[0], per_chunk):
-            rows = slice(start, start + per_chunk)
+        values, parts = [], []
+        for rows in chunk_rows(self.regularizer, head, tokens.shape[0]):
             with torch.no_grad():
                 evaluation = self.regularizer.evaluate(
-                    self._log_probs(head, states[rows])[None],
-                    self._log_probs(ref_head, ref_states[rows])[None],
+                    tempered_log_probs(head, states[rows], self.temperature)[None],
+                    tempered_log_probs(ref_head, ref_states[rows], self.temperature)[None],
                     tokens[rows][None],
                     support_gradient=True,
                     normalized=True,
                 )
-            gradient = evaluation.gradient
-            values.append(checkpoint(self._chunk_surrogate, states[rows], gradient, use_reentrant=False))
-            self._add_stats(stats, evaluation.penalty.stats, tokens[rows].shape[0], tokens.shape[0])
+            values.append(checkpoint(self._chunk_surrogate, states[rows], evaluation.gradient, use_reentrant=False))
+            parts.append((tokens[rows].shape[0], evaluation.penalty.stats))
         term = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
         if values:
             term = term.masked_scatter(mask, torch.cat(values).float())
-        self._log_stats(stats)
+        self._log_stats(mean_stats(parts))
         return term
 
     def _chunk_surrogate(self, states: torch.Tensor, gradient: SupportGradient) -> torch.Tensor:
         """(n,) the surrogate of ``n`` positions from their (n, d) hidden states through the policy's head."""
-        return gradient.surrogate(self._log_probs(self.heads[0], states))
-
-    def _log_probs(self, head: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
-        """(n, V) float32 log-softmax of ``head(states) / temperature``, TRL's tempered policy distribution."""
-        logits = head(states).float() / self.temperature
-        return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        return gradient.surrogate(tempered_log_probs(self.heads[0], states, self.temperature))
 
     def _importance_weights(self, logps: torch.Tensor, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
         """TRL's importance weight of the k3 term under ``use_bias_correction_kl``: (B, T) or (B, 1)."""
