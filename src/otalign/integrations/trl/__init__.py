@@ -1,7 +1,10 @@
 """otalign's methods inside TRL's trainers (extra ``otalign[trl]``; the supported TRL range is checked on import).
 
 - :class:`OTPODPOTrainer`: TRL's ``DPOTrainer`` with OTPO token weights on the per-token log-ratios.
-- :class:`WPRGRPOTrainer`: TRL's ``GRPOTrainer`` with any otalign regularizer in the loss in place of its k3 term.
+- :class:`WPRGRPOTrainer`: TRL's ``GRPOTrainer`` with any otalign regularizer in the loss (in place of its k3 term)
+  or in the reward.
+- :class:`WPRRLOOTrainer`: TRL's ``RLOOTrainer`` with any otalign regularizer's penalty in the reward (in place of
+  its log-ratio).
 """
 
 from __future__ import annotations
@@ -12,5 +15,6 @@ check_trl()
 
 from .dpo import OTPODPOTrainer  # noqa: E402
 from .grpo import WPRGRPOTrainer  # noqa: E402
+from .rloo import WPRRLOOTrainer  # noqa: E402
 
-__all__ = ["SUPPORTED_RANGE", "OTPODPOTrainer", "WPRGRPOTrainer", "check_trl"]
+__all__ = ["SUPPORTED_RANGE", "OTPODPOTrainer", "WPRGRPOTrainer", "WPRRLOOTrainer", "check_trl"]
