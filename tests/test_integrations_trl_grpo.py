@@ -288,3 +288,29 @@ def test_penalty_in_the_reward(tmp_path, name):
     plain = GRPOTrainer._compute_loss(ours, ours.model, inputs)
     ours.beta = BETA
     torch.testing.assert_close(ours.compute_loss(ours.model, inputs), plain)
+
+
+def test_the_lm_head_sees_one_chunk_of_positions_at_a_time(tmp_path):
+    """No (B, T, V) logits: with max_chunk_elements = 2 V every call of an LM head (solve, surrogate, its
+    recomputation in the backward pass) projects at most 2 positions."""
+    tokenizer = tiny_tokenizer()
+    embeddings = tiny_causal_lm(tokenizer, seed=1).get_input_embeddings().weight.detach()
+    regularizer = wasserstein(embeddings, max_chunk_elements=2 * len(tokenizer))
+    ours = build(WPRGRPOTrainer, tmp_path, regularizer=regularizer)
+    inputs = batch(ours)
+    rows = []
+    hooks = [
+        head.register_forward_hook(
+            lambda module, args, output: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+        )
+        for head in dict.fromkeys(ours.heads)
+    ]
+    try:
+        loss_and_grads(ours, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    positions = int(inputs["completion_mask"].sum())
+    assert positions > 2
+    assert max(rows) <= 2
+    assert sum(rows) == 4 * positions  # policy and reference for the solve, the surrogate, its recomputation
