@@ -70,7 +70,7 @@ class WPRGRPOTrainer(GRPOTrainer):
         if self.uses_surrogate and not regularizer.has_support_gradient:
             raise ValueError(f"{regularizer!r} has neither a loss_term nor a support gradient: it cannot be in a loss")
         self._scored = None
-        self._passes: list[torch.Tensor] = []
+        self._passes: list[tuple] | None = None  # a list only while TRL's generation step runs
         super().__init__(*args, **kwargs)
         if self.beta == 0.0:
             raise ValueError("WPRGRPOTrainer: GRPOConfig.beta is the regularizer's coefficient; set it > 0")
@@ -102,7 +102,7 @@ class WPRGRPOTrainer(GRPOTrainer):
             )
         hidden = torch.cat([h[:, -logits_to_keep - 1 : -1] for h in kept])
         self._scored = (out[0], hidden)
-        if not torch.is_grad_enabled():
+        if self._passes is not None:
             self._passes.append((input_ids, attention_mask, logits_to_keep, hidden))
         return out
 
@@ -115,7 +115,7 @@ class WPRGRPOTrainer(GRPOTrainer):
                 output[REF_HIDDEN] = self._passes[-1][3]
         finally:
             self._scored = None
-            self._passes = []
+            self._passes = None
         return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
