@@ -1,4 +1,4 @@
-r"""TRL's ``GRPOTrainer`` with any otalign regularizer in the loss, in place of TRL's k3 term.
+r"""TRL's ``GRPOTrainer`` with any otalign regularizer in the loss (in place of TRL's k3 term) or in the reward.
 
 TRL's GRPO loss is :math:`\mathrm{agg}(\ell^{PG}_t) + \beta\,\mathrm{agg}(k3_t)`, where :math:`\mathrm{agg}` is the
 loss type's masked average (linear in its per-token input). This trainer runs TRL's loss with the k3 term off and
