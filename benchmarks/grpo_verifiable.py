@@ -86,6 +86,7 @@ def main() -> None:
             regularizer=regularizer,
             beta=beta,
             penalty_in="loss",
+            use_bias_correction_kl=False,  # the committed run's KL term (TRL 1.16's default multiplies it by the ratio)
             wpr_top_k=32,
             progress_bar=False,
             save_model=False,

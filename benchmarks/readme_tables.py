@@ -136,6 +136,30 @@ def ppo_step_table(report: dict) -> list[str]:
     return lines
 
 
+def scoring_memory_table(report: dict) -> list[str]:
+    gib = 2**30
+    plain = report["plain_forward_bytes"]
+    threshold = report.get("mmap_threshold") or 0
+    allocator = f"glibc mmap threshold fixed at {threshold} B" if threshold else "glibc's default allocator"
+    lines = [
+        f"T={report['steps']}, V={report['vocab']}, scoring chunk {report['chunk']} rows, {report['device']}, "
+        f"{allocator}; a plain forward of one chunk keeping its logits: {plain / gib:.2f} GiB",
+        "",
+        "| rollout B | one pass (GiB) | / plain forward of a chunk | whole-rollout path (GiB) |",
+        "|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        estimate = 2 * 2 * row["B"] * (report["steps"] + 1) * report["vocab"] * 4 / gib  # 2 models' logits + logp
+        whole = (
+            f"{row['whole_rollout_bytes'] / gib:.2f}" if "whole_rollout_bytes" in row else f"not run (~{estimate:.0f})"
+        )
+        lines.append(
+            f"| {row['B']} | {row['one_pass_bytes'] / gib:.2f} | {row['one_pass_bytes'] / plain:.2f} | {whole} |"
+        )
+    lines += ["", f"One pass, largest B / smallest B: {report['flatness']:.2f}x."]
+    return lines
+
+
 def main() -> None:
     for name, fn in (
         ("penalty", penalty_table),
@@ -143,6 +167,8 @@ def main() -> None:
         ("otpo", otpo_table),
         ("official_wpr", official_table),
         ("ppo_step", ppo_step_table),
+        ("scoring_memory", scoring_memory_table),
+        ("scoring_memory_live", scoring_memory_table),
     ):
         path = RESULTS / f"{name}.json"
         if path.exists():

@@ -12,6 +12,10 @@ reports its peak memory above the models' own: the peak resident set size on CPU
 - ``whole rollout``: the path before micro-batching (both models' (B, T, V) logits at once, then log-softmax, KL and
   the penalty), run only where it fits in ``--whole-limit-gb``.
 
+On CPU the resident set also holds what glibc's allocator keeps after frees: with its default (dynamic) mmap
+threshold, heap fragmentation grows with the number of pieces scored; ``--mmap-threshold 1048576`` fixes the
+threshold so the peak measures live memory (both runs are committed).
+
     python benchmarks/scoring_memory.py                          # B = 8, 32, 128; T = 512; CPU
     python benchmarks/scoring_memory.py --device cuda --out benchmarks/results/gpu_scoring_memory.json
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -101,7 +106,10 @@ def child(mode: str, batch: int, steps: int, chunk: int, device: str) -> dict:
 def measure(mode: str, batch: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", mode, str(batch), "--steps", str(args.steps)]
     command += ["--chunk", str(args.chunk), "--device", args.device, "--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    env = dict(os.environ)
+    if args.mmap_threshold:  # a fixed glibc mmap threshold: freed large buffers go back to the system at once
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -113,6 +121,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--whole-limit-gb", type=float, default=12.0, help="skip the whole-rollout path above this")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        help="bytes: set glibc's MALLOC_MMAP_THRESHOLD_ in each measurement (0: glibc's dynamic default, whose "
+        "heap fragmentation grows the RSS with the number of pieces; a fixed threshold measures live memory)",
+    )
     parser.add_argument("--out", default="benchmarks/results/scoring_memory.json")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "B"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,6 +162,7 @@ def main() -> None:
         "vocab": VOCAB,
         "steps": args.steps,
         "chunk": args.chunk,
+        "mmap_threshold": args.mmap_threshold,
         "plain_forward_bytes": plain,
         "rows": rows,
         "flatness": flat,

@@ -55,7 +55,11 @@ class TrainerConfig(Config):
         },
     )
     max_steps: int = field(
-        default=100, metadata={"help": "optimisation steps to run (PPO: rollout batches)", "check": ">= 1"}
+        default=100,
+        metadata={
+            "help": "optimisation steps to run (RL: rollouts, each num_epochs x num_mini_batches optimizer steps)",
+            "check": ">= 1",
+        },
     )
     num_train_epochs: float | None = field(
         default=None,
