@@ -20,11 +20,12 @@ Each top_k runs both WPR transport forms (``--transport``): ``difference`` (the 
 mass onto its deficit) and ``full`` (the paper's OT between the whole distributions); ``marg.err`` shows which
 of them reached the tolerance within ``--max-iter``.
 
-Accuracy guard: on the same logits, a reference run of each form in ``--reference-transports`` is solved in
-float64 (from the timed runs' float32 log-probabilities, so that it measures the solve) to ``--reference-tol`` (1e-7) with ``--reference-max-iter`` iterations allowed and over-relaxation
-``--reference-overrelaxation`` (the same fixed point, reached sooner); every per-token penalty of the timed
-runs of that form must be within ``max(1e-3 |reference|, 1e-4)`` of it. The max and 99th-percentile errors
-print beside the timings, and the script exits with status 1, naming the offending rows, above the bound.
+Accuracy guard: on the same logits, a reference run of each form in ``--reference-transports`` is solved in float64
+(from the timed runs' float32 log-probabilities, so that it measures the solve) to ``--reference-tol`` (1e-7) with
+``--reference-max-iter`` iterations allowed and over-relaxation ``--reference-overrelaxation`` (the same fixed
+point, reached sooner); every per-token penalty of the timed runs of that form must be within ``max(1e-3
+|reference|, 1e-4)`` of it. The max and 99th-percentile errors print beside the timings, and the script exits with
+status 1, naming the offending rows, above the bound.
 
 Newton finishing (``--newton-steps``, the regularizer's ``newton_steps``): problems still above the tolerance
 at ``--max-iter`` get that many Newton steps on the dual (:mod:`otalign.ot.newton`); its time counts as
