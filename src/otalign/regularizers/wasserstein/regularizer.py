@@ -155,6 +155,12 @@ class WassersteinRegularizer(Regularizer):
         super().__init__(max_chunk_elements=max_chunk_elements)
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
             raise ValueError(f"embeddings must be a floating-point (V, d) tensor, got {describe(embeddings)}")
+        finite = torch.isfinite(embeddings).all(-1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0])
+            raise ValueError(
+                f"embeddings row {row} (token id {row}) has NaN or inf entries; the cost needs finite ones"
+            )
         vocab = embeddings.shape[0]
         lam = float(lam)
         if not (math.isfinite(lam) and lam > 0):
