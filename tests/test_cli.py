@@ -223,3 +223,53 @@ def test_yaml_then_command_line_and_nested_section_options(tmp_path):
         ConfigParser(PipelineConfig).parse(["--ppo.beta", "high"])
     with pytest.raises(ConfigError, match=r"ppo: beta must be >= 0"):
         ConfigParser(PipelineConfig).parse(["--ppo.beta", "-1"])
+
+
+def test_a_group_without_an_action_is_an_error_and_its_help_lists_the_actions(capsys):
+    for group, kind in (("data", "action"), ("analyze", "analysis")):
+        assert run_error([group], capsys).startswith(f"otalign {group}: error: missing {kind}; choose one of")
+        assert main([group, "--help"]) == 0
+        listed = re.findall(rf"^  {group} (\S+)\s", capsys.readouterr().out, flags=re.M)
+        expected = [c.name.split(" ", 1)[1] for c in all_commands() if c.name.startswith(f"{group} ")]
+        assert listed == expected
+
+
+def test_output_paths_of_the_wrong_kind_are_refused_before_anything_loads(tmp_path, capsys):
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    for argv in (["dpo", "--output_dir"], ["ppo", "--output_dir"], ["data", "prepare", "--output_dir"]):
+        line = run_error([*argv, str(file)], capsys)
+        assert line.endswith(f"{argv[-1]}: {file} is a file, not a folder; give a folder to write into"), line
+    line = run_error(["data", "synth", "--output", str(tmp_path)], capsys)
+    assert line.endswith(f"--output: {tmp_path} is a folder; give the name of the file to write"), line
+
+
+def test_schedules_that_need_a_metric_or_extra_arguments_are_not_offered(capsys):
+    line = run_error(["ppo", "--lr_scheduler_type", "reduce_lr_on_plateau"], capsys)
+    assert "--lr_scheduler_type: unknown lr_scheduler_type 'reduce_lr_on_plateau'; choose one of" in line
+    import torch
+    from transformers import get_scheduler
+
+    from otalign.trainers.config import _schedulers
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    for name in _schedulers():  # every offered schedule builds and steps as the trainers drive it
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=4)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_reward_fn_none_is_the_null_of_yaml(tmp_path):
+    from otalign.trainers import PPOConfig
+
+    argv = ["--reward_fn", "none", "--reward_model_name_or_path", "owner/reward"]
+    assert ConfigParser(PPOConfig).parse(argv).reward_fn is None
+    with pytest.raises(ConfigError, match=r"^--reward_fn: set reward_fn .* or reward_model_name_or_path"):
+        ConfigParser(PPOConfig).parse(["--reward_fn", "none"])
+
+
+def test_a_yaml_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path, capsys):
+    config = tmp_path / "dpo.yaml"
+    config.write_text("beta: 0.1\nmax_steps: 3\nbeta: 0.2\n")
+    line = run_error(["dpo", "--config", str(config)], capsys)
+    assert line == f"otalign dpo: error: {config}: key 'beta' appears twice (lines 1 and 3)"

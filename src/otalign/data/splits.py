@@ -104,7 +104,7 @@ class PrepareConfig(Config):
     dataset_format: str = field(
         default="preference", metadata={"help": "schema of the input rows", "choices": DATASET_FORMATS}
     )
-    output_dir: str = field(default="data/prepared", metadata={"path": "output", "help": "where the files go"})
+    output_dir: str = field(default="data/prepared", metadata={"path": "output_dir", "help": "where the files go"})
     seed: int = field(default=0, metadata={"help": "seed of the split"})
     split_fractions: list[float] = field(
         default_factory=lambda: list(PAPER_FRACTIONS),

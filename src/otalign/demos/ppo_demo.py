@@ -48,7 +48,7 @@ STUDIES = (
 class DemoConfig(Config):
     """Settings of the demo (defaults: 2 CPU cores, 10 minutes); evaluation uses ``seed + 1``."""
 
-    out: str = field(default="reports/demo", metadata={"path": "output", "help": "report directory"})
+    out: str = field(default="reports/demo", metadata={"path": "output_dir", "help": "report directory"})
     model_name_or_path: str = field(
         default="default",
         metadata={"path": "model", "help": "policy/reference model ('default': the embedded SmolLM2-135M-Instruct)"},

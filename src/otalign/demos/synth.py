@@ -27,7 +27,7 @@ class SynthConfig(Config):
     """Settings of ``otalign data synth``."""
 
     output: str = field(
-        default="data/synth_preferences.jsonl", metadata={"path": "output", "help": "the JSONL file written"}
+        default="data/synth_preferences.jsonl", metadata={"path": "output_file", "help": "the JSONL file written"}
     )
     model_name_or_path: str = field(default="default", metadata={"path": "model", "help": "the sampling model"})
     model_dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": MODEL_DTYPES})

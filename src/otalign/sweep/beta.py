@@ -33,7 +33,7 @@ class BetaSweepConfig(Config):
     output_dir: str = field(
         default="reports/beta-sweep",
         metadata={
-            "path": "output",
+            "path": "output_dir",
             "help": "beta_sweep.json, beta_sweep.png and one PPO run folder per (regularizer, beta)",
         },
     )

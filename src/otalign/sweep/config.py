@@ -67,7 +67,7 @@ class SweepConfig(Config):
     command: str = field(default="ppo", metadata={"help": f"trainer every cell runs: one of {sorted(TRAINERS)}"})
     output_dir: str = field(
         default="runs/sweep",
-        metadata={"path": "output", "help": "one folder per cell, reference/, results.json and the PNGs"},
+        metadata={"path": "output_dir", "help": "one folder per cell, reference/, results.json and the PNGs"},
     )
     results_dir: str | None = field(
         default=None, metadata={"help": "where results.json and the PNGs go (None: output_dir)"}

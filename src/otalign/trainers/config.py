@@ -30,10 +30,22 @@ def stream_seed(seed: int, k: int) -> int:
     return seed * SEED_MIX + k
 
 
+UNSUPPORTED_SCHEDULERS = (
+    "reduce_lr_on_plateau",
+    "greedy",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
+"""``transformers`` schedules the trainers cannot drive: the first two step on a validation metric, the others need
+``lr_scheduler_kwargs`` (``min_lr``, ``num_decay_steps``), which the trainers do not take."""
+
+
 def _schedulers() -> list[str]:
+    """The ``transformers.SchedulerType`` values but :data:`UNSUPPORTED_SCHEDULERS`."""
     from transformers import SchedulerType
 
-    return [s.value for s in SchedulerType]
+    return [s.value for s in SchedulerType if s.value not in UNSUPPORTED_SCHEDULERS]
 
 
 @dataclass
@@ -43,7 +55,7 @@ class TrainerConfig(Config):
     output_dir: str = field(
         default="runs/otalign",
         metadata={
-            "path": "output",
+            "path": "output_dir",
             "help": "folder for checkpoints (checkpoints/checkpoint-<step>), metrics.jsonl and the model",
         },
     )
@@ -153,6 +165,11 @@ class TrainerConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.overwrite_output_dir and (self.resume or self.resume_from_checkpoint is not None):
+            which = "resume" if self.resume else "resume_from_checkpoint"
+            raise ConfigError(
+                f"{which} continues the run in output_dir, overwrite_output_dir starts it afresh: give one", which
+            )
         if self.push_to_hub:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
 

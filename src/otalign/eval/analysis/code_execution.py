@@ -34,7 +34,7 @@ class CodeEvalConfig(SamplingFields):
     """Settings of ``otalign analyze apps`` (sampling fields: :class:`SamplingFields`)."""
 
     output_dir: str = field(
-        default="reports/apps", metadata={"path": "output", "help": "where apps.json/samples.jsonl/apps.png go"}
+        default="reports/apps", metadata={"path": "output_dir", "help": "where apps.json/samples.jsonl/apps.png go"}
     )
     prompts: str = field(
         default="apps_mini",
