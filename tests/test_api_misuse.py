@@ -113,3 +113,16 @@ def test_nan_embeddings_are_refused_naming_the_row():
     embeddings[7, 1] = math.nan
     with pytest.raises(ValueError, match=r"^embeddings row 7 \(token id 7\) has NaN or inf entries"):
         WassersteinRegularizer(embeddings, top_k=4)
+
+
+def test_a_wasserstein_regularizer_built_from_a_config_names_the_config_fields():
+    from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+    from otalign.regularizers import regularizer_from_config
+    from otalign.trainers import PPOConfig
+
+    model = tiny_causal_lm(tiny_tokenizer())
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"^wpr_top_k must be an integer in \[1, V\] = \[1, {vocab}\], got 128$"):
+        regularizer_from_config(PPOConfig(regularizer="wasserstein"), model)
+    with pytest.raises(ValueError, match=r"^wpr_knn "):
+        regularizer_from_config(PPOConfig(regularizer="wasserstein", wpr_top_k=8, wpr_knn=vocab), model)

@@ -273,3 +273,42 @@ def test_a_yaml_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path, cap
     config.write_text("beta: 0.1\nmax_steps: 3\nbeta: 0.2\n")
     line = run_error(["dpo", "--config", str(config)], capsys)
     assert line == f"otalign dpo: error: {config}: key 'beta' appears twice (lines 1 and 3)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["dpo", "--lora_r", "4"], "--lora_r sets up LoRA, which needs use_peft (set use_peft: true)"),
+        (["ppo", "--lora_target_modules", "q_proj"], "--lora_target_modules sets up LoRA, which needs use_peft"),
+        (["dpo", "--otpo_eps1", "0.5"], "--otpo_eps1 applies with token_weighting otpo only"),
+        (
+            ["dpo", "--resume", "--overwrite_output_dir"],
+            "--resume continues the run in output_dir, overwrite_output_dir",
+        ),
+    ],
+)
+def test_options_that_would_be_ignored_or_contradict_are_refused(argv, message, capsys):
+    line = run_error([*argv, "--model_name_or_path", "missing/model/folder"], capsys)
+    assert line.startswith(f"otalign {argv[0]}: error: {message}"), line
+
+
+def test_the_same_options_where_they_apply_are_accepted():
+    from otalign.trainers import PPOConfig, PreferenceConfig
+
+    assert PreferenceConfig(use_peft=True, lora_r=4).lora_r == 4
+    assert PreferenceConfig(token_weighting="otpo", otpo_eps1=0.5).otpo_eps1 == 0.5
+    assert PPOConfig(use_peft=True, lora_target_modules=["q_proj"]).use_peft
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--models", "a", "b", "--seed", "-5"], "--seed must be in [0, 4294967295], got -5"),
+        (["data", "prepare", "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+        (["analyze", "penalty-correlation", "--beta_kl", "-1"], "--beta_kl must be > 0, got -1.0"),
+        (["analyze", "apps", "--workers", "0"], "--workers must be >= 1, got 0"),
+    ],
+)
+def test_out_of_range_numbers_name_their_option(argv, message, capsys):
+    command = " ".join(argv[:2] if argv[0] in ("data", "analyze") else argv[:1])
+    assert run_error(argv, capsys) == f"otalign {command}: error: {message}"

@@ -54,7 +54,7 @@ class SynthConfig(Config):
     min_margin: float = field(
         default=0.0, metadata={"help": "smallest best-minus-worst score difference kept", "check": ">= 0"}
     )
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    seed: int = field(default=0, metadata={"help": "sampling seed", "check": "[0, 4294967295]"})
 
 
 def synthesize(model, tokenizer, prompts: list[Prompt], reward_fn, config: SynthConfig) -> Converted:

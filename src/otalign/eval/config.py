@@ -46,7 +46,7 @@ class SamplingFields(Config):
         default=512, metadata={"help": "longest prompt in tokens (longer is an error)", "check": ">= 1"}
     )
     model_dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": MODEL_DTYPES})
-    seed: int = field(default=0, metadata={"help": "prompt subsample and sampling noise"})
+    seed: int = field(default=0, metadata={"help": "prompt subsample and sampling noise", "check": "[0, 4294967295]"})
 
     def params(self):
         """The :class:`~otalign.generation.SamplingParams` of these fields."""

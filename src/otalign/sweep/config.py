@@ -132,7 +132,10 @@ class SweepConfig(Config):
     eval_split: str = field(default="test", metadata={"help": "split of the built-in prompts"})
     num_eval_prompts: int = field(default=0, metadata={"help": "seeded subsample of the held-out prompts (0: all)"})
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per evaluation batch"})
-    eval_seed: int = field(default=0, metadata={"help": "prompt subsample and per-prompt sampling seeds (all cells)"})
+    eval_seed: int = field(
+        default=0,
+        metadata={"help": "prompt subsample and per-prompt sampling seeds (all cells)", "check": "[0, 4294967295]"},
+    )
     eval_max_new_tokens: int | None = field(
         default=None, metadata={"help": "tokens per held-out response (None: the base's response_length, else 64)"}
     )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,6 +171,11 @@ class TrainerConfig(Config):
             raise ConfigError(
                 f"{which} continues the run in output_dir, overwrite_output_dir starts it afresh: give one", which
             )
+        if not self.use_peft:
+            for f in dataclasses.fields(self):
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                if f.name.startswith("lora_") and getattr(self, f.name) != default:
+                    raise ConfigError(f"{f.name} sets up LoRA, which needs use_peft (set use_peft: true)", f.name)
         if self.push_to_hub:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -58,7 +58,9 @@ class CodeEvalConfig(SamplingFields):
     ks: list[int] = field(default_factory=lambda: [1, 5], metadata={"help": "k values of pass@k (each <= n)"})
     extract: str = field(default="auto", metadata={"help": "program extraction: auto | fenced | raw"})
     timeout: float = field(default=4.0, metadata={"help": "wall-clock seconds per test"})
-    workers: int | None = field(default=None, metadata={"help": "sandbox worker pool size (None: CPU count)"})
+    workers: int | None = field(
+        default=None, metadata={"help": "sandbox worker pool size (None: CPU count)", "check": ">= 1"}
+    )
     allow_unsandboxed_network: bool = field(
         default=False, metadata={"help": "run programs even where the network cannot be isolated"}
     )
