@@ -126,3 +126,20 @@ def test_a_wasserstein_regularizer_built_from_a_config_names_the_config_fields()
         regularizer_from_config(PPOConfig(regularizer="wasserstein"), model)
     with pytest.raises(ValueError, match=r"^wpr_knn "):
         regularizer_from_config(PPOConfig(regularizer="wasserstein", wpr_top_k=8, wpr_knn=vocab), model)
+
+
+@pytest.mark.parametrize("transport", ["full", "smooth"])
+def test_the_ot_value_warning_names_newton_steps_only_where_the_transport_runs_them(transport):
+    from otalign.eval.policy import ot_values
+    from otalign.guard import ConvergenceWarning
+
+    torch.manual_seed(0)
+    reg = WassersteinRegularizer(
+        torch.randn(10, 4), top_k=6, transport=transport, max_iter=1, tol=1e-12, newton_steps=0
+    )
+    logits = 5 * torch.randn(1, 3, 10)
+    with pytest.warns(ConvergenceWarning, match=r"Sinkhorn stopped at max_iter=1") as caught:
+        ot_values(
+            reg, logits, logits.roll(1, -1), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool)
+        )
+    assert ("newton_steps" in str(caught[0].message)) == (transport != "full")
