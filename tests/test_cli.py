@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import typing
@@ -312,3 +313,31 @@ def test_the_same_options_where_they_apply_are_accepted():
 def test_out_of_range_numbers_name_their_option(argv, message, capsys):
     command = " ".join(argv[:2] if argv[0] in ("data", "analyze") else argv[:1])
     assert run_error(argv, capsys) == f"otalign {command}: error: {message}"
+
+
+def test_data_synth_gives_a_reward_function_its_columns_and_names_a_missing_one(tmp_path, capsys, monkeypatch):
+    from otalign.demos.synth import SynthConfig, run
+    from otalign.models.tiny import save_tiny_model
+    from otalign.rewards import REWARD_FUNCTIONS
+
+    model = str(save_tiny_model(tmp_path / "tiny"))
+    capsys.readouterr()  # the save's progress bar
+    argv = ["data", "synth", "--reward_fn", "arithmetic", "--model_name_or_path", model, "--num_samples", "2"]
+    line = run_error([*argv, "--output", str(tmp_path / "s.jsonl")], capsys)
+    assert line.startswith("otalign data synth: error: reward function 'arithmetic' needs column(s) ['answer']")
+
+    prompts = tmp_path / "sums.jsonl"
+    prompts.write_text('{"prompt": "what is 1 + 1 ?", "answer": "2"}\n{"prompt": "what is 2 + 2 ?", "answer": "4"}\n')
+    calls = []
+
+    def recording(prompts, responses, answer):
+        calls.append(answer)
+        return [float(len(r)) for r in responses]
+
+    entry = dataclasses.replace(REWARD_FUNCTIONS.entries["arithmetic"], target=recording)
+    monkeypatch.setitem(REWARD_FUNCTIONS.entries, "arithmetic", entry)
+    config = SynthConfig(output=str(tmp_path / "s.jsonl"), model_name_or_path=model, prompts=str(prompts))
+    config.reward_fn = "arithmetic"
+    with contextlib.suppress(ValueError):  # a tiny random model may tie on every prompt
+        run(config)
+    assert calls and all(answer == ["2", "4"] for answer in calls)

@@ -88,3 +88,9 @@ def test_resume_and_overwrite_output_dir_contradict(resume):
     name = next(iter(resume))
     with pytest.raises(ConfigError, match=rf"^{name} continues the run in output_dir, overwrite_output_dir starts"):
         PreferenceConfig(overwrite_output_dir=True, **resume)
+
+
+def test_a_resume_that_trains_no_step_only_loads_the_state(first_run, make_trainer):
+    trainer = make_trainer(first_run, resume=True, max_steps=2, learning_rate=1e-6)
+    trainer.train()
+    assert trainer.state.global_step == 2

@@ -77,9 +77,14 @@ def resume_settings(config, processes: int) -> dict:
 
 def changed_settings(path: str | Path, settings: Mapping) -> str | None:
     """The :data:`RESUME_SETTINGS` whose values in ``settings`` differ from those the checkpoint at ``path`` was
-    written with, as ``"max_steps 3 -> 6, learning_rate 0.0005 -> 0.001"``; None when none differs or the checkpoint
-    records no settings (written before they were recorded)."""
-    saved = _read_manifest(Path(path)).get("settings") or {}
+    written with, as ``"max_steps 3 -> 6, learning_rate 0.0005 -> 0.001"``; None when none differs, when the
+    checkpoint records no settings (written before they were recorded), or when the resumed run trains no step
+    (``settings["max_steps"]`` at most the checkpoint's step: it only loads the state)."""
+    path = Path(path)
+    step = PATTERN.match(path.name)
+    if step is not None and settings.get("max_steps") is not None and settings["max_steps"] <= int(step.group(1)):
+        return None
+    saved = _read_manifest(path).get("settings") or {}
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in settings.items() if k in saved and saved[k] != v]
     return ", ".join(changed) or None
 
