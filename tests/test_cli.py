@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import typing
@@ -223,3 +224,120 @@ def test_yaml_then_command_line_and_nested_section_options(tmp_path):
         ConfigParser(PipelineConfig).parse(["--ppo.beta", "high"])
     with pytest.raises(ConfigError, match=r"ppo: beta must be >= 0"):
         ConfigParser(PipelineConfig).parse(["--ppo.beta", "-1"])
+
+
+def test_a_group_without_an_action_is_an_error_and_its_help_lists_the_actions(capsys):
+    for group, kind in (("data", "action"), ("analyze", "analysis")):
+        assert run_error([group], capsys).startswith(f"otalign {group}: error: missing {kind}; choose one of")
+        assert main([group, "--help"]) == 0
+        listed = re.findall(rf"^  {group} (\S+)\s", capsys.readouterr().out, flags=re.M)
+        expected = [c.name.split(" ", 1)[1] for c in all_commands() if c.name.startswith(f"{group} ")]
+        assert listed == expected
+
+
+def test_output_paths_of_the_wrong_kind_are_refused_before_anything_loads(tmp_path, capsys):
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    for argv in (["dpo", "--output_dir"], ["ppo", "--output_dir"], ["data", "prepare", "--output_dir"]):
+        line = run_error([*argv, str(file)], capsys)
+        assert line.endswith(f"{argv[-1]}: {file} is a file, not a folder; give a folder to write into"), line
+    line = run_error(["data", "synth", "--output", str(tmp_path)], capsys)
+    assert line.endswith(f"--output: {tmp_path} is a folder; give the name of the file to write"), line
+
+
+def test_schedules_that_need_a_metric_or_extra_arguments_are_not_offered(capsys):
+    line = run_error(["ppo", "--lr_scheduler_type", "reduce_lr_on_plateau"], capsys)
+    assert "--lr_scheduler_type: unknown lr_scheduler_type 'reduce_lr_on_plateau'; choose one of" in line
+    import torch
+    from transformers import get_scheduler
+
+    from otalign.trainers.config import _schedulers
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    for name in _schedulers():  # every offered schedule builds and steps as the trainers drive it
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=4)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_reward_fn_none_is_the_null_of_yaml(tmp_path):
+    from otalign.trainers import PPOConfig
+
+    argv = ["--reward_fn", "none", "--reward_model_name_or_path", "owner/reward"]
+    assert ConfigParser(PPOConfig).parse(argv).reward_fn is None
+    with pytest.raises(ConfigError, match=r"^--reward_fn: set reward_fn .* or reward_model_name_or_path"):
+        ConfigParser(PPOConfig).parse(["--reward_fn", "none"])
+
+
+def test_a_yaml_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path, capsys):
+    config = tmp_path / "dpo.yaml"
+    config.write_text("beta: 0.1\nmax_steps: 3\nbeta: 0.2\n")
+    line = run_error(["dpo", "--config", str(config)], capsys)
+    assert line == f"otalign dpo: error: {config}: key 'beta' appears twice (lines 1 and 3)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["dpo", "--lora_r", "4"], "--lora_r sets up LoRA, which needs use_peft (set use_peft: true)"),
+        (["ppo", "--lora_target_modules", "q_proj"], "--lora_target_modules sets up LoRA, which needs use_peft"),
+        (["dpo", "--otpo_eps1", "0.5"], "--otpo_eps1 applies with token_weighting otpo only"),
+        (
+            ["dpo", "--resume", "--overwrite_output_dir"],
+            "--resume continues the run in output_dir, overwrite_output_dir",
+        ),
+    ],
+)
+def test_options_that_would_be_ignored_or_contradict_are_refused(argv, message, capsys):
+    line = run_error([*argv, "--model_name_or_path", "missing/model/folder"], capsys)
+    assert line.startswith(f"otalign {argv[0]}: error: {message}"), line
+
+
+def test_the_same_options_where_they_apply_are_accepted():
+    from otalign.trainers import PPOConfig, PreferenceConfig
+
+    assert PreferenceConfig(use_peft=True, lora_r=4).lora_r == 4
+    assert PreferenceConfig(token_weighting="otpo", otpo_eps1=0.5).otpo_eps1 == 0.5
+    assert PPOConfig(use_peft=True, lora_target_modules=["q_proj"]).use_peft
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--models", "a", "b", "--seed", "-5"], "--seed must be in [0, 4294967295], got -5"),
+        (["data", "prepare", "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+        (["analyze", "penalty-correlation", "--beta_kl", "-1"], "--beta_kl must be > 0, got -1.0"),
+        (["analyze", "apps", "--workers", "0"], "--workers must be >= 1, got 0"),
+    ],
+)
+def test_out_of_range_numbers_name_their_option(argv, message, capsys):
+    command = " ".join(argv[:2] if argv[0] in ("data", "analyze") else argv[:1])
+    assert run_error(argv, capsys) == f"otalign {command}: error: {message}"
+
+
+def test_data_synth_gives_a_reward_function_its_columns_and_names_a_missing_one(tmp_path, capsys, monkeypatch):
+    from otalign.demos.synth import SynthConfig, run
+    from otalign.models.tiny import save_tiny_model
+    from otalign.rewards import REWARD_FUNCTIONS
+
+    model = str(save_tiny_model(tmp_path / "tiny"))
+    capsys.readouterr()  # the save's progress bar
+    argv = ["data", "synth", "--reward_fn", "arithmetic", "--model_name_or_path", model, "--num_samples", "2"]
+    line = run_error([*argv, "--output", str(tmp_path / "s.jsonl")], capsys)
+    assert line.startswith("otalign data synth: error: reward function 'arithmetic' needs column(s) ['answer']")
+
+    prompts = tmp_path / "sums.jsonl"
+    prompts.write_text('{"prompt": "what is 1 + 1 ?", "answer": "2"}\n{"prompt": "what is 2 + 2 ?", "answer": "4"}\n')
+    calls = []
+
+    def recording(prompts, responses, answer):
+        calls.append(answer)
+        return [float(len(r)) for r in responses]
+
+    entry = dataclasses.replace(REWARD_FUNCTIONS.entries["arithmetic"], target=recording)
+    monkeypatch.setitem(REWARD_FUNCTIONS.entries, "arithmetic", entry)
+    config = SynthConfig(output=str(tmp_path / "s.jsonl"), model_name_or_path=model, prompts=str(prompts))
+    config.reward_fn = "arithmetic"
+    with contextlib.suppress(ValueError):  # a tiny random model may tie on every prompt
+        run(config)
+    assert calls and all(answer == ["2", "4"] for answer in calls)

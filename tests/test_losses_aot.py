@@ -110,7 +110,7 @@ def test_bad_arguments_raise():
         aot_loss(x, x, x, x, h="exp")
     with pytest.raises(ValueError, match="batch sizes differ"):
         aot_loss(x, x[:1], x, x[:1], paired=True)
-    with pytest.raises(ValueError, match="at least one atom"):
+    with pytest.raises(ValueError, match="policy_rejected_logps, ref_rejected_logps: empty batch"):
         aot_loss(x, x[:0], x, x[:0], paired=False)
 
 

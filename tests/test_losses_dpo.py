@@ -27,12 +27,11 @@ def _log_sigmoid(x):
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])
-@pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_sigmoid_matches_formula(beta, smoothing):
-    expected = [-(1 - smoothing) * _log_sigmoid(beta * m) - smoothing * _log_sigmoid(-beta * m) for m in _margins()]
-    losses, _, _ = dpo_loss(*_tensors(), beta=beta, label_smoothing=smoothing, reduction="none")
+def test_sigmoid_matches_formula(beta):
+    expected = [-_log_sigmoid(beta * m) for m in _margins()]
+    losses, _, _ = dpo_loss(*_tensors(), beta=beta, reduction="none")
     torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-14)
-    mean, _, _ = dpo_loss(*_tensors(), beta=beta, label_smoothing=smoothing)
+    mean, _, _ = dpo_loss(*_tensors(), beta=beta)
     assert mean.item() == pytest.approx(sum(expected) / 3, abs=1e-14)
 
 
@@ -69,15 +68,15 @@ def test_robust_matches_formula_and_is_unbiased_under_label_flips(beta, smoothin
 
 
 def test_sigmoid_gradient_matches_formula():
-    beta, s = 0.3, 0.1
+    beta = 0.3
     pc, pr, rc, rr = _tensors()
     pc.requires_grad_(True)
     pr.requires_grad_(True)
-    loss, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=s, reduction="sum")
+    loss, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, reduction="sum")
     loss.backward()
-    # d/dm [-(1-s) log sig(b m) - s log sig(-b m)] = -b (1-s) sig(-b m) + b s sig(b m)
+    # d/dm [-log sig(b m)] = -b sig(-b m)
     sig = [1 / (1 + math.exp(-x)) for x in (beta * m for m in _margins())]
-    expected = torch.tensor([-beta * (1 - s) * (1 - q) + beta * s * q for q in sig], dtype=torch.float64)
+    expected = torch.tensor([-beta * (1 - q) for q in sig], dtype=torch.float64)
     torch.testing.assert_close(pc.grad, expected)
     torch.testing.assert_close(pr.grad, -expected)
 
@@ -99,7 +98,8 @@ def test_rewards_are_detached_scaled_log_ratios():
     [
         ({"beta": 0.0}, "beta"),
         ({"beta": 0.1, "kind": "orpo"}, "kind"),
-        ({"beta": 0.1, "kind": "ipo", "label_smoothing": 0.1}, "sigmoid"),
+        ({"beta": 0.1, "kind": "ipo", "label_smoothing": 0.1}, "label_smoothing applies to kind 'robust' only"),
+        ({"beta": 0.1, "kind": "sigmoid", "label_smoothing": 0.3}, "label_smoothing applies to kind 'robust' only"),
         ({"beta": 0.1, "label_smoothing": 0.5}, "label_smoothing"),
         ({"beta": 0.1, "reduction": "max"}, "reduction"),
     ],

@@ -485,7 +485,7 @@ def test_configuration_and_input_errors():
         WassersteinRegularizer(embeddings, top_k=2, dust_cost="min")
     with pytest.raises(ValueError, match="dust_cost must be"):
         WassersteinRegularizer(embeddings, top_k=2, dust_cost=-1.0)
-    with pytest.raises(ValueError, match="k must be in"):
+    with pytest.raises(ValueError, match=r"knn must be None or an integer in \[1, V-1\]"):
         WassersteinRegularizer(embeddings, top_k=2, knn=10)
     with pytest.raises(ValueError, match=r"floating-point \(V, d\)"):
         WassersteinRegularizer(torch.zeros(10, dtype=torch.long), top_k=2)

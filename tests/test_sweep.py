@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def write_sweep(tmp_path, body: str, *, steps: int = 2, name: str = "sweep.yaml") -> str:
-    """A PPO sweep file on a tiny model and prompt file, with ``body`` appended (methods, grid, seeds, ...)."""
+    """A PPO sweep file on a tiny model and prompt file, with ``body`` appended (methods, grid, seeds, ...; its
+    ``analyses`` replaces the default two)."""
     (model,) = save_tiny_models(tmp_path, seeds=(0,))
     prompts = tiny_prompts(tmp_path)
     path = tmp_path / name
@@ -33,7 +35,8 @@ def write_sweep(tmp_path, body: str, *, steps: int = 2, name: str = "sweep.yaml"
         f"base:\n  model_name_or_path: {model}\n  prompts: {prompts}\n  max_steps: {steps}\n"
         "  per_device_train_batch_size: 2\n  response_length: 4\n  learning_rate: 0.03\n  wpr_top_k: 8\n"
         f"  wpr_max_iter: 50\neval_prompts: {prompts}\neval_w_top_k: 8\neval_w_max_iter: 50\n"
-        "analyses: [penalty_correlation, coherence]\n" + body
+        + ("" if re.search(r"^analyses:", body, flags=re.M) else "analyses: [penalty_correlation, coherence]\n")
+        + body
     )
     return str(path)
 

@@ -32,7 +32,9 @@ def test_yaml_then_overrides_map_onto_fields(tmp_path):
     assert config.regularizer == "wasserstein" and config.beta == 0.5 and config.max_steps == 7
     assert config.resume is True and config.cliprange_value is None and config.top_k == 3
     assert config.report_to == ["tensorboard"] and config.max_grad_norm is None
-    assert parse_config(PPOConfig, None, ["--lora_target_modules", "q_proj,v_proj"]).lora_target_modules == [
+    assert parse_config(
+        PPOConfig, None, ["--use_peft", "--lora_target_modules", "q_proj,v_proj"]
+    ).lora_target_modules == [
         "q_proj",
         "v_proj",
     ]

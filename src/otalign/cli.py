@@ -195,6 +195,20 @@ class UsageError(Exception):
     """An unknown command or action."""
 
 
+@dataclass(frozen=True)
+class Listing:
+    """``otalign GROUP --help`` of a command with actions (``data``, ``analyze``): its actions, one line each."""
+
+    name: str
+    help: str
+    actions: tuple[Command, ...]
+
+    def text(self) -> str:
+        width = max(len(a.name) for a in self.actions) + 2
+        rows = "\n".join(f"  {a.name:<{width}}{a.help}" for a in self.actions)
+        return f"usage: otalign {self.name} ACTION [--config FILE] [--field value ...]\n\n{self.help}\n\n{rows}"
+
+
 def _top_help() -> str:
     from otalign import __version__
 
@@ -211,34 +225,36 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
-def find_command(argv: list[str]) -> tuple[Command | Group, list[str]]:
-    """The command ``argv`` starts with (one word, or a group and its action) and the remaining arguments."""
+def find_command(argv: list[str]) -> tuple[Command | Listing, list[str]]:
+    """The command ``argv`` starts with (one word, or a group and its action) and the remaining arguments; a group
+    followed by ``-h``/``--help`` gives its :class:`Listing`.
+
+    Raises:
+        UsageError: an unknown command, or a group with no action or an unknown one.
+    """
     names = [c.name for c in COMMANDS]
     word = argv[0]
-    for candidate in COMMANDS:
-        if isinstance(candidate, Group) and candidate.name == word:
-            actions = candidate.commands()
-            if len(argv) < 2 or argv[1] in ("-h", "--help"):
-                return candidate, argv[1:]
-            for action in actions:
-                if action.name == f"{word} {argv[1]}":
-                    return action, argv[2:]
-            kinds = [a.name.split(" ", 1)[1] for a in actions]
-            raise UsageError(
-                f"unknown {resolve_kind(candidate)} {argv[1]!r}; choose one of {kinds}{_mean(argv[1], kinds)}"
-            )
-        if candidate.name == word:
-            return candidate, argv[1:]
-    actions = [n.split(" ", 1)[1] for n in names if n.startswith(f"{word} ")]
-    if actions:
-        if len(argv) >= 2 and f"{word} {argv[1]}" in names:
-            return COMMANDS[names.index(f"{word} {argv[1]}")], argv[2:]
-        got = repr(argv[1]) if len(argv) >= 2 else "none"
-        raise UsageError(
-            f"unknown action {got}; choose one of {actions}{_mean(argv[1] if len(argv) > 1 else '', actions)}"
-        )
-    firsts = sorted({n.split(" ")[0] for n in names})
-    raise UsageError(f"unknown command {word!r}; choose one of {firsts}{_mean(word, firsts)}")
+    group = next((c for c in COMMANDS if isinstance(c, Group) and c.name == word), None)
+    if group is not None:
+        actions, kind = tuple(group.commands()), resolve_kind(group)
+        help_ = group.help
+    else:
+        actions = tuple(c for c in COMMANDS if isinstance(c, Command) and c.name.startswith(f"{word} "))
+        kind, help_ = "action", f"otalign {word} ACTION --help lists the action's options"
+    if not actions:
+        if word in names:
+            return COMMANDS[names.index(word)], argv[1:]
+        firsts = sorted({n.split(" ")[0] for n in names})
+        raise UsageError(f"unknown command {word!r}; choose one of {firsts}{_mean(word, firsts)}")
+    kinds = [a.name.split(" ", 1)[1] for a in actions]
+    if len(argv) < 2:
+        raise UsageError(f"missing {kind}; choose one of {kinds} (otalign {word} --help describes them)")
+    if argv[1] in ("-h", "--help"):
+        return Listing(word, help_, actions), argv[2:]
+    for action in actions:
+        if action.name == f"{word} {argv[1]}":
+            return action, argv[2:]
+    raise UsageError(f"unknown {kind} {argv[1]!r}; choose one of {kinds}{_mean(argv[1], kinds)}")
 
 
 def resolve_kind(group: Group) -> str:
@@ -278,10 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, rest = find_command(argv)
         name = command.name
-        if isinstance(command, Group):
-            width = max(len(a.name) for a in command.commands()) + 2
-            print(f"usage: otalign {command.name} KIND [--config FILE] [--field value ...]\n\n{command.help}\n")
-            print("\n".join(f"  {a.name:<{width}}{a.help}" for a in command.commands()))
+        if isinstance(command, Listing):
+            print(command.text())
             return 0
         from otalign.config import ConfigParser
 

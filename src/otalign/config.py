@@ -397,7 +397,10 @@ class ConfigParser(HfArgumentParser):
             section, _, name = key.rpartition(".")
             annotation = field_types(self.sections[section])[name] if section else types_[key]
             if _is_list(annotation) and isinstance(value, list):
-                value = coerce([p for v in value for p in v.split(",") if p], annotation, f"--{key}")
+                items = [p for v in value for p in v.split(",") if p]
+                # `--reward_fn none`: an optional list field's None, as `reward_fn: null` in YAML
+                none = len(items) == 1 and items[0].lower() in NONE and type(None) in typing.get_args(annotation)
+                value = None if none else coerce(items, annotation, f"--{key}")
             if section:
                 values[section] = {**values.get(section, {}), name: value}
             else:
@@ -433,15 +436,31 @@ def _join_negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping naming one key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice (lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, types_: dict[str, object]) -> dict[str, object]:
     """The YAML mapping at ``path``, keys checked against ``types_`` and values coerced (errors name the file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot be read ({err})") from None
     if not isinstance(data, dict):

@@ -8,7 +8,9 @@ A config field's ``path`` metadata is one of :data:`PATH_KINDS` (see :mod:`otali
 - ``model``: a readable model folder holding ``config.json``, ``default`` (the embedded model), or (when it
   does not look like a path) a Hugging Face id ``name`` or ``owner/name``: ``runs/sft/model`` or ``./m``
   that does not exist is "model folder ... does not exist", never a hub lookup;
-- ``output``: a file or folder the command writes: it, or else its nearest existing parent, is writable.
+- ``output``: a file or folder the command writes: it, or else its nearest existing parent, is writable;
+  ``output_dir`` and ``output_file`` the same, for a folder (an existing file is refused) and a file (an existing
+  folder is refused).
 
 A string *looks like a path* when it starts with ``.``, ``/`` or ``~``, holds more than one ``/`` (or a
 ``\\``), or ends in a data file's extension.
@@ -26,7 +28,7 @@ from pathlib import Path
 DEFAULT_MODEL = "default"
 """The name that selects the embedded default model wherever a model id or path is accepted."""
 
-PATH_KINDS = ("file", "dir", "data", "model", "output")
+PATH_KINDS = ("file", "dir", "data", "model", "output", "output_dir", "output_file")
 """Kinds of ``path`` field metadata (see the module docstring)."""
 DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".yaml", ".yml")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -45,8 +47,12 @@ def looks_like_path(value: str) -> bool:
 def path_problem(kind: str, value: str) -> str | None:
     """What is wrong with ``value`` as a ``path`` of ``kind`` (:data:`PATH_KINDS`), or None if it passes."""
     path = Path(value).expanduser()
-    if kind == "output":
+    if kind.startswith("output"):
         if path.exists():
+            if kind == "output_dir" and not path.is_dir():
+                return f"{value} is a file, not a folder; give a folder to write into"
+            if kind == "output_file" and path.is_dir():
+                return f"{value} is a folder; give the name of the file to write"
             return None if os.access(path, os.W_OK) else f"{value} is not writable"
         parent = next(p for p in path.absolute().parents if p.exists())
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):

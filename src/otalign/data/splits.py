@@ -104,8 +104,8 @@ class PrepareConfig(Config):
     dataset_format: str = field(
         default="preference", metadata={"help": "schema of the input rows", "choices": DATASET_FORMATS}
     )
-    output_dir: str = field(default="data/prepared", metadata={"path": "output", "help": "where the files go"})
-    seed: int = field(default=0, metadata={"help": "seed of the split"})
+    output_dir: str = field(default="data/prepared", metadata={"path": "output_dir", "help": "where the files go"})
+    seed: int = field(default=0, metadata={"help": "seed of the split", "check": "[0, 4294967295]"})
     split_fractions: list[float] = field(
         default_factory=lambda: list(PAPER_FRACTIONS),
         metadata={"help": "SFT / reward / RL shares of the pairs", "check": "[0, 1]"},

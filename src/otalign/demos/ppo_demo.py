@@ -48,7 +48,7 @@ STUDIES = (
 class DemoConfig(Config):
     """Settings of the demo (defaults: 2 CPU cores, 10 minutes); evaluation uses ``seed + 1``."""
 
-    out: str = field(default="reports/demo", metadata={"path": "output", "help": "report directory"})
+    out: str = field(default="reports/demo", metadata={"path": "output_dir", "help": "report directory"})
     model_name_or_path: str = field(
         default="default",
         metadata={"path": "model", "help": "policy/reference model ('default': the embedded SmolLM2-135M-Instruct)"},
@@ -72,7 +72,7 @@ class DemoConfig(Config):
     mixed_precision: str = field(
         default="no", metadata={"help": "accelerate autocast (GPU)", "choices": MIXED_PRECISION}
     )
-    seed: int = field(default=0, metadata={"help": "training seed"})
+    seed: int = field(default=0, metadata={"help": "training seed", "check": "[0, 4294967295]"})
     time_budget_minutes: float = field(
         default=10.0, metadata={"help": "wall time the run announces and checks itself against", "check": "> 0"}
     )
@@ -106,8 +106,7 @@ def ppo_config(demo: DemoConfig, method: str) -> PPOConfig:
         learning_rate=demo.learning_rate,
         lr_scheduler_type="constant",
         use_peft=demo.use_peft,
-        lora_r=demo.lora_r,
-        lora_alpha=2 * demo.lora_r,
+        **({"lora_r": demo.lora_r, "lora_alpha": 2 * demo.lora_r} if demo.use_peft else {}),
         critic_freeze_backbone=demo.critic_freeze_backbone,
         regularizer=METHODS[method],
         beta=demo.beta_wpr if method == "wpr" else demo.beta_rkl,

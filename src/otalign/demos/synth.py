@@ -11,15 +11,16 @@ Default: the embedded model answering the built-in training prompts, scored by t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from otalign.config import MODEL_DTYPES, Config
 from otalign.data.conversion import Converted, write_jsonl
-from otalign.data.prompts import PROMPT_SETS, Prompt, load_prompts
+from otalign.data.prompts import PROMPT_SETS, Prompt, load_prompt_rows, prompt_columns
 from otalign.eval.generations import prompt_text, sample_responses
 from otalign.generation import SamplingParams, sample_seeds
-from otalign.rewards import REWARD_FUNCTIONS
+from otalign.rewards import REWARD_FUNCTIONS, FunctionReward
 
 
 @dataclass
@@ -27,7 +28,7 @@ class SynthConfig(Config):
     """Settings of ``otalign data synth``."""
 
     output: str = field(
-        default="data/synth_preferences.jsonl", metadata={"path": "output", "help": "the JSONL file written"}
+        default="data/synth_preferences.jsonl", metadata={"path": "output_file", "help": "the JSONL file written"}
     )
     model_name_or_path: str = field(default="default", metadata={"path": "model", "help": "the sampling model"})
     model_dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": MODEL_DTYPES})
@@ -54,7 +55,7 @@ class SynthConfig(Config):
     min_margin: float = field(
         default=0.0, metadata={"help": "smallest best-minus-worst score difference kept", "check": ">= 0"}
     )
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    seed: int = field(default=0, metadata={"help": "sampling seed", "check": "[0, 4294967295]"})
 
 
 def synthesize(model, tokenizer, prompts: list[Prompt], reward_fn, config: SynthConfig) -> Converted:
@@ -101,13 +102,18 @@ def synthesize(model, tokenizer, prompts: list[Prompt], reward_fn, config: Synth
 
 
 def run(config: SynthConfig) -> Path:
-    """Load the model, prompts and reward of ``config``, synthesize, write ``config.output``; prints a summary."""
+    """Load the prompts and reward of ``config`` (the reward gets the prompt rows' columns it names, e.g. the
+    ``arithmetic`` prompts' ``answer``; a missing one stops before the model loads), then the model; synthesize,
+    write ``config.output``; prints a summary."""
     from otalign.models import load_causal_lm, load_tokenizer
 
+    rows = load_prompt_rows(config.prompts, config.prompts_split)
+    columns = {name: [row[name] for row in rows] for name in prompt_columns(rows, str(config.prompts))}
+    reward = FunctionReward(REWARD_FUNCTIONS[config.reward_fn], config.reward_fn)
+    reward_fn = functools.partial(reward.fn, **reward.keyword_columns(columns))
     model = load_causal_lm(config.model_name_or_path, dtype=config.model_dtype).eval()
     tokenizer = load_tokenizer(config.model_name_or_path)
-    prompts = load_prompts(config.prompts, config.prompts_split)
-    result = synthesize(model, tokenizer, prompts, REWARD_FUNCTIONS[config.reward_fn], config)
+    result = synthesize(model, tokenizer, [row["prompt"] for row in rows], reward_fn, config)
     if not result.rows:
         raise ValueError(f"{result.summary('synth')}: no usable pair; raise num_samples or temperature")
     path = write_jsonl(result.rows, config.output)

@@ -72,7 +72,7 @@ class TokenGeometryConfig(Config):
     """Settings of ``otalign token-geometry``."""
 
     eps: float = field(default=0.01, metadata={"help": "entropic regularization (cost units)", "check": "> 0"})
-    out: str = field(default="reports/token-geometry", metadata={"help": "output directory"})
+    out: str = field(default="reports/token-geometry", metadata={"path": "output_dir", "help": "output directory"})
 
 
 def main(config: TokenGeometryConfig) -> dict:

@@ -24,7 +24,7 @@ class SamplingFields(Config):
     """Prompts and sampling of a run on generations (``otalign eval`` and the analyses); distributions are
     ``softmax(logits / temperature)``."""
 
-    output_dir: str = field(default="reports/analysis", metadata={"path": "output", "help": "where the outputs go"})
+    output_dir: str = field(default="reports/analysis", metadata={"path": "output_dir", "help": "where the outputs go"})
     prompts: str = field(
         default="builtin",
         metadata={
@@ -46,7 +46,7 @@ class SamplingFields(Config):
         default=512, metadata={"help": "longest prompt in tokens (longer is an error)", "check": ">= 1"}
     )
     model_dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": MODEL_DTYPES})
-    seed: int = field(default=0, metadata={"help": "prompt subsample and sampling noise"})
+    seed: int = field(default=0, metadata={"help": "prompt subsample and sampling noise", "check": "[0, 4294967295]"})
 
     def params(self):
         """The :class:`~otalign.generation.SamplingParams` of these fields."""
@@ -111,7 +111,8 @@ class EvalConfig(SamplingFields):
         default=None, metadata={"help": "HTTP rate limit (none: unlimited)", "check": "> 0"}
     )
     judge_cache: str | None = field(
-        default=None, metadata={"path": "output", "help": "HTTP answer cache (none: <output_dir>/judge_cache.jsonl)"}
+        default=None,
+        metadata={"path": "output_file", "help": "HTTP answer cache (none: <output_dir>/judge_cache.jsonl)"},
     )
 
     def __post_init__(self) -> None:

@@ -172,10 +172,11 @@ def ot_values(
         totals.index_add_(0, r, solution.value.double())
         unconverged += (~solution.converged).sum()
     if count := int(unconverged):
+        # the full transport runs no Newton steps (they finish the difference and smooth forms only)
+        newton = "" if reg.transport == "full" else f", and newton_steps={reg.newton_steps} Newton steps did not finish"
         warnings.warn(
-            f"OT distance: Sinkhorn stopped at max_iter={reg.max_iter} above tol={reg.tol:g}, and "
-            f"newton_steps={reg.newton_steps} Newton steps did not finish, at {count} of {rows.numel()} positions "
-            f"(lambda={reg.lam:g}); their values are approximate",
+            f"OT distance: Sinkhorn stopped at max_iter={reg.max_iter} above tol={reg.tol:g}{newton}, at {count} of "
+            f"{rows.numel()} positions (lambda={reg.lam:g}); their values are approximate",
             ConvergenceWarning,
             stacklevel=2,
         )

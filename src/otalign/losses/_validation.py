@@ -10,7 +10,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_vectors(**tensors: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless every tensor is a 1-D floating-point tensor of one common length."""
+    """Raise ``ValueError`` unless every tensor is a 1-D floating-point tensor of one common length >= 1."""
     shapes = {}
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -21,6 +21,8 @@ def check_vectors(**tensors: torch.Tensor) -> None:
         shapes[name] = t.shape[0]
     if len(set(shapes.values())) > 1:
         raise ValueError(f"batch sizes differ: {shapes}")
+    if 0 in shapes.values():
+        raise ValueError(f"{', '.join(shapes)}: empty batch (shape (0,)); pass at least one example")
 
 
 def check_positive(name: str, value: float) -> float:

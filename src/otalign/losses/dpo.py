@@ -1,4 +1,4 @@
-r"""DPO-family pairwise losses: DPO (sigmoid, with conservative label smoothing), IPO, hinge and robust DPO.
+r"""DPO-family pairwise losses: DPO (sigmoid), IPO, hinge and robust DPO.
 
 All inputs are sequence log-probabilities :math:`\log\pi(y|x)` in nats, shape (batch,), float32
 (or float64). With the margin
@@ -9,8 +9,8 @@ All inputs are sequence log-probabilities :math:`\log\pi(y|x)` in nats, shape (b
 
 the per-example losses follow TRL's ``DPOTrainer`` conventions:
 
-- ``sigmoid`` (Rafailov et al. 2023; conservative DPO when ``label_smoothing`` = s > 0):
-  :math:`-(1-s)\log\sigma(\beta m) - s\log\sigma(-\beta m)`;
+- ``sigmoid`` (Rafailov et al. 2023): :math:`-\log\sigma(\beta m)` (no label smoothing: as ``otalign dpo``, which
+  refuses ``--label_smoothing`` for it; ``robust`` is the loss for flipped labels);
 - ``ipo`` (Azar et al. 2024): :math:`(m - 1/(2\beta))^2`. The IPO paper and TRL use
   length-averaged log-probabilities here; pass those if you want that variant;
 - ``hinge`` (SLiC, Zhao et al. 2023): :math:`\max(0, 1 - \beta m)`;
@@ -56,8 +56,8 @@ def dpo_loss(
         ref_rejected_logps: (batch,) :math:`\\log\\pi_{ref}(y^-|x)`.
         beta: inverse temperature (> 0); for IPO the regularization strength (target margin 1/(2 beta)).
         kind: ``"sigmoid"``, ``"ipo"``, ``"hinge"`` or ``"robust"``.
-        label_smoothing: probability s in [0, 0.5) that a label is flipped (conservative DPO for ``sigmoid``,
-            the unbiased estimate for ``robust``); ``sigmoid`` and ``robust`` only.
+        label_smoothing: probability s in [0, 0.5) that a label is flipped (the unbiased estimate of ``robust``);
+            ``robust`` only, as ``otalign dpo --label_smoothing``.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` for the per-example losses (batch,).
 
     Returns:
@@ -74,12 +74,12 @@ def dpo_loss(
     check_choice("kind", kind, DPO_KINDS)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and kind not in ("sigmoid", "robust"):
-        raise ValueError(f"label_smoothing applies to kind 'sigmoid' or 'robust' only, got kind={kind!r}")
+    if label_smoothing and kind != "robust":
+        raise ValueError(f"label_smoothing applies to kind 'robust' only (as the CLI's), got kind={kind!r}")
 
     margin = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if kind == "sigmoid":
-        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+        losses = -F.logsigmoid(beta * margin)
     elif kind == "ipo":
         losses = (margin - 1.0 / (2.0 * beta)) ** 2
     elif kind == "hinge":

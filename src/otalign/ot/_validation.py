@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -43,6 +44,38 @@ def check_positive_scalar(name: str, value: float) -> float:
     return value
 
 
+def check_iteration_settings(max_iter: int, tol: float | torch.Tensor, check_every: int) -> None:
+    """Raise ``ValueError`` naming the parameter unless ``max_iter`` and ``check_every`` are integers >= 1 and
+    ``tol`` (a number or a tensor of per-problem tolerances) is finite and >= 0."""
+    for name, value in (("max_iter", max_iter), ("check_every", check_every)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    try:
+        tols = torch.as_tensor(tol, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"tol must be a number >= 0 or a (B,) tensor of them, got {tol!r}") from None
+    if tols.is_complex() or not bool(torch.isfinite(tols).all()) or bool((tols < 0).any()):
+        raise ValueError(f"tol must be finite and >= 0, got {tol!r}")
+
+
+def check_feasible(problem: Problem) -> None:
+    """Raise ``ValueError`` when a balanced problem has no transport plan: a source (or target) atom with mass whose
+    costs to every atom of the other side are ``+inf`` (forbidden), e.g. an all-``+inf`` cost."""
+    if problem.finite is None:
+        return
+    for name, mass, reachable in (
+        ("a", problem.a, problem.finite.any(-1)),
+        ("b", problem.b, problem.finite.any(-2)),
+    ):
+        stranded = (mass > 0) & ~reachable
+        if bool(stranded.any()):
+            k, i = (int(x) for x in stranded.nonzero()[0])
+            raise ValueError(
+                f"cost is +inf for every pair of {name}[{k}, {i}] (mass {mass[k, i].item():.3g}): problem {k} has no "
+                "transport plan; give it a finite cost or use unbalanced_sinkhorn"
+            )
+
+
 def prepare_problem(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) -> Problem:
     """Validate an OT problem and return it batched in the compute dtype.
 
@@ -78,6 +111,8 @@ def prepare_problem(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) -> Pro
             f"shapes do not match: a {tuple(a.shape)}, b {tuple(b.shape)}, "
             f"cost {tuple(cost.shape)} (expected cost {(batch, n, b.shape[1])})"
         )
+    if batch == 0:
+        raise ValueError(f"empty batch: a {tuple(a.shape)}, b {tuple(b.shape)}; pass at least one problem")
     if n == 0 or b.shape[1] == 0:
         raise ValueError(f"empty problem: n={n}, m={b.shape[1]}")
     if not (a.device == b.device == cost.device):

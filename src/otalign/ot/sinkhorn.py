@@ -25,7 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from ._scaling import run_iterations
-from ._validation import check_equal_mass, check_positive_scalar, prepare_problem
+from ._validation import (
+    check_equal_mass,
+    check_feasible,
+    check_iteration_settings,
+    check_positive_scalar,
+    prepare_problem,
+)
 from .newton import newton_finish, plan_of
 
 
@@ -114,12 +120,12 @@ def sinkhorn(
         A single problem (1-D masses) gives results without the batch axis.
 
     Raises:
-        ValueError: bad shapes, negative/non-finite masses, unequal masses, NaN costs,
-            non-positive eps.
+        ValueError: bad shapes, an empty batch, negative/non-finite masses, unequal masses, NaN costs, an atom
+            with mass whose every cost is ``+inf`` (no plan exists), non-positive eps, ``max_iter`` or
+            ``check_every`` < 1, negative or non-finite ``tol``.
     """
     eps = check_positive_scalar("eps", eps)
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    check_iteration_settings(max_iter, tol, check_every)
     if newton_steps < 0:
         raise ValueError(f"newton_steps must be >= 0, got {newton_steps}")
     if mass_rtol is None:
@@ -130,6 +136,7 @@ def sinkhorn(
     problem = prepare_problem(a, b, cost)
     a, b, cost = problem.a, problem.b, problem.cost
     check_equal_mass(a, b, mass_rtol)
+    check_feasible(problem)
     b = b * (a.sum(-1, keepdim=True) / b.sum(-1, keepdim=True))
 
     # Potentials in the reference parametrisation P = a_i b_j exp((u_i + v_j - C_ij)/eps):

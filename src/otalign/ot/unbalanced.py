@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ._scaling import run_iterations
-from ._validation import check_positive_scalar, prepare_problem
+from ._validation import check_iteration_settings, check_positive_scalar, prepare_problem
 
 
 @dataclass
@@ -124,8 +124,7 @@ def unbalanced_sinkhorn(
     """
     eps = check_positive_scalar("eps", eps)
     rho_a, rho_b = _marginal_weights(rho)
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    check_iteration_settings(max_iter, tol, check_every)
     problem = prepare_problem(a, b, cost)
     a, b, cost = problem.a, problem.b, problem.cost
 

@@ -9,6 +9,7 @@ memory a penalty needs beyond its inputs is bounded by the chunk, never by ``B *
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -234,6 +235,21 @@ def check_inputs(
         raise ValueError(f"logits, actions and mask must be on one device, got {sorted(map(str, devices))}")
 
 
+def check_finite_logits(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` naming the first (masked) position whose logits hold a NaN or ``+inf``, or no finite
+    logit: no penalty exists there. One host synchronisation: :meth:`Regularizer.penalty` and
+    :meth:`Regularizer.support_gradient` check, :meth:`Regularizer.evaluate` leaves it to its caller (the RL step
+    watches the logits with its :class:`~otalign.guard.FiniteGuard`, which decides alike on every process)."""
+    for name, logits in (("policy_logits", policy_logits), ("ref_logits", ref_logits)):
+        top = logits.detach().amax(-1)  # (B, T): NaN if any logit is NaN, +inf if one is +inf, -inf if all are
+        bad = ~torch.isfinite(top) if mask is None else ~torch.isfinite(top) & mask
+        if bool(bad.any()):
+            b, t = (int(i) for i in bad.nonzero()[0])
+            row = logits[b, t]
+            what = "NaN" if bool(row.isnan().any()) else "+inf" if bool((row == math.inf).any()) else "only -inf"
+            raise ValueError(f"{name}[{b}, {t}] has {what} logits (a diverged model or bad input); no penalty exists")
+
+
 def select_positions(
     policy_logits: torch.Tensor, ref_logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor | None
 ) -> Positions:
@@ -303,9 +319,11 @@ class Regularizer(ABC):
             :class:`PenaltyOutput` with ``per_token`` (B, T) float32 (0 outside ``mask``) and ``stats``.
 
         Raises:
-            ValueError: on malformed shapes, dtypes, devices or token ids, or logits whose vocabulary does
-                not fit the regularizer.
+            ValueError: on malformed shapes, dtypes, devices or token ids, logits whose vocabulary does not fit
+                the regularizer, or a generated position whose logits hold a NaN or ``+inf`` (no finite logit).
         """
+        check_inputs(policy_logits, ref_logits, actions, mask)
+        check_finite_logits(policy_logits, ref_logits, mask)
         return self.evaluate(policy_logits, ref_logits, actions, mask).penalty
 
     def support_gradient(
@@ -324,6 +342,7 @@ class Regularizer(ABC):
             :class:`SupportGradient` over the N positions where ``mask`` is True, in row-major (b, t) order.
         """
         check_inputs(policy_logits, ref_logits, actions, mask)
+        check_finite_logits(policy_logits, ref_logits, mask)
         with torch.no_grad():
             return self._support_gradient(select_positions(policy_logits, ref_logits, actions, mask))
 

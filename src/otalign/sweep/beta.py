@@ -33,7 +33,7 @@ class BetaSweepConfig(Config):
     output_dir: str = field(
         default="reports/beta-sweep",
         metadata={
-            "path": "output",
+            "path": "output_dir",
             "help": "beta_sweep.json, beta_sweep.png and one PPO run folder per (regularizer, beta)",
         },
     )
@@ -58,7 +58,7 @@ class BetaSweepConfig(Config):
         default=40, metadata={"help": "prompts evaluated (seeded subsample)", "check": ">= 1"}
     )
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per evaluation batch", "check": ">= 1"})
-    seed: int = field(default=0, metadata={"help": "evaluation sampling seed"})
+    seed: int = field(default=0, metadata={"help": "evaluation sampling seed", "check": "[0, 4294967295]"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -67,7 +67,7 @@ class SweepConfig(Config):
     command: str = field(default="ppo", metadata={"help": f"trainer every cell runs: one of {sorted(TRAINERS)}"})
     output_dir: str = field(
         default="runs/sweep",
-        metadata={"path": "output", "help": "one folder per cell, reference/, results.json and the PNGs"},
+        metadata={"path": "output_dir", "help": "one folder per cell, reference/, results.json and the PNGs"},
     )
     results_dir: str | None = field(
         default=None, metadata={"help": "where results.json and the PNGs go (None: output_dir)"}
@@ -132,7 +132,10 @@ class SweepConfig(Config):
     eval_split: str = field(default="test", metadata={"help": "split of the built-in prompts"})
     num_eval_prompts: int = field(default=0, metadata={"help": "seeded subsample of the held-out prompts (0: all)"})
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per evaluation batch"})
-    eval_seed: int = field(default=0, metadata={"help": "prompt subsample and per-prompt sampling seeds (all cells)"})
+    eval_seed: int = field(
+        default=0,
+        metadata={"help": "prompt subsample and per-prompt sampling seeds (all cells)", "check": "[0, 4294967295]"},
+    )
     eval_max_new_tokens: int | None = field(
         default=None, metadata={"help": "tokens per held-out response (None: the base's response_length, else 64)"}
     )

@@ -34,7 +34,7 @@ from accelerate.utils import set_seed
 
 from otalign.guard import FiniteGuard
 
-from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint
+from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint, resume_settings
 from .config import ConfigError, TrainerConfig
 from .metrics import MetricsLogger
 
@@ -132,6 +132,7 @@ class BaseTrainer:
     def begin(self) -> int:
         """Resume if the config asks, start the trackers, write ``config.json``; returns the first step to run."""
         c = self.config
+        self.checkpoints.settings = resume_settings(c, self.accelerator.num_processes)
         path = c.resume_from_checkpoint
         if c.resume and path is None:
             path = latest_checkpoint(self.output_dir)

@@ -15,6 +15,12 @@ squares of each frozen tensor); :meth:`CheckpointManager.load` refuses a model w
 that print (adapters on other base weights), loads non-strictly and checks that each model file held exactly the
 keys it should.
 
+The manifest also records the run's :data:`RESUME_SETTINGS` (``settings``): the schedule, optimizer and batch
+shape the saved state belongs to. :meth:`CheckpointManager.load` given the resuming run's settings refuses, in one
+line naming each field and both values, a resume that changed any of them: the saved optimizer and scheduler state
+and the data position cannot continue a run with another ``max_steps``, learning rate or batch size exactly (a
+longer ``max_steps`` would stretch a decay the finished steps already followed).
+
 Files can still be damaged after the rename (a copy cut short, a truncated file): :func:`latest_checkpoint` checks
 each checkpoint against its manifest, newest first, says in one line which file of which checkpoint is broken, and
 returns the newest intact one. Checkpoints written before manifests existed are taken as they are.
@@ -40,6 +46,47 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(OSError):
     """A checkpoint could not be written or read; the message is one line naming the path."""
+
+
+RESUME_SETTINGS = (
+    "max_steps",
+    "num_train_epochs",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "num_mini_batches",
+    "num_generations",
+    "seed",
+)
+"""Config fields a resume must keep (those the config has): they fix the learning-rate schedule, the optimizer
+and the batches (see the module docstring). The batch size itself is kept as ``examples_per_step``
+(:func:`resume_settings`): a run may resume on another number of processes with the per-process batch scaled."""
+
+
+def resume_settings(config, processes: int) -> dict:
+    """``{field: value}`` of the :data:`RESUME_SETTINGS` that ``config`` has (``max_steps`` as the run computed it),
+    and ``examples_per_step``: ``config.step_batch_size`` (per process, ``per_device_train_batch_size x
+    gradient_accumulation_steps``, RL also ``x num_mini_batches``) times ``processes``."""
+    settings = {name: getattr(config, name) for name in RESUME_SETTINGS if hasattr(config, name)}
+    return {**settings, "examples_per_step": config.step_batch_size * processes}
+
+
+def changed_settings(path: str | Path, settings: Mapping) -> str | None:
+    """The :data:`RESUME_SETTINGS` whose values in ``settings`` differ from those the checkpoint at ``path`` was
+    written with, as ``"max_steps 3 -> 6, learning_rate 0.0005 -> 0.001"``; None when none differs, when the
+    checkpoint records no settings (written before they were recorded), or when the resumed run trains no step
+    (``settings["max_steps"]`` at most the checkpoint's step: it only loads the state)."""
+    path = Path(path)
+    step = PATTERN.match(path.name)
+    if step is not None and settings.get("max_steps") is not None and settings["max_steps"] <= int(step.group(1)):
+        return None
+    saved = _read_manifest(path).get("settings") or {}
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in settings.items() if k in saved and saved[k] != v]
+    return ", ".join(changed) or None
 
 
 @dataclass
@@ -206,6 +253,8 @@ class CheckpointManager:
         self.folder = Path(output_dir) / "checkpoints"
         self.total_limit = total_limit
         self._partial: dict = {}
+        self.settings: dict = {}
+        """The run's :func:`resume_settings`, recorded in each checkpoint's manifest (set by the trainer)."""
         accelerator.register_save_state_pre_hook(self._keep_trainable)
 
     def _keep_trainable(self, models: list, weights: list[dict], output_dir: str) -> None:
@@ -235,7 +284,7 @@ class CheckpointManager:
             acc.save_state(str(tmp), safe_serialization=False)
             acc.wait_for_everyone()
             if acc.is_main_process:
-                write_manifest(tmp, self._partial)
+                write_manifest(tmp, {**self._partial, "settings": self.settings})
         except (OSError, RuntimeError) as err:
             self._failed(final, tmp, err)
             raise
@@ -269,6 +318,7 @@ class CheckpointManager:
         Raises:
             FileNotFoundError: no such checkpoint.
             CheckpointError: a file does not match the manifest, or cannot be read back (one line naming it).
+            ValueError: :attr:`settings` differ from those the checkpoint was written with (:func:`changed_settings`).
         """
         path = Path(path)
         if not path.is_dir():
@@ -276,6 +326,11 @@ class CheckpointManager:
         why = verify_checkpoint(path)
         if why is not None:
             raise CheckpointError(f"checkpoint {path} is broken: {why}")
+        if changed := changed_settings(path, self.settings):
+            raise ValueError(
+                f"cannot resume from {path}: {changed} since it was written (its optimizer, schedule and data "
+                "position belong to the old values); resume with them, or start afresh with --overwrite_output_dir"
+            )
         manifest = _read_manifest(path)
         partial = manifest.get("trainable_only", [])
         for i in partial:  # the adapters only fit the base weights they were trained on

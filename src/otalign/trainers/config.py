@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +31,22 @@ def stream_seed(seed: int, k: int) -> int:
     return seed * SEED_MIX + k
 
 
+UNSUPPORTED_SCHEDULERS = (
+    "reduce_lr_on_plateau",
+    "greedy",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
+"""``transformers`` schedules the trainers cannot drive: the first two step on a validation metric, the others need
+``lr_scheduler_kwargs`` (``min_lr``, ``num_decay_steps``), which the trainers do not take."""
+
+
 def _schedulers() -> list[str]:
+    """The ``transformers.SchedulerType`` values but :data:`UNSUPPORTED_SCHEDULERS`."""
     from transformers import SchedulerType
 
-    return [s.value for s in SchedulerType]
+    return [s.value for s in SchedulerType if s.value not in UNSUPPORTED_SCHEDULERS]
 
 
 @dataclass
@@ -43,7 +56,7 @@ class TrainerConfig(Config):
     output_dir: str = field(
         default="runs/otalign",
         metadata={
-            "path": "output",
+            "path": "output_dir",
             "help": "folder for checkpoints (checkpoints/checkpoint-<step>), metrics.jsonl and the model",
         },
     )
@@ -157,6 +170,16 @@ class TrainerConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.overwrite_output_dir and (self.resume or self.resume_from_checkpoint is not None):
+            which = "resume" if self.resume else "resume_from_checkpoint"
+            raise ConfigError(
+                f"{which} continues the run in output_dir, overwrite_output_dir starts it afresh: give one", which
+            )
+        if not self.use_peft:
+            for f in dataclasses.fields(self):
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                if f.name.startswith("lora_") and getattr(self, f.name) != default:
+                    raise ConfigError(f"{f.name} sets up LoRA, which needs use_peft (set use_peft: true)", f.name)
         if self.push_to_hub:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -61,6 +61,10 @@ class PreferenceConfig(DatasetConfig):
         for name in ("label_smoothing", "aot_h", "desirable_weight", "undesirable_weight"):
             if name not in used and getattr(self, name) != defaults[name]:
                 raise ConfigError(f"{name} does not apply to loss_type {self.loss_type!r}", name)
+        if self.token_weighting != "otpo":
+            for name in ("otpo_eps1", "otpo_eps2"):
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError(f"{name} applies with token_weighting otpo only", name)
         if self.label_smoothing and "aot_h" in used and self.aot_h != "logistic":
             raise ConfigError(f"label_smoothing needs aot_h logistic, got {self.aot_h!r}", "label_smoothing")
 

@@ -34,7 +34,7 @@ class CodeEvalConfig(SamplingFields):
     """Settings of ``otalign analyze apps`` (sampling fields: :class:`SamplingFields`)."""
 
     output_dir: str = field(
-        default="reports/apps", metadata={"path": "output", "help": "where apps.json/samples.jsonl/apps.png go"}
+        default="reports/apps", metadata={"path": "output_dir", "help": "where apps.json/samples.jsonl/apps.png go"}
     )
     prompts: str = field(
         default="apps_mini",
@@ -58,7 +58,9 @@ class CodeEvalConfig(SamplingFields):
     ks: list[int] = field(default_factory=lambda: [1, 5], metadata={"help": "k values of pass@k (each <= n)"})
     extract: str = field(default="auto", metadata={"help": "program extraction: auto | fenced | raw"})
     timeout: float = field(default=4.0, metadata={"help": "wall-clock seconds per test"})
-    workers: int | None = field(default=None, metadata={"help": "sandbox worker pool size (None: CPU count)"})
+    workers: int | None = field(
+        default=None, metadata={"help": "sandbox worker pool size (None: CPU count)", "check": ">= 1"}
+    )
     allow_unsandboxed_network: bool = field(
         default=False, metadata={"help": "run programs even where the network cannot be isolated"}
     )

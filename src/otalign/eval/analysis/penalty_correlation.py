@@ -33,9 +33,11 @@ class PenaltyCorrelationConfig(PenaltyFields):
 
     output_dir: str = redefault(PenaltyFields, "output_dir", "reports/penalty-correlation")
     run_dir: str | None = field(default=None, metadata={"help": "a WPR run's output folder (reads its metrics.jsonl)"})
-    beta_kl: float = field(default=1.0, metadata={"help": "KL coefficient before the joint normalisation"})
+    beta_kl: float = field(
+        default=1.0, metadata={"help": "KL coefficient before the joint normalisation", "check": "> 0"}
+    )
     beta_wasserstein: float = field(
-        default=1.0, metadata={"help": "Wasserstein coefficient before the joint normalisation"}
+        default=1.0, metadata={"help": "Wasserstein coefficient before the joint normalisation", "check": "> 0"}
     )
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import torch
 
@@ -26,6 +27,21 @@ from ..f_divergence import exact_f_divergence
 from ..topk import TopKLogProbs
 from .problem import METRICS, TruncatedProblem, topk_support, truncated_problem
 from .solve import TRANSPORTS, WassersteinSolution, default_smooth_tau, solve_problem
+
+CONFIG_FIELDS = {
+    "lam": "wpr_lambda",
+    "top_k": "wpr_top_k",
+    "metric": "wpr_metric",
+    "knn": "wpr_knn",
+    "transport": "wpr_transport",
+    "smooth_tau": "wpr_smooth_tau",
+    "debias": "wpr_debias",
+    "max_iter": "wpr_max_iter",
+    "tol": "wpr_tol",
+    "overrelaxation": "wpr_overrelaxation",
+    "newton_steps": "wpr_newton_steps",
+}
+"""The RL config field (``--wpr_*`` option) that sets each argument of :class:`WassersteinRegularizer`."""
 
 
 class WassersteinRegularizer(Regularizer):
@@ -113,25 +129,16 @@ class WassersteinRegularizer(Regularizer):
 
     @classmethod
     def from_config(cls, config, reference_model, **defaults) -> WassersteinRegularizer:
-        """From an RL config's ``wpr_*`` fields, the cost embeddings taken from ``reference_model``
-        (``wpr_embeddings``: its input or output embeddings)."""
-        return cls(
-            embedding_matrix(reference_model, source=config.wpr_embeddings).float(),
-            **{
-                **defaults,
-                "lam": config.wpr_lambda,
-                "top_k": config.wpr_top_k,
-                "metric": config.wpr_metric,
-                "knn": config.wpr_knn,
-                "transport": config.wpr_transport,
-                "smooth_tau": config.wpr_smooth_tau,
-                "debias": config.wpr_debias,
-                "max_iter": config.wpr_max_iter,
-                "tol": config.wpr_tol,
-                "overrelaxation": config.wpr_overrelaxation,
-                "newton_steps": config.wpr_newton_steps,
-            },
-        )
+        """From an RL config's ``wpr_*`` fields (:data:`CONFIG_FIELDS`), the cost embeddings taken from
+        ``reference_model`` (``wpr_embeddings``: its input or output embeddings). A ``ValueError`` names the config
+        fields (``wpr_top_k``), not the arguments they feed (``top_k``)."""
+        embeddings = embedding_matrix(reference_model, source=config.wpr_embeddings).float()
+        options = {argument: getattr(config, name) for argument, name in CONFIG_FIELDS.items()}
+        try:
+            return cls(embeddings, **{**defaults, **options})
+        except ValueError as err:
+            pattern = rf"\b({'|'.join(CONFIG_FIELDS)})\b"
+            raise ValueError(re.sub(pattern, lambda m: CONFIG_FIELDS[m.group(1)], str(err))) from None
 
     def __init__(
         self,
@@ -155,12 +162,20 @@ class WassersteinRegularizer(Regularizer):
         super().__init__(max_chunk_elements=max_chunk_elements)
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
             raise ValueError(f"embeddings must be a floating-point (V, d) tensor, got {describe(embeddings)}")
+        finite = torch.isfinite(embeddings).all(-1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0])
+            raise ValueError(
+                f"embeddings row {row} (token id {row}) has NaN or inf entries; the cost needs finite ones"
+            )
         vocab = embeddings.shape[0]
         lam = float(lam)
         if not (math.isfinite(lam) and lam > 0):
             raise ValueError(f"lam must be a finite number > 0, got {lam}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
             raise ValueError(f"top_k must be an integer in [1, V] = [1, {vocab}], got {top_k!r}")
+        if knn is not None and (isinstance(knn, bool) or not isinstance(knn, int) or not 1 <= knn < vocab):
+            raise ValueError(f"knn must be None or an integer in [1, V-1] = [1, {vocab - 1}], got {knn!r}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if dust_cost != "max":
