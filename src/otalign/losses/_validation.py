@@ -9,8 +9,9 @@ import torch
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_vectors(**tensors: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless every tensor is a 1-D floating-point tensor of one common length >= 1."""
+def check_vectors(allow_empty: bool = False, **tensors: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless every tensor is a 1-D floating-point tensor of one common length >= 1 (>= 0 with
+    ``allow_empty``: a process's share of a batch gathered over processes may be empty)."""
     shapes = {}
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -21,7 +22,7 @@ def check_vectors(**tensors: torch.Tensor) -> None:
         shapes[name] = t.shape[0]
     if len(set(shapes.values())) > 1:
         raise ValueError(f"batch sizes differ: {shapes}")
-    if 0 in shapes.values():
+    if 0 in shapes.values() and not allow_empty:
         raise ValueError(f"{', '.join(shapes)}: empty batch (shape (0,)); pass at least one example")
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._distributed import all_gather_with_grad
+from ._distributed import all_gather_with_grad, is_distributed
 from ._validation import check_choice, check_positive, check_vectors
 from .interface import LossOutput, implicit_rewards
 
@@ -131,10 +131,11 @@ def aot_loss(
     Returns:
         Scalar loss. With one pair and ``h="logistic"`` it equals ``dpo_loss(kind="sigmoid")``.
     """
-    check_vectors(policy_chosen_logps=policy_chosen_logps, ref_chosen_logps=ref_chosen_logps)
-    check_vectors(policy_rejected_logps=policy_rejected_logps, ref_rejected_logps=ref_rejected_logps)
+    empty = is_distributed(distributed)  # a process's share of the gathered batch may be empty
+    check_vectors(empty, policy_chosen_logps=policy_chosen_logps, ref_chosen_logps=ref_chosen_logps)
+    check_vectors(empty, policy_rejected_logps=policy_rejected_logps, ref_rejected_logps=ref_rejected_logps)
     if paired:
-        check_vectors(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+        check_vectors(empty, policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
         u = policy_chosen_logps - policy_rejected_logps
         v = ref_chosen_logps - ref_rejected_logps
     else:

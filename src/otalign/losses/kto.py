@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._distributed import global_mean
+from ._distributed import global_mean, is_distributed
 from ._validation import check_positive, check_vectors, reduce
 from .interface import LossOutput, implicit_rewards
 
@@ -62,7 +62,8 @@ def kto_loss(
         ``(loss, rewards, z0)``: the reduced loss, the detached rewards ``beta * r`` (n,), and the
         reference point z0 (scalar, detached, in nats).
     """
-    check_vectors(policy_logps=policy_logps, ref_logps=ref_logps)
+    empty = is_distributed(distributed)  # a process's share of the gathered batch may be empty
+    check_vectors(empty, policy_logps=policy_logps, ref_logps=ref_logps)
     if labels.dtype != torch.bool or labels.shape != policy_logps.shape:
         raise ValueError(
             f"labels must be a bool tensor of shape {tuple(policy_logps.shape)}, got {labels.dtype} "
@@ -77,7 +78,7 @@ def kto_loss(
     if policy_kl_logps is None:
         z0 = policy_logps.new_zeros(())
     else:
-        check_vectors(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
+        check_vectors(empty, policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
         z0 = global_mean(policy_kl_logps - ref_kl_logps, enabled=distributed).clamp(min=0)
     logratio = policy_logps - ref_logps
     losses = torch.where(
