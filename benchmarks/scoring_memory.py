@@ -76,9 +76,9 @@ def peak_bytes(device: str) -> int:
 
 def child(mode: str, batch: int, steps: int, chunk: int, device: str) -> dict:
     """One measurement in this (fresh) process: peak memory above the models' and the rollout's."""
-    from otalign.generation import response_logits
+    from otalign.generation import kl_and_entropy, response_logits
     from otalign.regularizers import build_regularizer
-    from otalign.scoring import kl_and_entropy_of_log_probs, score_rollout
+    from otalign.scoring import score_rollout
 
     policy, reference = models(device)
     batch_rollout = rollout(batch, steps, device)
@@ -96,7 +96,7 @@ def child(mode: str, batch: int, steps: int, chunk: int, device: str) -> dict:
         else:  # the whole-rollout path this replaced
             policy_logp = torch.log_softmax(response_logits(policy, batch_rollout).float(), -1)
             ref_logp = torch.log_softmax(response_logits(reference, batch_rollout).float(), -1)
-            kl_and_entropy_of_log_probs(policy_logp, ref_logp)
+            kl_and_entropy(policy_logp, ref_logp, normalized=True)
             regularizer.penalty(policy_logp, ref_logp, batch_rollout.responses, batch_rollout.response_mask)
     if device == "cuda":
         torch.cuda.synchronize()

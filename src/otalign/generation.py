@@ -240,16 +240,17 @@ def response_values(critic, rollout: Rollout, rows: torch.Tensor | slice = slice
 
 
 def kl_and_entropy(
-    policy_logits: torch.Tensor, ref_logits: torch.Tensor, *, chunk_positions: int = 256
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, *, chunk_positions: int = 256, normalized: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Exact full-vocabulary :math:`\mathrm{KL}(\pi\|\pi_{ref})` and entropy :math:`H(\pi)` per position (nats).
 
     Args:
-        policy_logits, ref_logits: (B, T, V) logits (already divided by the sampling temperature).
-        chunk_positions: positions per log-softmax chunk (memory ~ ``chunk_positions * V`` floats).
+        policy_logits, ref_logits: (..., V) logits (already divided by the sampling temperature), or normalised
+            log-probabilities with ``normalized`` (no log-softmax is taken then).
+        chunk_positions: positions per chunk (memory ~ ``chunk_positions * V`` floats).
 
     Returns:
-        kl, entropy: (B, T) float32.
+        kl, entropy: (...) float32.
     """
     shape = policy_logits.shape[:-1]
     policy = policy_logits.reshape(-1, policy_logits.shape[-1])
@@ -257,8 +258,9 @@ def kl_and_entropy(
     kl = torch.empty(policy.shape[0], device=policy.device)
     entropy = torch.empty_like(kl)
     for start in range(0, policy.shape[0], chunk_positions):
-        p = torch.log_softmax(policy[start : start + chunk_positions].float(), dim=-1)
-        q = torch.log_softmax(ref[start : start + chunk_positions].float(), dim=-1)
+        p, q = policy[start : start + chunk_positions].float(), ref[start : start + chunk_positions].float()
+        if not normalized:
+            p, q = torch.log_softmax(p, dim=-1), torch.log_softmax(q, dim=-1)
         kl[start : start + chunk_positions] = exact_f_divergence(p, q, "rkl")
         entropy[start : start + chunk_positions] = -(p.exp() * p).sum(-1)
     return kl.reshape(shape), entropy.reshape(shape)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from otalign.generation import Rollout, response_logits
-from otalign.regularizers import PenaltyOutput, Regularizer, SupportGradient, exact_f_divergence
+from otalign.generation import Rollout, kl_and_entropy, response_logits
+from otalign.regularizers import PenaltyOutput, Regularizer, SupportGradient
 from otalign.regularizers.base import DEFAULT_CHUNK_ELEMENTS
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -123,23 +123,6 @@ def log_prob_pieces(policy, reference, rollout: Rollout, rows: slice, temperatur
         yield piece, logp[0], logp[1]
 
 
-def kl_and_entropy_of_log_probs(
-    policy: torch.Tensor, ref: torch.Tensor, *, chunk_positions: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Exact :math:`\mathrm{KL}(\pi\|\pi_{ref}) = \sum_v \pi_v(\log\pi_v - \log\pi_{ref,v})` and
-    :math:`H(\pi) = -\sum_v \pi_v\log\pi_v` per position (nats) from normalised (..., V) log-probabilities, in chunks
-    of ``chunk_positions`` positions (temporary memory ``chunk_positions x V``). Returns two (...) float32 tensors."""
-    shape = policy.shape[:-1]
-    p, q = policy.reshape(-1, policy.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    kl = torch.empty(p.shape[0], device=p.device)
-    entropy = torch.empty_like(kl)
-    for start in range(0, p.shape[0], chunk_positions):
-        part = slice(start, start + chunk_positions)
-        kl[part] = exact_f_divergence(p[part], q[part], "rkl")
-        entropy[part] = -(p[part].exp() * p[part]).sum(-1)
-    return kl.reshape(shape), entropy.reshape(shape)
-
-
 def score_rollout(
     policy,
     reference,
@@ -188,7 +171,7 @@ def score_rollout(
                 check("reference logits", ref_logp)
             pieces["old"].append(policy_logp.gather(-1, part_tokens[:, None])[:, 0])
             pieces["ref"].append(ref_logp.gather(-1, part_tokens[:, None])[:, 0])
-            kl, entropy = kl_and_entropy_of_log_probs(policy_logp, ref_logp)
+            kl, entropy = kl_and_entropy(policy_logp, ref_logp, normalized=True)
             pieces["kl"].append(kl)
             pieces["entropy"].append(entropy)
             if lap is not None:
