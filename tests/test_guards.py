@@ -340,18 +340,17 @@ def test_wpr_strict_makes_an_unconverged_solve_an_error_before_the_update(tmp_pa
 
 def test_ot_values_warn_about_unconverged_positions():
     generator = torch.Generator().manual_seed(0)
-    policy, ref = torch.randn(2, 3, 12, generator=generator), torch.randn(2, 3, 12, generator=generator)
-    actions = torch.randint(0, 12, (2, 3), generator=generator)
-    mask = torch.ones(2, 3, dtype=torch.bool)
+    policy, ref = torch.randn(6, 12, generator=generator), torch.randn(6, 12, generator=generator)
+    actions = torch.randint(0, 12, (6,), generator=generator)
     embeddings = torch.randn(12, 4, generator=generator)
     loose = WassersteinRegularizer(embeddings, lam=1e6, top_k=4, max_iter=3, newton_steps=0)
     with pytest.warns(
         ConvergenceWarning, match=r"max_iter=3 above tol=1e-07, and newton_steps=0 .* at [1-6] of 6 positions"
     ):
-        ot_values(loose, policy, ref, actions, mask)
+        ot_values(loose, policy, ref, actions)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        values = ot_values(WassersteinRegularizer(embeddings, lam=1.0, top_k=4), policy, ref, actions, mask)
+        values = ot_values(WassersteinRegularizer(embeddings, lam=1.0, top_k=4), policy, ref, actions)
     assert torch.isfinite(values).all()
 
 

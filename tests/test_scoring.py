@@ -261,3 +261,56 @@ def test_the_embedding_matrix_of_the_reference_defines_the_wasserstein_cost(tmp_
     trainer = grpo(tmp_path)
     reference = embedding_matrix(trainer.ref_model).float()
     assert torch.equal(trainer.regularizer.embeddings.cpu(), reference)
+
+
+def test_held_out_evaluation_scores_in_chunks_with_the_same_values():
+    """The held-out evaluation never runs the LM head over more responses than its scoring chunk, and the chunk
+    changes neither the KL, the OT distance nor an extras measure (against scoring a whole generation batch)."""
+    from otalign.eval.policy import evaluate_policy
+    from otalign.generation import SamplingParams, encode_prompts
+    from otalign.sweep.evaluate import coherence_measure
+
+    tokenizer = tiny_tokenizer()
+    policy, reference = tiny_causal_lm(tokenizer, seed=1).eval(), tiny_causal_lm(tokenizer, seed=0).eval()
+    texts = PROMPTS * 2
+    ids = encode_prompts(tokenizer, texts, max_prompt_length=32)
+    embeddings = embedding_matrix(reference)
+    reg = WassersteinRegularizer(embeddings, lam=10.0, top_k=8)
+
+    def evaluate(scoring_batch_size: int):
+        head_outputs = []
+        handles = [
+            m.get_output_embeddings().register_forward_hook(lambda m, i, out: head_outputs.append(out.shape))
+            for m in (policy, reference)
+        ]
+        try:
+            result = evaluate_policy(
+                policy,
+                reference,
+                tokenizer,
+                texts,
+                ids,
+                lambda prompts, responses, *rest: torch.tensor([len(r) / 10 for r in responses]),
+                params=SamplingParams(max_new_tokens=6),
+                seed=3,
+                batch_size=8,
+                scoring_batch_size=scoring_batch_size,
+                ot_regularizer=reg,
+                extras={"coherence": coherence_measure(embeddings, 4)},
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return result, head_outputs
+
+    chunked, heads = evaluate(2)
+    whole, _ = evaluate(8)
+    # generation and the scoring forward run the head one position at a time; the scoring pieces are (n, V)
+    pieces = [shape for shape in heads if len(shape) == 2]
+    assert pieces and all(shape[0] <= 2 * 6 for shape in pieces), pieces
+    assert all(shape[1] == 1 for shape in heads if len(shape) == 3), heads
+    assert chunked.responses == whole.responses
+    for name in ("kl", "ot"):
+        torch.testing.assert_close(torch.tensor(getattr(chunked, name)), torch.tensor(getattr(whole, name)))
+    torch.testing.assert_close(torch.tensor(chunked.extra["coherence"]), torch.tensor(whole.extra["coherence"]))
+    assert all(value > 0 for value in chunked.kl)

@@ -99,28 +99,72 @@ def response_hidden(model, head: torch.nn.Module, rollout: Rollout, rows: slice)
     return kept[-1][:, -(steps + 1) : -1]
 
 
-def log_prob_pieces(policy, reference, rollout: Rollout, rows: slice, temperature: float, max_elements: int):
-    """Yield ``(positions, policy_logp, ref_logp)`` over the flattened (b * T) positions of ``rollout[rows]``:
-    ``positions`` a slice of them and two (n, V) float32 tempered log-softmaxes (see the module on the pieces)."""
-    heads = output_head(policy), output_head(reference)
-    if heads[0] is None or heads[1] is None:
-        policy_logp = tempered_log_probs(policy, rollout, rows, temperature)
-        ref_logp = tempered_log_probs(reference, rollout, rows, temperature)
-        vocab = policy_logp.shape[-1]
-        yield slice(None), policy_logp.reshape(-1, vocab), ref_logp.reshape(-1, vocab)
+def log_prob_pieces(models: tuple, rollout: Rollout, rows: slice, temperature: float, max_elements: int):
+    """Yield ``(positions, log_probs)`` over the flattened (b * T) positions of ``rollout[rows]``: ``positions`` a
+    slice of them and ``log_probs`` one (n, V) float32 tempered log-softmax per model of ``models`` (see the module
+    on the pieces)."""
+    heads = [output_head(model) for model in models]
+    if any(head is None for head in heads):
+        log_probs = [tempered_log_probs(model, rollout, rows, temperature) for model in models]
+        yield slice(None), [logp.reshape(-1, logp.shape[-1]) for logp in log_probs]
         return
-    hidden = [
-        response_hidden(model, head, rollout, rows) for model, head in zip((policy, reference), heads, strict=True)
-    ]
-    policy_hidden, ref_hidden = (h.reshape(-1, h.shape[-1]) for h in hidden)
+    hidden = [response_hidden(model, head, rollout, rows) for model, head in zip(models, heads, strict=True)]
+    hidden = [h.reshape(-1, h.shape[-1]) for h in hidden]
     per_piece = max(1, max_elements // heads[0].out_features)
-    for start in range(0, policy_hidden.shape[0], per_piece):
+    for start in range(0, hidden[0].shape[0], per_piece):
         piece = slice(start, start + per_piece)
-        logp = []
-        for head, states in zip(heads, (policy_hidden[piece], ref_hidden[piece]), strict=True):
-            logits = head(states).float().div_(temperature)
-            logp.append(logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)))
-        yield piece, logp[0], logp[1]
+        log_probs = []
+        for head, states in zip(heads, hidden, strict=True):
+            logits = head(states[piece]).float().div_(temperature)
+            log_probs.append(logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)))
+        yield piece, log_probs
+
+
+@dataclass
+class Positions:
+    """Generated positions of a rollout scored together (n of them) and each model's log-probabilities there.
+
+    Attributes:
+        rows, cols: (n,) their rollout index and response position.
+        tokens: (n,) the sampled tokens.
+        log_probs: one (n, V) float32 tempered log-softmax per model, in the order the models were given.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    tokens: torch.Tensor
+    log_probs: list[torch.Tensor]
+
+
+def generated_positions(
+    models: tuple,
+    rollout: Rollout,
+    *,
+    temperature: float,
+    chunk_size: int,
+    max_elements: int = DEFAULT_CHUNK_ELEMENTS,
+):
+    """Yield the generated positions of ``rollout`` as :class:`Positions`, ``chunk_size`` rollouts per forward of each
+    model and at most ``max_elements // V`` positions per LM-head piece: the scoring pass of :func:`score_rollout`
+    for measurements that need each model's full next-token distribution (evaluation, analyses), with memory
+    bounded by a chunk (see the module)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    mask = rollout.response_mask
+    steps = mask.shape[1]
+    for start in range(0, mask.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        flat = torch.arange(mask[rows].numel(), device=mask.device)
+        chunk_mask, tokens = mask[rows].reshape(-1), rollout.responses[rows].reshape(-1)
+        for part, log_probs in log_prob_pieces(models, rollout, rows, temperature, max_elements):
+            keep = chunk_mask[part]
+            index = flat[part][keep]
+            yield Positions(
+                rows=start + index // steps,
+                cols=index % steps,
+                tokens=tokens[part][keep],
+                log_probs=[logp[keep] for logp in log_probs],
+            )
 
 
 def score_rollout(
@@ -164,7 +208,8 @@ def score_rollout(
     for start in range(0, mask.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         tokens, chunk_mask = rollout.responses[rows].reshape(-1), mask[rows].reshape(-1)
-        for part, policy_logp, ref_logp in log_prob_pieces(policy, reference, rollout, rows, temperature, max_elements):
+        pieces_of_chunk = log_prob_pieces((policy, reference), rollout, rows, temperature, max_elements)
+        for part, (policy_logp, ref_logp) in pieces_of_chunk:
             part_tokens, part_mask = tokens[part], chunk_mask[part]
             if check is not None:
                 check("policy logits", policy_logp)

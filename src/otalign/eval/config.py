@@ -42,6 +42,13 @@ class SamplingFields(Config):
     top_k: int = field(default=50, metadata={"help": "sample from the top-k tokens (0: all)", "check": ">= 0"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass", "check": "(0, 1]"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generation batch", "check": ">= 1"})
+    scoring_batch_size: int = field(
+        default=4,
+        metadata={
+            "help": "responses per forward when a model scores its generations (memory: this x length x vocab)",
+            "check": ">= 1",
+        },
+    )
     max_prompt_length: int = field(
         default=512, metadata={"help": "longest prompt in tokens (longer is an error)", "check": ">= 1"}
     )

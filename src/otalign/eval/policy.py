@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from otalign.generation import Rollout, SamplingParams, kl_and_entropy, response_logits, sample_batches, sample_seeds
+from otalign.generation import SamplingParams, kl_and_entropy, sample_batches, sample_seeds
 from otalign.guard import ConvergenceWarning
 from otalign.rewards import check_scores
+from otalign.scoring import generated_positions
 
 
 @dataclass
@@ -87,8 +88,9 @@ def evaluate_policy(
     params: SamplingParams,
     seed: int,
     batch_size: int = 16,
+    scoring_batch_size: int = 4,
     ot_regularizer=None,
-    extras: Mapping[str, Callable[[Rollout, torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
+    extras: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
     columns: Mapping[str, list] | None = None,
 ) -> EvalResult:
     """Sample one response per prompt from ``policy`` and measure it against ``ref_model``.
@@ -101,10 +103,14 @@ def evaluate_policy(
         params: sampling settings; distributions are ``softmax(logits / temperature)`` as in training.
         seed: evaluation seed; prompt ``i`` uses sample index ``i``.
         batch_size: prompts per generation batch.
+        scoring_batch_size: responses per forward when scoring a generation batch: the two models' next-token
+            distributions are computed a chunk at a time (:func:`otalign.scoring.generated_positions`), never
+            (batch_size, T, V) at once.
         ot_regularizer: a :class:`~otalign.regularizers.WassersteinRegularizer` whose per-position OT value
             is summed per response (None: no OT distance).
-        extras: ``name -> fn(rollout, policy_logits, ref_logits) -> (B,)`` further per-response measurements on
-            the same samples (logits: (B, T, V), tempered), collected in ``EvalResult.extra[name]``.
+        extras: ``name -> fn(policy_logp, ref_logp) -> (n,)`` further per-position measurements on the same
+            samples, from the (n, V) tempered log-probabilities at n generated positions; summed over each
+            response's positions into ``EvalResult.extra[name]``.
         columns: the prompt rows' columns, each a list aligned with ``prompt_texts``, for a reward that reads
             them (e.g. the arithmetic ``answer``).
     """
@@ -117,9 +123,20 @@ def evaluate_policy(
         batch_columns = {name: list(values[start:stop]) for name, values in (columns or {}).items()}
         start = stop
         mask = rollout.response_mask
-        policy_logits = response_logits(policy, rollout) / params.temperature
-        ref_logits = response_logits(ref_model, rollout) / params.temperature
-        kl, _ = kl_and_entropy(policy_logits, ref_logits)
+        totals = {name: torch.zeros(mask.shape[0], dtype=torch.float64, device=mask.device) for name in ("kl", *extras)}
+        if ot_regularizer is not None:
+            totals[OT] = torch.zeros_like(totals["kl"])
+        for positions in generated_positions(
+            (policy, ref_model), rollout, temperature=params.temperature, chunk_size=scoring_batch_size
+        ):
+            policy_logp, ref_logp = positions.log_probs
+            measured = {"kl": kl_and_entropy(policy_logp, ref_logp, normalized=True)[0]}
+            if ot_regularizer is not None:
+                measured[OT] = ot_values(ot_regularizer, policy_logp, ref_logp, positions.tokens)
+            for name, measure in extras.items():
+                measured[name] = measure(policy_logp, ref_logp)
+            for name, values in measured.items():
+                totals[name].index_add_(0, positions.rows, values.double())
         ids, seq_mask = rollout.right_aligned(tokenizer.pad_token_id)
         scores = reward(rollout.prompt_texts, rollout.response_texts, ids, seq_mask, batch_columns)
         check_scores(scores, getattr(reward, "name", "reward"), range(stop - len(rollout.prompt_texts), stop))
@@ -127,12 +144,16 @@ def evaluate_policy(
         result.responses += rollout.response_texts
         result.scores += scores.tolist()
         result.lengths += mask.sum(1).tolist()
-        result.kl += (kl * mask).sum(1).tolist()
+        result.kl += totals["kl"].float().tolist()
         if ot_regularizer is not None:
-            result.ot += ot_values(ot_regularizer, policy_logits, ref_logits, rollout.responses, mask).tolist()
-        for name, measure in extras.items():
-            result.extra[name] += measure(rollout, policy_logits, ref_logits).tolist()
+            result.ot += totals[OT].float().tolist()
+        for name in extras:
+            result.extra[name] += totals[name].tolist()
     return result
+
+
+OT = "ot distance"
+"""The key of the OT values among a batch's per-response totals (not a valid extras name: it has a space)."""
 
 
 def ot_values(
@@ -140,28 +161,29 @@ def ot_values(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
     actions: torch.Tensor,
-    mask: torch.Tensor,
     chunk: int = 64,
 ) -> torch.Tensor:
-    """(B,) entropic OT value to the reference summed over each response's positions, solved exactly as the
-    Wasserstein regularizer ``reg`` does (same support, cost, dust and Sinkhorn settings), ``chunk``
-    positions per batched solve.
+    """(n,) entropic OT value to the reference at each of n positions, solved exactly as the Wasserstein
+    regularizer ``reg`` does (same support, cost, dust and Sinkhorn settings), ``chunk`` positions per batched solve.
+
+    Args:
+        policy_logits, ref_logits: (n, V) logits or log-probabilities of the two next-token distributions.
+        actions: (n,) the sampled tokens (the support holds them).
 
     Positions whose solve ended above ``reg.tol`` (Sinkhorn's ``max_iter`` and Newton's steps spent) are counted, and a
     :class:`~otalign.guard.ConvergenceWarning` names how many (their values are approximate).
     """
     from otalign.regularizers import build_problem
 
-    rows, cols = mask.nonzero(as_tuple=True)
-    totals = torch.zeros(mask.shape[0], dtype=torch.float64, device=mask.device)
-    unconverged = torch.zeros((), dtype=torch.long, device=mask.device)
+    values = torch.zeros(actions.shape[0], dtype=torch.float32, device=actions.device)
+    unconverged = torch.zeros((), dtype=torch.long, device=actions.device)
     embeddings = reg.embeddings.to(policy_logits.device)
-    for start in range(0, rows.numel(), chunk):
-        r, c = rows[start : start + chunk], cols[start : start + chunk]
+    for start in range(0, actions.shape[0], chunk):
+        part = slice(start, start + chunk)
         problem = build_problem(
-            policy_logits[r, c],
-            ref_logits[r, c],
-            actions[r, c],
+            policy_logits[part],
+            ref_logits[part],
+            actions[part],
             embeddings,
             top_k=reg.top_k,
             metric=reg.metric,
@@ -169,15 +191,15 @@ def ot_values(
             dust_cost=reg.dust_cost,
         )
         solution = reg.solve(problem)
-        totals.index_add_(0, r, solution.value.double())
+        values[part] = solution.value
         unconverged += (~solution.converged).sum()
     if count := int(unconverged):
         # the full transport runs no Newton steps (they finish the difference and smooth forms only)
         newton = "" if reg.transport == "full" else f", and newton_steps={reg.newton_steps} Newton steps did not finish"
         warnings.warn(
             f"OT distance: Sinkhorn stopped at max_iter={reg.max_iter} above tol={reg.tol:g}{newton}, at {count} of "
-            f"{rows.numel()} positions (lambda={reg.lam:g}); their values are approximate",
+            f"{actions.shape[0]} positions (lambda={reg.lam:g}); their values are approximate",
             ConvergenceWarning,
             stacklevel=2,
         )
-    return totals.float()
+    return values

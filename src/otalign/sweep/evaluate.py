@@ -159,17 +159,13 @@ def eval_setup(config: SweepConfig) -> EvalSetup:
 
 
 def coherence_measure(embeddings: torch.Tensor, k: int):
-    """``fn(rollout, policy_logits, ref_logits) -> (B,)``: the top-``k`` candidate spread summed over each
-    response's positions (mean pairwise embedding distance of the ``k`` most likely next tokens)."""
+    """``fn(policy_logp, ref_logp) -> (n,)``: the top-``k`` candidate spread of the policy at each position (mean
+    pairwise embedding distance of its ``k`` most likely next tokens), an ``extras`` measure of
+    :func:`~otalign.eval.policy.evaluate_policy`."""
     from otalign.eval.analysis import candidate_spread
 
-    def measure(rollout, logits, _ref_logits) -> torch.Tensor:
-        rows, cols = rollout.response_mask.nonzero(as_tuple=True)
-        totals = torch.zeros(logits.shape[0], dtype=torch.float64)
-        if rows.numel():
-            spread = candidate_spread(logits[rows, cols].cpu(), embeddings, min(k, embeddings.shape[0]))
-            totals.index_add_(0, rows.cpu(), spread)
-        return totals
+    def measure(policy_logp: torch.Tensor, _ref_logp: torch.Tensor) -> torch.Tensor:
+        return candidate_spread(policy_logp.cpu(), embeddings, min(k, embeddings.shape[0]))
 
     return measure
 

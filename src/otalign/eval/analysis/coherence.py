@@ -19,7 +19,7 @@ from otalign.config import ConfigError, redefault
 from otalign.regularizers.wasserstein import METRICS
 
 from ..config import SamplingFields
-from .sampling import load_model, prompt_subsample, sampled_logits, save_figure
+from .sampling import load_model, prompt_subsample, sampled_positions, save_figure
 
 
 @dataclass
@@ -69,8 +69,9 @@ def run_coherence(config: CoherenceConfig) -> dict:
         model, tokenizer = load_model(path, config.model_dtype)
         check_vocab_size(embeddings, model.config.vocab_size, what=f"the logits of {path}")
         spreads = [
-            candidate_spread(logits[rollout.response_mask], embeddings, k, config.metric)
-            for rollout, logits, _ in sampled_logits(model, tokenizer, config, prompts)
+            candidate_spread(positions.log_probs[0], embeddings, k, config.metric)
+            for _, batch in sampled_positions(model, tokenizer, config, prompts)
+            for positions in batch
         ]
         values = torch.cat(spreads).numpy()
         std = float(values.std(ddof=1)) if values.size > 1 else 0.0

@@ -9,7 +9,7 @@ import torch
 from otalign.regularizers.wasserstein import METRICS
 
 from ..config import SamplingFields
-from .sampling import load_model, prompt_subsample, sampled_logits
+from .sampling import load_model, prompt_subsample, sampled_positions
 
 
 @dataclass
@@ -56,10 +56,14 @@ def response_penalties(config: PenaltyFields, prompts: list | None = None) -> Re
         max_iter=config.max_iter,
     )
     out = ResponsePenalties(list(prompts), [], [], [])
-    for rollout, logits, ref in sampled_logits(policy, tokenizer, config, prompts, reference):
+    for rollout, batch in sampled_positions(policy, tokenizer, config, prompts, reference):
         mask = rollout.response_mask
-        kl = kl_reg.penalty(logits, ref, rollout.responses, mask).per_token
-        w = w_reg.penalty(logits, ref, rollout.responses, mask).per_token
+        kl, w = torch.zeros(mask.shape, device=mask.device), torch.zeros(mask.shape, device=mask.device)
+        for positions in batch:
+            logp, ref_logp = (x[None] for x in positions.log_probs)
+            at = (positions.rows, positions.cols)
+            kl[at] = kl_reg.penalty(logp, ref_logp, positions.tokens[None]).per_token[0]
+            w[at] = w_reg.penalty(logp, ref_logp, positions.tokens[None]).per_token[0]
         out.responses += rollout.response_texts
         out.kl += [row[m] for row, m in zip(kl, mask, strict=True)]
         out.wasserstein += [row[m] for row, m in zip(w, mask, strict=True)]

@@ -1,4 +1,4 @@
-"""Sampling the analyses share: a seeded prompt subsample, and responses of a model with its logits."""
+"""Sampling the analyses share: a seeded prompt subsample, and responses of a model with its log-probabilities."""
 
 from __future__ import annotations
 
@@ -28,22 +28,25 @@ def load_model(name_or_path: str, dtype: str):
 
 
 @torch.no_grad()
-def sampled_logits(
-    model, tokenizer, config: SamplingFields, prompts: list, ref_model=None
-) -> Iterator[tuple[object, torch.Tensor, torch.Tensor | None]]:
-    """Per batch: the :class:`~otalign.generation.Rollout` sampled from ``model``, its (B, T, V) tempered
-    logits at the response positions, and ``ref_model``'s on the same tokens (None without a reference)."""
-    from otalign.generation import response_logits, sample_batches, sample_seeds
+def sampled_positions(model, tokenizer, config: SamplingFields, prompts: list, ref_model=None) -> Iterator[tuple]:
+    """Per generation batch: the :class:`~otalign.generation.Rollout` sampled from ``model`` and an iterator of
+    its generated positions (:class:`otalign.scoring.Positions`) holding the tempered log-probabilities of
+    ``model`` and, when given, ``ref_model`` on the same tokens, ``config.scoring_batch_size`` responses per
+    forward (never (B, T, V) for a whole batch)."""
+    from otalign.generation import sample_batches, sample_seeds
+    from otalign.scoring import generated_positions
 
     from ..generations import encode_for_sampling
 
     params = config.params()
     texts, ids = encode_for_sampling(tokenizer, prompts, config.max_prompt_length)
     seeds = sample_seeds(config.seed, list(range(len(ids))))
+    models = (model,) if ref_model is None else (model, ref_model)
     for rollout in sample_batches(model, tokenizer, texts, ids, seeds, params, config.batch_size):
-        logits = response_logits(model, rollout) / params.temperature
-        ref = response_logits(ref_model, rollout) / params.temperature if ref_model is not None else None
-        yield rollout, logits, ref
+        yield (
+            rollout,
+            generated_positions(models, rollout, temperature=params.temperature, chunk_size=config.scoring_batch_size),
+        )
 
 
 def save_figure(fig, path) -> None:
