@@ -332,3 +332,71 @@ def test_command_line_runs_grpo_and_rloo_on_a_saved_tiny_model(tmp_path):
         assert main(args) == 0
         (row,) = read_metrics(out)
         assert {"reward/arithmetic", "reward/sentiment", "beta"} <= set(row)
+
+
+def test_a_grpo_loss_gradient_is_the_smoothed_distances_finite_difference(tmp_path):
+    """GRPO with the penalty in the loss and the default transport (``smooth``): with zero advantages (a constant
+    reward) the step's loss is beta x the surrogate, and its gradient with respect to the policy's weights, along a
+    random direction, equals the central finite difference of beta sum_t w_t h_tau(W_t) / Z computed in float64
+    from the models themselves (W_t the entropic distance at each generated position, w and Z the loss_type's
+    weights and normalizer): the scoring pass, the potentials, the weights and the normaliser all agree."""
+    import copy
+
+    from otalign.generation import response_logits
+    from otalign.regularizers import WassersteinRegularizer
+
+    trainer = make(
+        tmp_path,
+        policy_seed=1,
+        reward=lambda prompts, responses: [1.0] * len(responses),
+        regularizer="wasserstein",
+        penalty_in="loss",
+        beta=0.5,
+        max_steps=1,
+        wpr_tol=1e-6,
+        wpr_max_iter=20_000,
+    )
+    reg = trainer.regularizer
+    assert reg.transport == "smooth"  # the default GRPO runs with penalty_in: loss
+    exact = WassersteinRegularizer(
+        reg.embeddings.double(), lam=reg.lam, top_k=reg.top_k, smooth_tau=reg.tau, tol=1e-12, max_iter=200_000
+    )
+    temperature, checked = trainer.config.temperature, []
+    original_loss = trainer.loss
+
+    def loss(batch, rows, normalizer):
+        out = original_loss(batch, rows, normalizer)
+        if checked:
+            return out
+        assert float(batch.advantages.abs().max()) == 0.0
+        params = [p for p in trainer.policy.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out[0], params, retain_graph=True)
+        direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+        norm = sum(float((d * d).sum()) for d in direction) ** 0.5
+        direction = [d / norm for d in direction]  # a unit step in weight space
+        analytic = sum(float((g.double() * d).sum()) for g, d in zip(grads, direction, strict=True))
+        rollout, mask, weights = batch.scored.rollout, batch.scored.mask[rows], batch.weights[rows].double()
+        with torch.no_grad():
+            ref_logits = response_logits(trainer.ref_model.double(), rollout, rows).double() / temperature
+            trainer.ref_model.float()
+
+            def distance(h: float) -> float:
+                moved = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.policy)).double()
+                for p, d in zip([p for p in moved.parameters() if p.requires_grad], direction, strict=True):
+                    p.add_(h * d.double())
+                logits = response_logits(moved, rollout, rows) / temperature
+                value = exact.support_gradient(logits, ref_logits, rollout.responses[rows], mask).value
+                per_position = torch.zeros(mask.shape, dtype=torch.float64)
+                per_position[mask] = value
+                return float(0.5 * (per_position * weights).sum() / normalizer)
+
+            h = 1e-3  # a unit direction: 1e-2 is past the quadratic zone, 1e-5 is rounding (measured)
+            numeric = (distance(h) - distance(-h)) / (2 * h)
+        checked.append((analytic, numeric))
+        return out
+
+    trainer.loss = loss
+    trainer.train()
+    (analytic, numeric), *_ = checked
+    assert abs(numeric) > 1e-4  # the policy (seed 1) is away from the reference (seed 0): a real gradient
+    assert analytic == pytest.approx(numeric, rel=2e-3)
