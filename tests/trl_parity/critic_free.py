@@ -19,8 +19,10 @@ from parity import (
     tiny_models,
 )
 
-PROMPTS = ["the cat is", "a dog was", "we love the", "it is a"]
-"""Prompts of one length in tokens (no left padding: see the README's differences table)."""
+PROMPTS = ("the cat is", "a dog was", "we love the", "it is a")
+"""Prompts of one length in tokens."""
+UNEVEN_PROMPTS = ("the cat", "a dog was here", "we", "it is a good day")
+"""Prompts of different lengths: left-padded in a batch (TRL's position ids and otalign's agree)."""
 
 
 def score(text: str) -> float:
@@ -62,6 +64,7 @@ class Settings:
     scale_rewards: bool = True  # TRL's "group" / "none"
     normalize_advantages: bool = False
     seed: int = 0
+    prompts: tuple[str, ...] = PROMPTS
 
 
 @dataclasses.dataclass
@@ -114,7 +117,7 @@ def run_otalign(folder, s: Settings):
         ref_model=model_from(tokenizer, ref),
         tokenizer=tokenizer,
         reward=otalign_reward,
-        prompts=PROMPTS,
+        prompts=list(s.prompts),
     )
     recorder, advantages, rollouts, groups, micro_batches = Recorder(), [], [], [], []
     record_otalign(trainer, recorder)
@@ -126,7 +129,7 @@ def run_otalign(folder, s: Settings):
         mask = scored.mask
         completions = [row[keep].tolist() for row, keep in zip(scored.rollout.responses, mask, strict=True)]
         rollouts.append(([trainer.prompt_ids[r] for r in scored.rows], completions))
-        groups.extend(PROMPTS[r] for r in scored.rows[:: s.num_generations])
+        groups.extend(s.prompts[r] for r in scored.rows[:: s.num_generations])
         return batch
 
     def recording_loss(batch, rows, normalizer):

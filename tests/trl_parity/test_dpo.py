@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
+from cases import DPO_CASES  # noqa: E402
 from parity import (  # noqa: E402
     LOSS_ATOL,
-    Case,
     Recorder,
     assert_close,
     assert_same_steps,
@@ -28,45 +28,14 @@ ROWS = [
     {"prompt": "a dog is", "chosen": " here", "rejected": " was not there at all"},
     {"prompt": "the big", "chosen": " red book", "rejected": " sun"},
     {"prompt": "we are", "chosen": " happy friends", "rejected": " sad"},
+    {"prompt": "i think", "chosen": " it is fine", "rejected": " you hate it"},
+    {"prompt": "the rain", "chosen": " was nice", "rejected": " is awful and bad"},
+    {"prompt": "my friend", "chosen": " is great", "rejected": " was poor"},
+    {"prompt": "this day", "chosen": " is wonderful", "rejected": " is terrible"},
 ]
 STEPS = 2
-SHARED = (
-    "DPOConfig.beta",
-    "DPO tokenization",
-    "TrainingArguments.per_device_train_batch_size",
-    "TrainingArguments.learning_rate",
-    "TrainingArguments.lr_scheduler_type=linear",
-    "TrainingArguments.max_grad_norm",
-    "learning rate per optimizer step",
-)
-
-
-def dpo_cases() -> list[Case]:
-    cases = []
-    for loss_type, smoothing in (
-        ("sigmoid", 0.0),
-        ("ipo", 0.0),
-        ("hinge", 0.0),
-        ("robust", 0.1),
-        ("aot", 0.0),
-        ("aot", 0.1),
-        ("aot_unpaired", 0.1),
-    ):
-        for accumulation in (1, 2):
-            proves = (*SHARED, f"DPOConfig.loss_type={loss_type}", "TrainingArguments.gradient_accumulation_steps")
-            if smoothing:
-                proves = (*proves, f"DPOConfig.label_smoothing ({loss_type})")
-            cases.append(
-                Case(
-                    f"{loss_type}-s{smoothing}-ga{accumulation}",
-                    dict(loss_type=loss_type, label_smoothing=smoothing, gradient_accumulation_steps=accumulation),
-                    proves,
-                )
-            )
-    return cases
-
-
-CASES = dpo_cases()
+BATCH = 4
+"""Pairs per optimizer step: the two steps see different pairs."""
 
 
 def run_otalign(folder, settings: dict):
@@ -79,7 +48,7 @@ def run_otalign(folder, settings: dict):
     config = PreferenceConfig(
         output_dir=str(folder / "otalign"),
         max_steps=STEPS,
-        per_device_train_batch_size=len(ROWS) // accumulation,
+        per_device_train_batch_size=BATCH // accumulation,
         learning_rate=3e-3,
         adam_epsilon=1e-3,  # see critic_free.Settings
         beta=0.1,
@@ -121,7 +90,7 @@ def run_trl(folder, settings: dict, micro_batches):
     config = DPOConfig(
         output_dir=str(folder / "trl"),
         max_steps=STEPS,
-        per_device_train_batch_size=len(ROWS) // accumulation,
+        per_device_train_batch_size=BATCH // accumulation,
         learning_rate=3e-3,
         adam_epsilon=1e-3,
         beta=0.1,
@@ -147,7 +116,7 @@ def run_trl(folder, settings: dict, micro_batches):
     return recorder, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
-@pytest.mark.parametrize("case", params(CASES))
+@pytest.mark.parametrize("case", params(DPO_CASES))
 def test_dpo_equals_trl(tmp_path, case):
     ours, weights, micro_batches = run_otalign(tmp_path / "ours", case.settings)
     theirs, trl_weights = run_trl(tmp_path / "theirs", case.settings, micro_batches)

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
+from cases import SFT_CASES  # noqa: E402
 from parity import (  # noqa: E402
-    Case,
     Recorder,
     assert_close,
     assert_same_steps,
@@ -30,31 +30,6 @@ SPACED = [{**row, "completion": " " + row["completion"]} for row in RAW]
 """The rows with a space before each completion: TRL tokenizes prompt + completion as one text, otalign each
 apart, which gives the same tokens when a word boundary separates them."""
 STEPS = 2
-BATCH = 4
-CASES = [
-    Case(
-        f"ga{accumulation}",
-        dict(gradient_accumulation_steps=accumulation, per_device_train_batch_size=BATCH // accumulation),
-        (
-            "SFTConfig.completion_only_loss=True",
-            "SFT tokenization",
-            "SFT loss",
-            "TrainingArguments.gradient_accumulation_steps",
-            "TrainingArguments.learning_rate",
-            "TrainingArguments.lr_scheduler_type=linear",
-            "learning rate per optimizer step",
-        ),
-    )
-    for accumulation in (1, 2)
-] + [
-    Case(
-        "joined-prompt-completion-text",
-        dict(gradient_accumulation_steps=1, per_device_train_batch_size=BATCH, rows="raw"),
-        ("SFT tokenization of prompt + completion text",),
-        differs="TRL tokenizes prompt + completion as one string ('... .the cat' gives an unknown token on the tiny "
-        "word-level tokenizer), otalign each part apart: step loss 6.3% apart",
-    )
-]
 
 
 def run_otalign(folder, settings: dict, rows: list[dict]):
@@ -130,7 +105,7 @@ def run_trl(folder, settings: dict, rows: list[dict], micro_batches):
     return recorder, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
-@pytest.mark.parametrize("case", params(CASES))
+@pytest.mark.parametrize("case", params(SFT_CASES))
 def test_sft_equals_trl(tmp_path, case):
     settings = dict(case.settings)
     rows = RAW if settings.pop("rows", "spaced") == "raw" else SPACED

@@ -50,4 +50,3 @@ def update_readme(path: str | Path = "README.md") -> None:
             rf"(<!-- registry:{name} -->\n).*?(<!-- /registry -->)", rf"\g<1>{table}\n\g<2>", text, flags=re.S
         )
     path.write_text(text, encoding="utf-8")
-
