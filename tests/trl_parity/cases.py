@@ -1,5 +1,5 @@
 """What the parity suite runs and what each case proves equal to TRL 1.16 (:class:`parity.Case`): the one list
-``test_differences.py`` holds the README's differences table to. Importing it needs no TRL.
+``test_trl_differences.py`` holds the README's differences table to. Importing it needs no TRL.
 
 A key is a TRL field (``Config.field``, ``Config.field=value`` where only that value is covered) or a named
 behaviour; the rows of :mod:`otalign.readme.trl_differences` use the same vocabulary.

@@ -5,7 +5,7 @@ micro-batch, per micro-batch its loss, and per optimizer step the clipped gradie
 trainer then runs ``Trainer.train()`` from the same weights with those completions injected in place of its sampler
 (:func:`inject_completions`) and the rows in the same micro-batches (:func:`follow_row_order`), recording the same
 quantities (:class:`Recorder`). What a case proves equal it declares as the TRL fields and behaviours it covers
-(:class:`Case.proves`), which ``test_differences.py`` checks against the README's differences table.
+(:class:`Case.proves`), which ``test_trl_differences.py`` checks against the README's differences table.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ TRL user should know, and :func:`markdown`, the table ``python -m otalign.readme
 
 Adding a row is one entry in :data:`ROWS`. A row either states a deliberate difference (``why``: the reason, never
 empty) or that otalign does the same as TRL (``why`` None, shown as a dash), and names in ``keys`` the TRL fields
-and behaviours it speaks of. ``tests/trl_parity/test_differences.py`` holds the table to the parity suite, which
+and behaviours it speaks of. ``tests/trl_parity/test_trl_differences.py`` holds the table to the parity suite, which
 runs TRL 1.16 itself beside otalign: a difference row may not name a key a passing parity case proves equal, every
 known mismatch of the suite (a strict xfail) must be named by a difference row, and a row claiming sameness must be
 backed by a parity case or by the test it names in ``tested_by``.
@@ -166,7 +166,7 @@ ROWS: tuple[Row, ...] = (
         otalign="not offered: `max_length` and `truncation_mode` decide",
         why=None,
         keys=("DPOConfig.max_prompt_length", "DPOConfig.max_completion_length"),
-        tested_by="tests/trl_parity/test_differences.py",
+        tested_by="tests/trl_parity/test_trl_differences.py",
     ),
     Row(
         what="reference with LoRA",

@@ -124,3 +124,12 @@ def test_dpo_equals_trl(tmp_path, case):
     assert_same_steps(ours, theirs)
     for name, value in trl_weights.items():
         assert_close(weights[name], value, f"final weights {name}")
+
+
+def test_the_comparison_sees_label_smoothing(tmp_path):
+    """The harness can fail: otalign's ``robust`` loss with label smoothing 0.1 against TRL's with none is caught."""
+    settings = dict(loss_type="robust", label_smoothing=0.1, gradient_accumulation_steps=1)
+    ours, _, micro_batches = run_otalign(tmp_path / "ours", settings)
+    theirs, _ = run_trl(tmp_path / "theirs", {**settings, "label_smoothing": 0.0}, micro_batches)
+    with pytest.raises(AssertionError, match="losses"):
+        assert_close(ours.losses, theirs.losses, "micro-batch losses", atol=LOSS_ATOL)

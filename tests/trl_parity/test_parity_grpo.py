@@ -5,6 +5,8 @@ for every ``loss_type``, beta 0 and > 0 with and without ``use_bias_correction_k
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 pytest.importorskip("trl")
@@ -21,3 +23,17 @@ def test_grpo_equals_trl(tmp_path, case):
     ours, rollouts, groups, micro_batches = run_otalign(tmp_path / "ours", settings)
     theirs = run_trl(tmp_path / "theirs", settings, rollouts, groups, micro_batches)
     compare(ours, theirs)
+
+
+def test_the_comparison_tells_two_loss_types_apart(tmp_path):
+    """The harness can fail: otalign's ``dapo`` against TRL's ``bnpo`` (equal but for the normaliser of micro-batches
+    with different token counts) is caught."""
+    settings = Settings(loss_type="dapo", gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    ours, rollouts, groups, micro_batches = run_otalign(tmp_path / "ours", settings)
+    lengths = [[len(c) for c in completions] for _, completions in rollouts]
+    assert any(len(set(n)) > 1 for n in lengths)  # completions of different lengths: the normalisers differ
+    theirs = run_trl(
+        tmp_path / "theirs", dataclasses.replace(settings, loss_type="bnpo"), rollouts, groups, micro_batches
+    )
+    with pytest.raises(AssertionError, match="losses|gradient"):
+        compare(ours, theirs)
