@@ -72,6 +72,18 @@ def grpo_cases() -> list[Case]:
             )
     cases.append(
         Case(
+            "warmup-unscaled-it2",
+            dict(loss_type="grpo", num_iterations=2, warmup_steps=2, rollouts=3, scale_rewards=False),
+            (
+                *(key for key in GRPO_SHARED if key != "GRPOConfig.scale_rewards=group"),
+                "GRPOConfig.scale_rewards=none",
+                "TrainingArguments.warmup_steps",
+                "learning rate per optimizer step",
+            ),
+        )
+    )
+    cases.append(
+        Case(
             "uneven-prompts-beta-ga2",
             dict(
                 prompts=UNEVEN_PROMPTS,
