@@ -101,6 +101,58 @@ def grpo_cases() -> list[Case]:
 GRPO_CASES = grpo_cases()
 
 
+RL_METRICS = (
+    "reward",
+    "reward_std",
+    "rewards/length/mean",
+    "rewards/length/std",
+    "frac_reward_zero_std",
+    "kl",
+    "entropy",
+    "num_tokens",
+    "completions/mean_length",
+    "completions/min_length",
+    "completions/max_length",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "learning_rate",
+    "grad_norm",
+    "epoch",
+)
+"""TRL's GRPO/RLOO metric keys compared row by row (one optimizer step and micro-batch per rollout, so that TRL's
+``kl`` and ``entropy``, taken at the current policy in the loss, are at the rollout policy as otalign's)."""
+TERMINATION_METRICS = (
+    "completions/clipped_ratio",
+    "completions/mean_terminated_length",
+    "completions/min_terminated_length",
+    "completions/max_terminated_length",
+)
+PAD_ENDED = (
+    "TRL counts a completion whose last token is the pad token as terminated, otalign only one that reached EOS; "
+    "the tiny policy samples the pad token at the last position in 1 of 4 completions: clipped_ratio 0.75 (TRL) "
+    "against 1.0, terminated lengths 5 against 0"
+)
+METRIC_CASES = [
+    Case(
+        f"{algorithm}-metrics",
+        dict(algorithm=algorithm, beta=beta, metrics=RL_METRICS, **extra),
+        (f"{algorithm.upper()} metric keys",),
+    )
+    for algorithm, beta, extra in (
+        ("grpo", 0.2, {}),
+        ("rloo", 0.1, dict(loss_type="sequence", scale_rewards=False)),
+    )
+] + [
+    Case(
+        "grpo-termination-metrics",
+        dict(algorithm="grpo", beta=0.2, metrics=TERMINATION_METRICS),
+        ("completions/clipped_ratio with a sampled pad token",),
+        differs=PAD_ENDED,
+    )
+]
+
+
 RLOO_SHARED = (
     "RLOOConfig.num_generations",
     "RLOOConfig.temperature",
@@ -212,5 +264,5 @@ SFT_CASES = [
     )
 ]
 
-CASES = GRPO_CASES + RLOO_CASES + DPO_CASES + SFT_CASES
+CASES = GRPO_CASES + RLOO_CASES + METRIC_CASES + DPO_CASES + SFT_CASES
 """Every parity case."""

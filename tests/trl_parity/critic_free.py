@@ -38,6 +38,9 @@ def trl_reward(prompts, completions, **kwargs):
     return [score(c) for c in completions]
 
 
+otalign_reward.__name__ = trl_reward.__name__ = "length"  # one name in both sides' metrics: rewards/length/mean
+
+
 @dataclasses.dataclass
 class Settings:
     """Fields both sides take (otalign's name; TRL's where it differs in the comment).
@@ -75,6 +78,8 @@ class Run:
     advantages: list[torch.Tensor]
     recorder: Recorder
     weights: dict[str, torch.Tensor]
+    metrics: list[dict[str, float]]
+    """The logged rows: otalign's per rollout, TRL's per optimizer step (``logging_steps`` 1)."""
 
 
 def run_otalign(folder, s: Settings):
@@ -139,9 +144,9 @@ def run_otalign(folder, s: Settings):
         return out
 
     trainer.advantages, trainer.loss = recording_advantages, recording_loss
-    trainer.train()
+    history = trainer.train()
     weights = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.policy).named_parameters()}
-    return Run(advantages, recorder, weights), rollouts, groups, micro_batches
+    return Run(advantages, recorder, weights, history), rollouts, groups, micro_batches
 
 
 def run_trl(folder, s: Settings, rollouts, groups, micro_batches) -> Run:
@@ -206,7 +211,8 @@ def run_trl(folder, s: Settings, rollouts, groups, micro_batches) -> Run:
 
     trainer._generate_and_score_completions = recording
     trainer.train()
-    return Run(advantages, recorder, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return Run(advantages, recorder, weights, [row for row in trainer.state.log_history if "loss" in row])
 
 
 def compare(ours: Run, theirs: Run, *, loss_scale: float = 1.0) -> None:

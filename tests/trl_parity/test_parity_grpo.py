@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from cases import GRPO_CASES  # noqa: E402
+from cases import GRPO_CASES, METRIC_CASES  # noqa: E402
 from critic_free import Settings, compare, run_otalign, run_trl  # noqa: E402
-from parity import params  # noqa: E402
+from parity import assert_close, params  # noqa: E402
 
 
 @pytest.mark.parametrize("case", params(GRPO_CASES))
@@ -23,6 +23,20 @@ def test_grpo_equals_trl(tmp_path, case):
     ours, rollouts, groups, micro_batches = run_otalign(tmp_path / "ours", settings)
     theirs = run_trl(tmp_path / "theirs", settings, rollouts, groups, micro_batches)
     compare(ours, theirs)
+
+
+@pytest.mark.parametrize("case", params(METRIC_CASES))
+def test_rl_metrics_equal_trl(tmp_path, case):
+    """TRL's GRPO/RLOO metric keys, logged by both sides, equal row by row (a rollout is one optimizer step here)."""
+    settings = dict(case.settings)
+    keys = settings.pop("metrics")
+    settings = Settings(**settings)
+    ours, rollouts, groups, micro_batches = run_otalign(tmp_path / "ours", settings)
+    theirs = run_trl(tmp_path / "theirs", settings, rollouts, groups, micro_batches)
+    assert len(ours.metrics) == len(theirs.metrics) == settings.rollouts
+    for row, (mine, trl) in enumerate(zip(ours.metrics, theirs.metrics, strict=True)):
+        for key in keys:
+            assert_close(mine[key], trl[key], f"rollout {row}: {key}")
 
 
 def test_the_comparison_tells_two_loss_types_apart(tmp_path):

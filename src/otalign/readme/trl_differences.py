@@ -247,8 +247,8 @@ ROWS: tuple[Row, ...] = (
         what="`loss_type` (GRPO, RLOO's `token` objective)",
         trl="`grpo`, `bnpo`, `dr_grpo`, `dapo` (default)",
         otalign=(
-            "the same four, normalised as TRL (tested against TRL's aggregation with accumulation and several "
-            "optimizer steps per rollout); default `grpo`, see defaults below; earlier otalign versions' `bnpo` "
+            "the same four, normalised as TRL (tested beside TRL's `GRPOTrainer` with accumulation and two passes "
+            "per rollout); default `grpo`, see defaults below; earlier otalign versions' `bnpo` "
             "is TRL's `dapo`"
         ),
         why=None,
@@ -277,7 +277,7 @@ ROWS: tuple[Row, ...] = (
             "`normalize_advantages` over the generation batch; no `loss_type`"
         ),
         otalign=(
-            "the same by default (`loss_type: sequence`, tested against TRL's formula; `normalize_advantages` the"
+            "the same by default (`loss_type: sequence`, tested beside TRL's `RLOOTrainer`; `normalize_advantages` the"
             " same, over all processes); RLOO also takes a GRPO `loss_type` (per-token ratios) and "
             "`scale_rewards` (group std, default off)"
         ),
@@ -299,6 +299,14 @@ ROWS: tuple[Row, ...] = (
         ),
         why="the rollout is otalign's logging unit",
         keys=("RL metrics per rollout", "clip_ratio/low_min, clip_ratio/high_max"),
+    ),
+    Row(
+        what="`completions/clipped_ratio`, `completions/*_terminated_length` (GRPO, RLOO)",
+        trl="a completion whose last token is EOS or the pad token counts as terminated",
+        otalign="EOS only: a response that sampled the pad token and went on to `response_length` is clipped "
+        "(otherwise the same keys and values, tested beside TRL)",
+        why="sampling stops at EOS only, so a sampled pad token ends nothing; the metric follows the sampler",
+        keys=("completions/clipped_ratio with a sampled pad token",),
     ),
     Row(
         what="GRPO/RLOO defaults",
