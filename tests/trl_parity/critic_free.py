@@ -17,6 +17,7 @@ from parity import (
     record_otalign,
     record_trl,
     tiny_models,
+    trl_metrics,
 )
 
 PROMPTS = ("the cat is", "a dog was", "we love the", "it is a")
@@ -72,14 +73,11 @@ class Settings:
 
 @dataclasses.dataclass
 class Run:
-    """What one side recorded: per rollout the advantages, per micro-batch the loss, per optimizer step the
-    gradients and learning rate, and the weights at the end."""
+    """What one side recorded: per rollout the advantages, the :class:`Recorder`, and the weights at the end."""
 
     advantages: list[torch.Tensor]
     recorder: Recorder
     weights: dict[str, torch.Tensor]
-    metrics: list[dict[str, float]]
-    """The logged rows: otalign's per rollout, TRL's per optimizer step (``logging_steps`` 1)."""
 
 
 def run_otalign(folder, s: Settings):
@@ -144,9 +142,9 @@ def run_otalign(folder, s: Settings):
         return out
 
     trainer.advantages, trainer.loss = recording_advantages, recording_loss
-    history = trainer.train()
+    recorder.metrics = trainer.train()
     weights = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.policy).named_parameters()}
-    return Run(advantages, recorder, weights, history), rollouts, groups, micro_batches
+    return Run(advantages, recorder, weights), rollouts, groups, micro_batches
 
 
 def run_trl(folder, s: Settings, rollouts, groups, micro_batches) -> Run:
@@ -211,8 +209,8 @@ def run_trl(folder, s: Settings, rollouts, groups, micro_batches) -> Run:
 
     trainer._generate_and_score_completions = recording
     trainer.train()
-    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return Run(advantages, recorder, weights, [row for row in trainer.state.log_history if "loss" in row])
+    recorder.metrics = trl_metrics(trainer)
+    return Run(advantages, recorder, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
 
 
 def compare(ours: Run, theirs: Run, *, loss_scale: float = 1.0) -> None:

@@ -79,12 +79,14 @@ def model_from(tokenizer, state: dict):
 
 
 class Recorder:
-    """Per optimizer step the clipped gradients (by parameter name) and learning rate; per micro-batch the loss."""
+    """Per optimizer step the clipped gradients (by parameter name) and learning rate; per micro-batch the loss; the
+    logged metric rows (otalign's per step, TRL's per optimizer step: ``logging_steps`` 1)."""
 
     def __init__(self) -> None:
         self.grads: list[dict[str, torch.Tensor]] = []
         self.learning_rates: list[float] = []
         self.losses: list[float] = []
+        self.metrics: list[dict[str, float]] = []
 
     def optimizer_step(self, model, optimizer) -> None:
         self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -175,6 +177,21 @@ def assert_close(got, want, what: str, *, atol: float = ATOL) -> None:
     got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
     floor = max(atol, RTOL * float(want.abs().max())) if want.numel() else atol
     torch.testing.assert_close(got, want, rtol=RTOL, atol=floor, msg=lambda m: f"{what}: {m}")
+
+
+def trl_metrics(trainer) -> list[dict[str, float]]:
+    """The rows a TRL trainer logged for its optimizer steps (not the end-of-training summary)."""
+    return [row for row in trainer.state.log_history if "loss" in row and "train_runtime" not in row]
+
+
+def assert_same_metrics(ours: Recorder, theirs: Recorder, keys: tuple[str, ...]) -> None:
+    """The metrics ``keys`` equal in every logged row (none: nothing to check)."""
+    if not keys:
+        return
+    assert len(ours.metrics) == len(theirs.metrics) > 0
+    for row, (mine, trl) in enumerate(zip(ours.metrics, theirs.metrics, strict=True)):
+        for key in keys:
+            assert_close(mine[key], trl[key], f"logged row {row}: {key}")
 
 
 def assert_same_steps(ours: Recorder, theirs: Recorder) -> None:

@@ -15,12 +15,14 @@ from parity import (  # noqa: E402
     LOSS_ATOL,
     Recorder,
     assert_close,
+    assert_same_metrics,
     assert_same_steps,
     model_from,
     params,
     record_otalign,
     record_trl,
     tiny_models,
+    trl_metrics,
 )
 
 ROWS = [
@@ -34,6 +36,19 @@ ROWS = [
     {"prompt": "this day", "chosen": " is wonderful", "rejected": " is terrible"},
 ]
 STEPS = 2
+DPO_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "learning_rate",
+    "grad_norm",
+)
+"""TRL's DPO metric keys compared in each logged row (one micro-batch per step)."""
 BATCH = 4
 """Pairs per optimizer step: the two steps see different pairs."""
 
@@ -74,7 +89,7 @@ def run_otalign(folder, settings: dict):
         return out
 
     trainer.micro_step = recording
-    trainer.train()
+    recorder.metrics = trainer.train()
     weights = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.policy).named_parameters()}
     return recorder, weights, micro_batches
 
@@ -113,6 +128,7 @@ def run_trl(folder, settings: dict, micro_batches):
     recorder = Recorder()
     record_trl(trainer, recorder)
     trainer.train()
+    recorder.metrics = trl_metrics(trainer)
     return recorder, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
@@ -122,6 +138,8 @@ def test_dpo_equals_trl(tmp_path, case):
     theirs, trl_weights = run_trl(tmp_path / "theirs", case.settings, micro_batches)
     assert_close(ours.losses, theirs.losses, "micro-batch losses", atol=LOSS_ATOL)
     assert_same_steps(ours, theirs)
+    if case.settings["gradient_accumulation_steps"] == 1:  # with several micro-batches TRL averages their metrics
+        assert_same_metrics(ours, theirs, DPO_METRICS)
     for name, value in trl_weights.items():
         assert_close(weights[name], value, f"final weights {name}")
 

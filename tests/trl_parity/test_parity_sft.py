@@ -16,12 +16,14 @@ from cases import SFT_CASES  # noqa: E402
 from parity import (  # noqa: E402
     Recorder,
     assert_close,
+    assert_same_metrics,
     assert_same_steps,
     model_from,
     params,
     record_otalign,
     record_trl,
     tiny_models,
+    trl_metrics,
 )
 
 SFT_PAIRS = Path(__file__).parents[1] / "fixtures" / "sft_pairs.jsonl"
@@ -64,7 +66,8 @@ def run_otalign(folder, settings: dict, rows: list[dict]):
         return parts
 
     trainer.micro_batches = recording
-    recorder.losses = [row["loss"] for row in trainer.train()]
+    recorder.metrics = trainer.train()
+    recorder.losses = [row["loss"] for row in recorder.metrics]
     model = trainer.accelerator.unwrap_model(trainer.policy)
     return recorder, {n: p.detach().clone() for n, p in model.named_parameters()}, micro_batches
 
@@ -99,6 +102,7 @@ def run_trl(folder, settings: dict, rows: list[dict], micro_batches):
     recorder = Recorder()
     record_trl(trainer, recorder)
     trainer.train()
+    recorder.metrics = trl_metrics(trainer)
     accumulation = settings["gradient_accumulation_steps"]
     micro = recorder.losses  # each micro-batch's summed loss over the step's token count
     recorder.losses = [sum(micro[k : k + accumulation]) for k in range(0, len(micro), accumulation)]
@@ -109,9 +113,11 @@ def run_trl(folder, settings: dict, rows: list[dict], micro_batches):
 def test_sft_equals_trl(tmp_path, case):
     settings = dict(case.settings)
     rows = RAW if settings.pop("rows", "spaced") == "raw" else SPACED
+    metrics = settings.pop("metrics", ())
     ours, weights, micro_batches = run_otalign(tmp_path / "ours", settings, rows)
     theirs, trl_weights = run_trl(tmp_path / "theirs", settings, rows, micro_batches)
     assert_close(ours.losses, theirs.losses, "step losses")
+    assert_same_metrics(ours, theirs, metrics)  # with one micro-batch per step (TRL averages micro-batches)
     assert_same_steps(ours, theirs)
     for name, value in trl_weights.items():
         assert_close(weights[name], value, f"final weights {name}")
