@@ -151,3 +151,28 @@ def test_the_comparison_sees_label_smoothing(tmp_path):
     theirs, _ = run_trl(tmp_path / "theirs", {**settings, "label_smoothing": 0.0}, micro_batches)
     with pytest.raises(AssertionError, match="losses"):
         assert_close(ours.losses, theirs.losses, "micro-batch losses", atol=LOSS_ATOL)
+
+
+def test_every_loss_type_both_offer_has_a_case():
+    """The DPO cases cover every loss TRL 1.16's ``DPOTrainer`` and otalign both offer (read from TRL's source)."""
+    import inspect
+    import re
+
+    from trl import DPOTrainer
+
+    from otalign.losses import PREFERENCE_LOSSES
+
+    trl = set(re.findall(r'loss_type == "(\w+)"', inspect.getsource(DPOTrainer._compute_loss)))
+    ours = set(PREFERENCE_LOSSES.names()) - set(PREFERENCE_LOSSES.aliases)
+    assert (
+        {case.settings["loss_type"] for case in DPO_CASES}
+        == trl & ours
+        == {
+            "sigmoid",
+            "ipo",
+            "hinge",
+            "robust",
+            "aot",
+            "aot_unpaired",
+        }
+    )

@@ -49,3 +49,9 @@ def test_the_comparison_tells_two_loss_types_apart(tmp_path):
     )
     with pytest.raises(AssertionError, match="losses|gradient"):
         compare(ours, theirs)
+
+
+def test_every_loss_type_has_cases():
+    from otalign.trainers.critic_free import LOSS_TYPES
+
+    assert {case.settings.get("loss_type") for case in GRPO_CASES} == set(LOSS_TYPES)
