@@ -12,6 +12,7 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl_parity.parity import model_from, tiny_models  # noqa: E402
 
 from otalign.integrations.trl import WPRGRPOTrainer  # noqa: E402
 from otalign.integrations.trl.grpo import REF_HIDDEN  # noqa: E402
@@ -49,19 +50,12 @@ def config(tmp_path, **overrides):
 
 
 def models(folder, peft: bool):
-    """The tokenizer, the policy (saved to ``folder``: TRL builds its reference model from the policy's path) and
-    the distinct reference (None with PEFT)."""
+    """The tokenizer, the policy (saved to ``folder``: TRL builds its reference model from the policy's path; moved
+    away from the reference, so that the regularizer's term is not 0) and the distinct reference (None with PEFT)."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = tiny_tokenizer()
-    policy = tiny_causal_lm(tokenizer, seed=0)
-    with torch.no_grad():  # away from the reference, so that the regularizer's term is not 0
-        generator = torch.Generator().manual_seed(3)
-        for p in policy.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    policy.save_pretrained(folder / "policy")
-    policy = AutoModelForCausalLM.from_pretrained(folder / "policy")
-    return tokenizer, policy, None if peft else tiny_causal_lm(tokenizer, seed=1)
+    tokenizer, _, ref, path = tiny_models(folder)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(path), None if peft else model_from(tokenizer, ref)
 
 
 def build(cls, tmp_path, *, peft=False, regularizer=None, penalty_in="loss", **overrides):

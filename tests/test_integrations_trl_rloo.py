@@ -11,6 +11,7 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from trl import RLOOConfig, RLOOTrainer  # noqa: E402
+from trl_parity.parity import tiny_models  # noqa: E402
 
 from otalign.integrations.trl import WPRRLOOTrainer  # noqa: E402
 from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer  # noqa: E402
@@ -28,14 +29,8 @@ def reward_length(completions, **kwargs):
 def build(cls, folder, regularizer=None, **overrides):
     from transformers import AutoModelForCausalLM
 
-    tokenizer = tiny_tokenizer()
-    policy = tiny_causal_lm(tokenizer, seed=0)
-    with torch.no_grad():  # away from the reference
-        generator = torch.Generator().manual_seed(3)
-        for p in policy.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    policy.save_pretrained(folder / "policy")  # TRL builds its reference model from the policy's path
-    policy = AutoModelForCausalLM.from_pretrained(folder / "policy")
+    tokenizer, _, ref, path = tiny_models(folder)  # TRL builds its reference model from the policy's path
+    policy = AutoModelForCausalLM.from_pretrained(path)
     values = dict(
         output_dir=str(folder),
         per_device_train_batch_size=4,
@@ -61,7 +56,7 @@ def build(cls, folder, regularizer=None, **overrides):
         processing_class=tokenizer,
         **kwargs,
     )
-    trainer.ref_model.load_state_dict(tiny_causal_lm(tokenizer, seed=1).state_dict())
+    trainer.ref_model.load_state_dict(ref)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which these tests stand in for
     return trainer

@@ -1,13 +1,15 @@
-"""The README's registry tables, generated from the registries (``<!-- registry:NAME -->`` blocks).
+"""The README's generated tables (``<!-- registry:NAME -->`` blocks): each registry's table, and the "Differences
+from TRL" table from :mod:`otalign.readme.trl_differences`.
 
 Top layer: it reads every extension point's registry, from the regularizers up to the trainers' losses. Run
-``python -m otalign.readme`` (or :func:`update_readme`) after registering a built-in; ``tests/test_readme.py``
-checks the README is current.
+``python -m otalign.readme`` (or :func:`update_readme`) after registering a built-in or editing a differences row;
+``tests/test_readme.py`` checks the README is current.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from otalign.eval.analysis import ANALYSES
@@ -18,6 +20,8 @@ from otalign.regularizers import REGULARIZERS
 from otalign.rewards import REWARD_FUNCTIONS
 from otalign.sweep import beta  # noqa: F401 (registers the analysis beta-sweep)
 
+from . import trl_differences
+
 TABLES: dict[str, tuple[Registry, tuple[str, ...]]] = {
     "regularizers": (REGULARIZERS, ("beta",)),
     "preference_losses": (PREFERENCE_LOSSES, ("paired",)),
@@ -26,15 +30,19 @@ TABLES: dict[str, tuple[Registry, tuple[str, ...]]] = {
     "analyses": (ANALYSES, ()),
 }
 """README marker name -> (the registry, the default columns its table shows)."""
+DOCUMENTS: dict[str, Callable[[], str]] = {"trl_differences": trl_differences.markdown}
+"""README marker name -> the function writing a table that is no registry's."""
 
 
 def readme_tables() -> dict[str, str]:
-    """The README's table of each registry, keyed by the marker name (``<!-- registry:NAME -->``)."""
-    return {name: registry.table(*columns) for name, (registry, columns) in TABLES.items()}
+    """The README's generated tables, keyed by the marker name (``<!-- registry:NAME -->``): each registry's, then
+    :data:`DOCUMENTS`'."""
+    tables = {name: registry.table(*columns) for name, (registry, columns) in TABLES.items()}
+    return tables | {name: write() for name, write in DOCUMENTS.items()}
 
 
 def update_readme(path: str | Path = "README.md") -> None:
-    """Rewrite every ``<!-- registry:NAME -->`` ... ``<!-- /registry -->`` block of ``path`` from the registries."""
+    """Rewrite every ``<!-- registry:NAME -->`` ... ``<!-- /registry -->`` block of ``path`` (:func:`readme_tables`)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     for name, table in readme_tables().items():
@@ -42,7 +50,3 @@ def update_readme(path: str | Path = "README.md") -> None:
             rf"(<!-- registry:{name} -->\n).*?(<!-- /registry -->)", rf"\g<1>{table}\n\g<2>", text, flags=re.S
         )
     path.write_text(text, encoding="utf-8")
-
-
-if __name__ == "__main__":
-    update_readme()
