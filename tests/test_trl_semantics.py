@@ -67,7 +67,7 @@ def test_dpo_evaluates_every_eval_steps(tmp_path):
 
 def test_sft_token_metrics_are_trls(tmp_path):
     """TRL's SFTTrainer: ``num_tokens`` counts the input tokens (prompts too) seen so far, ``mean_token_accuracy``
-    the argmax hits on the trained tokens, ``entropy`` the mean entropy over the input tokens."""
+    the argmax hits on the trained tokens, ``entropy`` the mean entropy of the predictions of the trained tokens."""
     trainer = sft(tmp_path, per_device_train_batch_size=8, learning_rate=0.0)  # every row each step; weights stay
     model = trainer.accelerator.unwrap_model(trainer.policy)
     history = trainer.train()
@@ -78,13 +78,13 @@ def test_sft_token_metrics_are_trls(tmp_path):
             scored = torch.tensor(labels[1:]) != -100
             hits += float((logits[:-1].argmax(-1) == torch.tensor(ids[1:]))[scored].sum())
             trained += float(scored.sum())
-            entropy += float(torch.distributions.Categorical(logits=logits).entropy().sum())
+            entropy += float(torch.distributions.Categorical(logits=logits[:-1]).entropy()[scored].sum())
             tokens += len(ids)
     assert len(trainer.train_rows) == 8
     assert [row["num_tokens"] for row in history] == [tokens, 2 * tokens]
     for row in history:
         assert row["mean_token_accuracy"] == pytest.approx(hits / trained, rel=1e-6)
-        assert row["entropy"] == pytest.approx(entropy / tokens, rel=1e-5)
+        assert row["entropy"] == pytest.approx(entropy / trained, rel=1e-5)
 
 
 def test_dpo_logits_metrics_are_trls(tmp_path):

@@ -206,13 +206,6 @@ ROWS: tuple[Row, ...] = (
         keys=("metric averaging over micro-batches",),
     ),
     Row(
-        what="SFT `entropy`",
-        trl="mean over the trained tokens (the completion; every token of a `text` row)",
-        otalign="mean over every input token, prompt included (0.26% apart on the parity suite's rows)",
-        why="not aligned yet: the fix is in the SFT trainer (average over the tokens the loss trains)",
-        keys=("SFT entropy metric",),
-    ),
-    Row(
         what="`push_to_hub`, `hub_model_id`, `hub_private_repo`",
         trl="push at every save and at the end (`hub_strategy`), token also from `hub_token`",
         otalign=(

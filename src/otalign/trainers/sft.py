@@ -89,20 +89,20 @@ def collate(rows: list[Row], pad_token_id: int, device=None) -> dict[str, torch.
 def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed float32 cross-entropy (nats) of the labelled tokens of ``batch`` (position t predicts token t + 1),
     and detached 0-dim float32 sums for TRL's SFT metrics (:func:`token_metrics`): ``tokens`` (labelled tokens),
-    ``correct`` (those the logits' argmax predicts), ``entropy`` (nats of the softmax of the logits, summed over
-    every real position) and ``positions`` (real, non-padding tokens)."""
+    ``correct`` (those the logits' argmax predicts), ``entropy`` (nats of the softmax of the logits at the positions
+    predicting a labelled token, summed, as TRL 1.16) and ``positions`` (real, non-padding tokens)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     targets = batch["labels"][:, 1:]
     shifted = logits[:, :-1].float()
     loss = F.cross_entropy(shifted.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
     with torch.no_grad():
         trained, real = targets != IGNORE_INDEX, batch["attention_mask"].bool()
-        full = logits.detach().float()
-        entropy = torch.logsumexp(full, -1) - (full.softmax(-1) * full).sum(-1)
+        predicting = shifted.detach()
+        entropy = torch.logsumexp(predicting, -1) - (predicting.softmax(-1) * predicting).sum(-1)
         sums = {
             "tokens": trained.sum().float(),
-            "correct": ((shifted.detach().argmax(-1) == targets) & trained).sum().float(),
-            "entropy": entropy[real].sum(),
+            "correct": ((predicting.argmax(-1) == targets) & trained).sum().float(),
+            "entropy": entropy[trained].sum(),
             "positions": real.sum().float(),
         }
     return loss, sums
@@ -110,10 +110,10 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 def token_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """TRL's ``mean_token_accuracy`` (share of labelled tokens the argmax predicts) and ``entropy`` (mean nats per
-    real token) from :func:`response_loss` sums, token-weighted over everything summed."""
+    labelled token) from :func:`response_loss` sums, token-weighted over everything summed."""
     return {
         "mean_token_accuracy": float(sums["correct"] / sums["tokens"].clamp(min=1.0)),
-        "entropy": float(sums["entropy"] / sums["positions"].clamp(min=1.0)),
+        "entropy": float(sums["entropy"] / sums["tokens"].clamp(min=1.0)),
     }
 
 
