@@ -16,7 +16,8 @@ import torch
 
 from otalign.generation import Rollout, SamplingParams, kl_and_entropy, response_logits, sample_batches, sample_seeds
 from otalign.guard import ConvergenceWarning
-from otalign.rewards import check_scores
+from otalign.rewards import Reward, check_scores
+from otalign.scoring import MAX_STATS
 
 
 @dataclass
@@ -30,6 +31,8 @@ class EvalResult:
         kl: summed exact full-vocabulary KL(pi || pi_ref) over each response's tokens (nats).
         ot: summed entropic OT value to the reference over each response's tokens (cost units), or None.
         extra: per-response values of the ``extras`` measurements of :func:`evaluate_policy`, by name.
+        stats: the ``regularizer`` statistics of :func:`evaluate_policy` over all generated positions (means
+            weighted by positions; :data:`otalign.scoring.MAX_STATS` maxima), by name.
     """
 
     prompts: list[str]
@@ -39,6 +42,7 @@ class EvalResult:
     kl: list[float]
     ot: list[float] | None
     extra: dict[str, list[float]] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
 
     def summary(self, reference: EvalResult | None = None) -> dict[str, float]:
         """Means with 95% normal-approximation confidence half-widths; win rate against ``reference``.
@@ -90,6 +94,7 @@ def evaluate_policy(
     ot_regularizer=None,
     extras: Mapping[str, Callable[[Rollout, torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
     columns: Mapping[str, list] | None = None,
+    regularizer=None,
 ) -> EvalResult:
     """Sample one response per prompt from ``policy`` and measure it against ``ref_model``.
 
@@ -97,7 +102,8 @@ def evaluate_policy(
         policy, ref_model: unwrapped causal LMs on one device.
         tokenizer: their tokenizer.
         prompt_texts, prompt_ids: rendered prompts and their token ids (:func:`encode_prompts`).
-        reward: an :class:`otalign.rewards.Reward`.
+        reward: an :class:`otalign.rewards.Reward`, or any callable ``reward(rollout, rows, columns) -> (B,)`` that
+            scores a whole rollout (``rows``: the prompts' positions; a trainer's weighted sum of rewards).
         params: sampling settings; distributions are ``softmax(logits / temperature)`` as in training.
         seed: evaluation seed; prompt ``i`` uses sample index ``i``.
         batch_size: prompts per generation batch.
@@ -107,10 +113,15 @@ def evaluate_policy(
             the same samples (logits: (B, T, V), tempered), collected in ``EvalResult.extra[name]``.
         columns: the prompt rows' columns, each a list aligned with ``prompt_texts``, for a reward that reads
             them (e.g. the arithmetic ``answer``).
+        regularizer: an :class:`otalign.regularizers.Regularizer` whose statistics (``penalty/mean``, its
+            ``distance_stat``, ...) of the policy against the reference are gathered over all generated positions
+            into ``EvalResult.stats`` (None: none).
     """
     extras = dict(extras or {})
     result = EvalResult([], [], [], [], [], [] if ot_regularizer is not None else None, {k: [] for k in extras})
     seeds = sample_seeds(seed, list(range(len(prompt_ids))))
+    totals: dict[str, float] = {}
+    positions = 0
     start = 0
     for rollout in sample_batches(policy, tokenizer, prompt_texts, prompt_ids, seeds, params, batch_size):
         stop = start + len(rollout.prompt_texts)
@@ -120,9 +131,13 @@ def evaluate_policy(
         policy_logits = response_logits(policy, rollout) / params.temperature
         ref_logits = response_logits(ref_model, rollout) / params.temperature
         kl, _ = kl_and_entropy(policy_logits, ref_logits)
-        ids, seq_mask = rollout.right_aligned(tokenizer.pad_token_id)
-        scores = reward(rollout.prompt_texts, rollout.response_texts, ids, seq_mask, batch_columns)
-        check_scores(scores, getattr(reward, "name", "reward"), range(stop - len(rollout.prompt_texts), stop))
+        rows = range(stop - len(rollout.prompt_texts), stop)
+        if isinstance(reward, Reward):
+            ids, seq_mask = rollout.right_aligned(tokenizer.pad_token_id)
+            scores = reward(rollout.prompt_texts, rollout.response_texts, ids, seq_mask, batch_columns)
+        else:
+            scores = reward(rollout, list(rows), batch_columns)
+        check_scores(scores, getattr(reward, "name", "reward"), rows)
         result.prompts += rollout.prompt_texts
         result.responses += rollout.response_texts
         result.scores += scores.tolist()
@@ -132,6 +147,16 @@ def evaluate_policy(
             result.ot += ot_values(ot_regularizer, policy_logits, ref_logits, rollout.responses, mask).tolist()
         for name, measure in extras.items():
             result.extra[name] += measure(rollout, policy_logits, ref_logits).tolist()
+        if regularizer is not None:
+            count = int(mask.sum())
+            stats = regularizer.evaluate(policy_logits, ref_logits, rollout.responses, mask).penalty.stats
+            for name, value in stats.items():
+                if name in MAX_STATS:
+                    totals[name] = max(totals.get(name, float(value)), float(value))
+                else:
+                    totals[name] = totals.get(name, 0.0) + float(value) * count
+            positions += count
+    result.stats = {k: v if k in MAX_STATS else v / max(positions, 1) for k, v in totals.items()}
     return result
 
 

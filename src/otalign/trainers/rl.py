@@ -33,6 +33,8 @@ A solve that stops above its tolerance is counted in ``sinkhorn/unconverged_frac
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from otalign.data import load_prompt_rows, prompt_columns, render_prompt, validate_prompt
@@ -48,7 +50,7 @@ from . import ppo_math as pm
 from .base import BaseTrainer
 from .beta import BetaController
 from .config import stream_seed
-from .metrics import Timer
+from .metrics import EVAL_PREFIX, Timer
 from .penalty import penalty_placement
 from .reward_sum import RewardSum
 from .rl_config import LOSS_POTENTIALS, PENALTY_IN, RLConfig
@@ -62,6 +64,16 @@ def as_rows(prompts: list) -> list[dict]:
         {**p, "prompt": validate_prompt(p, f"prompts[{i}]")} if isinstance(p, dict) else {"prompt": p}
         for i, p in enumerate(prompts)
     ]
+
+
+class PromptSet(NamedTuple):
+    """Prompts ready to sample from: their rows (``prompt`` and columns), the column names, the rendered texts and
+    the token ids."""
+
+    rows: list[dict]
+    columns: list[str]
+    texts: list[str]
+    ids: list[list[int]]
 
 
 def check_context(model, prompt_ids: list[list[int]], response_length: int) -> None:
@@ -90,11 +102,14 @@ class RLTrainer(BaseTrainer):
         regularizer: an :class:`otalign.regularizers.Regularizer` (with a support gradient or a ``loss_term`` for
             ``penalty_in: loss``); default: built by the registry from the config.
         prompts: prompts (strings, message lists, or dicts with ``prompt`` and columns) instead of ``config.prompts``.
+        eval_prompts: held-out prompts (as ``prompts``) instead of ``config.eval_dataset_name``, evaluated as
+            ``eval_strategy`` says (:meth:`evaluate`).
         accelerator: an existing ``accelerate.Accelerator``.
 
     Raises:
         ValueError: bad prompts (empty set, too long for ``max_prompt_length`` or the context window),
-            unknown reward or regularizer, a reward model with another tokenizer: all before training.
+            unknown reward or regularizer, a reward model with another tokenizer, ``eval_strategy``/``eval_steps``
+            without held-out prompts: all before training.
     """
 
     num_generations = 1
@@ -112,26 +127,18 @@ class RLTrainer(BaseTrainer):
         reward=None,
         regularizer=None,
         prompts: list | None = None,
+        eval_prompts: list | None = None,
         accelerator=None,
     ) -> None:
         super().__init__(config, accelerator)
         c = config
-        rows = load_prompt_rows(c.prompts, c.prompts_split) if prompts is None else as_rows(list(prompts))
-        if not rows:
-            raise ValueError("the prompt set is empty")
-        self.prompt_rows = rows
-        self.column_names = prompt_columns(rows, c.prompts if prompts is None else "prompts")
         self.tokenizer = tokenizer or load_tokenizer(c.model_name_or_path)
-        self.prompt_texts = [
-            render_prompt(r["prompt"], self.tokenizer, use_chat_template=c.use_chat_template) for r in rows
-        ]
-        self.prompt_ids = encode_prompts(
-            self.tokenizer,
-            self.prompt_texts,
-            max_prompt_length=c.max_prompt_length,
-            source=c.prompts if prompts is None else "prompts",
-            numbers=[i for i, _ in numbered(rows)],
-        )
+        train = self.prompt_set(prompts, c.prompts, c.prompts_split, "prompts")
+        self.prompt_rows, self.column_names, self.prompt_texts, self.prompt_ids = train
+        self.eval_set = None
+        if eval_prompts is not None or c.eval_dataset_name is not None:
+            self.eval_set = self.prompt_set(eval_prompts, c.eval_dataset_name, c.dataset_test_split, "eval_prompts")
+        self.plan_evaluation(self.eval_set is not None)
         self.reward_sum = RewardSum(
             self.given_rewards(reward),
             c.reward_weights,
@@ -150,6 +157,28 @@ class RLTrainer(BaseTrainer):
         )
 
     # ------------------------------------------------------------------ setup
+    def prompt_set(self, prompts: list | None, name: str, split: str, argument: str) -> PromptSet:
+        """The prompts given in Python (``prompts``, named ``argument`` in errors) or else the set ``name``'s
+        ``split``, rendered and encoded.
+
+        Raises:
+            ValueError: an empty set, a prompt longer than ``max_prompt_length`` (naming the row).
+        """
+        c = self.config
+        rows = load_prompt_rows(name, split) if prompts is None else as_rows(list(prompts))
+        source = name if prompts is None else argument
+        if not rows:
+            raise ValueError(f"{source}: the prompt set is empty")
+        texts = [render_prompt(r["prompt"], self.tokenizer, use_chat_template=c.use_chat_template) for r in rows]
+        ids = encode_prompts(
+            self.tokenizer,
+            texts,
+            max_prompt_length=c.max_prompt_length,
+            source=source,
+            numbers=[i for i, _ in numbered(rows)],
+        )
+        return PromptSet(rows, prompt_columns(rows, source), texts, ids)
+
     def build_models(self, policy) -> dict:
         """Models trained next to the policy, by attribute name (PPO: its critic), built from the policy before
         LoRA; none by default."""
@@ -175,8 +204,8 @@ class RLTrainer(BaseTrainer):
         """Load the policy (if None), check the context window, freeze the reference (default: a copy of the policy)
         and build the regularizer; returns the policy, still without LoRA."""
         c = self.config
-        policy = policy if policy is not None else load_causal_lm(c.model_name_or_path, dtype=c.model_dtype)
-        check_context(policy, self.prompt_ids, c.response_length)
+        policy = policy if policy is not None else load_causal_lm(c.model_name_or_path, **c.model_kwargs)
+        check_context(policy, self.prompt_ids + (self.eval_set.ids if self.eval_set else []), c.response_length)
         if ref_model is None and c.use_peft:  # the policy's base with adapters disabled (set in prepare_training)
             self.ref_model = None
         else:
@@ -254,6 +283,8 @@ class RLTrainer(BaseTrainer):
                 metrics.update(self.advance())
             timer.lap("update")
             metrics.update(timer.metrics())
+            if self.evaluate_now(step) or (step == c.max_steps and self.evaluate_at_end):
+                metrics.update(self.evaluate())
             history.append(metrics)
             self.end_rl_step(step, metrics)
         if self.unconverged_steps:
@@ -437,6 +468,54 @@ class RLTrainer(BaseTrainer):
         metrics.update({name: float(totals[offset + i] / totals[-1].clamp_min(1)) for i, name in enumerate(sums)})
         metrics.update(optimizer_metrics)
         return metrics
+
+    # ------------------------------------------------------------------ held-out evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The policy on the held-out prompts (``eval_dataset_name`` or ``eval_prompts``), one response per prompt
+        with the training sampling settings and per-prompt seeds from ``seed`` (the same at every evaluation), by
+        :func:`otalign.eval.policy.evaluate_policy` in batches of ``per_device_eval_batch_size`` prompts.
+
+        Returns:
+            TRL's ``eval_reward`` (mean of the rewards' weighted sum, as ``reward``) and ``eval_reward_std``
+            (unbiased); ``eval_kl/exact`` (exact KL to the reference per generated token), the regularizer's
+            statistics per generated token with the prefix ``eval_`` (``eval_penalty/mean``, ``eval_rkl/exact``,
+            ``eval_wasserstein/value``, ...), ``eval_regularizer/distance`` (its distance statistic, as
+            ``regularizer/distance``) and ``eval_completions/mean_length``. Every process evaluates all prompts.
+        """
+        from otalign.eval.policy import evaluate_policy
+
+        c, ev = self.config, self.eval_set
+        pad = self.tokenizer.pad_token_id
+
+        def reward(rollout, rows, columns):
+            return self.reward_sum(rollout, rows, columns, pad)[0]
+
+        result = evaluate_policy(
+            self.accelerator.unwrap_model(self.policy),
+            self.ref_model,
+            self.tokenizer,
+            ev.texts,
+            ev.ids,
+            reward,
+            params=c.sampling,
+            seed=c.seed,
+            batch_size=c.eval_batch_size,
+            columns={name: [row[name] for row in ev.rows] for name in ev.columns},
+            regularizer=self.regularizer,
+        )
+        scores = torch.tensor(result.scores, dtype=torch.float64)
+        tokens = max(sum(result.lengths), 1)
+        metrics = {
+            "reward": float(scores.mean()),
+            "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "kl/exact": sum(result.kl) / tokens,
+            **result.stats,
+            "completions/mean_length": sum(result.lengths) / len(result.lengths),
+        }
+        key = distance_key(self.regularizer)
+        metrics["regularizer/distance"] = metrics.get(key, metrics.get("penalty/mean", float("nan")))
+        return {f"{EVAL_PREFIX}{k}": v for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ 5. log, beta, checkpoint
     def rollout_metrics(self, scored: ScoredRollout) -> dict[str, float]:
