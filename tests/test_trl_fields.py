@@ -5,16 +5,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from otalign.config import ConfigError
 from otalign.eval.policy import evaluate_policy
-from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
 from otalign.rewards import build_reward
 from otalign.trainers import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RLOOConfig, RLOOTrainer, read_metrics
+from otalign.trainers import checkpoint
+from otalign.trainers.checkpoint import CheckpointManager, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -130,3 +134,140 @@ def test_command_line_refuses_eval_steps_without_eval_data(tmp_path, command, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "eval_strategy steps evaluates on held-out data: set eval_dataset_name" in err
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def test_epoch_strategies_save_and_evaluate_where_a_pass_over_the_rows_ends(tmp_path):
+    """8 training rows (4 prompts x 2 responses), 4 per step: passes end at steps 2 and 4; the run stops at 3, where
+    both strategies act too (TRL's epoch end at the end of training)."""
+    trainer = rl(
+        tmp_path,
+        eval_prompts=HELD_OUT,
+        max_steps=3,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=None,
+    )
+    trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert [r["step"] for r in read_metrics(tmp_path) if "eval_reward" in r] == [2, 3]
+
+
+def test_save_strategy_no_and_steps(tmp_path):
+    rl(tmp_path / "no", max_steps=3, save_strategy="no").train()
+    assert list_checkpoints(tmp_path / "no") == []
+    rl(tmp_path / "steps", max_steps=3, save_steps=2, save_total_limit=None).train()
+    assert [p.name for p in list_checkpoints(tmp_path / "steps")] == ["checkpoint-2", "checkpoint-3"]
+    with pytest.raises(ConfigError, match="save_steps needs save_strategy steps"):
+        GRPOConfig(save_strategy="no", save_steps=2)
+    with pytest.raises(ConfigError, match="unknown save_strategy 'best'"):
+        GRPOConfig(save_strategy="best")
+
+
+def test_save_total_limit_removes_the_oldest_after_the_new_checkpoint_is_complete(tmp_path, monkeypatch):
+    acc = Accelerator(cpu=True)
+    model, optimizer = acc.prepare(torch.nn.Linear(3, 2), torch.optim.AdamW(torch.nn.Linear(3, 2).parameters()))
+    folder = tmp_path / "checkpoints"
+    removed = []
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        path = Path(path)
+        if checkpoint.PATTERN.match(path.name) and path.exists():  # an old one goes once the newest is complete
+            newest = max(list_checkpoints(tmp_path), key=lambda p: int(p.name.split("-")[1]))
+            removed.append((path.name, (newest / checkpoint.MANIFEST).is_file()))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    manager = CheckpointManager(acc, tmp_path, total_limit=2)
+    for step in (1, 2, 3):
+        manager.save(step)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert removed == [("checkpoint-1", True)]
+    # a resumed run writes checkpoint-4 beside checkpoint-9 of an abandoned later run: the new one always stays
+    real_rmtree(folder / "checkpoint-2")
+    (folder / "checkpoint-9").mkdir()
+    CheckpointManager(acc, tmp_path, total_limit=1).save(4)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4"]
+    assert checkpoint.verify_checkpoint(folder / "checkpoint-4") is None
+
+
+# ---------------------------------------------------------------------------------------------- run, precision, model
+def test_run_name_names_the_tensorboard_run_and_is_recorded(tmp_path):
+    pytest.importorskip("tensorboard")
+    rl(tmp_path, max_steps=1, report_to=["tensorboard"], run_name="trial-7").train()
+    assert list((tmp_path / "otalign" / "trial-7").glob("events.out.tfevents.*"))
+    assert json.loads((tmp_path / "config.json").read_text())["run_name"] == "trial-7"
+
+
+def test_bf16_and_fp16_are_mixed_precision(tmp_path):
+    assert GRPOConfig(bf16=True).mixed_precision == "bf16"
+    assert GRPOConfig(fp16=True, mixed_precision="fp16").mixed_precision == "fp16"
+    assert GRPOConfig(bf16=False).mixed_precision == "no"
+    for settings, message in [
+        (dict(bf16=True, fp16=True), "bf16 and fp16 are both true"),
+        (dict(bf16=True, mixed_precision="fp16"), "bf16 true contradicts mixed_precision fp16"),
+        (dict(fp16=False, mixed_precision="fp16"), "fp16 false contradicts mixed_precision fp16"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            GRPOConfig(**settings)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps one mixed precision per process
+    try:
+        assert rl(tmp_path, bf16=True).accelerator.mixed_precision == "bf16"
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_optim_adamw_torch_fused_runs_the_fused_kernel_with_the_same_updates(tmp_path):
+    plain = rl(tmp_path / "plain", max_steps=2)
+    fused = rl(tmp_path / "fused", max_steps=2, optim="adamw_torch_fused")
+    assert fused.optimizer.param_groups[0]["fused"] and not plain.optimizer.param_groups[0].get("fused")
+    for a, b in zip(plain.train(), fused.train(), strict=True):
+        assert a["loss/policy"] == pytest.approx(b["loss/policy"], rel=1e-5, abs=1e-7)
+    models = [t.accelerator.unwrap_model(t.policy).state_dict() for t in (plain, fused)]
+    for key, value in models[0].items():
+        torch.testing.assert_close(models[1][key], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"unknown optim 'adafactor'; choose one of \['adamw_torch', 'adamw_torch_"):
+        GRPOConfig(optim="adafactor")
+
+
+def test_model_init_kwargs_and_attn_implementation_reach_from_pretrained(tmp_path):
+    path = save_tiny_model(tmp_path / "tiny")
+    tokenizer = tiny_tokenizer()
+
+    def loaded(**settings):
+        config = GRPOConfig(
+            output_dir=str(tmp_path / "run"),
+            model_name_or_path=path,
+            num_generations=2,
+            per_device_train_batch_size=2,
+            response_length=4,
+            overwrite_output_dir=True,
+            **settings,
+        )
+        trainer = GRPOTrainer(config, tokenizer=tokenizer, reward=characters, prompts=PROMPTS)
+        return trainer.accelerator.unwrap_model(trainer.policy)
+
+    model = loaded(model_init_kwargs={"dtype": "bfloat16", "attn_implementation": "eager"})
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+    model = loaded(model_init_kwargs={"torch_dtype": "float16"}, attn_implementation="sdpa")
+    assert model.dtype == torch.float16 and model.config._attn_implementation == "sdpa"
+    with pytest.raises(ConfigError, match="model_init_kwargs dtype bfloat16 contradicts model_dtype float16"):
+        GRPOConfig(model_dtype="float16", model_init_kwargs={"dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="attn_implementation eager contradicts attn_implementation sdpa"):
+        GRPOConfig(attn_implementation="sdpa", model_init_kwargs={"attn_implementation": "eager"})
+
+
+@pytest.mark.parametrize("command", ["grpo", "rloo", "ppo", "dpo", "sft", "reward"])
+def test_help_lists_the_trl_fields(command, capsys):
+    from otalign.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    fields = ["eval_strategy", "eval_steps", "per_device_eval_batch_size", "eval_dataset_name", "save_strategy"]
+    fields += ["save_total_limit", "run_name", "bf16", "fp16", "optim", "model_init_kwargs", "attn_implementation"]
+    for name in fields:
+        assert f"--{name} " in text, name
