@@ -16,8 +16,16 @@ from otalign.config import ConfigError
 from otalign.eval.policy import evaluate_policy
 from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
 from otalign.rewards import build_reward
-from otalign.trainers import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RLOOConfig, RLOOTrainer, read_metrics
-from otalign.trainers import checkpoint
+from otalign.trainers import (
+    GRPOConfig,
+    GRPOTrainer,
+    PPOConfig,
+    PPOTrainer,
+    RLOOConfig,
+    RLOOTrainer,
+    checkpoint,
+    read_metrics,
+)
 from otalign.trainers.checkpoint import CheckpointManager, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
