@@ -27,6 +27,7 @@ from otalign.trainers import (
     read_metrics,
 )
 from otalign.trainers.checkpoint import CheckpointManager, list_checkpoints
+from otalign.trainers.critic_free import group_advantages
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -279,3 +280,99 @@ def test_help_lists_the_trl_fields(command, capsys):
     fields += ["save_total_limit", "run_name", "bf16", "fp16", "optim", "model_init_kwargs", "attn_implementation"]
     for name in fields:
         assert f"--{name} " in text, name
+
+
+# ---------------------------------------------------------------------------------------------- GRPO / RLOO
+def trl_extremes(coef_1, advantages, mask, epsilon):
+    """TRL 1.16 ``GRPOTrainer._compute_loss``'s lines for ``clip_ratio/low_min`` and ``/high_max`` of one
+    micro-batch on one process (``coef_1`` (b, T) per token, or (b,) per sequence as ``RLOOTrainer``'s)."""
+    from trl.trainer.utils import nanmax, nanmin
+
+    is_low_clipped = (coef_1 < 1 - epsilon) & (advantages < 0)
+    is_high_clipped = (coef_1 > 1 + epsilon) & (advantages > 0)
+    if coef_1.dim() == 1:  # RLOOTrainer: gathered per sequence
+        return nanmin(is_low_clipped.float()).item(), nanmax(is_high_clipped.float()).item()
+
+    def masked_seq_mean(x):
+        return (x * mask).sum(-1) / mask.sum(-1)
+
+    return nanmin(masked_seq_mean(is_low_clipped.float())).item(), nanmax(
+        masked_seq_mean(is_high_clipped.float())
+    ).item()
+
+
+@pytest.mark.parametrize(("algorithm", "loss_type"), [("grpo", "grpo"), ("rloo", "sequence"), ("rloo", "dapo")])
+def test_clip_ratio_low_min_and_high_max_are_trls(tmp_path, monkeypatch, algorithm, loss_type):
+    """Every micro-batch's ratios are recorded and fed to TRL's own lines; the logged value is their mean over the
+    step's micro-batches (TRL averages the appended values of the logging window)."""
+    pytest.importorskip("trl")
+    from otalign.trainers import ppo_math as pm
+
+    seen = []
+    for name in ("policy_loss", "sequence_policy_loss"):
+        original = getattr(pm, name)
+
+        def recording(logprobs, old_logprobs, advantages, mask, *, original=original, name=name, **kwargs):
+            log_ratio = (logprobs - old_logprobs).detach()
+            if name == "sequence_policy_loss":  # TRL: exp(sum logp - sum old) per sequence, (b,) advantages
+                coef_1 = torch.exp((log_ratio * mask).sum(1))
+                seen.append(trl_extremes(coef_1, advantages, mask, kwargs["cliprange"]))
+            else:  # TRL: per token, advantages (b, 1)
+                seen.append(trl_extremes(torch.exp(log_ratio), advantages[:, :1], mask, kwargs["cliprange"]))
+            return original(logprobs, old_logprobs, advantages, mask, **kwargs)
+
+        monkeypatch.setattr(pm, name, recording)
+    trainer = rl(
+        tmp_path,
+        algorithm,
+        max_steps=1,
+        loss_type=loss_type,
+        num_iterations=3,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        cliprange=0.02,
+    )
+    metrics = trainer.train()[-1]
+    assert len(seen) == 3 * 2  # iterations x micro-batches
+    low = sum(s[0] for s in seen) / len(seen)
+    high = sum(s[1] for s in seen) / len(seen)
+    assert metrics["clip_ratio/low_min"] == pytest.approx(low, abs=1e-7)
+    assert metrics["clip_ratio/high_max"] == pytest.approx(high, abs=1e-7)
+    assert max(s[1] for s in seen) > 0 or max(s[0] for s in seen) > 0  # the clip binds somewhere
+
+
+def test_scale_rewards_batch_divides_by_the_rollout_std_as_trl():
+    rewards = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 5.0])
+    centred = rewards - rewards.reshape(3, 2).mean(1).repeat_interleave(2)
+    batch = group_advantages(rewards, 2, algorithm="grpo", scale="batch")
+    torch.testing.assert_close(batch, centred / (rewards.std() + 1e-4))  # TRL: nanstd (unbiased) of all rewards
+    group = group_advantages(rewards, 2, algorithm="grpo", scale="group")
+    assert group[2] == group[3] == 0.0 and group[0] == pytest.approx(-1.0 / (2**0.5 + 1e-4), rel=1e-6)
+    for old, new in [(True, "group"), (False, "none")]:  # the boolean configs of before keep their meaning
+        torch.testing.assert_close(
+            group_advantages(rewards, 2, algorithm="rloo", scale=old),
+            group_advantages(rewards, 2, algorithm="rloo", scale=new),
+        )
+    assert GRPOConfig(scale_rewards=False).scale_rewards == "none"
+    assert GRPOConfig(scale_rewards=True).scale_rewards == "group" == GRPOConfig().scale_rewards
+    assert RLOOConfig().scale_rewards == "none"
+    with pytest.raises(ConfigError, match="unknown scale_rewards 'batches'"):
+        GRPOConfig(scale_rewards="batches")
+
+
+def test_scale_rewards_batch_in_a_run(tmp_path, monkeypatch):
+    trainer = rl(tmp_path, max_steps=1, scale_rewards="batch", per_device_train_batch_size=4)
+    captured = []
+    original = trainer.advantages
+
+    def advantages(scored):
+        batch = original(scored)
+        captured.append((trainer.sequence_rewards(scored), batch.advantages))
+        return batch
+
+    monkeypatch.setattr(trainer, "advantages", advantages)
+    trainer.train()
+    rewards, got = captured[0]
+    centred = rewards.double() - rewards.double().reshape(-1, 2).mean(1).repeat_interleave(2)
+    torch.testing.assert_close(got.double(), centred / (rewards.double().std() + 1e-4), rtol=1e-5, atol=1e-6)

@@ -33,6 +33,7 @@ A solve that stops above its tolerance is counted in ``sinkhorn/unconverged_frac
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -54,7 +55,7 @@ from .metrics import EVAL_PREFIX, Timer
 from .penalty import penalty_placement
 from .reward_sum import RewardSum
 from .rl_config import LOSS_POTENTIALS, PENALTY_IN, RLConfig
-from .rl_metrics import report_convergence, rollout_metrics
+from .rl_metrics import global_max, report_convergence, rollout_metrics
 from .rollout_batch import RolloutBatch, ScoredRollout
 
 
@@ -81,6 +82,15 @@ def check_context(model, prompt_ids: list[list[int]], response_length: int) -> N
     longest = max(len(ids) for ids in prompt_ids)
     what = f"the longest prompt ({longest} tokens) plus response_length={response_length}"
     check_fits_context(model, longest + response_length, what, "shorten the prompts or response_length")
+
+
+def response_extreme(values: torch.Tensor, kind: str, accelerator) -> float:
+    """The minimum (``kind`` ``min``) or maximum (``max``) of the per-response ``values`` (b,) over all processes,
+    NaN entries left out (TRL's ``nanmin``/``nanmax`` of the gathered values); NaN when every entry is."""
+    sign = -1.0 if kind == "min" else 1.0
+    finite = torch.nan_to_num(sign * values.double(), nan=-math.inf)
+    found = global_max(finite.reshape(-1) if finite.numel() else finite.new_full((1,), -math.inf), accelerator)
+    return sign * found if math.isfinite(found) else float("nan")
 
 
 def distance_key(regularizer) -> str:
@@ -430,13 +440,16 @@ class RLTrainer(BaseTrainer):
         summed over the micro-batch's generated tokens.
 
         Returns:
-            Losses averaged over the applied optimizer steps and processes, statistics per token, ``learning_rate``
+            Losses averaged over the applied optimizer steps and processes, statistics per token (the
+            :data:`~otalign.trainers.ppo_math.EXTREMES`: the mean over the micro-batches of the minimum or maximum over
+            their responses on all processes), ``learning_rate``
             and ``grad_norm`` (:meth:`~otalign.trainers.base.BaseTrainer.advance`); with ``on_nonfinite: skip``,
             steps skipped for a non-finite loss or gradient are left out.
         """
         c, acc, mask = self.config, self.accelerator, batch.scored.mask
         losses: dict[str, float] = {}
         sums: dict[str, float] = {}
+        extremes: dict[str, list[float]] = {}
         tokens, updates = 0.0, 0
         gen = torch.Generator().manual_seed(stream_seed(c.seed, step))
         for _ in range(self.num_epochs):
@@ -445,6 +458,7 @@ class RLTrainer(BaseTrainer):
                 micro = minibatch.chunk(c.gradient_accumulation_steps)
                 update_losses: dict[str, float] = {}
                 update_sums: dict[str, float] = {}
+                update_extremes: dict[str, list[float]] = {}
                 for k, (rows, normalizer) in enumerate(zip(micro, self.normalizers(batch, micro), strict=True)):
                     with self.no_sync(last=k == len(micro) - 1):
                         loss, parts, stats = self.loss(batch, rows, normalizer)
@@ -453,12 +467,18 @@ class RLTrainer(BaseTrainer):
                     for name, value in parts.items():
                         update_losses[name] = update_losses.get(name, 0.0) + float(value)
                     for name, value in stats.items():
-                        update_sums[name] = update_sums.get(name, 0.0) + float(value)
+                        if name in pm.EXTREMES:
+                            extreme = response_extreme(value, pm.EXTREMES[name], acc)
+                            update_extremes.setdefault(name, []).append(extreme)
+                        else:
+                            update_sums[name] = update_sums.get(name, 0.0) + float(value)
                 if self.apply_gradients(step):  # a skipped step's (non-finite) losses are not averaged in
                     for name, value in update_losses.items():
                         losses[name] = losses.get(name, 0.0) + value
                     for name, value in update_sums.items():
                         sums[name] = sums.get(name, 0.0) + value
+                    for name, values in update_extremes.items():
+                        extremes.setdefault(name, []).extend(values)
                     tokens += float(mask[minibatch].sum())
                     updates += 1
         optimizer_metrics = self.advance()
@@ -466,6 +486,9 @@ class RLTrainer(BaseTrainer):
         metrics = {name: float(totals[i]) / (updates * acc.num_processes) for i, name in enumerate(losses)}
         offset = len(losses)
         metrics.update({name: float(totals[offset + i] / totals[-1].clamp_min(1)) for i, name in enumerate(sums)})
+        for name, values in extremes.items():  # TRL: the mean of the logged micro-batch values, NaNs left out
+            finite = [v for v in values if not math.isnan(v)]
+            metrics[name] = sum(finite) / len(finite) if finite else float("nan")
         metrics.update(optimizer_metrics)
         return metrics
 
