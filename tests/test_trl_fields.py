@@ -167,8 +167,11 @@ def test_save_strategy_no_and_steps(tmp_path):
     assert list_checkpoints(tmp_path / "no") == []
     rl(tmp_path / "steps", max_steps=3, save_steps=2, save_total_limit=None).train()
     assert [p.name for p in list_checkpoints(tmp_path / "steps")] == ["checkpoint-2", "checkpoint-3"]
-    with pytest.raises(ConfigError, match="save_steps needs save_strategy steps"):
-        GRPOConfig(save_strategy="no", save_steps=2)
+    for strategy in ("no", "epoch"):  # an interval the strategy would ignore is refused
+        with pytest.raises(ConfigError, match=f"save_steps needs save_strategy steps, got save_strategy {strategy}"):
+            GRPOConfig(save_strategy=strategy, save_steps=2)
+        with pytest.raises(ConfigError, match=f"eval_steps needs eval_strategy steps, got eval_strategy {strategy}"):
+            GRPOConfig(eval_strategy=strategy, eval_steps=2)
     with pytest.raises(ConfigError, match="unknown save_strategy 'best'"):
         GRPOConfig(save_strategy="best")
 

@@ -149,7 +149,8 @@ def evaluate_policy(
             result.extra[name] += measure(rollout, policy_logits, ref_logits).tolist()
         if regularizer is not None:
             count = int(mask.sum())
-            stats = regularizer.evaluate(policy_logits, ref_logits, rollout.responses, mask).penalty.stats
+            evaluation = regularizer.evaluate(policy_logits, ref_logits, rollout.responses, mask, kl_diagnostic=False)
+            stats = evaluation.penalty.stats
             for name, value in stats.items():
                 if name in MAX_STATS:
                     totals[name] = max(totals.get(name, float(value)), float(value))

@@ -260,10 +260,14 @@ class TrainerConfig(Config):
         super().__post_init__()
         self._resolve_precision()
         self._resolve_model_init_kwargs()
-        if self.eval_strategy == "no" and self.eval_steps:
-            raise ConfigError("eval_steps needs an eval_strategy other than no", "eval_steps")
-        if self.save_strategy == "no" and self.save_steps:
-            raise ConfigError("save_steps needs save_strategy steps, got save_strategy no", "save_steps")
+        if self.eval_strategy in ("no", "epoch") and self.eval_steps:
+            raise ConfigError(
+                f"eval_steps needs eval_strategy steps, got eval_strategy {self.eval_strategy}", "eval_steps"
+            )
+        if self.save_strategy != "steps" and self.save_steps:
+            raise ConfigError(
+                f"save_steps needs save_strategy steps, got save_strategy {self.save_strategy}", "save_steps"
+            )
         if self.overwrite_output_dir and (self.resume or self.resume_from_checkpoint is not None):
             which = "resume" if self.resume else "resume_from_checkpoint"
             raise ConfigError(

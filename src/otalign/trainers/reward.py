@@ -126,7 +126,6 @@ class RewardTrainer(SupervisedTrainer):
         super().__init__(config, accelerator)
         c = config
         train_data, eval_data = self.load_datasets(train_data, eval_data, load_preference_data)
-        self.plan_evaluation(bool(eval_data) or bool(c.eval_split_size))
         self.tokenizer = tokenizer or load_tokenizer(c.model_name_or_path)
         pad = self.tokenizer.pad_token_id
         train_pairs = self._encode(train_data, c.dataset_name or "train_data")
@@ -136,6 +135,7 @@ class RewardTrainer(SupervisedTrainer):
             self.eval_pairs = [train_pairs[i] for i in eval_ids]
             train_pairs = [train_pairs[i] for i in train_ids]
         self.train_pairs = train_pairs
+        self.plan_evaluation(bool(self.eval_pairs))  # eval_split_size of a single pair holds none out
 
         if model is None:
             model = load_reward_model(c.model_name_or_path, pad, **c.model_kwargs)

@@ -532,8 +532,8 @@ class RLTrainer(BaseTrainer):
         metrics = {
             "reward": float(scores.mean()),
             "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
-            "kl/exact": sum(result.kl) / tokens,
             **result.stats,
+            "kl/exact": sum(result.kl) / tokens,
             "completions/mean_length": sum(result.lengths) / len(result.lengths),
         }
         key = distance_key(self.regularizer)
