@@ -379,3 +379,35 @@ def test_scale_rewards_batch_in_a_run(tmp_path, monkeypatch):
     rewards, got = captured[0]
     centred = rewards.double() - rewards.double().reshape(-1, 2).mean(1).repeat_interleave(2)
     torch.testing.assert_close(got.double(), centred / (rewards.double().std() + 1e-4), rtol=1e-5, atol=1e-6)
+    # TRL: frac_reward_zero_std under batch scaling is whether the rollout's std is 0 (here it is not)
+    assert read_metrics(tmp_path)[-1]["frac_reward_zero_std"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- dataset trainers
+def dpo(tmp_path, **overrides):
+    from otalign.trainers import PreferenceConfig, PreferenceTrainer
+
+    tokenizer = tiny_tokenizer()
+    pairs = str(FIXTURES / "preference_pairs.jsonl")
+    settings = dict(output_dir=str(tmp_path), dataset_name=pairs, eval_dataset_name=pairs, max_steps=2)
+    settings.update(per_device_train_batch_size=2, progress_bar=False, save_model=False, **overrides)
+    return PreferenceTrainer(
+        PreferenceConfig(**settings),
+        policy=tiny_causal_lm(tokenizer, seed=1),
+        ref_model=tiny_causal_lm(tokenizer, seed=0),
+        tokenizer=tokenizer,
+    )
+
+
+def test_dataset_trainers_take_eval_strategy_and_per_device_eval_batch_size(tmp_path):
+    dpo(tmp_path / "no", eval_strategy="no").train()
+    assert not any(key.startswith("eval_") for row in read_metrics(tmp_path / "no") for key in row)
+    dpo(tmp_path / "steps", eval_strategy="steps").train()  # eval_steps 0: logging_steps (1), as TRL
+    assert [r["step"] for r in read_metrics(tmp_path / "steps") if "eval_rewards/accuracies" in r] == [1, 2]
+    one = dpo(tmp_path / "one", per_device_eval_batch_size=1)
+    one.train()
+    evaluated = [r for r in read_metrics(tmp_path / "one") if "eval_rewards/margins" in r]
+    assert [r["step"] for r in evaluated] == [2]  # eval_strategy unset with evaluation data: after the last step
+    one.config.per_device_eval_batch_size = 8  # the same policy, all pairs in one padded batch: the same metrics
+    for key, value in one.evaluate().items():
+        assert value == pytest.approx(evaluated[0][key], rel=1e-5, abs=1e-6), key
