@@ -411,3 +411,10 @@ def test_dataset_trainers_take_eval_strategy_and_per_device_eval_batch_size(tmp_
     one.config.per_device_eval_batch_size = 8  # the same policy, all pairs in one padded batch: the same metrics
     for key, value in one.evaluate().items():
         assert value == pytest.approx(evaluated[0][key], rel=1e-5, abs=1e-6), key
+
+
+def test_rl_evaluate_without_held_out_prompts_says_so(tmp_path):
+    with pytest.raises(
+        ValueError, match="evaluation needs held-out prompts: set eval_dataset_name or pass eval_prompts"
+    ):
+        rl(tmp_path).evaluate()

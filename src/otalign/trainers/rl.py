@@ -505,10 +505,15 @@ class RLTrainer(BaseTrainer):
             statistics per generated token with the prefix ``eval_`` (``eval_penalty/mean``, ``eval_rkl/exact``,
             ``eval_wasserstein/value``, ...), ``eval_regularizer/distance`` (its distance statistic, as
             ``regularizer/distance``) and ``eval_completions/mean_length``. Every process evaluates all prompts.
+
+        Raises:
+            ValueError: no held-out prompts.
         """
         from otalign.eval.policy import evaluate_policy
 
         c, ev = self.config, self.eval_set
+        if ev is None:
+            raise ValueError("evaluation needs held-out prompts: set eval_dataset_name or pass eval_prompts")
         pad = self.tokenizer.pad_token_id
 
         def reward(rollout, rows, columns):
