@@ -12,7 +12,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from otalign.config import ConfigError
+from otalign.config import ConfigError, ConfigParser
 from otalign.eval.policy import evaluate_policy
 from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
 from otalign.rewards import build_reward
@@ -216,6 +216,9 @@ def test_bf16_and_fp16_are_mixed_precision(tmp_path):
     assert GRPOConfig(bf16=True).mixed_precision == "bf16"
     assert GRPOConfig(fp16=True, mixed_precision="fp16").mixed_precision == "fp16"
     assert GRPOConfig(bf16=False).mixed_precision == "no"
+    parser = ConfigParser(GRPOConfig, prog="otalign grpo")
+    assert parser.parse(["--bf16"]).mixed_precision == "bf16"  # a bare flag, as TRL users write it
+    assert parser.parse(["--fp16", "false"]).fp16 is False and parser.parse([]).bf16 is None
     for settings, message in [
         (dict(bf16=True, fp16=True), "bf16 and fp16 are both true"),
         (dict(bf16=True, mixed_precision="fp16"), "bf16 true contradicts mixed_precision fp16"),
