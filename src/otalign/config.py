@@ -298,9 +298,9 @@ def _converter(annotation: object):
 class ConfigParser(HfArgumentParser):
     """The options of one config dataclass (and ``--config FILE``), with help, types and defaults from its fields.
 
-    Each field ``name`` becomes ``--name`` (and ``--name-with-hyphens``); a ``bool`` field also takes a bare
-    ``--name`` (true) and, when it defaults to true, ``--no_name``; a ``list`` field takes ``--name a b`` or
-    ``--name a,b``; an optional field takes ``none``. Parse errors raise :class:`ConfigError` (one line).
+    Each field ``name`` becomes ``--name`` (and ``--name-with-hyphens``); a ``bool`` (or ``bool | None``) field also
+    takes a bare ``--name`` (true) and, when it defaults to true, ``--no_name``; a ``list`` field takes ``--name a b``
+    or ``--name a,b``; an optional field takes ``none``. Parse errors raise :class:`ConfigError` (one line).
 
     Args:
         config_class: the dataclass.
@@ -359,6 +359,8 @@ class ConfigParser(HfArgumentParser):
                 action.help = f"set {prefix}{f.name} to false"
                 continue
             action.type = _converter(annotation)
+            if annotation == bool | None and action.nargs is None:  # a bare --flag is true here too (TRL's bf16)
+                action.nargs, action.const = "?", True
             label = "{" + ",".join(map(str, choices)) + "}" if choices else type_label(annotation)
             action.metavar = label if action.nargs != "+" else label
 

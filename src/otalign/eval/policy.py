@@ -16,8 +16,8 @@ import torch
 
 from otalign.generation import SamplingParams, kl_and_entropy, sample_batches, sample_seeds
 from otalign.guard import ConvergenceWarning
-from otalign.rewards import check_scores
-from otalign.scoring import generated_positions
+from otalign.rewards import Reward, check_scores
+from otalign.scoring import MAX_STATS, generated_positions
 
 
 @dataclass
@@ -31,6 +31,8 @@ class EvalResult:
         kl: summed exact full-vocabulary KL(pi || pi_ref) over each response's tokens (nats).
         ot: summed entropic OT value to the reference over each response's tokens (cost units), or None.
         extra: per-response values of the ``extras`` measurements of :func:`evaluate_policy`, by name.
+        stats: the ``regularizer`` statistics of :func:`evaluate_policy` over all generated positions (means
+            weighted by positions; :data:`otalign.scoring.MAX_STATS` maxima), by name.
     """
 
     prompts: list[str]
@@ -40,6 +42,7 @@ class EvalResult:
     kl: list[float]
     ot: list[float] | None
     extra: dict[str, list[float]] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
 
     def summary(self, reference: EvalResult | None = None) -> dict[str, float]:
         """Means with 95% normal-approximation confidence half-widths; win rate against ``reference``.
@@ -92,6 +95,7 @@ def evaluate_policy(
     ot_regularizer=None,
     extras: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
     columns: Mapping[str, list] | None = None,
+    regularizer=None,
 ) -> EvalResult:
     """Sample one response per prompt from ``policy`` and measure it against ``ref_model``.
 
@@ -99,7 +103,8 @@ def evaluate_policy(
         policy, ref_model: unwrapped causal LMs on one device.
         tokenizer: their tokenizer.
         prompt_texts, prompt_ids: rendered prompts and their token ids (:func:`encode_prompts`).
-        reward: an :class:`otalign.rewards.Reward`.
+        reward: an :class:`otalign.rewards.Reward`, or any callable ``reward(rollout, rows, columns) -> (B,)`` that
+            scores a whole rollout (``rows``: the prompts' positions; a trainer's weighted sum of rewards).
         params: sampling settings; distributions are ``softmax(logits / temperature)`` as in training.
         seed: evaluation seed; prompt ``i`` uses sample index ``i``.
         batch_size: prompts per generation batch.
@@ -113,10 +118,14 @@ def evaluate_policy(
             response's positions into ``EvalResult.extra[name]``.
         columns: the prompt rows' columns, each a list aligned with ``prompt_texts``, for a reward that reads
             them (e.g. the arithmetic ``answer``).
+        regularizer: an :class:`otalign.regularizers.Regularizer` whose statistics (``penalty/mean``, its
+            ``distance_stat``, ...) of the policy against the reference are gathered over all generated positions
+            into ``EvalResult.stats`` (None: none).
     """
     extras = dict(extras or {})
     result = EvalResult([], [], [], [], [], [] if ot_regularizer is not None else None, {k: [] for k in extras})
     seeds = sample_seeds(seed, list(range(len(prompt_ids))))
+    stats = RegularizerStats()
     start = 0
     for rollout in sample_batches(policy, tokenizer, prompt_texts, prompt_ids, seeds, params, batch_size):
         stop = start + len(rollout.prompt_texts)
@@ -137,9 +146,15 @@ def evaluate_policy(
                 measured[name] = measure(policy_logp, ref_logp)
             for name, values in measured.items():
                 totals[name].index_add_(0, positions.rows, values.double())
-        ids, seq_mask = rollout.right_aligned(tokenizer.pad_token_id)
-        scores = reward(rollout.prompt_texts, rollout.response_texts, ids, seq_mask, batch_columns)
-        check_scores(scores, getattr(reward, "name", "reward"), range(stop - len(rollout.prompt_texts), stop))
+            if regularizer is not None:
+                stats.add(regularizer, policy_logp, ref_logp, positions.tokens)
+        rows = range(stop - len(rollout.prompt_texts), stop)
+        if isinstance(reward, Reward):
+            ids, seq_mask = rollout.right_aligned(tokenizer.pad_token_id)
+            scores = reward(rollout.prompt_texts, rollout.response_texts, ids, seq_mask, batch_columns)
+        else:
+            scores = reward(rollout, list(rows), batch_columns)
+        check_scores(scores, getattr(reward, "name", "reward"), rows)
         result.prompts += rollout.prompt_texts
         result.responses += rollout.response_texts
         result.scores += scores.tolist()
@@ -149,7 +164,35 @@ def evaluate_policy(
             result.ot += totals[OT].float().tolist()
         for name in extras:
             result.extra[name] += totals[name].tolist()
+    result.stats = stats.result()
     return result
+
+
+class RegularizerStats:
+    """A regularizer's statistics over pieces of generated positions: means weighted by positions, the
+    :data:`otalign.scoring.MAX_STATS` maxima."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.positions = 0
+
+    def add(self, regularizer, policy_logp: torch.Tensor, ref_logp: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Evaluate ``regularizer`` on (n, V) normalised log-probabilities at n positions with sampled ``tokens``."""
+        count = tokens.shape[0]
+        if count == 0:
+            return
+        evaluation = regularizer.evaluate(
+            policy_logp[None], ref_logp[None], tokens[None], normalized=True, kl_diagnostic=False
+        )
+        for name, value in evaluation.penalty.stats.items():
+            if name in MAX_STATS:
+                self.totals[name] = max(self.totals.get(name, float(value)), float(value))
+            else:
+                self.totals[name] = self.totals.get(name, 0.0) + float(value) * count
+        self.positions += count
+
+    def result(self) -> dict[str, float]:
+        return {k: v if k in MAX_STATS else v / max(self.positions, 1) for k, v in self.totals.items()}
 
 
 OT = "ot distance"

@@ -14,12 +14,13 @@ import os
 from .loading import resolve_model_path, torch_dtype
 
 
-def load_reward_model(name_or_path: str | os.PathLike, pad_token_id: int, *, dtype: str = "float32"):
-    """``AutoModelForSequenceClassification`` with one output from a causal LM or reward-model checkpoint."""
+def load_reward_model(name_or_path: str | os.PathLike, pad_token_id: int, *, dtype: str = "float32", **kwargs):
+    """``AutoModelForSequenceClassification`` with one output from a causal LM or reward-model checkpoint (``kwargs``:
+    further ``from_pretrained`` arguments)."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(name_or_path), num_labels=1, dtype=torch_dtype(dtype)
+        resolve_model_path(name_or_path), num_labels=1, dtype=torch_dtype(dtype), **kwargs
     )
     model.config.pad_token_id = pad_token_id
     return model

@@ -35,8 +35,8 @@ from accelerate.utils import set_seed
 from otalign.guard import FiniteGuard
 
 from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint, resume_settings
-from .config import ConfigError, TrainerConfig
-from .metrics import MetricsLogger
+from .config import OPTIMIZERS, ConfigError, TrainerConfig
+from .metrics import EVAL_PREFIX, MetricsLogger
 
 
 def check_output_dir(config: TrainerConfig) -> None:
@@ -70,7 +70,7 @@ class BaseTrainer:
         self.output_dir = Path(config.output_dir)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
-            log_with=config.report_to or None,
+            log_with=self.trackers() or None,
             project_dir=str(self.output_dir),
         )
         check_output_dir(config)
@@ -88,15 +88,29 @@ class BaseTrainer:
         """Print on the main process only."""
         self.accelerator.print("[otalign]", *args, flush=True)
 
-    def create_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """AdamW over ``params`` with the config's learning rate, betas, epsilon and weight decay."""
+    def trackers(self) -> list:
+        """accelerate's ``log_with``: ``report_to``, with ``run_name`` set its tensorboard writing to
+        ``output_dir/<project>/<run_name>`` (a tracker object; wandb gets the name in :meth:`begin`)."""
         c = self.config
+        if c.run_name is None or "tensorboard" not in c.report_to:
+            return list(c.report_to)
+        from accelerate.tracking import TensorBoardTracker
+
+        tracker = TensorBoardTracker(f"{self.project_name}/{c.run_name}", str(self.output_dir))
+        return [tracker if name == "tensorboard" else name for name in c.report_to]
+
+    def create_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """AdamW over ``params`` with the config's learning rate, betas, epsilon and weight decay; ``optim``
+        ``adamw_torch_fused`` runs its fused kernel (:data:`~otalign.trainers.config.OPTIMIZERS`)."""
+        c = self.config
+        fused = {"fused": True} if OPTIMIZERS[c.optim] else {}
         return torch.optim.AdamW(
             params,
             lr=c.learning_rate,
             betas=(c.adam_beta1, c.adam_beta2),
             eps=c.adam_epsilon,
             weight_decay=c.weight_decay,
+            **fused,
         )
 
     optimizer_steps_per_step = 1
@@ -150,7 +164,8 @@ class BaseTrainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2), encoding="utf-8")
         if c.report_to:
-            self.accelerator.init_trackers(self.project_name, config=_flat(c.to_dict()))
+            names = {"wandb": {"name": c.run_name}} if c.run_name is not None else {}
+            self.accelerator.init_trackers(self.project_name, config=_flat(c.to_dict()), init_kwargs=names)
         return self.state.global_step + 1
 
     def steps(self, start: int) -> Iterator[int]:
@@ -178,22 +193,65 @@ class BaseTrainer:
             per_step = c.step_batch_size * self.accelerator.num_processes
             c.max_steps = max(1, math.ceil(c.num_train_epochs * examples / per_step - 1e-9))
 
+    def ends_epoch(self, step: int) -> bool:
+        """Whether ``step`` (just run, ``state.samples_seen`` advanced) completed a pass over the training rows: the
+        step at which TRL's epoch-wise evaluation and saving happen (a step here may run past the pass's end)."""
+        if not self.num_examples:
+            return False
+        after = self.state.samples_seen
+        before = after - self.config.step_batch_size * self.accelerator.num_processes
+        return after // self.num_examples > max(before, 0) // self.num_examples
+
+    def plan_evaluation(self, has_data: bool) -> None:
+        """Fix when :meth:`evaluate_now` and :meth:`evaluate_at_end` say yes, from ``eval_strategy``/``eval_steps``
+        (:meth:`~otalign.trainers.config.TrainerConfig.eval_interval`; a :class:`ConfigError` when they ask for
+        evaluation without data)."""
+        self.eval_every = self.config.eval_interval(has_data)
+
+    eval_every: int | None = None
+    """Evaluation cadence (:meth:`plan_evaluation`): None never, 0 after the last step, n also every n steps."""
+
+    def evaluate_now(self, step: int) -> bool:
+        """True at an intermediate evaluation step: every ``eval_every`` steps or, with ``eval_strategy`` epoch, a
+        step that ends a pass (:meth:`ends_epoch`); the last step is :meth:`evaluate_at_end`'s."""
+        if self.eval_every is None or step == self.config.max_steps:
+            return False
+        if self.config.eval_strategy == "epoch":
+            return self.ends_epoch(step)
+        return bool(self.eval_every) and step % self.eval_every == 0
+
+    @property
+    def evaluate_at_end(self) -> bool:
+        """Whether the trainer evaluates after its last step (any evaluation cadence does, as TRL's ``steps``)."""
+        return self.eval_every is not None
+
+    def save_now(self, step: int) -> bool:
+        """Whether ``step`` writes a checkpoint: ``save_strategy`` steps every ``save_steps`` (0: never) and the
+        last step; epoch each step that ends a pass (:meth:`ends_epoch`) and the last step; no never."""
+        c = self.config
+        if c.save_strategy == "steps":
+            return bool(c.save_steps) and (step % c.save_steps == 0 or step == c.max_steps)
+        if c.save_strategy == "epoch":
+            return step == c.max_steps or self.ends_epoch(step)
+        return False
+
     def end_step(self, step: int, metrics: dict[str, float]) -> None:
         """Log ``metrics`` with ``epoch`` (passes over the training set so far, as TRL; with ``on_nonfinite:
-        skip`` also ``nonfinite/skipped_steps``, the optimizer steps skipped so far) every ``logging_steps``,
-        and checkpoint (every ``save_steps`` and at the end, if > 0)."""
+        skip`` also ``nonfinite/skipped_steps``, the optimizer steps skipped so far) every ``logging_steps``, at
+        the last step and with any ``eval_`` metric, and checkpoint when :meth:`save_now` says so."""
         c = self.config
         self.state.global_step = step
         if self.num_examples:
             metrics["epoch"] = self.state.samples_seen / self.num_examples
         if c.on_nonfinite == "skip":
             metrics["nonfinite/skipped_steps"] = float(self.state.skipped_steps)
-        if step % c.logging_steps == 0 or step == c.max_steps:
+        evaluated = any(key.startswith(EVAL_PREFIX) for key in metrics)  # as TRL: evaluations are always logged
+        if step % c.logging_steps == 0 or step == c.max_steps or evaluated:
             self.metrics.log(metrics, step)
             bar = getattr(self, "_bar", None)
             if bar is not None:
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in self.progress_keys if k in metrics}, refresh=False)
-        if c.save_steps and (step % c.save_steps == 0 or step == c.max_steps):
+        if self.save_now(step):
             self.checkpoints.save(step)
 
     def no_sync(self, *, last: bool):

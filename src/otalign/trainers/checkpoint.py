@@ -245,7 +245,8 @@ class CheckpointManager:
     Args:
         accelerator: the run's accelerator (models/optimizers prepared, extra state registered).
         output_dir: run folder; checkpoints go to ``output_dir/checkpoints``.
-        total_limit: keep at most this many checkpoints (oldest removed first); None keeps all.
+        total_limit: keep at most this many checkpoints, the one just saved always among them (oldest removed
+            first, once the new one is complete); None keeps all.
     """
 
     def __init__(self, accelerator, output_dir: str | Path, total_limit: int | None = None) -> None:
@@ -291,7 +292,7 @@ class CheckpointManager:
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            self._prune()
+            self._prune(final)
         acc.wait_for_everyone()
         return final
 
@@ -369,8 +370,13 @@ class CheckpointManager:
                     f"checkpoint {path}: {file.name} does not fit this model (missing {missing}, unexpected {extra})"
                 )
 
-    def _prune(self) -> None:
+    def _prune(self, saved: Path) -> None:
+        """Keep ``total_limit`` checkpoints: ``saved`` (just written and complete, so the newest intact one) and the
+        newest others by step; remove the rest, oldest first (as ``transformers``' ``save_total_limit``). A
+        checkpoint of a higher step left by an earlier run (a resume from an older one) is among the others: it
+        never pushes out ``saved``."""
         if self.total_limit is None:
             return
-        for old in list_checkpoints(self.folder.parent)[: -self.total_limit or None]:
+        others = [p for p in list_checkpoints(self.folder.parent) if p != saved]
+        for old in others[: max(len(others) - (self.total_limit - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,8 @@ are the shared machinery of :mod:`otalign.trainers.rl`):
 2. **Advantages** (:func:`group_advantages`), one per response, shared by its tokens, from the sequence reward
    :math:`R_i` (the score, minus :math:`\beta\sum_t \text{penalty}_t` with ``penalty_in: reward``):
    GRPO :math:`A_i = R_i - \bar R_g`, RLOO's leave-one-out :math:`A_i = R_i - \frac{1}{G-1}\sum_{j\ne i} R_j`;
-   with ``scale_rewards`` divided by the group's standard deviation plus :math:`10^{-4}`.
+   with ``scale_rewards`` (TRL 1.16's) ``group`` divided by the group's standard deviation plus :math:`10^{-4}`,
+   ``batch`` by the standard deviation of the whole rollout of all processes plus :math:`10^{-4}`, ``none`` not.
 3. **Update**: ``num_iterations`` passes over the same rollouts (``num_mini_batches`` optimizer steps each),
    clipped surrogate :math:`\ell_{it} = -\min(\rho_{it} A_i, \mathrm{clip}(\rho_{it}, 1\pm\epsilon) A_i)`, plus
    :math:`\beta d_{it}` with ``penalty_in: loss``; no critic. Length normalisation ``loss_type``, as TRL 1.16's
@@ -46,15 +47,30 @@ RLOO_LOSS_TYPES = ("sequence", *LOSS_TYPES)
 the per-token loss of a GRPO ``loss_type``."""
 ALGORITHMS = ("grpo", "rloo")
 SCALE_EPS = 1e-4
+SCALE_REWARDS = ("group", "batch", "none")
+"""``scale_rewards`` values, TRL 1.16's; ``true``/``false`` mean ``group``/``none`` (:func:`scale_rewards_name`)."""
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, *, algorithm: str, scale: bool) -> torch.Tensor:
+def scale_rewards_name(value: str | bool) -> str:
+    """``scale_rewards`` as one of :data:`SCALE_REWARDS`: TRL's ``True: group, False: none`` (also the strings
+    ``true``/``false``, so a boolean config from before keeps its meaning); other values are returned unchanged."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, algorithm: str, scale: str | bool) -> torch.Tensor:
     r"""(B,) advantages of B = n * G sequence rewards laid out group after group.
 
     ``grpo``: :math:`A_i = R_i - \mathrm{mean}_g(R)`; ``rloo``: :math:`A_i = R_i - \frac{1}{G-1}\sum_{j\ne i} R_j
-    = \frac{G}{G-1}(R_i - \mathrm{mean}_g R)`. With ``scale`` divided by :math:`\mathrm{std}_g(R) + 10^{-4}`
-    (unbiased std; a group of equal rewards gets 0). Computed in float64, returned float32.
+    = \frac{G}{G-1}(R_i - \mathrm{mean}_g R)`. ``scale`` (:func:`scale_rewards_name`): ``group`` (or True) divides by
+    :math:`\mathrm{std}_g(R) + 10^{-4}` (unbiased std; a group of equal rewards gets 0), ``batch`` by the unbiased std
+    of all B rewards plus :math:`10^{-4}` (the trainer takes it over all processes), ``none`` (False) not. Computed in
+    float64, returned float32.
     """
+    scale = scale_rewards_name(scale)
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {SCALE_REWARDS}, got {scale!r}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if group_size < 2 or rewards.numel() % group_size:
@@ -62,8 +78,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, algorithm: str, 
     r = rewards.double().reshape(-1, group_size)
     mean = r.mean(1, keepdim=True)
     adv = r - mean if algorithm == "grpo" else r - (r.sum(1, keepdim=True) - r) / (group_size - 1)
-    if scale:
+    if scale == "group":
         adv = adv / (r.std(1, keepdim=True) + SCALE_EPS)
+    elif scale == "batch":
+        adv = adv / (r.std() + SCALE_EPS)
     return adv.flatten().float()
 
 
@@ -111,12 +129,18 @@ class CriticFreeConfig(RLConfig):
     loss_type: str = field(
         default="grpo", metadata={"help": "length normalisation of the loss (TRL's names)", "choices": LOSS_TYPES}
     )
-    scale_rewards: bool = field(
-        default=True, metadata={"help": "divide advantages by the group's reward std (false: Dr. GRPO)"}
+    scale_rewards: str | bool = field(
+        default="group",
+        metadata={
+            "help": "divide the advantages by the reward std (TRL's): group (each group's), batch (the whole "
+            "rollout's, all processes), none (Dr. GRPO); true/false mean group/none",
+            "choices": SCALE_REWARDS,
+        },
     )
     penalty_in: str = redefault(RLConfig, "penalty_in", "loss")
 
     def __post_init__(self) -> None:
+        self.scale_rewards = scale_rewards_name(self.scale_rewards)
         super().__post_init__()
         if self.step_batch_size % self.num_generations:
             raise ConfigError(
@@ -143,7 +167,7 @@ class RLOOConfig(CriticFreeConfig):
     algorithm: ClassVar[str] = "rloo"
     output_dir: str = redefault(RLConfig, "output_dir", "runs/rloo")
     penalty_in: str = redefault(RLConfig, "penalty_in", "reward")
-    scale_rewards: bool = redefault(CriticFreeConfig, "scale_rewards", False)
+    scale_rewards: str | bool = redefault(CriticFreeConfig, "scale_rewards", "none")
     loss_type: str = field(
         default="sequence",
         metadata={
@@ -185,7 +209,10 @@ class CriticFreeTrainer(RLTrainer):
         """Sequence rewards (penalty included with ``penalty_in: reward``), group advantages, ``loss_type`` weights."""
         c = self.config
         rewards = self.sequence_rewards(scored)
-        advantages = group_advantages(rewards, c.num_generations, algorithm=c.algorithm, scale=c.scale_rewards)
+        local = "none" if c.scale_rewards == "batch" else c.scale_rewards
+        advantages = group_advantages(rewards, c.num_generations, algorithm=c.algorithm, scale=local)
+        if c.scale_rewards == "batch":  # TRL: the std of the rewards gathered from every process
+            advantages = advantages / (self.batch_reward_std(rewards) + SCALE_EPS)
         weights, units = token_weights(scored.mask, c.loss_type, c.response_length)
         return RolloutBatch(scored, advantages.to(rewards.device), units, weights)
 
@@ -224,6 +251,11 @@ class CriticFreeTrainer(RLTrainer):
             return [total / (acc.num_processes * c.num_mini_batches)] * len(micro)
         return super().normalizers(batch, micro)
 
+    def batch_reward_std(self, rewards: torch.Tensor) -> torch.Tensor:
+        """The unbiased standard deviation of the sequence rewards (B,) of all processes (``scale_rewards: batch``)."""
+        every = torch.ones_like(rewards, dtype=torch.bool)
+        return pm.masked_var(rewards, every, self.accelerator).double().sqrt().to(rewards.device)
+
     def token_kl(self, scored) -> torch.Tensor:
         """(B, T) the per-token KL estimate TRL's trainer logs as ``kl``: GRPO's k3 at the rollout policy."""
         return k3(scored.old_logprobs, scored.ref_logprobs)
@@ -231,11 +263,15 @@ class CriticFreeTrainer(RLTrainer):
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         """Mean within-group reward std, share of groups whose rewards are all equal, mean |advantage|; under TRL's
         names ``frac_reward_zero_std`` (share of groups whose sequence rewards, penalty included where the
-        advantages include it, have a std close to 0) and ``kl`` (:meth:`token_kl`, mean per generated token)."""
+        advantages include it, have a std close to 0; with ``scale_rewards: batch`` TRL's 1 or 0, whether the whole
+        rollout's std is) and ``kl`` (:meth:`token_kl`, mean per generated token)."""
         acc, advantages, scored = self.accelerator, batch.advantages, batch.scored
         g = self.config.num_generations
         groups = scored.scores.reshape(-1, g).std(1)
-        flat = self.sequence_rewards(scored).reshape(-1, g).std(1)
+        rewards = self.sequence_rewards(scored)
+        flat = rewards.reshape(-1, g).std(1)
+        if self.config.scale_rewards == "batch":
+            flat = self.batch_reward_std(rewards).float().expand_as(flat)
         zero = torch.isclose(flat, torch.zeros_like(flat)).sum()
         n = torch.tensor(float(groups.numel()), device=groups.device)
         parts = [groups.sum(), (groups == 0).sum(), n, advantages.abs().sum(), zero]

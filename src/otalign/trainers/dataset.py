@@ -36,19 +36,14 @@ class DatasetConfig(TrainerConfig):
         default=None, metadata={"help": "configuration of a Hugging Face dataset_name (and eval_dataset_name), as TRL"}
     )
     dataset_train_split: str = field(default="train", metadata={"help": "split of dataset_name to train on"})
-    dataset_test_split: str = field(default="test", metadata={"help": "split of eval_dataset_name to evaluate"})
     eval_dataset_name: str | None = field(
         default=None,
         metadata={
             "path": "data",
             "builtins": ("builtin",),
-            "help": "evaluation rows (file or dataset name; dpo: paired rows), evaluated after training (eval_... "
-            "metrics)",
+            "help": "evaluation rows (file or dataset name; dpo: paired rows), evaluated as eval_strategy says "
+            "(eval_... metrics)",
         },
-    )
-    eval_steps: int = field(
-        default=0,
-        metadata={"help": "also evaluate every this many steps (0: only after the last one)", "check": ">= 0"},
     )
     max_length: int = field(
         default=1024,

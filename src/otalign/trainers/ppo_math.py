@@ -116,16 +116,37 @@ def policy_loss(
     return loss, stats
 
 
+EXTREMES = {"clip_ratio/low_min": "min", "clip_ratio/high_max": "max"}
+"""Loss statistics that are per-response values (b,) rather than token sums: each micro-batch's minimum or maximum
+over the responses of all processes (NaN entries left out), averaged over the step's micro-batches, as TRL 1.16's
+``GRPOTrainer``/``RLOOTrainer`` log them (:meth:`otalign.trainers.rl.RLTrainer.update`)."""
+
+
 def clip_ratios(ratio: torch.Tensor, advantages: torch.Tensor, cliprange: float, tokens: torch.Tensor) -> dict:
-    r"""TRL's ``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean`` as sums over tokens, to be divided by the token
-    count: ratios below :math:`1-\epsilon` with a negative advantage, above :math:`1+\epsilon` with a positive one
-    (where the clip binds), either; each entry counted ``tokens`` times ((b, T) mask, or (b,) token counts)."""
-    low = ((ratio < 1.0 - cliprange) & (advantages < 0)).float() * tokens
-    high = ((ratio > 1.0 + cliprange) & (advantages > 0)).float() * tokens
+    r"""TRL's clip statistics of a micro-batch: ratios below :math:`1-\epsilon` with a negative advantage (low),
+    above :math:`1+\epsilon` with a positive one (high), where the clip binds.
+
+    ``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean``: sums over tokens, each entry counted ``tokens`` times
+    ((b, T) mask with per-token ``ratio``; (b,) token counts with one ``ratio`` per response), to be divided by the
+    token count. ``clip_ratio/low_min`` and ``/high_max`` (:data:`EXTREMES`): (b,) per response, as TRL 1.16
+    computes them before its ``nanmin``/``nanmax`` over the gathered micro-batch: the share of the response's tokens
+    clipped (``masked_seq_mean``, NaN for a response without tokens) or, with one ratio per response (RLOO's
+    sequence objective), 0 or 1.
+    """
+    low_hit = ((ratio < 1.0 - cliprange) & (advantages < 0)).float()
+    high_hit = ((ratio > 1.0 + cliprange) & (advantages > 0)).float()
+    low, high = low_hit * tokens, high_hit * tokens
+    if ratio.dim() == 2:  # per token: the share of each response's tokens
+        count = tokens.float().sum(-1)
+        low_seq, high_seq = low.sum(-1) / count, high.sum(-1) / count
+    else:
+        low_seq, high_seq = low_hit, high_hit
     return {
         "clip_ratio/low_mean": low.sum().detach(),
         "clip_ratio/high_mean": high.sum().detach(),
         "clip_ratio/region_mean": (low + high).sum().detach(),
+        "clip_ratio/low_min": low_seq.detach(),
+        "clip_ratio/high_max": high_seq.detach(),
     }
 
 

@@ -92,6 +92,7 @@ class PreferenceTrainer(BaseTrainer):
         self.eval_data = self._load(
             eval_data, c.eval_dataset_name, "eval_dataset_name", c.dataset_test_split, required=False
         )
+        self.plan_evaluation(self.eval_data is not None)
         self.paired = isinstance(self.train_data[0], PreferencePair)
         if self.loss.paired and not self.paired:
             raise ValueError(f"loss_type {c.loss_type!r} needs paired prompt/chosen/rejected data")
@@ -104,7 +105,7 @@ class PreferenceTrainer(BaseTrainer):
         self._encode("train", self.train_data, c.dataset_name or "train_data")
         if self.eval_data is not None:
             self._encode("eval", self.eval_data, c.eval_dataset_name or "eval_data")
-        policy = policy if policy is not None else load_causal_lm(c.model_name_or_path, dtype=c.model_dtype)
+        policy = policy if policy is not None else load_causal_lm(c.model_name_or_path, **c.model_kwargs)
         self._check_context(policy)
 
         device = self.accelerator.device
@@ -116,7 +117,7 @@ class PreferenceTrainer(BaseTrainer):
         if self.ref_values is None and not shares_weights:
             if ref_model is None:
                 path = c.ref_model_name_or_path
-                ref_model = load_causal_lm(path, dtype=c.model_dtype) if path else frozen_copy(policy)
+                ref_model = load_causal_lm(path, **c.model_kwargs) if path else frozen_copy(policy)
             self._set_reference(ref_model.eval().requires_grad_(False).to(device))
         if c.use_peft:
             policy = apply_lora(
@@ -316,11 +317,11 @@ class PreferenceTrainer(BaseTrainer):
             metrics.update({k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in extra.items()})
             metrics.update(optimizer_metrics)
             metrics.update(timer.metrics())
-            if self.eval_data is not None and c.eval_steps and step % c.eval_steps == 0 and step != c.max_steps:
+            if self.evaluate_now(step):
                 metrics.update(self.evaluate())
             history.append(metrics)
             self.end_step(step, metrics)
-        if self.eval_data is not None:
+        if self.evaluate_at_end:
             self.metrics.log(self.evaluate(), c.max_steps)
         if c.save_model:
             self.save_model()
@@ -368,7 +369,7 @@ class PreferenceTrainer(BaseTrainer):
             raise ValueError("evaluation needs preference pairs: pass eval_data or set eval_dataset_name")
         n = len(self.eval_data if split == "eval" else self.train_data)
         model = self.accelerator.unwrap_model(self.policy)
-        size = self.config.per_device_train_batch_size
+        size = self.config.eval_batch_size
         records = []
         for start in range(0, n, size):
             rows = range(start, min(start + size, n))

@@ -18,6 +18,7 @@ is an error by default, or truncated by ``truncation_mode`` (:mod:`otalign.data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,8 @@ class RewardConfig(DatasetConfig):
     center_rewards_coefficient: float | None = field(
         default=None, metadata={"help": "weight of the mean squared summed pair reward (none: off)", "check": ">= 0"}
     )
+
+    eval_data_fields: ClassVar[tuple[str, ...]] = ("eval_dataset_name", "eval_split_size")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,9 +135,10 @@ class RewardTrainer(SupervisedTrainer):
             self.eval_pairs = [train_pairs[i] for i in eval_ids]
             train_pairs = [train_pairs[i] for i in train_ids]
         self.train_pairs = train_pairs
+        self.plan_evaluation(bool(self.eval_pairs))  # eval_split_size of a single pair holds none out
 
         if model is None:
-            model = load_reward_model(c.model_name_or_path, pad, dtype=c.model_dtype)
+            model = load_reward_model(c.model_name_or_path, pad, **c.model_kwargs)
         elif type(model).__name__.endswith("ForCausalLM"):
             model = reward_model_from_causal_lm(model, pad)
         if model.config.num_labels != 1:
@@ -200,11 +204,11 @@ class RewardTrainer(SupervisedTrainer):
             metrics = {"loss": float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean"))}
             metrics.update(pair_metrics(gathered[:, 0], gathered[:, 1]))
             metrics.update({**optimizer_metrics, **timer.metrics()})
-            if self.eval_pairs and self.evaluate_now(step):
+            if self.evaluate_now(step):
                 metrics.update(self.evaluate())
             history.append(metrics)
             self.end_step(step, metrics)
-        return self.conclude(history, evaluate=bool(self.eval_pairs))
+        return self.conclude(history)
 
     @torch.no_grad()
     def evaluate(self, pairs: list[Pair] | None = None) -> dict[str, float]:
@@ -214,7 +218,7 @@ class RewardTrainer(SupervisedTrainer):
         model = self.accelerator.unwrap_model(self.policy)
         was_training = model.training
         model.eval()
-        size = self.config.per_device_train_batch_size
+        size = self.config.eval_batch_size
         chosen, rejected = [], []
         for s in range(0, len(pairs), size):
             c, r = pair_rewards(model, pairs[s : s + size], self.tokenizer.pad_token_id, self.accelerator.device)

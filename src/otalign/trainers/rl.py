@@ -33,6 +33,9 @@ A solve that stops above its tolerance is counted in ``sinkhorn/unconverged_frac
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 
 from otalign.data import load_prompt_rows, prompt_columns, render_prompt, validate_prompt
@@ -48,11 +51,11 @@ from . import ppo_math as pm
 from .base import BaseTrainer
 from .beta import BetaController
 from .config import stream_seed
-from .metrics import Timer
+from .metrics import EVAL_PREFIX, Timer
 from .penalty import penalty_placement
 from .reward_sum import RewardSum
 from .rl_config import LOSS_POTENTIALS, PENALTY_IN, RLConfig
-from .rl_metrics import report_convergence, rollout_metrics
+from .rl_metrics import global_max, report_convergence, rollout_metrics
 from .rollout_batch import RolloutBatch, ScoredRollout
 
 
@@ -64,11 +67,30 @@ def as_rows(prompts: list) -> list[dict]:
     ]
 
 
+class PromptSet(NamedTuple):
+    """Prompts ready to sample from: their rows (``prompt`` and columns), the column names, the rendered texts and
+    the token ids."""
+
+    rows: list[dict]
+    columns: list[str]
+    texts: list[str]
+    ids: list[list[int]]
+
+
 def check_context(model, prompt_ids: list[list[int]], response_length: int) -> None:
     """``ValueError`` if the longest prompt plus ``response_length`` exceeds the model's context window."""
     longest = max(len(ids) for ids in prompt_ids)
     what = f"the longest prompt ({longest} tokens) plus response_length={response_length}"
     check_fits_context(model, longest + response_length, what, "shorten the prompts or response_length")
+
+
+def response_extreme(values: torch.Tensor, kind: str, accelerator) -> float:
+    """The minimum (``kind`` ``min``) or maximum (``max``) of the per-response ``values`` (b,) over all processes,
+    NaN entries left out (TRL's ``nanmin``/``nanmax`` of the gathered values); NaN when every entry is."""
+    sign = -1.0 if kind == "min" else 1.0
+    finite = torch.nan_to_num(sign * values.double(), nan=-math.inf)
+    found = global_max(finite.reshape(-1) if finite.numel() else finite.new_full((1,), -math.inf), accelerator)
+    return sign * found if math.isfinite(found) else float("nan")
 
 
 def distance_key(regularizer) -> str:
@@ -90,11 +112,14 @@ class RLTrainer(BaseTrainer):
         regularizer: an :class:`otalign.regularizers.Regularizer` (with a support gradient or a ``loss_term`` for
             ``penalty_in: loss``); default: built by the registry from the config.
         prompts: prompts (strings, message lists, or dicts with ``prompt`` and columns) instead of ``config.prompts``.
+        eval_prompts: held-out prompts (as ``prompts``) instead of ``config.eval_dataset_name``, evaluated as
+            ``eval_strategy`` says (:meth:`evaluate`).
         accelerator: an existing ``accelerate.Accelerator``.
 
     Raises:
         ValueError: bad prompts (empty set, too long for ``max_prompt_length`` or the context window),
-            unknown reward or regularizer, a reward model with another tokenizer: all before training.
+            unknown reward or regularizer, a reward model with another tokenizer, ``eval_strategy``/``eval_steps``
+            without held-out prompts: all before training.
     """
 
     num_generations = 1
@@ -112,26 +137,18 @@ class RLTrainer(BaseTrainer):
         reward=None,
         regularizer=None,
         prompts: list | None = None,
+        eval_prompts: list | None = None,
         accelerator=None,
     ) -> None:
         super().__init__(config, accelerator)
         c = config
-        rows = load_prompt_rows(c.prompts, c.prompts_split) if prompts is None else as_rows(list(prompts))
-        if not rows:
-            raise ValueError("the prompt set is empty")
-        self.prompt_rows = rows
-        self.column_names = prompt_columns(rows, c.prompts if prompts is None else "prompts")
         self.tokenizer = tokenizer or load_tokenizer(c.model_name_or_path)
-        self.prompt_texts = [
-            render_prompt(r["prompt"], self.tokenizer, use_chat_template=c.use_chat_template) for r in rows
-        ]
-        self.prompt_ids = encode_prompts(
-            self.tokenizer,
-            self.prompt_texts,
-            max_prompt_length=c.max_prompt_length,
-            source=c.prompts if prompts is None else "prompts",
-            numbers=[i for i, _ in numbered(rows)],
-        )
+        train = self.prompt_set(prompts, c.prompts, c.prompts_split, "prompts")
+        self.prompt_rows, self.column_names, self.prompt_texts, self.prompt_ids = train
+        self.eval_set = None
+        if eval_prompts is not None or c.eval_dataset_name is not None:
+            self.eval_set = self.prompt_set(eval_prompts, c.eval_dataset_name, c.dataset_test_split, "eval_prompts")
+        self.plan_evaluation(self.eval_set is not None)
         self.reward_sum = RewardSum(
             self.given_rewards(reward),
             c.reward_weights,
@@ -150,6 +167,28 @@ class RLTrainer(BaseTrainer):
         )
 
     # ------------------------------------------------------------------ setup
+    def prompt_set(self, prompts: list | None, name: str, split: str, argument: str) -> PromptSet:
+        """The prompts given in Python (``prompts``, named ``argument`` in errors) or else the set ``name``'s
+        ``split``, rendered and encoded.
+
+        Raises:
+            ValueError: an empty set, a prompt longer than ``max_prompt_length`` (naming the row).
+        """
+        c = self.config
+        rows = load_prompt_rows(name, split) if prompts is None else as_rows(list(prompts))
+        source = name if prompts is None else argument
+        if not rows:
+            raise ValueError(f"{source}: the prompt set is empty")
+        texts = [render_prompt(r["prompt"], self.tokenizer, use_chat_template=c.use_chat_template) for r in rows]
+        ids = encode_prompts(
+            self.tokenizer,
+            texts,
+            max_prompt_length=c.max_prompt_length,
+            source=source,
+            numbers=[i for i, _ in numbered(rows)],
+        )
+        return PromptSet(rows, prompt_columns(rows, source), texts, ids)
+
     def build_models(self, policy) -> dict:
         """Models trained next to the policy, by attribute name (PPO: its critic), built from the policy before
         LoRA; none by default."""
@@ -175,8 +214,8 @@ class RLTrainer(BaseTrainer):
         """Load the policy (if None), check the context window, freeze the reference (default: a copy of the policy)
         and build the regularizer; returns the policy, still without LoRA."""
         c = self.config
-        policy = policy if policy is not None else load_causal_lm(c.model_name_or_path, dtype=c.model_dtype)
-        check_context(policy, self.prompt_ids, c.response_length)
+        policy = policy if policy is not None else load_causal_lm(c.model_name_or_path, **c.model_kwargs)
+        check_context(policy, self.prompt_ids + (self.eval_set.ids if self.eval_set else []), c.response_length)
         if ref_model is None and c.use_peft:  # the policy's base with adapters disabled (set in prepare_training)
             self.ref_model = None
         else:
@@ -254,6 +293,8 @@ class RLTrainer(BaseTrainer):
                 metrics.update(self.advance())
             timer.lap("update")
             metrics.update(timer.metrics())
+            if self.evaluate_now(step) or (step == c.max_steps and self.evaluate_at_end):
+                metrics.update(self.evaluate())
             history.append(metrics)
             self.end_rl_step(step, metrics)
         if self.unconverged_steps:
@@ -399,13 +440,16 @@ class RLTrainer(BaseTrainer):
         summed over the micro-batch's generated tokens.
 
         Returns:
-            Losses averaged over the applied optimizer steps and processes, statistics per token, ``learning_rate``
+            Losses averaged over the applied optimizer steps and processes, statistics per token (the
+            :data:`~otalign.trainers.ppo_math.EXTREMES`: the mean over the micro-batches of the minimum or maximum over
+            their responses on all processes), ``learning_rate``
             and ``grad_norm`` (:meth:`~otalign.trainers.base.BaseTrainer.advance`); with ``on_nonfinite: skip``,
             steps skipped for a non-finite loss or gradient are left out.
         """
         c, acc, mask = self.config, self.accelerator, batch.scored.mask
         losses: dict[str, float] = {}
         sums: dict[str, float] = {}
+        extremes: dict[str, list[float]] = {}
         tokens, updates = 0.0, 0
         gen = torch.Generator().manual_seed(stream_seed(c.seed, step))
         for _ in range(self.num_epochs):
@@ -414,6 +458,7 @@ class RLTrainer(BaseTrainer):
                 micro = minibatch.chunk(c.gradient_accumulation_steps)
                 update_losses: dict[str, float] = {}
                 update_sums: dict[str, float] = {}
+                update_extremes: dict[str, list[float]] = {}
                 for k, (rows, normalizer) in enumerate(zip(micro, self.normalizers(batch, micro), strict=True)):
                     with self.no_sync(last=k == len(micro) - 1):
                         loss, parts, stats = self.loss(batch, rows, normalizer)
@@ -422,12 +467,18 @@ class RLTrainer(BaseTrainer):
                     for name, value in parts.items():
                         update_losses[name] = update_losses.get(name, 0.0) + float(value)
                     for name, value in stats.items():
-                        update_sums[name] = update_sums.get(name, 0.0) + float(value)
+                        if name in pm.EXTREMES:
+                            extreme = response_extreme(value, pm.EXTREMES[name], acc)
+                            update_extremes.setdefault(name, []).append(extreme)
+                        else:
+                            update_sums[name] = update_sums.get(name, 0.0) + float(value)
                 if self.apply_gradients(step):  # a skipped step's (non-finite) losses are not averaged in
                     for name, value in update_losses.items():
                         losses[name] = losses.get(name, 0.0) + value
                     for name, value in update_sums.items():
                         sums[name] = sums.get(name, 0.0) + value
+                    for name, values in update_extremes.items():
+                        extremes.setdefault(name, []).extend(values)
                     tokens += float(mask[minibatch].sum())
                     updates += 1
         optimizer_metrics = self.advance()
@@ -435,8 +486,65 @@ class RLTrainer(BaseTrainer):
         metrics = {name: float(totals[i]) / (updates * acc.num_processes) for i, name in enumerate(losses)}
         offset = len(losses)
         metrics.update({name: float(totals[offset + i] / totals[-1].clamp_min(1)) for i, name in enumerate(sums)})
+        for name, values in extremes.items():  # TRL: the mean of the logged micro-batch values, NaNs left out
+            finite = [v for v in values if not math.isnan(v)]
+            metrics[name] = sum(finite) / len(finite) if finite else float("nan")
         metrics.update(optimizer_metrics)
         return metrics
+
+    # ------------------------------------------------------------------ held-out evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The policy on the held-out prompts (``eval_dataset_name`` or ``eval_prompts``), one response per prompt
+        with the training sampling settings and per-prompt seeds from ``seed`` (the same at every evaluation), by
+        :func:`otalign.eval.policy.evaluate_policy` in batches of ``per_device_eval_batch_size`` prompts.
+
+        Returns:
+            TRL's ``eval_reward`` (mean of the rewards' weighted sum, as ``reward``) and ``eval_reward_std``
+            (unbiased); ``eval_kl/exact`` (exact KL to the reference per generated token), the regularizer's
+            statistics per generated token with the prefix ``eval_`` (``eval_penalty/mean``, ``eval_rkl/exact``,
+            ``eval_wasserstein/value``, ...), ``eval_regularizer/distance`` (its distance statistic, as
+            ``regularizer/distance``) and ``eval_completions/mean_length``. Every process evaluates all prompts.
+
+        Raises:
+            ValueError: no held-out prompts.
+        """
+        from otalign.eval.policy import evaluate_policy
+
+        c, ev = self.config, self.eval_set
+        if ev is None:
+            raise ValueError("evaluation needs held-out prompts: set eval_dataset_name or pass eval_prompts")
+        pad = self.tokenizer.pad_token_id
+
+        def reward(rollout, rows, columns):
+            return self.reward_sum(rollout, rows, columns, pad)[0]
+
+        result = evaluate_policy(
+            self.accelerator.unwrap_model(self.policy),
+            self.ref_model,
+            self.tokenizer,
+            ev.texts,
+            ev.ids,
+            reward,
+            params=c.sampling,
+            seed=c.seed,
+            batch_size=c.eval_batch_size,
+            scoring_batch_size=c.scoring_chunk,
+            columns={name: [row[name] for row in ev.rows] for name in ev.columns},
+            regularizer=self.regularizer,
+        )
+        scores = torch.tensor(result.scores, dtype=torch.float64)
+        tokens = max(sum(result.lengths), 1)
+        metrics = {
+            "reward": float(scores.mean()),
+            "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            **result.stats,
+            "kl/exact": sum(result.kl) / tokens,
+            "completions/mean_length": sum(result.lengths) / len(result.lengths),
+        }
+        key = distance_key(self.regularizer)
+        metrics["regularizer/distance"] = metrics.get(key, metrics.get("penalty/mean", float("nan")))
+        return {f"{EVAL_PREFIX}{k}": v for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ 5. log, beta, checkpoint
     def rollout_metrics(self, scored: ScoredRollout) -> dict[str, float]:

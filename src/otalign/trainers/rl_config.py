@@ -45,6 +45,15 @@ class RLConfig(TrainerConfig):
     prompts_split: str = field(
         default="train", metadata={"help": "split of a built-in prompt set or a saved dataset (train or test)"}
     )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "path": "data",
+            "builtins": PROMPT_SETS,
+            "help": "held-out prompt set (as prompts; split dataset_test_split), one response per prompt evaluated "
+            "as eval_strategy says: eval_reward, eval_reward_std, eval_kl/exact, eval_regularizer/distance, ...",
+        },
+    )
     use_chat_template: bool = field(
         default=True, metadata={"help": "wrap each prompt as a user turn when the tokenizer has a chat template"}
     )

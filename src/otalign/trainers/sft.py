@@ -149,8 +149,9 @@ class SFTTrainer(SupervisedTrainer):
         c = config
         load = partial(load_sft_data, dataset_text_field=c.dataset_text_field)
         train_data, eval_data = self.load_datasets(train_data, eval_data, load)
+        self.plan_evaluation(bool(eval_data))
         self.tokenizer = tokenizer or load_tokenizer(c.model_name_or_path)
-        model = model if model is not None else load_causal_lm(c.model_name_or_path, dtype=c.model_dtype)
+        model = model if model is not None else load_causal_lm(c.model_name_or_path, **c.model_kwargs)
         limit = context_window(model)
         self.train_rows = self._encode(train_data, c.dataset_name or "train_data", limit)
         if c.packing:
@@ -214,11 +215,11 @@ class SFTTrainer(SupervisedTrainer):
             num_tokens += int(sums["positions"])
             metrics = {"loss": loss_total / total, "num_tokens": num_tokens, **token_metrics(sums)}
             metrics.update({**optimizer_metrics, **timer.metrics()})
-            if self.eval_rows is not None and self.evaluate_now(step):
+            if self.evaluate_now(step):
                 metrics.update(self.evaluate())
             history.append(metrics)
             self.end_step(step, metrics)
-        return self.conclude(history, evaluate=self.eval_rows is not None)
+        return self.conclude(history)
 
     @torch.no_grad()
     def evaluate(self, rows: list[Row] | None = None) -> dict[str, float]:
@@ -228,7 +229,7 @@ class SFTTrainer(SupervisedTrainer):
         model = self.accelerator.unwrap_model(self.policy)
         was_training = model.training
         model.eval()
-        size = self.config.per_device_train_batch_size
+        size = self.config.eval_batch_size
         loss_sum, sums = 0.0, {}
         for s in range(0, len(rows), size):
             batch = collate(rows[s : s + size], self.tokenizer.pad_token_id, self.accelerator.device)

@@ -4,8 +4,8 @@ Both train one model on a fixed dataset of items (encoded examples or pairs), co
 :class:`~otalign.trainers.dataset.DatasetConfig`. Each step every process takes
 ``per_device_train_batch_size * gradient_accumulation_steps`` items from seeded per-epoch permutations
 (:func:`~otalign.trainers.dataset.shuffled`), in ``gradient_accumulation_steps`` micro-batches; the position
-follows from the step, so a resumed run continues exactly where it stopped. Evaluation runs every ``eval_steps``
-and after the last step.
+follows from the step, so a resumed run continues exactly where it stopped. Evaluation runs as ``eval_strategy``
+says (:meth:`~otalign.trainers.base.BaseTrainer.evaluate_now`).
 """
 
 from __future__ import annotations
@@ -71,14 +71,10 @@ class SupervisedTrainer(BaseTrainer):
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
 
-    def evaluate_now(self, step: int) -> bool:
-        """True at an intermediate evaluation step (every ``eval_steps``, the last step excluded)."""
-        c = self.config
-        return bool(c.eval_steps) and step % c.eval_steps == 0 and step != c.max_steps
-
-    def conclude(self, history: list[dict[str, float]], evaluate: bool) -> list[dict[str, float]]:
-        """After the last step: final evaluation (logged at ``max_steps``, appended to ``history``), save, finish."""
-        if evaluate:
+    def conclude(self, history: list[dict[str, float]]) -> list[dict[str, float]]:
+        """After the last step: final evaluation (:attr:`evaluate_at_end`; logged at ``max_steps``, appended to
+        ``history``), save, finish."""
+        if self.evaluate_at_end:
             final = self.evaluate()
             self.metrics.log(final, self.config.max_steps)
             history.append(final)

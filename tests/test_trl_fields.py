@@ -1,0 +1,423 @@
+"""TRL 1.16 / transformers fields with their meaning: the RL trainers' held-out evaluation (``eval_strategy``,
+``eval_steps``, ``per_device_eval_batch_size``, ``eval_dataset_name``), ``save_strategy`` and ``save_total_limit``,
+``run_name``, ``bf16``/``fp16``, ``optim``, ``model_init_kwargs`` and ``attn_implementation``, GRPO/RLOO's
+``clip_ratio/low_min`` and ``/high_max`` and ``scale_rewards``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from otalign.config import ConfigError, ConfigParser
+from otalign.eval.policy import evaluate_policy
+from otalign.models.tiny import save_tiny_model, tiny_causal_lm, tiny_tokenizer
+from otalign.rewards import build_reward
+from otalign.trainers import (
+    GRPOConfig,
+    GRPOTrainer,
+    PPOConfig,
+    PPOTrainer,
+    RLOOConfig,
+    RLOOTrainer,
+    checkpoint,
+    read_metrics,
+)
+from otalign.trainers.checkpoint import CheckpointManager, list_checkpoints
+from otalign.trainers.critic_free import group_advantages
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+FIXTURES = Path(__file__).parent / "fixtures"
+
+PROMPTS = [
+    "write one sentence about the cat .",
+    "tell you about my day .",
+    "describe the city in the rain .",
+    "what is your friend ?",
+]
+HELD_OUT = ["the dog walks in the park .", "a friend writes about the sun .", "what is the rain ?"]
+TRAINERS = {"ppo": (PPOConfig, PPOTrainer), "grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
+
+
+def characters(prompts: list[str], responses: list[str]) -> list[float]:
+    """A reward that differs between responses from the start: characters / 20."""
+    return [len(r) / 20 for r in responses]
+
+
+def rl(tmp_path, algorithm: str = "grpo", *, eval_prompts=None, **overrides):
+    config_cls, trainer_cls = TRAINERS[algorithm]
+    tokenizer = tiny_tokenizer()
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        response_length=5,
+        learning_rate=1e-3,
+        progress_bar=False,
+        save_model=False,
+        wpr_top_k=8,
+        reward_fn=["sentiment"],
+    )
+    if algorithm != "ppo":
+        settings["num_generations"] = 2
+    settings.update(overrides)
+    return trainer_cls(
+        config_cls(**settings),
+        policy=tiny_causal_lm(tokenizer, seed=1),
+        ref_model=tiny_causal_lm(tokenizer, seed=0),
+        tokenizer=tokenizer,
+        reward=characters,
+        prompts=PROMPTS,
+        eval_prompts=eval_prompts,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- RL evaluation
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_rl_evaluates_held_out_prompts_every_eval_steps_and_at_the_end(tmp_path, algorithm):
+    trainer = rl(tmp_path, algorithm, eval_prompts=HELD_OUT, max_steps=3, eval_strategy="steps", eval_steps=2)
+    trainer.train()
+    rows = read_metrics(tmp_path)
+    evaluated = [r for r in rows if "eval_reward" in r]
+    assert [r["step"] for r in evaluated] == [2, 3]  # every eval_steps, and after the last step (TRL's steps)
+    for key in ("eval_reward_std", "eval_kl/exact", "eval_regularizer/distance", "eval_rkl/exact"):
+        assert all(key in r for r in evaluated), key
+    # the regularizer's exact KL (rkl/exact) is the KL the evaluation measures itself, per generated token
+    assert evaluated[-1]["eval_rkl/exact"] == pytest.approx(evaluated[-1]["eval_kl/exact"], rel=1e-5)
+    assert evaluated[-1]["eval_regularizer/distance"] == evaluated[-1]["eval_rkl/exact"]
+
+
+def test_rl_evaluation_is_evaluate_policy_on_the_trained_policy(tmp_path):
+    """The last step's eval metrics are those of ``evaluate_policy`` run afterwards on the trained policy, with one
+    prompt per batch (``per_device_eval_batch_size`` changes the batching, not the samples)."""
+    trainer = rl(tmp_path, eval_prompts=HELD_OUT, per_device_eval_batch_size=2, eval_strategy="steps")
+    last = trainer.train()[-1]
+    result = evaluate_policy(
+        trainer.accelerator.unwrap_model(trainer.policy),
+        trainer.ref_model,
+        trainer.tokenizer,
+        trainer.eval_set.texts,
+        trainer.eval_set.ids,
+        build_reward(characters),
+        params=trainer.config.sampling,
+        seed=trainer.config.seed,
+        batch_size=1,
+    )
+    scores = torch.tensor(result.scores, dtype=torch.float64)
+    assert last["eval_reward"] == pytest.approx(float(scores.mean()), rel=1e-6)
+    assert last["eval_reward_std"] == pytest.approx(float(scores.std()), rel=1e-6)
+    assert last["eval_kl/exact"] == pytest.approx(result.summary()["kl_per_token"], rel=1e-5)
+    assert last["eval_completions/mean_length"] == pytest.approx(sum(result.lengths) / len(HELD_OUT))
+
+
+def test_rl_wasserstein_distance_on_held_out_prompts(tmp_path):
+    trainer = rl(tmp_path, eval_prompts=HELD_OUT, regularizer="wasserstein", max_steps=1)
+    last = trainer.train()[-1]  # eval_strategy unset: evaluation data given, so after the last step
+    assert last["eval_regularizer/distance"] == last["eval_wasserstein/value"] > 0
+
+
+def test_rl_eval_strategy_no_never_evaluates(tmp_path):
+    rl(tmp_path, eval_prompts=HELD_OUT, eval_strategy="no").train()
+    assert not any("eval_reward" in r for r in read_metrics(tmp_path))
+
+
+@pytest.mark.parametrize("settings", [dict(eval_steps=2), dict(eval_strategy="steps"), dict(eval_strategy="epoch")])
+def test_evaluation_without_evaluation_data_is_one_config_error(tmp_path, settings):
+    with pytest.raises(ConfigError, match=r"evaluates on held-out data: set eval_dataset_name$"):
+        rl(tmp_path, **settings)
+
+
+@pytest.mark.parametrize("command", ["grpo", "rloo", "ppo", "dpo", "sft", "reward"])
+def test_command_line_refuses_eval_steps_without_eval_data(tmp_path, command, capsys):
+    from otalign.cli import main
+
+    data = {"dpo": "builtin", "reward": "builtin", "sft": str(FIXTURES / "sft_pairs.jsonl")}
+    args = [command, "--eval_strategy", "steps", "--output_dir", str(tmp_path / "run")]
+    args += ["--dataset_name", data[command]] if command in data else []
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "eval_strategy steps evaluates on held-out data: set eval_dataset_name" in err
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def test_epoch_strategies_save_and_evaluate_where_a_pass_over_the_rows_ends(tmp_path):
+    """8 training rows (4 prompts x 2 responses), 4 per step: passes end at steps 2 and 4; the run stops at 3, where
+    both strategies act too (TRL's epoch end at the end of training)."""
+    trainer = rl(
+        tmp_path,
+        eval_prompts=HELD_OUT,
+        max_steps=3,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=None,
+    )
+    trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert [r["step"] for r in read_metrics(tmp_path) if "eval_reward" in r] == [2, 3]
+
+
+def test_save_strategy_no_and_steps(tmp_path):
+    rl(tmp_path / "no", max_steps=3, save_strategy="no").train()
+    assert list_checkpoints(tmp_path / "no") == []
+    rl(tmp_path / "steps", max_steps=3, save_steps=2, save_total_limit=None).train()
+    assert [p.name for p in list_checkpoints(tmp_path / "steps")] == ["checkpoint-2", "checkpoint-3"]
+    for strategy in ("no", "epoch"):  # an interval the strategy would ignore is refused
+        with pytest.raises(ConfigError, match=f"save_steps needs save_strategy steps, got save_strategy {strategy}"):
+            GRPOConfig(save_strategy=strategy, save_steps=2)
+        with pytest.raises(ConfigError, match=f"eval_steps needs eval_strategy steps, got eval_strategy {strategy}"):
+            GRPOConfig(eval_strategy=strategy, eval_steps=2)
+    with pytest.raises(ConfigError, match="unknown save_strategy 'best'"):
+        GRPOConfig(save_strategy="best")
+
+
+def test_save_total_limit_removes_the_oldest_after_the_new_checkpoint_is_complete(tmp_path, monkeypatch):
+    acc = Accelerator(cpu=True)
+    model, optimizer = acc.prepare(torch.nn.Linear(3, 2), torch.optim.AdamW(torch.nn.Linear(3, 2).parameters()))
+    folder = tmp_path / "checkpoints"
+    removed = []
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        path = Path(path)
+        if checkpoint.PATTERN.match(path.name) and path.exists():  # an old one goes once the newest is complete
+            newest = max(list_checkpoints(tmp_path), key=lambda p: int(p.name.split("-")[1]))
+            removed.append((path.name, (newest / checkpoint.MANIFEST).is_file()))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    manager = CheckpointManager(acc, tmp_path, total_limit=2)
+    for step in (1, 2, 3):
+        manager.save(step)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert removed == [("checkpoint-1", True)]
+    # a resumed run writes checkpoint-4 beside checkpoint-9 of an abandoned later run: the new one always stays
+    real_rmtree(folder / "checkpoint-2")
+    (folder / "checkpoint-9").mkdir()
+    CheckpointManager(acc, tmp_path, total_limit=1).save(4)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4"]
+    assert checkpoint.verify_checkpoint(folder / "checkpoint-4") is None
+
+
+# ---------------------------------------------------------------------------------------------- run, precision, model
+def test_run_name_names_the_tensorboard_run_and_is_recorded(tmp_path):
+    pytest.importorskip("tensorboard")
+    rl(tmp_path, max_steps=1, report_to=["tensorboard"], run_name="trial-7").train()
+    assert list((tmp_path / "otalign" / "trial-7").glob("events.out.tfevents.*"))
+    assert json.loads((tmp_path / "config.json").read_text())["run_name"] == "trial-7"
+
+
+def test_bf16_and_fp16_are_mixed_precision(tmp_path):
+    assert GRPOConfig(bf16=True).mixed_precision == "bf16"
+    assert GRPOConfig(fp16=True, mixed_precision="fp16").mixed_precision == "fp16"
+    assert GRPOConfig(bf16=False).mixed_precision == "no"
+    parser = ConfigParser(GRPOConfig, prog="otalign grpo")
+    assert parser.parse(["--bf16"]).mixed_precision == "bf16"  # a bare flag, as TRL users write it
+    assert parser.parse(["--fp16", "false"]).fp16 is False and parser.parse([]).bf16 is None
+    for settings, message in [
+        (dict(bf16=True, fp16=True), "bf16 and fp16 are both true"),
+        (dict(bf16=True, mixed_precision="fp16"), "bf16 true contradicts mixed_precision fp16"),
+        (dict(fp16=False, mixed_precision="fp16"), "fp16 false contradicts mixed_precision fp16"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            GRPOConfig(**settings)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps one mixed precision per process
+    try:
+        assert rl(tmp_path, bf16=True).accelerator.mixed_precision == "bf16"
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_optim_adamw_torch_fused_runs_the_fused_kernel_with_the_same_updates(tmp_path):
+    plain = rl(tmp_path / "plain", max_steps=2)
+    fused = rl(tmp_path / "fused", max_steps=2, optim="adamw_torch_fused")
+    assert fused.optimizer.param_groups[0]["fused"] and not plain.optimizer.param_groups[0].get("fused")
+    for a, b in zip(plain.train(), fused.train(), strict=True):
+        assert a["loss/policy"] == pytest.approx(b["loss/policy"], rel=1e-5, abs=1e-7)
+    models = [t.accelerator.unwrap_model(t.policy).state_dict() for t in (plain, fused)]
+    for key, value in models[0].items():
+        torch.testing.assert_close(models[1][key], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"unknown optim 'adafactor'; choose one of \['adamw_torch', 'adamw_torch_"):
+        GRPOConfig(optim="adafactor")
+
+
+def test_model_init_kwargs_and_attn_implementation_reach_from_pretrained(tmp_path):
+    path = save_tiny_model(tmp_path / "tiny")
+    tokenizer = tiny_tokenizer()
+
+    def loaded(**settings):
+        config = GRPOConfig(
+            output_dir=str(tmp_path / "run"),
+            model_name_or_path=path,
+            num_generations=2,
+            per_device_train_batch_size=2,
+            response_length=4,
+            overwrite_output_dir=True,
+            **settings,
+        )
+        trainer = GRPOTrainer(config, tokenizer=tokenizer, reward=characters, prompts=PROMPTS)
+        return trainer.accelerator.unwrap_model(trainer.policy)
+
+    model = loaded(model_init_kwargs={"dtype": "bfloat16", "attn_implementation": "eager"})
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+    model = loaded(model_init_kwargs={"torch_dtype": "float16"}, attn_implementation="sdpa")
+    assert model.dtype == torch.float16 and model.config._attn_implementation == "sdpa"
+    with pytest.raises(ConfigError, match="model_init_kwargs dtype bfloat16 contradicts model_dtype float16"):
+        GRPOConfig(model_dtype="float16", model_init_kwargs={"dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="attn_implementation eager contradicts attn_implementation sdpa"):
+        GRPOConfig(attn_implementation="sdpa", model_init_kwargs={"attn_implementation": "eager"})
+
+
+@pytest.mark.parametrize("command", ["grpo", "rloo", "ppo", "dpo", "sft", "reward"])
+def test_help_lists_the_trl_fields(command, capsys):
+    from otalign.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    fields = ["eval_strategy", "eval_steps", "per_device_eval_batch_size", "eval_dataset_name", "save_strategy"]
+    fields += ["save_total_limit", "run_name", "bf16", "fp16", "optim", "model_init_kwargs", "attn_implementation"]
+    for name in fields:
+        assert f"--{name} " in text, name
+
+
+# ---------------------------------------------------------------------------------------------- GRPO / RLOO
+def trl_extremes(coef_1, advantages, mask, epsilon):
+    """TRL 1.16 ``GRPOTrainer._compute_loss``'s lines for ``clip_ratio/low_min`` and ``/high_max`` of one
+    micro-batch on one process (``coef_1`` (b, T) per token, or (b,) per sequence as ``RLOOTrainer``'s)."""
+    from trl.trainer.utils import nanmax, nanmin
+
+    is_low_clipped = (coef_1 < 1 - epsilon) & (advantages < 0)
+    is_high_clipped = (coef_1 > 1 + epsilon) & (advantages > 0)
+    if coef_1.dim() == 1:  # RLOOTrainer: gathered per sequence
+        return nanmin(is_low_clipped.float()).item(), nanmax(is_high_clipped.float()).item()
+
+    def masked_seq_mean(x):
+        return (x * mask).sum(-1) / mask.sum(-1)
+
+    return nanmin(masked_seq_mean(is_low_clipped.float())).item(), nanmax(
+        masked_seq_mean(is_high_clipped.float())
+    ).item()
+
+
+@pytest.mark.parametrize(("algorithm", "loss_type"), [("grpo", "grpo"), ("rloo", "sequence"), ("rloo", "dapo")])
+def test_clip_ratio_low_min_and_high_max_are_trls(tmp_path, monkeypatch, algorithm, loss_type):
+    """Every micro-batch's ratios are recorded and fed to TRL's own lines; the logged value is their mean over the
+    step's micro-batches (TRL averages the appended values of the logging window)."""
+    pytest.importorskip("trl")
+    from otalign.trainers import ppo_math as pm
+
+    seen = []
+    for name in ("policy_loss", "sequence_policy_loss"):
+        original = getattr(pm, name)
+
+        def recording(logprobs, old_logprobs, advantages, mask, *, original=original, name=name, **kwargs):
+            log_ratio = (logprobs - old_logprobs).detach()
+            if name == "sequence_policy_loss":  # TRL: exp(sum logp - sum old) per sequence, (b,) advantages
+                coef_1 = torch.exp((log_ratio * mask).sum(1))
+                seen.append(trl_extremes(coef_1, advantages, mask, kwargs["cliprange"]))
+            else:  # TRL: per token, advantages (b, 1)
+                seen.append(trl_extremes(torch.exp(log_ratio), advantages[:, :1], mask, kwargs["cliprange"]))
+            return original(logprobs, old_logprobs, advantages, mask, **kwargs)
+
+        monkeypatch.setattr(pm, name, recording)
+    trainer = rl(
+        tmp_path,
+        algorithm,
+        max_steps=1,
+        loss_type=loss_type,
+        num_iterations=3,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        cliprange=0.02,
+    )
+    metrics = trainer.train()[-1]
+    assert len(seen) == 3 * 2  # iterations x micro-batches
+    low = sum(s[0] for s in seen) / len(seen)
+    high = sum(s[1] for s in seen) / len(seen)
+    assert metrics["clip_ratio/low_min"] == pytest.approx(low, abs=1e-7)
+    assert metrics["clip_ratio/high_max"] == pytest.approx(high, abs=1e-7)
+    assert max(s[1] for s in seen) > 0 or max(s[0] for s in seen) > 0  # the clip binds somewhere
+
+
+def test_scale_rewards_batch_divides_by_the_rollout_std_as_trl():
+    rewards = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 5.0])
+    centred = rewards - rewards.reshape(3, 2).mean(1).repeat_interleave(2)
+    batch = group_advantages(rewards, 2, algorithm="grpo", scale="batch")
+    torch.testing.assert_close(batch, centred / (rewards.std() + 1e-4))  # TRL: nanstd (unbiased) of all rewards
+    group = group_advantages(rewards, 2, algorithm="grpo", scale="group")
+    assert group[2] == group[3] == 0.0 and group[0] == pytest.approx(-1.0 / (2**0.5 + 1e-4), rel=1e-6)
+    for old, new in [(True, "group"), (False, "none")]:  # the boolean configs of before keep their meaning
+        torch.testing.assert_close(
+            group_advantages(rewards, 2, algorithm="rloo", scale=old),
+            group_advantages(rewards, 2, algorithm="rloo", scale=new),
+        )
+    assert GRPOConfig(scale_rewards=False).scale_rewards == "none"
+    assert GRPOConfig(scale_rewards=True).scale_rewards == "group" == GRPOConfig().scale_rewards
+    assert RLOOConfig().scale_rewards == "none"
+    with pytest.raises(ConfigError, match="unknown scale_rewards 'batches'"):
+        GRPOConfig(scale_rewards="batches")
+
+
+def test_scale_rewards_batch_in_a_run(tmp_path, monkeypatch):
+    trainer = rl(tmp_path, max_steps=1, scale_rewards="batch", per_device_train_batch_size=4)
+    captured = []
+    original = trainer.advantages
+
+    def advantages(scored):
+        batch = original(scored)
+        captured.append((trainer.sequence_rewards(scored), batch.advantages))
+        return batch
+
+    monkeypatch.setattr(trainer, "advantages", advantages)
+    trainer.train()
+    rewards, got = captured[0]
+    centred = rewards.double() - rewards.double().reshape(-1, 2).mean(1).repeat_interleave(2)
+    torch.testing.assert_close(got.double(), centred / (rewards.double().std() + 1e-4), rtol=1e-5, atol=1e-6)
+    # TRL: frac_reward_zero_std under batch scaling is whether the rollout's std is 0 (here it is not)
+    assert read_metrics(tmp_path)[-1]["frac_reward_zero_std"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- dataset trainers
+def dpo(tmp_path, **overrides):
+    from otalign.trainers import PreferenceConfig, PreferenceTrainer
+
+    tokenizer = tiny_tokenizer()
+    pairs = str(FIXTURES / "preference_pairs.jsonl")
+    settings = dict(output_dir=str(tmp_path), dataset_name=pairs, eval_dataset_name=pairs, max_steps=2)
+    settings.update(per_device_train_batch_size=2, progress_bar=False, save_model=False, **overrides)
+    return PreferenceTrainer(
+        PreferenceConfig(**settings),
+        policy=tiny_causal_lm(tokenizer, seed=1),
+        ref_model=tiny_causal_lm(tokenizer, seed=0),
+        tokenizer=tokenizer,
+    )
+
+
+def test_dataset_trainers_take_eval_strategy_and_per_device_eval_batch_size(tmp_path):
+    dpo(tmp_path / "no", eval_strategy="no").train()
+    assert not any(key.startswith("eval_") for row in read_metrics(tmp_path / "no") for key in row)
+    dpo(tmp_path / "steps", eval_strategy="steps").train()  # eval_steps 0: logging_steps (1), as TRL
+    assert [r["step"] for r in read_metrics(tmp_path / "steps") if "eval_rewards/accuracies" in r] == [1, 2]
+    one = dpo(tmp_path / "one", per_device_eval_batch_size=1)
+    one.train()
+    evaluated = [r for r in read_metrics(tmp_path / "one") if "eval_rewards/margins" in r]
+    assert [r["step"] for r in evaluated] == [2]  # eval_strategy unset with evaluation data: after the last step
+    one.config.per_device_eval_batch_size = 8  # the same policy, all pairs in one padded batch: the same metrics
+    for key, value in one.evaluate().items():
+        assert value == pytest.approx(evaluated[0][key], rel=1e-5, abs=1e-6), key
+
+
+def test_rl_evaluate_without_held_out_prompts_says_so(tmp_path):
+    with pytest.raises(
+        ValueError, match="evaluation needs held-out prompts: set eval_dataset_name or pass eval_prompts"
+    ):
+        rl(tmp_path).evaluate()
