@@ -295,10 +295,11 @@ ROWS: tuple[Row, ...] = (
             "sweep and analysis readers use); `kl` and `entropy` from the rollout (TRL: averaged over the "
             "optimizer steps' micro-batches at the current policy, equal at the first); `kl` also with beta 0; "
             "`clip_ratio/*` token-weighted over the rollout's optimizer steps (RLOO's sequence ratios counted "
-            "once per token); no `clip_ratio/low_min`, `high_max`"
+            "once per token); `clip_ratio/low_min`, `high_max` as TRL (min/max over a micro-batch's responses on "
+            "all processes, mean over the rollout's micro-batches)"
         ),
         why="the rollout is otalign's logging unit",
-        keys=("RL metrics per rollout", "clip_ratio/low_min, clip_ratio/high_max"),
+        keys=("RL metrics per rollout",),
     ),
     Row(
         what="`completions/clipped_ratio`, `completions/*_terminated_length` (GRPO, RLOO)",
@@ -332,9 +333,56 @@ ROWS: tuple[Row, ...] = (
     Row(
         what="`scale_rewards` (GRPO)",
         trl="`group` (default), `batch` (the whole generation batch's std), `none`; `true`/`false` mean `group`/`none`",
-        otalign="a boolean: `true` (default) the group's std, `false` none; no `batch`",
-        why="not implemented yet",
-        keys=("GRPOConfig.scale_rewards=batch",),
+        otalign="the same values and meanings (`batch`: the std over all processes' rollouts); RLOO offers it too, "
+        "default `none`",
+        why=None,
+        keys=("GRPOConfig.scale_rewards",),
+        tested_by="tests/test_trl_fields.py",
+    ),
+    Row(
+        what="RL held-out evaluation (`eval_strategy`, `eval_steps`, an eval prompt set)",
+        trl="`num_generations_eval` responses per prompt; every training metric with the `eval_` prefix (`eval_kl` "
+        "is k3)",
+        otalign="one seeded response per prompt, the same seeds at every evaluation; `eval_reward`, "
+        "`eval_reward_std`, `eval_kl/exact` (full vocabulary), `eval_regularizer/distance` and the regularizer's "
+        "statistics",
+        why="the same random numbers each time, so changes between evaluations come from the policy; the exact "
+        "distance is what the method regularizes",
+        keys=("RL evaluation",),
+    ),
+    Row(
+        what="`eval_strategy` default, `per_device_eval_batch_size` default",
+        trl="`no`; 8",
+        otalign="unset: `steps` when eval data is given (`eval_steps` 0: after the last step only), else `no`; "
+        "`per_device_train_batch_size`",
+        why="earlier configs that name eval data keep evaluating after training, with the same batching",
+        keys=("TrainingArguments.eval_strategy default", "TrainingArguments.per_device_eval_batch_size default"),
+    ),
+    Row(
+        what="`save_strategy`, `save_steps`, `save_total_limit` defaults",
+        trl="`steps`, 500, None; `best` with `metric_for_best_model`",
+        otalign="`steps`, 0 (never, not even at the end), 2 (the checkpoint just written is always kept); `best` "
+        "refused; `epoch` saves at the step that finishes a pass",
+        why="checkpoints are opt-in and bounded in disk; there is no `metric_for_best_model`",
+        keys=("TrainingArguments.save_steps default", "TrainingArguments.save_total_limit default"),
+    ),
+    Row(
+        what="`bf16`, `fp16`, `optim`",
+        trl="`bf16` True unless `fp16`; `optim` `adamw_torch_fused` (torch >= 2.8) and many others",
+        otalign="aliases of `mixed_precision` (default none: float32); `optim` `adamw_torch` (default) or "
+        "`adamw_torch_fused`, anything else refused naming both",
+        why="float32 by default keeps CPU runs and recorded numbers comparable; the same AdamW update either way, "
+        "the other optimizers need packages or state otalign does not manage",
+        keys=("TrainingArguments.bf16 default", "TrainingArguments.optim"),
+    ),
+    Row(
+        what="`run_name`, `model_init_kwargs`",
+        trl="W&B run name (falls back to `output_dir`); kwargs for every model TRL loads",
+        otalign="W&B name and TensorBoard subfolder (unset: `output_dir/otalign`); `dtype`/`torch_dtype` and "
+        "`attn_implementation` for the policy and a path-loaded reference (not PPO's critic or an RL reward "
+        "model)",
+        why="keeps the existing TensorBoard folder; the kwargs describe the models they are given for",
+        keys=("TrainingArguments.run_name", "model_init_kwargs"),
     ),
     Row(
         what="a rollout's micro-batches across `num_iterations` passes (GRPO, RLOO)",
