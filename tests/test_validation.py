@@ -157,3 +157,54 @@ def test_pipeline_links_need_not_exist_before_their_stage_runs(tiny, tmp_path):
     config.validate()  # sft/model, reward/model and data/*.jsonl are written by the stages themselves
     with pytest.raises(ConfigError, match="^model_name_or_path: model folder /gone does not exist"):
         PipelineConfig(output_dir=str(tmp_path / "p"), model_name_or_path="/gone").validate()
+
+
+def _broken_copy(tiny: str, folder, name: str, keep: int | None):
+    """A copy of the tiny model whose weight file ``name`` keeps its first ``keep`` bytes (None: removed)."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(tiny, folder)
+    path = Path(folder) / name
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    return path
+
+
+@pytest.mark.parametrize("keep", [0, 5, 20_000, -1])
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["sft", "--dataset_name", "{pairs}"], "--model_name_or_path"),
+        (["ppo", "--model_name_or_path", "{tiny}", "--reward_fn", "none"], "--reward_model_name_or_path"),
+        (["grpo", "--reward_fn", "arithmetic"], "--model_name_or_path"),
+    ],
+)
+def test_an_empty_or_truncated_weight_file_is_one_line_naming_it(command, option, keep, tiny, pairs, tmp_path, capsys):
+    """A 0-byte or cut-short ``model.safetensors`` as policy, reward model or SFT start is named before anything
+    loads (the header's sizes against the file's)."""
+    broken = _broken_copy(tiny, tmp_path / "broken", "model.safetensors", keep)
+    argv = [word.format(pairs=pairs, tiny=tiny) for word in command]
+    line = run_error([*argv, option, str(tmp_path / "broken"), "--output_dir", str(tmp_path / "out")], capsys)
+    assert line.startswith(f"otalign {command[0]}: error: {option}: weight file {broken} is ")
+    assert ("empty (0 bytes)" if keep == 0 else "truncated") in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_weight_files_of_whole_models_pass_and_broken_ones_are_named(tiny, tmp_path):
+    """A whole folder passes; a cut-short torch ``.bin`` and an index naming a missing shard are named."""
+    import torch
+
+    from otalign.paths import weights_problem
+
+    assert weights_problem(tiny) is None
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    torch.save({"w": torch.zeros(1000)}, folder / "pytorch_model.bin")
+    assert weights_problem(folder) is None
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    assert "pytorch_model.bin is truncated" in weights_problem(folder)
+    (folder / "pytorch_model.bin").unlink()
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model-00002.safetensors"}}')
+    assert weights_problem(folder).endswith("names shards that are missing: model-00002.safetensors")

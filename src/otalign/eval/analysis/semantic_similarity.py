@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from otalign.config import ConfigError, redefault
+from otalign.paths import write_text_atomically
 
 from ..generations import sample_responses
 from .encoder import MINILM, sentence_encoder
@@ -79,7 +80,9 @@ def run_semantic_similarity(config: SemanticSimilarityConfig) -> dict:
     }
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "semantic_similarity.json").write_text(json.dumps({"config": asdict(config), **result}, indent=1) + "\n")
+    write_text_atomically(
+        out / "semantic_similarity.json", json.dumps({"config": asdict(config), **result}, indent=1) + "\n"
+    )
     _plot(kl, w, similarity, result, out / "semantic_similarity.png")
     print(
         f"semantic similarity vs -penalty (n={result['n']}): r(KL) = {_fmt(result['pearson_neg_kl'])}, "
