@@ -29,10 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
 import shutil
+import socket
+import tempfile
+import urllib.parse
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +60,16 @@ def looks_like_path(value: str) -> bool:
     )
 
 
+def _creation_problem(value: str, parent: Path) -> str | None:
+    """Whether a folder can really be created in ``parent`` (``os.access`` answers yes for root on ``/proc`` or
+    ``/sys``, which refuse new entries): a hidden probe folder is made and removed."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".otalign-probe-", dir=parent))
+    except OSError as err:
+        return f"cannot create {value}: {parent} does not take new files ({err.strerror or err})"
+    return None
+
+
 def path_problem(kind: str, value: str) -> str | None:
     """What is wrong with ``value`` as a ``path`` of ``kind`` (:data:`PATH_KINDS`), or None if it passes."""
     path = Path(value).expanduser()
@@ -69,7 +83,7 @@ def path_problem(kind: str, value: str) -> str | None:
         parent = next(p for p in path.absolute().parents if p.exists())
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             return f"cannot create {value}: {parent} is not a writable folder"
-        return None
+        return _creation_problem(value, parent)
     noun = {"file": "file", "dir": "folder", "data": "dataset", "model": "model folder"}[kind]
     if path.exists():
         if kind == "file" and not path.is_file():
@@ -92,6 +106,56 @@ def path_problem(kind: str, value: str) -> str | None:
     if kind == "model" and not _HUB_ID.match(value):
         return f"model {value!r} is neither a local folder, 'default' nor a Hugging Face id (owner/name)"
     return None
+
+
+HUB_ENDPOINT = "https://huggingface.co"
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _hub_cache_folders(kind: str, value: str) -> list[Path]:
+    """Where the Hugging Face libraries keep ``value`` once downloaded: the hub cache's ``models--owner--name``
+    (``datasets--owner--name``), and for a dataset the ``datasets`` library's ``owner___name``."""
+    home = Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface")
+    hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub")
+    repo = "--".join([("datasets" if kind == "data" else "models"), *value.split("/")])
+    folders = [hub.expanduser() / repo]
+    if kind == "data":
+        folders.append(
+            Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets").expanduser() / value.replace("/", "___")
+        )
+    return folders
+
+
+@functools.lru_cache(maxsize=4)
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub at ``endpoint`` (a URL) cannot be reached from here, or None when a TCP connection to it opens
+    (3 s at most; the answer is kept for the process)."""
+    parts = urllib.parse.urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=3).close()
+    except OSError as err:
+        return f"{parts.hostname} cannot be reached: {err.strerror or err}"
+    return None
+
+
+def hub_problem(kind: str, value: str) -> str | None:
+    """What stops ``value``, a Hugging Face id (kind ``model``) or dataset name (``data``) that is not a local
+    path, from loading, or None: it is not in the local cache and nothing may be downloaded (an ``HF_HUB_OFFLINE``-
+    style variable is set, or the hub's host cannot be reached). Local paths and cached names pass unchecked."""
+    if kind not in ("model", "data") or value == DEFAULT_MODEL or looks_like_path(value) or Path(value).exists():
+        return None
+    if any(folder.is_dir() for folder in _hub_cache_folders(kind, value)):
+        return None
+    noun = {"model": "a local model folder", "data": "a local dataset file or folder"}[kind]
+    offline = [name for name in OFFLINE_VARIABLES if os.environ.get(name, "").strip().lower() in ("1", "true", "yes")]
+    if offline:
+        why = f"{offline[0]} is set"
+    elif reason := hub_unreachable(os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT):
+        why = f"no network ({reason})"
+    else:
+        return None
+    return f"{value!r} is not {noun} nor in the Hugging Face cache, and nothing may be downloaded: {why}"
 
 
 def _safetensors_problem(path: Path) -> str | None:

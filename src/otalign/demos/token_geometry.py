@@ -72,7 +72,14 @@ def run(eps: float = 0.01, out_dir: str | None = None) -> dict:
 class TokenGeometryConfig(Config):
     """Settings of ``otalign token-geometry``."""
 
-    eps: float = field(default=0.01, metadata={"help": "entropic regularization (cost units)", "check": "> 0"})
+    eps: float = field(
+        default=0.01,
+        metadata={
+            "help": "entropic regularization (cost units; the toy costs are at most 3.6, so beyond ~100 every plan is "
+            "the independent coupling and the value only grows with eps)",
+            "check": "(0, 100]",
+        },
+    )
     out: str = field(default="reports/token-geometry", metadata={"path": "output_dir", "help": "output directory"})
 
 

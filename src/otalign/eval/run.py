@@ -24,6 +24,7 @@ from otalign.paths import write_text_atomically, written_atomically
 
 from .config import JUDGES, EvalConfig
 from .generations import common_prompts, prompt_text, read_generations, sample_responses
+from .http_judge import HostUnreachable
 from .judges import ChatModelJudge, Judge, RewardJudge
 from .winrate import WinRate, compare, mean_std, subsample
 
@@ -128,9 +129,12 @@ def run_eval(config: EvalConfig, judge: Judge | None = None) -> dict:
             counts = []
             for r, (idx, _) in enumerate(repeats):
                 texts = [prompt_text(prompts[i]) for i in idx]
-                comparisons = compare(
-                    judge, texts, answers[x][r], answers[y][r], np.random.default_rng([config.seed, r, k])
-                )
+                try:
+                    comparisons = compare(
+                        judge, texts, answers[x][r], answers[y][r], np.random.default_rng([config.seed, r, k])
+                    )
+                except HostUnreachable as err:  # name the option to fix
+                    raise HostUnreachable(f"--judge_base_url: {err}") from None
                 counts.append(WinRate.of(comparisons))
                 for c in comparisons:
                     row = {

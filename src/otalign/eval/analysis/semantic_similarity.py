@@ -18,7 +18,7 @@ from otalign.config import ConfigError, redefault
 from otalign.paths import write_text_atomically
 
 from ..generations import sample_responses
-from .encoder import MINILM, sentence_encoder
+from .encoder import MINILM, encoder_problem, sentence_encoder
 from .penalties import PenaltyFields, response_penalties
 from .sampling import load_model, prompt_subsample, save_figure
 
@@ -36,6 +36,12 @@ class SemanticSimilarityConfig(PenaltyFields):
         super().__post_init__()
         if self.policy is None or self.reference is None:
             raise ConfigError("give both policy and reference")
+
+    def validate(self) -> None:
+        """The path fields, then the encoder (before any model loads)."""
+        super().validate()
+        if problem := encoder_problem(self.encoder):
+            raise ConfigError(f"encoder: {problem}", "encoder")
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
