@@ -27,6 +27,16 @@ REWARD_FUNCTIONS.add(
 )
 
 
+def reward_choices() -> str:
+    """The rewards a command can be given, for a message: each registered reward function with the prompt
+    columns it reads (its keyword parameters), then the reward-model option."""
+    names = []
+    for name in REWARD_FUNCTIONS:
+        reads = list(FunctionReward(REWARD_FUNCTIONS[name]).keywords)
+        names.append(f"{name} (reads column {', '.join(reads)})" if reads else f"{name} (needs no column)")
+    return f"--reward_fn {', '.join(names)}; or --reward_model_name_or_path with --reward_fn none"
+
+
 def build_reward(
     reward_fn: str | RewardFn | None = None,
     reward_model: str | os.PathLike | None = None,
@@ -62,6 +72,7 @@ __all__ = [
     "apps_execution_reward",
     "arithmetic_reward",
     "build_reward",
+    "reward_choices",
     "check_scores",
     "same_tokenizer",
     "score_program",

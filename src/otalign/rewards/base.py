@@ -75,9 +75,12 @@ class FunctionReward(Reward):
             return {k: list(v) for k, v in columns.items()}
         missing = [k for k, required in self.keywords.items() if required and k not in columns]
         if missing:
+            from otalign.rewards import reward_choices  # the registry lives in the package that imports this module
+
             raise ValueError(
                 f"reward function {self.name!r} needs column(s) {missing} that the prompt rows do not have "
-                f"(columns: {sorted(columns)}); add them to every row of the prompt file"
+                f"(columns: {sorted(columns)}); add them to every row of the prompt file, or pass the reward that "
+                f"fits the prompts: {reward_choices()}"
             )
         return {k: list(columns[k]) for k in self.keywords if k in columns}
 
