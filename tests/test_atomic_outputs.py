@@ -149,3 +149,12 @@ def test_a_really_full_disk_keeps_the_previous_final_model(tmp_path):
     assert [line for line in sums.splitlines() if "/model/" in line] == first
     assert any(line.endswith("/model/model.safetensors") for line in first)
     assert not [name for name in sums.split() if name.startswith((".tmp-", ".old-"))]
+
+
+def test_a_temporary_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
+    stale = tmp_path / ".tmp-999999-model"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    with written_atomically(tmp_path / "model") as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import glob
 import json
 import os
 import re
@@ -263,11 +264,13 @@ def written_atomically(target: str | Path) -> Iterator[Path]:
     temporary is renamed to ``target``; an existing ``target`` is replaced only then (a folder: renamed aside, the
     new one renamed in, the old one removed). When the block fails, the temporary is removed and ``target`` is left
     as it was; a full disk (:func:`out_of_space`) becomes :class:`OutputError`, other errors pass through.
+    Temporaries of ``target`` left by a killed earlier write are removed first.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-    _remove(tmp)
+    for stale in target.parent.glob(f".tmp-*-{glob.escape(target.name)}"):  # left by a killed earlier write
+        _remove(stale)
     try:
         yield tmp
         if target.is_dir() and not target.is_symlink():
