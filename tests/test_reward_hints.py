@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from otalign.cli import main
-from otalign.rewards import REWARD_FUNCTIONS, FunctionReward, reward_choices
+from otalign.rewards import REWARD_FUNCTIONS, build_reward, reward_choices
 
 
 def test_the_choices_name_every_registered_reward_and_the_columns_it_reads():
@@ -17,7 +17,7 @@ def test_the_choices_name_every_registered_reward_and_the_columns_it_reads():
 
 
 def test_a_missing_column_names_the_rewards_that_could_be_passed_instead():
-    reward = FunctionReward(REWARD_FUNCTIONS["arithmetic"], "arithmetic")
+    reward = build_reward("arithmetic")
     with pytest.raises(ValueError) as caught:
         reward.keyword_columns({"topic": ["x"]})
     message = str(caught.value)

@@ -59,7 +59,7 @@ def build_reward(
         return FunctionReward(reward_fn)
     if reward_fn not in REWARD_FUNCTIONS:
         raise ValueError(f"unknown reward function {reward_fn!r}; choose one of {sorted(REWARD_FUNCTIONS)}")
-    return FunctionReward(REWARD_FUNCTIONS[reward_fn], name=reward_fn)
+    return FunctionReward(REWARD_FUNCTIONS[reward_fn], name=reward_fn, choices=reward_choices)
 
 
 __all__ = [
