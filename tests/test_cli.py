@@ -265,7 +265,7 @@ def test_reward_fn_none_is_the_null_of_yaml(tmp_path):
 
     argv = ["--reward_fn", "none", "--reward_model_name_or_path", "owner/reward"]
     assert ConfigParser(PPOConfig).parse(argv).reward_fn is None
-    with pytest.raises(ConfigError, match=r"^--reward_fn: set reward_fn .* or reward_model_name_or_path"):
+    with pytest.raises(ConfigError, match=r"^--reward_fn: no reward given; choose one: --reward_fn sentiment .*"):
         ConfigParser(PPOConfig).parse(["--reward_fn", "none"])
 
 

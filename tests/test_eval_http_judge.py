@@ -172,3 +172,47 @@ def test_otalign_eval_with_the_http_judge_resumes_from_its_default_cache(server,
     assert 4 <= paid == len((tmp_path / "out" / "judge_cache.jsonl").read_text().splitlines()) <= 8
     run_eval(config)
     assert len(server.requests) == paid  # every answer came from the cache
+
+
+def test_an_unreachable_host_is_not_retried(monkeypatch):
+    """No network (a name that does not resolve, or ENETUNREACH): one ``HostUnreachable`` at once, no retries."""
+    import errno
+    import urllib.error
+    import urllib.request
+
+    from otalign.eval import HostUnreachable
+
+    sleeps = []
+    judge = HTTPJudge("http://no-such-host.invalid/v1", "gpt-test", max_retries=5, sleep=sleeps.append)
+    with pytest.raises(HostUnreachable, match=r"cannot reach no-such-host\.invalid .*not retried"):
+        judge.judge(["q"], ["a"], ["b"])
+    calls = []
+
+    def down(*args, **kwargs):
+        calls.append(args)
+        raise urllib.error.URLError(OSError(errno.ENETUNREACH, "Network is unreachable"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", down)
+    judge = HTTPJudge("https://api.example.com/v1", "gpt-test", max_retries=5, sleep=sleeps.append)
+    with pytest.raises(HostUnreachable, match=r"cannot reach api\.example\.com \(Network is unreachable\)"):
+        judge.judge(["q"], ["a"], ["b"])
+    assert sleeps == [] and len(calls) == 1
+
+
+def test_eval_with_an_unreachable_judge_is_one_line_naming_the_option(tmp_path, capsys):
+    from otalign.cli import main
+
+    files = []
+    for name, answer in (("x", "yes"), ("y", "no")):
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text(json.dumps({"prompt": "q", "response": answer}) + "\n")
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["eval", "--generation_files", *map(str, files), "--judge", "http"]
+            + ["--judge_base_url", "http://no-such-host.invalid/v1", "--output_dir", str(tmp_path / "out")]
+        )
+    assert exit_info.value.code == 2 and time.monotonic() - start < 10  # five retries would sleep 31 s
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("otalign eval: error: --judge_base_url: http://no-such-host.invalid")
+    assert not (tmp_path / "out" / "winrates.json").exists()

@@ -338,6 +338,27 @@ def test_wpr_strict_makes_an_unconverged_solve_an_error_before_the_update(tmp_pa
     assert same_weights(weights(trainer.policy), before) and list_checkpoints(tmp_path) == []
 
 
+@pytest.mark.parametrize("transport", ["full", "smooth"])
+@pytest.mark.parametrize("strict", [False, True])
+def test_the_convergence_report_names_only_the_options_of_its_transport(transport, strict):
+    """The full transport runs no Newton steps, so its report never suggests wpr_newton_steps; the warning names
+    --wpr_strict (what stops the run instead) and the error says it stopped it."""
+    from otalign.trainers import PPOConfig
+    from otalign.trainers.rl_metrics import report_convergence
+
+    config = PPOConfig(regularizer="wasserstein", wpr_transport=transport, wpr_strict=strict)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report_convergence(4, {"sinkhorn/unconverged_frac": 0.25}, config, first=True, warn=True)
+            message = str(caught[0].message)
+        except ConvergenceError as err:
+            message = str(err)
+    assert message.startswith("step 4: Sinkhorn stopped at wpr_max_iter=")
+    assert ("wpr_newton_steps" in message) == (transport != "full")
+    assert message.endswith("(stopped by --wpr_strict)") if strict else "--wpr_strict true stops the run" in message
+
+
 def test_ot_values_warn_about_unconverged_positions():
     generator = torch.Generator().manual_seed(0)
     policy, ref = torch.randn(6, 12, generator=generator), torch.randn(6, 12, generator=generator)

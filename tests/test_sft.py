@@ -180,6 +180,9 @@ def test_dataset_config_goes_with_both_splits_of_a_hub_dataset(tmp_path, monkeyp
         return datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr("otalign.paths.hub_unreachable", lambda endpoint: None)  # the stand-in hub is reachable
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
     trainer = make_trainer(tmp_path, dataset_name="someone/sft", eval_dataset_name="someone/sft", dataset_config="en")
     assert calls == [("someone/sft", "en", "train"), ("someone/sft", "en", "test")]
     assert len(trainer.train_rows) == len(rows)

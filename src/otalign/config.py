@@ -59,7 +59,14 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from otalign.paths import DATA_SUFFIXES, DEFAULT_MODEL, PATH_KINDS, looks_like_path, path_problem  # noqa: F401
+from otalign.paths import (  # noqa: F401
+    DATA_SUFFIXES,
+    DEFAULT_MODEL,
+    PATH_KINDS,
+    hub_problem,
+    looks_like_path,
+    path_problem,
+)
 from otalign.registry import resolve
 
 TRUE = ("true", "yes", "on", "1")
@@ -215,7 +222,9 @@ def check_paths(config: object, skip: tuple[str, ...] = ()) -> None:
             continue
         builtins = tuple(f.metadata.get("builtins", ())) + ((DEFAULT_MODEL,) if kind == "model" else ())
         for item in value if isinstance(value, list) else [value]:
-            if item is not None and item not in builtins and (problem := path_problem(kind, str(item))):
+            if item is None or item in builtins:
+                continue
+            if problem := path_problem(kind, str(item)) or hub_problem(kind, str(item)):
                 raise ConfigError(f"{f.name}: {problem}", f.name)
 
 

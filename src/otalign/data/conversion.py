@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from otalign.paths import write_text_atomically
+
 from .reading import Rows, check_on_error, numbered
 
 
@@ -113,8 +115,8 @@ def text(row: dict, path: str) -> str:
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    """Write ``rows`` as JSON lines (UTF-8, parent folders created); returns the path."""
+    """Write ``rows`` as JSON lines (UTF-8, parent folders created, whole or not at all:
+    :func:`otalign.paths.write_text_atomically`); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return path

@@ -12,11 +12,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from otalign.config import Config
+from otalign.config import Config, ConfigError
 
+from .conversion import Converted
 from .reading import ON_ERROR
 
 STAGES = ("sft", "reward", "rl")
+OUTPUT_FILES = ("preferences.jsonl", *(f"{stage}.jsonl" for stage in STAGES))
+"""The files :func:`prepare_stage_files` writes into its folder."""
 PAPER_FRACTIONS = (0.2, 0.4, 0.4)
 DATASET_FORMATS = ("preference", "hh-rlhf", "tldr")
 """Input schemas of ``otalign data prepare`` and the pipeline (see :mod:`otalign.data`)."""
@@ -50,6 +53,38 @@ def stage_rows(split: dict[str, list[dict]]) -> dict[str, list[dict]]:
     }
 
 
+def preference_rows(source: str, *, on_error: str = "raise") -> Converted:
+    """The rows of a ``preference`` dataset, every one validated (file, row, field) before anything is written.
+
+    With ``on_error="raise"`` the first bad row stops everything (:func:`otalign.data.load_preference_data`); with
+    ``"skip"`` a bad row (the form, paired or unpaired, set by the first object row) is left out and counted as
+    ``invalid``, as are repeats of an earlier row (``duplicate``, :func:`otalign.data.conversion.convert_rows`),
+    and the rows kept must still pass the whole-set checks (reference columns in all or none, both labels).
+    """
+    from .conversion import RowError, convert_rows
+    from .preference import load_preference_data, parse_labeled, parse_pair, parse_rows, read_rows
+
+    if on_error == "raise":
+        load_preference_data(source)
+        rows = read_rows(source)
+        return Converted(rows=list(rows), total=len(rows))
+    raw = read_rows(source, on_error=on_error)
+    first = next((row for row in raw if isinstance(row, dict)), {})
+    parse = parse_labeled if "completion" in first else parse_pair
+    marker = "\0row"
+
+    def convert(row: dict) -> dict:
+        try:
+            parse(row, marker)
+        except ValueError as err:
+            raise RowError("invalid", None, str(err).replace(f"{marker}, ", "").replace(f"{marker}: ", "")) from None
+        return row
+
+    converted = convert_rows(raw, source, convert, on_error=on_error)
+    parse_rows(converted.rows, source)
+    return converted
+
+
 def prepare_stage_files(
     source: str,
     folder: str | Path,
@@ -69,15 +104,13 @@ def prepare_stage_files(
     Raises:
         ValueError: an unknown format, a bad row (with ``on_error="raise"``), or an empty split.
     """
-    from .conversion import Converted, write_jsonl
+    from .conversion import write_jsonl
     from .hh_rlhf import load_hh_rlhf
-    from .preference import load_preference_data, read_rows
     from .tldr import load_tldr
 
     loaders = {"hh-rlhf": load_hh_rlhf, "tldr": load_tldr}
     if dataset_format == "preference":
-        load_preference_data(source)  # validates every row (file, row, field) before anything is written
-        converted = Converted(rows=read_rows(source), total=0)
+        converted = preference_rows(source, on_error=on_error)
     elif dataset_format in loaders:
         converted = loaders[dataset_format](source, on_error=on_error)
     else:
@@ -111,6 +144,21 @@ class PrepareConfig(Config):
         metadata={"help": "SFT / reward / RL shares of the pairs", "check": "[0, 1]"},
     )
     on_error: str = field(default="raise", metadata={"help": "raise on or skip bad rows", "choices": ON_ERROR})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace the files of an earlier prepare in output_dir"}
+    )
+
+    def validate(self) -> None:
+        """The path fields, then the files of an earlier prepare in ``output_dir``: replaced only with
+        ``overwrite_output_dir``."""
+        super().validate()
+        found = [name for name in OUTPUT_FILES if (Path(self.output_dir) / name).exists()]
+        if found and not self.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir {self.output_dir} already holds {', '.join(found)}; pass --overwrite_output_dir true to "
+                "replace them or choose another output_dir",
+                "output_dir",
+            )
 
     def run(self) -> dict:
         """Prepare the files and print a summary; returns :func:`prepare_stage_files`' counts."""

@@ -27,9 +27,11 @@ import torch
 
 from otalign.config import MIXED_PRECISION, Config
 from otalign.data import load_prompts, render_prompt
+from otalign.eval.analysis.sampling import save_figure
 from otalign.eval.policy import EvalResult, evaluate_policy
 from otalign.generation import encode_prompts
 from otalign.models import frozen_copy, load_causal_lm, load_tokenizer
+from otalign.paths import write_text_atomically
 from otalign.regularizers import build_regularizer
 from otalign.rewards import build_reward
 from otalign.runs import read_metrics
@@ -201,11 +203,11 @@ def run(demo: DemoConfig) -> dict:
             "distributions": f"softmax(logits / temperature), temperature {config.temperature}",
         },
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    write_text_atomically(out / "report.json", json.dumps(report, indent=2))
     write_samples(out / "samples.md", results)
     plot_frontier(out / "frontier.png", report, out)
     report["wall_time_s"] = clock.elapsed
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    write_text_atomically(out / "report.json", json.dumps(report, indent=2))
     print_table(report)
     within = "within" if clock.elapsed <= clock.budget else "OVER"
     clock.say(f"report written to {out}/ (report.json, frontier.png, samples.md); {within} the time budget")
@@ -235,7 +237,7 @@ def write_samples(path: Path, results: dict[str, EvalResult]) -> None:
             text = results[name].responses[i].strip().replace("\n", " ")
             lines.append(f"- **{name}** [{results[name].scores[i]:+.3f}]: {text}")
         lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomically(path, "\n".join(lines))
 
 
 def plot_frontier(path: Path, report: dict, out: Path) -> None:
@@ -277,9 +279,7 @@ def plot_frontier(path: Path, report: dict, out: Path) -> None:
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     fig.suptitle("Reward vs distance to the reference: WPR vs RKL")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(demo: DemoConfig | None = None) -> int:

@@ -20,7 +20,7 @@ from otalign.data.conversion import Converted, write_jsonl
 from otalign.data.prompts import PROMPT_SETS, Prompt, load_prompt_rows, prompt_columns
 from otalign.eval.generations import prompt_text, sample_responses
 from otalign.generation import SamplingParams, sample_seeds
-from otalign.rewards import REWARD_FUNCTIONS, FunctionReward
+from otalign.rewards import REWARD_FUNCTIONS, build_reward
 
 
 @dataclass
@@ -109,7 +109,7 @@ def run(config: SynthConfig) -> Path:
 
     rows = load_prompt_rows(config.prompts, config.prompts_split)
     columns = {name: [row[name] for row in rows] for name in prompt_columns(rows, str(config.prompts))}
-    reward = FunctionReward(REWARD_FUNCTIONS[config.reward_fn], config.reward_fn)
+    reward = build_reward(config.reward_fn)
     reward_fn = functools.partial(reward.fn, **reward.keyword_columns(columns))
     model = load_causal_lm(config.model_name_or_path, dtype=config.model_dtype).eval()
     tokenizer = load_tokenizer(config.model_name_or_path)

@@ -16,6 +16,7 @@ import torch
 
 from otalign.config import Config
 from otalign.ot import euclidean, sinkhorn
+from otalign.paths import write_text_atomically
 
 VOCABULARY = ("cat", "kitten", "dog", "table")
 # Two-dimensional "embeddings": kitten next to cat, dog close-ish, table far away.
@@ -62,7 +63,7 @@ def run(eps: float = 0.01, out_dir: str | None = None) -> dict:
     if out_dir is not None:
         path = Path(out_dir)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "token_geometry.json").write_text(json.dumps(rows, indent=2))
+        write_text_atomically(path / "token_geometry.json", json.dumps(rows, indent=2))
         print(f"wrote {path / 'token_geometry.json'}")
     return rows
 
@@ -71,7 +72,14 @@ def run(eps: float = 0.01, out_dir: str | None = None) -> dict:
 class TokenGeometryConfig(Config):
     """Settings of ``otalign token-geometry``."""
 
-    eps: float = field(default=0.01, metadata={"help": "entropic regularization (cost units)", "check": "> 0"})
+    eps: float = field(
+        default=0.01,
+        metadata={
+            "help": "entropic regularization (cost units; the toy costs are at most 3.6, so beyond ~100 every plan is "
+            "the independent coupling and the value only grows with eps)",
+            "check": "(0, 100]",
+        },
+    )
     out: str = field(default="reports/token-geometry", metadata={"path": "output_dir", "help": "output directory"})
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .http_judge import HTTPJudge, JudgeError
+from .http_judge import HostUnreachable, HTTPJudge, JudgeError
 from .judges import ChatModelJudge, Judge, Judgement, RewardJudge
 from .parsing import parse_verdict
 from .templates import TEMPLATES, render_judge_prompt
@@ -13,6 +13,7 @@ __all__ = [
     "ChatModelJudge",
     "Comparison",
     "HTTPJudge",
+    "HostUnreachable",
     "Judge",
     "JudgeError",
     "Judgement",

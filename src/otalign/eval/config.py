@@ -38,7 +38,13 @@ class SamplingFields(Config):
         default=20, metadata={"help": "prompts drawn without replacement (seeded)", "check": ">= 1"}
     )
     max_new_tokens: int = field(default=32, metadata={"help": "new tokens per answer at most", "check": ">= 1"})
-    temperature: float = field(default=0.8, metadata={"help": "sampling temperature", "check": "> 0"})
+    temperature: float = field(
+        default=0.8,
+        metadata={
+            "help": "sampling temperature (logits / temperature must stay finite in float32)",
+            "check": "[1e-3, 1e3]",
+        },
+    )
     top_k: int = field(default=50, metadata={"help": "sample from the top-k tokens (0: all)", "check": ">= 0"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass", "check": "(0, 1]"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generation batch", "check": ">= 1"})
@@ -109,13 +115,13 @@ class EvalConfig(SamplingFields):
     judge_api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "environment variable holding the endpoint's API key"}
     )
-    judge_timeout: float = field(default=60.0, metadata={"help": "seconds per HTTP request", "check": "> 0"})
+    judge_timeout: float = field(default=60.0, metadata={"help": "seconds per HTTP request", "check": "(0, 86400]"})
     judge_max_retries: int = field(default=5, metadata={"help": "HTTP retries per request", "check": ">= 0"})
     judge_backoff: float = field(
         default=1.0, metadata={"help": "first retry delay in seconds (doubles per retry)", "check": ">= 0"}
     )
     judge_requests_per_second: float | None = field(
-        default=None, metadata={"help": "HTTP rate limit (none: unlimited)", "check": "> 0"}
+        default=None, metadata={"help": "HTTP rate limit (none: unlimited; at least one a day)", "check": ">= 1.2e-5"}
     )
     judge_cache: str | None = field(
         default=None,

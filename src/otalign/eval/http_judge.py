@@ -1,7 +1,8 @@
 """A judge behind an OpenAI-compatible ``/chat/completions`` endpoint (the paper's GPT-4 judge), standard library only.
 
 Robust to a flaky or rate-limited service: every request has a timeout; timeouts, connection errors, HTTP 429
-and 5xx are retried with exponential backoff (honouring a numeric ``Retry-After``); a client-side rate limit
+and 5xx are retried with exponential backoff (honouring a numeric ``Retry-After``), but a host that cannot be
+reached at all (no network, an unknown name) raises :class:`HostUnreachable` at once; a client-side rate limit
 spaces requests; answers go to an on-disk :class:`~otalign.eval.cache.ResponseCache` keyed by the request
 (URL, model, messages, sampling settings; never the API key), so a resumed evaluation pays only for what
 it has not asked yet, and a request made twice (same prompt, answers and order) is paid once.
@@ -9,10 +10,13 @@ it has not asked yet, and a request made twice (same prompt, answers and order) 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 
@@ -22,8 +26,23 @@ from .parsing import parse_verdict
 from .templates import render_judge_prompt
 
 
-class JudgeError(RuntimeError):
-    """The endpoint failed for good: a non-retryable HTTP error, a bad response, or retries exhausted."""
+class JudgeError(RuntimeError, OSError):
+    """The endpoint failed for good: a non-retryable HTTP error, a bad response, or retries exhausted (an
+    ``OSError`` too: the command line reports it in one line)."""
+
+
+class HostUnreachable(JudgeError):
+    """The endpoint's host cannot be reached at all: its name does not resolve (no network, or a wrong name) or
+    the network is down; never retried."""
+
+
+UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN})
+
+
+def _unreachable(err: OSError) -> bool:
+    """Whether a request's error means the host cannot be reached at all (retrying cannot help)."""
+    reason = getattr(err, "reason", err)
+    return isinstance(reason, socket.gaierror) or getattr(reason, "errno", None) in UNREACHABLE_ERRNOS
 
 
 class RateLimiter:
@@ -135,6 +154,12 @@ class HTTPJudge(Judge):
                     raise JudgeError(f"{self.url}: HTTP {err.code}: {detail}") from None
                 last_error, last_retry_after = f"HTTP {err.code}: {detail}", err.headers.get("Retry-After")
             except (TimeoutError, urllib.error.URLError, ConnectionError) as err:
+                if _unreachable(err):
+                    host = urllib.parse.urlsplit(self.url).hostname
+                    reason = getattr(getattr(err, "reason", err), "strerror", None) or getattr(err, "reason", err)
+                    raise HostUnreachable(
+                        f"{self.url}: cannot reach {host} ({reason}): no network, or a wrong host name; not retried"
+                    ) from None
                 last_error = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
         raise JudgeError(f"{self.url}: gave up after {self.max_retries + 1} attempts; last error: {last_error}")
 

@@ -20,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from otalign.paths import write_text_atomically, written_atomically
+
 from .config import JUDGES, EvalConfig
 from .generations import common_prompts, prompt_text, read_generations, sample_responses
+from .http_judge import HostUnreachable
 from .judges import ChatModelJudge, Judge, RewardJudge
 from .winrate import WinRate, compare, mean_std, subsample
 
@@ -121,14 +124,17 @@ def run_eval(config: EvalConfig, judge: Judge | None = None) -> dict:
     judge = judge or build_judge(config)
     _write_samples(out / "samples.jsonl", prompts, repeats, answers)
     pairs = []
-    with (out / "comparisons.jsonl").open("w", encoding="utf-8") as log:
+    with written_atomically(out / "comparisons.jsonl") as tmp, tmp.open("w", encoding="utf-8") as log:
         for k, (x, y) in enumerate(itertools.combinations(names, 2)):
             counts = []
             for r, (idx, _) in enumerate(repeats):
                 texts = [prompt_text(prompts[i]) for i in idx]
-                comparisons = compare(
-                    judge, texts, answers[x][r], answers[y][r], np.random.default_rng([config.seed, r, k])
-                )
+                try:
+                    comparisons = compare(
+                        judge, texts, answers[x][r], answers[y][r], np.random.default_rng([config.seed, r, k])
+                    )
+                except HostUnreachable as err:  # name the option to fix
+                    raise HostUnreachable(f"--judge_base_url: {err}") from None
                 counts.append(WinRate.of(comparisons))
                 for c in comparisons:
                     row = {
@@ -144,9 +150,9 @@ def run_eval(config: EvalConfig, judge: Judge | None = None) -> dict:
                     log.write(json.dumps(row, ensure_ascii=False) + "\n")
             pairs.append(_pair_summary(x, y, counts))
     result = {"judge": judge.name, "candidates": names, "config": config.to_dict(), "pairs": pairs}
-    (out / "winrates.json").write_text(json.dumps(_finite(result), indent=2) + "\n", encoding="utf-8")
+    write_text_atomically(out / "winrates.json", json.dumps(_finite(result), indent=2) + "\n")
     table = format_table(pairs)
-    (out / "table.md").write_text(table + "\n", encoding="utf-8")
+    write_text_atomically(out / "table.md", table + "\n")
     print(table)
     return result
 
@@ -190,7 +196,7 @@ def _pair_summary(x: str, y: str, counts: list[WinRate]) -> dict:
 
 
 def _write_samples(path: Path, prompts: list, repeats: list, answers: dict[str, list[list[str]]]) -> None:
-    with path.open("w", encoding="utf-8") as f:
+    with written_atomically(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for r, (idx, _) in enumerate(repeats):
             for j, i in enumerate(idx):
                 row = {"repeat": r, "prompt_index": i, "prompt": prompts[i]}

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from otalign.paths import DEFAULT_MODEL, path_problem
+from otalign.paths import DEFAULT_MODEL, hub_problem, path_problem
 
 from .default import default_model_path
 
@@ -28,7 +28,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """
     if str(name_or_path) == DEFAULT_MODEL:
         return str(default_model_path())
-    if problem := path_problem("model", str(name_or_path)):
+    if problem := path_problem("model", str(name_or_path)) or hub_problem("model", str(name_or_path)):
         raise FileNotFoundError(problem)
     return str(name_or_path)
 

@@ -27,6 +27,16 @@ REWARD_FUNCTIONS.add(
 )
 
 
+def reward_choices() -> str:
+    """The rewards a command can be given, for a message: each registered reward function with the prompt
+    columns it reads (its keyword parameters), then the reward-model option."""
+    names = []
+    for name in REWARD_FUNCTIONS:
+        reads = list(FunctionReward(REWARD_FUNCTIONS[name]).keywords)
+        names.append(f"{name} (reads column {', '.join(reads)})" if reads else f"{name} (needs no column)")
+    return f"--reward_fn {', '.join(names)}; or --reward_model_name_or_path with --reward_fn none"
+
+
 def build_reward(
     reward_fn: str | RewardFn | None = None,
     reward_model: str | os.PathLike | None = None,
@@ -49,7 +59,7 @@ def build_reward(
         return FunctionReward(reward_fn)
     if reward_fn not in REWARD_FUNCTIONS:
         raise ValueError(f"unknown reward function {reward_fn!r}; choose one of {sorted(REWARD_FUNCTIONS)}")
-    return FunctionReward(REWARD_FUNCTIONS[reward_fn], name=reward_fn)
+    return FunctionReward(REWARD_FUNCTIONS[reward_fn], name=reward_fn, choices=reward_choices)
 
 
 __all__ = [
@@ -62,6 +72,7 @@ __all__ = [
     "apps_execution_reward",
     "arithmetic_reward",
     "build_reward",
+    "reward_choices",
     "check_scores",
     "same_tokenizer",
     "score_program",

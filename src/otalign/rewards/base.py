@@ -47,7 +47,8 @@ class FunctionReward(Reward):
     The function is called as ``fn(prompts, responses, **cols)``: ``cols`` holds every column when ``fn``
     takes ``**kwargs``, else only the columns matching its keyword parameters. Scores come back as the
     function gave them, NaN included: the caller checks them (:func:`check_scores`; a trainer's step guard,
-    which can skip the step under ``on_nonfinite: skip``).
+    which can skip the step under ``on_nonfinite: skip``). ``choices()``, when given, lists the rewards that could
+    be passed instead, for the missing-column message (:func:`otalign.rewards.reward_choices`).
 
     Raises:
         TypeError: ``fn`` is not callable.
@@ -55,10 +56,11 @@ class FunctionReward(Reward):
             of scores; both name the function.
     """
 
-    def __init__(self, fn: RewardFn, name: str | None = None) -> None:
+    def __init__(self, fn: RewardFn, name: str | None = None, choices: Callable[[], str] | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"a reward function must be callable, got {type(fn).__name__}")
         self.fn = fn
+        self.choices = choices
         self.name = name or getattr(fn, "__name__", "reward_fn")
         try:
             params = list(inspect.signature(fn).parameters.values())
@@ -75,9 +77,10 @@ class FunctionReward(Reward):
             return {k: list(v) for k, v in columns.items()}
         missing = [k for k, required in self.keywords.items() if required and k not in columns]
         if missing:
+            instead = f", or pass the reward that fits the prompts: {self.choices()}" if self.choices else ""
             raise ValueError(
                 f"reward function {self.name!r} needs column(s) {missing} that the prompt rows do not have "
-                f"(columns: {sorted(columns)}); add them to every row of the prompt file"
+                f"(columns: {sorted(columns)}); add them to every row of the prompt file{instead}"
             )
         return {k: list(columns[k]) for k in self.keywords if k in columns}
 

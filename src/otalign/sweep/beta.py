@@ -20,6 +20,7 @@ from otalign.config import Config, ConfigError
 from otalign.data.prompts import PROMPT_SETS
 from otalign.eval.analysis import ANALYSES
 from otalign.eval.analysis.sampling import save_figure
+from otalign.paths import write_text_atomically
 from otalign.regularizers import REGULARIZERS
 
 from .config import SweepConfig
@@ -104,7 +105,7 @@ def run_beta_sweep(config: BetaSweepConfig) -> dict:
     reference = {"reward_mean": ref["reward"], "reward_ci95": ref["reward_ci95_prompts"]}
     report = {"config": asdict(config), "reference": reference, "runs": runs}
     out = Path(config.output_dir)
-    (out / "beta_sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out / "beta_sweep.json", json.dumps(report, indent=2) + "\n")
     _plot(report, out / "beta_sweep.png")
     return report
 

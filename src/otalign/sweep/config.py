@@ -28,6 +28,7 @@ import yaml
 
 from otalign.config import Config, ConfigError, check_keys, coerce, field_types, parse_config
 from otalign.data.prompts import PROMPT_SETS
+from otalign.eval.analysis.encoder import encoder_problem
 from otalign.registry import resolve
 
 TRAINERS: dict[str, tuple[str, str]] = {
@@ -190,6 +191,12 @@ class SweepConfig(Config):
                 raise
             blamed = "methods" if self.methods else "grid" if self.grid else "base"
             raise ConfigError(str(err), blamed) from None
+
+    def validate(self) -> None:
+        """The path fields, then the encoder when semantic similarity runs: before the first cell trains."""
+        super().validate()
+        if "semantic_similarity" in self.analyses and (problem := encoder_problem(self.encoder)):
+            raise ConfigError(f"encoder: {problem}", "encoder")
 
     def _check(self) -> None:
         trainer_classes(self.command)

@@ -13,8 +13,9 @@ Layout under ``output_dir``::
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from otalign.paths import write_text_atomically
 
 REFERENCE = "reference"
 """The reference model's folder (it is evaluated like a cell, never trained)."""
@@ -25,10 +26,7 @@ EVAL_FILE = "eval.json"
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write ``data`` as JSON to ``path`` through a temporary file and a rename: the file is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_json(path: Path) -> dict | None:

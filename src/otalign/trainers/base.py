@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from otalign.guard import FiniteGuard
+from otalign.paths import write_text_atomically, written_atomically
 
 from .checkpoint import CheckpointManager, TrainerState, latest_checkpoint, resume_settings
 from .config import OPTIMIZERS, ConfigError, TrainerConfig
@@ -162,7 +163,7 @@ class BaseTrainer:
                 shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)  # never resume into an old run
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2), encoding="utf-8")
+            write_text_atomically(self.output_dir / "config.json", json.dumps(c.to_dict(), indent=2))
         if c.report_to:
             names = {"wandb": {"name": c.run_name}} if c.run_name is not None else {}
             self.accelerator.init_trackers(self.project_name, config=_flat(c.to_dict()), init_kwargs=names)
@@ -361,9 +362,9 @@ class BaseTrainer:
         acc.wait_for_everyone()
         state = acc.get_state_dict(self.policy)  # every process: gathers FSDP / ZeRO-3 shards
         if acc.is_main_process:
-            target = self.output_dir / "model"
-            acc.unwrap_model(self.policy).save_pretrained(target, state_dict=state)
-            self.tokenizer.save_pretrained(target)
+            with written_atomically(self.output_dir / "model") as target:  # whole, or the previous one stays
+                acc.unwrap_model(self.policy).save_pretrained(target, state_dict=state)
+                self.tokenizer.save_pretrained(target)
 
 
 def _flat(config: dict) -> dict:

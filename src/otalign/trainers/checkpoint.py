@@ -28,7 +28,6 @@ returns the newest intact one. Checkpoints written before manifests existed are 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -39,6 +38,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from otalign.paths import out_of_space
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
@@ -226,19 +227,6 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in _files(folder)) if folder.is_dir() else 0
 
 
-LOW_SPACE = 16 << 20
-"""Free bytes under which a failed checkpoint write is taken for a full disk, whatever the error says (torch's
-zip writer reports one as ``unexpected pos 576 vs 534``)."""
-
-
-def _out_of_space(err: BaseException, free: int) -> bool:
-    """Whether ``err`` (from torch, pickle or the OS), raised with ``free`` bytes left, means a full disk or quota."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(err).lower()
-    return free < LOW_SPACE or any(s in text for s in ("no space left", "file write failed", "quota exceeded"))
-
-
 class CheckpointManager:
     """Saves and restores the full training state of an ``accelerate.Accelerator``.
 
@@ -301,7 +289,7 @@ class CheckpointManager:
         written = _folder_bytes(tmp)
         free_then = shutil.disk_usage(self.folder).free if self.folder.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _out_of_space(err, free_then):
+        if not out_of_space(err, free_then):
             return
         found = list_checkpoints(self.folder.parent)
         previous = found[-1] if found else None

@@ -13,7 +13,7 @@ from otalign.generation import SamplingParams
 from otalign.regularizers import KL_ESTIMATORS, REGULARIZERS
 from otalign.regularizers.embeddings import EMBEDDING_SOURCES
 from otalign.regularizers.wasserstein import METRICS, TRANSPORTS
-from otalign.rewards import REWARD_FUNCTIONS
+from otalign.rewards import REWARD_FUNCTIONS, reward_choices
 
 from .config import ConfigError, TrainerConfig
 
@@ -186,7 +186,7 @@ class RLConfig(TrainerConfig):
             self.reward_fn = [name for name in self.reward_fn.split(",") if name]
         super().__post_init__()
         if self.reward_model_name_or_path is None and not self.reward_fn:
-            raise ConfigError("set reward_fn (a built-in reward function) or reward_model_name_or_path", "reward_fn")
+            raise ConfigError(f"no reward given; choose one: {reward_choices()}", "reward_fn")
         if self.reward_model_name_or_path is not None and self.reward_fn:
             raise ConfigError("set reward_fn: null when using reward_model_name_or_path (one reward only)", "reward_fn")
 

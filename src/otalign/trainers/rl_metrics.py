@@ -113,15 +113,21 @@ def report_convergence(step: int, metrics: dict[str, float], config, *, first: b
     if not share > 0:
         return 0
     c = config
+    full = c.wpr_transport == "full"  # the full transport runs no Newton steps
+    newton = "" if full else f", and wpr_newton_steps={c.wpr_newton_steps} Newton steps did not finish"
+    knobs = "wpr_max_iter or wpr_tol (the full transport runs no Newton steps)" if full else "wpr_max_iter, "
+    knobs += "" if full else "wpr_newton_steps or wpr_tol"
     message = (
-        f"step {step}: Sinkhorn stopped at wpr_max_iter={c.wpr_max_iter} above wpr_tol={c.wpr_tol:g}, and "
-        f"wpr_newton_steps={c.wpr_newton_steps} Newton steps did not finish, at {share:.1%} of the generated "
-        f"positions (wpr_lambda={c.wpr_lambda:g}), so their penalties are approximate; raise wpr_max_iter, "
-        "wpr_newton_steps or wpr_tol, or lower wpr_lambda"
+        f"step {step}: Sinkhorn stopped at wpr_max_iter={c.wpr_max_iter} above wpr_tol={c.wpr_tol:g}{newton}, at "
+        f"{share:.1%} of the generated positions (wpr_lambda={c.wpr_lambda:g}), so their penalties are approximate; "
+        f"raise {knobs}, or lower wpr_lambda"
     )
     if c.wpr_strict:
-        raise ConvergenceError(message)
+        raise ConvergenceError(message + " (stopped by --wpr_strict)")
     if first and warn:
-        message += " (warned once per run; sinkhorn/unconverged_frac has the share of every step)"
+        message += (
+            "; --wpr_strict true stops the run instead (warned once per run; sinkhorn/unconverged_frac has the share "
+            "of every step)"
+        )
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 from otalign.models import apply_lora
+from otalign.paths import written_atomically
 
 from .base import BaseTrainer
 from .config import ConfigError
@@ -94,9 +95,9 @@ class SupervisedTrainer(BaseTrainer):
         if acc.is_main_process:
             if lora:
                 model = model.merge_and_unload()
-            target = self.output_dir / "model"
-            model.save_pretrained(target, state_dict=state)
-            self.tokenizer.save_pretrained(target)
+            with written_atomically(self.output_dir / "model") as target:  # whole, or the previous one stays
+                model.save_pretrained(target, state_dict=state)
+                self.tokenizer.save_pretrained(target)
 
 
 def __getattr__(name: str):

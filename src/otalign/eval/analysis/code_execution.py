@@ -24,6 +24,7 @@ import numpy as np
 
 from otalign.config import ConfigError
 from otalign.data.apps import APPS_MINI
+from otalign.paths import write_text_atomically, written_atomically
 
 from ..config import SamplingFields
 from .sampling import load_model, save_figure
@@ -225,8 +226,8 @@ def run_code_eval(config: CodeEvalConfig) -> dict:
             for p, rs in zip(problems, results, strict=True)
         ],
     }
-    (out / "apps.json").write_text(json.dumps(report, indent=2) + "\n")
-    with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
+    write_text_atomically(out / "apps.json", json.dumps(report, indent=2) + "\n")
+    with written_atomically(out / "samples.jsonl") as tmp, tmp.open("w", encoding="utf-8") as f:
         for p, rs, texts in zip(problems, results, responses, strict=True):
             for r, text in zip(rs, texts, strict=True):
                 row = {"problem_id": p.get("problem_id"), "response": text, "status": r.status, "reward": r.reward}

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from otalign.config import ConfigError, redefault
+from otalign.paths import write_text_atomically
 from otalign.regularizers.wasserstein import METRICS
 
 from ..config import SamplingFields
@@ -83,7 +84,9 @@ def run_coherence(config: CoherenceConfig) -> dict:
         }
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "coherence.json").write_text(json.dumps({"config": asdict(config), "models": results}, indent=2) + "\n")
+    write_text_atomically(
+        out / "coherence.json", json.dumps({"config": asdict(config), "models": results}, indent=2) + "\n"
+    )
     _plot(results, config, out / "coherence.png")
     for path, r in results.items():
         print(f"{path}: top-{k} spread {r['mean']:.4f} ± {r['ci95']:.4f} (95% CI, {r['positions']} positions)")

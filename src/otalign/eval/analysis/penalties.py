@@ -17,9 +17,15 @@ class PenaltyFields(SamplingFields):
     """A policy, its reference (same tokenizer; the reference's input embeddings define the cost), and the WPR
     penalty's settings (top-k capped at the vocabulary); sampling fields: :class:`SamplingFields`."""
 
-    policy: str | None = field(default=None, metadata={"help": "the policy model id or folder"})
+    policy: str | None = field(default=None, metadata={"path": "model", "help": "the policy model id or folder"})
     reference: str | None = field(default=None, metadata={"path": "model", "help": "the reference model id or folder"})
-    lam: float = field(default=100.0, metadata={"help": "WPR entropic scale lambda (1/epsilon)", "check": "> 0"})
+    lam: float = field(
+        default=100.0,
+        metadata={
+            "help": "WPR entropic scale lambda (1/epsilon; lambda x cost past ~1e7 is below float32's resolution)",
+            "check": "(0, 1e6]",
+        },
+    )
     wasserstein_top_k: int = field(
         default=128, metadata={"help": "tokens of each distribution in the WPR support", "check": ">= 1"}
     )

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from otalign.config import ConfigError, redefault
+from otalign.paths import write_text_atomically
 
 from .penalties import PenaltyFields, response_penalties
 from .sampling import save_figure
@@ -119,7 +120,9 @@ def run_penalty_correlation(config: PenaltyCorrelationConfig) -> dict:
     result["source"] = "metrics" if config.run_dir is not None else "generations"
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "penalty_correlation.json").write_text(json.dumps({"config": asdict(config), **result}, indent=1) + "\n")
+    write_text_atomically(
+        out / "penalty_correlation.json", json.dumps({"config": asdict(config), **result}, indent=1) + "\n"
+    )
     plot(result, out / "penalty_correlation.png")
     print(
         f"penalty correlation ({result['source']}, n={result['n']}): r = {result['pearson_r']:.3f}, "

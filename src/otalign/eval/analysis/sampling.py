@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from otalign.paths import written_atomically
+
 from ..config import SamplingFields
 
 
@@ -50,9 +52,11 @@ def sampled_positions(model, tokenizer, config: SamplingFields, prompts: list, r
 
 
 def save_figure(fig, path) -> None:
-    """Write a matplotlib figure as PNG and close it."""
+    """Write a matplotlib figure as PNG (whole or not at all: :func:`otalign.paths.written_atomically`) and close
+    it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with written_atomically(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from otalign.config import ConfigError, redefault
+from otalign.paths import write_text_atomically
 
 from ..generations import sample_responses
-from .encoder import MINILM, sentence_encoder
+from .encoder import MINILM, encoder_problem, sentence_encoder
 from .penalties import PenaltyFields, response_penalties
 from .sampling import load_model, prompt_subsample, save_figure
 
@@ -35,6 +36,12 @@ class SemanticSimilarityConfig(PenaltyFields):
         super().__post_init__()
         if self.policy is None or self.reference is None:
             raise ConfigError("give both policy and reference")
+
+    def validate(self) -> None:
+        """The path fields, then the encoder (before any model loads)."""
+        super().validate()
+        if problem := encoder_problem(self.encoder):
+            raise ConfigError(f"encoder: {problem}", "encoder")
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
@@ -79,7 +86,9 @@ def run_semantic_similarity(config: SemanticSimilarityConfig) -> dict:
     }
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "semantic_similarity.json").write_text(json.dumps({"config": asdict(config), **result}, indent=1) + "\n")
+    write_text_atomically(
+        out / "semantic_similarity.json", json.dumps({"config": asdict(config), **result}, indent=1) + "\n"
+    )
     _plot(kl, w, similarity, result, out / "semantic_similarity.png")
     print(
         f"semantic similarity vs -penalty (n={result['n']}): r(KL) = {_fmt(result['pearson_neg_kl'])}, "
