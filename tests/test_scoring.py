@@ -268,6 +268,7 @@ def test_held_out_evaluation_scores_in_chunks_with_the_same_values():
     changes neither the KL, the OT distance nor an extras measure (against scoring a whole generation batch)."""
     from otalign.eval.policy import evaluate_policy
     from otalign.generation import SamplingParams, encode_prompts
+    from otalign.rewards import FunctionReward
     from otalign.sweep.evaluate import coherence_measure
 
     tokenizer = tiny_tokenizer()
@@ -290,7 +291,7 @@ def test_held_out_evaluation_scores_in_chunks_with_the_same_values():
                 tokenizer,
                 texts,
                 ids,
-                lambda prompts, responses, *rest: torch.tensor([len(r) / 10 for r in responses]),
+                FunctionReward(characters),
                 params=SamplingParams(max_new_tokens=6),
                 seed=3,
                 batch_size=8,
