@@ -32,3 +32,30 @@ def test_no_reward_at_all_is_one_line_listing_the_rewards(command, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1
     assert err[0] == f"otalign {command}: error: --reward_fn: no reward given; choose one: {reward_choices()}"
+
+
+def test_a_reward_needing_a_column_the_prompts_lack_stops_before_any_sampling(tmp_path):
+    """GRPO with the arithmetic reward on prompts without an ``answer`` column: the trainer refuses at construction,
+    naming the reward, the column and the alternatives, instead of after the first rollout is sampled."""
+    from otalign.models.tiny import tiny_causal_lm, tiny_tokenizer
+    from otalign.trainers import GRPOConfig, GRPOTrainer
+
+    tokenizer = tiny_tokenizer()
+    config = GRPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        response_length=4,
+        progress_bar=False,
+        save_model=False,
+        reward_fn=["arithmetic"],
+    )
+    with pytest.raises(ValueError, match=r"^reward function 'arithmetic' needs column\(s\) \['answer'\]"):
+        GRPOTrainer(
+            config,
+            policy=tiny_causal_lm(tokenizer, seed=0),
+            ref_model=tiny_causal_lm(tokenizer, seed=0),
+            tokenizer=tokenizer,
+            prompts=["what is the cat ?", "tell me about my day ."],
+        )

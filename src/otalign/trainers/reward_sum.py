@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from otalign.generation import Rollout
@@ -49,6 +51,13 @@ class RewardSum:
             raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.rewards)} reward function(s)")
         self.weights = [float(w) for w in weights]
         self.missing_eos_penalty, self.eos_token_id, self.clip = missing_eos_penalty, eos_token_id, clip
+
+    def check_columns(self, column_names: Sequence[str]) -> None:
+        """``ValueError`` naming the reward and the columns it needs if the prompt rows (``column_names``) lack a
+        column a reward function requires: before any step samples, not at the first scoring."""
+        for reward in self.rewards.values():
+            if hasattr(reward, "keyword_columns"):
+                reward.keyword_columns({name: [] for name in column_names})
 
     def __call__(
         self, rollout: Rollout, rows: list[int], columns: dict[str, list], pad_token_id: int, watch=None

@@ -156,6 +156,9 @@ class RLTrainer(BaseTrainer):
             eos_token_id=self.tokenizer.eos_token_id,
             clip=c.reward_clip,
         )
+        self.reward_sum.check_columns(self.column_names)
+        if self.eval_set is not None:
+            self.reward_sum.check_columns(self.eval_set.columns)
         self.beta_controller = BetaController(c.beta_value, c.beta_target, c.beta_horizon)
         policy = self.load_models(policy, ref_model, regularizer)
         extra = self.build_models(policy)
