@@ -58,9 +58,12 @@ def topk_logits_processor(student_logits, teacher_topk_log_probs, teacher_topk_i
         teacher_topk_log_probs = slice_input_tensor(teacher_topk_log_probs, dim=1)
         teacher_topk_ids = slice_input_tensor(teacher_topk_ids, dim=1)
     reg = regularizer(student_logits.shape[-1], teacher_topk_ids.shape[-1])
-    out = wasserstein_topk_outputs(reg, student_logits, teacher_topk_log_probs, teacher_topk_ids.long(), check=False)
-    out.pop("wasserstein_distance")  # verl checks that every output has the logits' (bsz, seqlen) shape: keep its
-    return out  # keys only
+    scored = (teacher_topk_log_probs < 0).any(-1)  # the teacher server pads rows with log-probabilities 0
+    out = wasserstein_topk_outputs(
+        reg, student_logits, teacher_topk_log_probs, teacher_topk_ids.long(), scored, check=False
+    )
+    out.pop("wasserstein_distance")  # verl reads its own keys only
+    return out
 
 
 fsdp_losses.compute_forward_kl_topk = topk_logits_processor
