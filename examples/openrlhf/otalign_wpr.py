@@ -13,11 +13,13 @@ import torch
 
 from otalign.integrations.openrlhf import (
     REF_ACTION_LOGPROBS,
+    action_logits,
     pack_reference,
     reference_topk,
     topk_surrogate_loss_term,
     unpack_reference,
 )
+from otalign.integrations.topk import gathered_log_probs
 
 TOP_K = 32
 
@@ -44,7 +46,7 @@ def kl_term(regularizer, output, experience) -> tuple[torch.Tensor, torch.Tensor
     kl = topk_surrogate_loss_term(
         regularizer, output["logits"], experience.sequences, experience.action_mask, reference, temperature=1.0
     )
-    log_probs = output["logits"].detach()  # only for OpenRLHF's logprobs_diff metric
-    steps = experience.action_mask.shape[1]
-    action_logps = log_probs[:, -steps - 1 : -1].log_softmax(-1).gather(-1, experience.sequences[:, -steps:, None])
-    return kl, action_logps[..., 0] - reference[REF_ACTION_LOGPROBS]
+    with torch.no_grad():  # OpenRLHF's logprobs_diff metric: log pi(y) - log pi_ref(y), no V-sized copy
+        logits, actions = action_logits(output["logits"], experience.sequences, experience.action_mask)
+        flat = gathered_log_probs(logits.reshape(-1, logits.shape[-1]), actions.reshape(-1, 1))
+    return kl, flat.view(actions.shape) - reference[REF_ACTION_LOGPROBS]
