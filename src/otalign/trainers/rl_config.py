@@ -190,6 +190,16 @@ class RLConfig(TrainerConfig):
         if self.reward_model_name_or_path is not None and self.reward_fn:
             raise ConfigError("set reward_fn: null when using reward_model_name_or_path (one reward only)", "reward_fn")
 
+    def resolve_alias(self, name: str, alias: str, default: object) -> None:
+        """Make the field ``name`` and its other name ``alias`` (both None by default) one value: the one given, or
+        ``default`` when neither is; two different values are a :class:`ConfigError` naming both."""
+        value, other = getattr(self, name), getattr(self, alias)
+        if value is not None and other is not None and value != other:
+            raise ConfigError(f"{name}={value} and {alias}={other} are two names of one setting: give one", name)
+        chosen = next((v for v in (value, other) if v is not None), default)
+        setattr(self, name, chosen)
+        setattr(self, alias, chosen)
+
     @property
     def step_batch_size(self) -> int:
         """Responses per process per rollout: ``per_device_train_batch_size * gradient_accumulation_steps *
