@@ -641,6 +641,45 @@ def test_log_completions_appends_each_logged_steps_samples(tmp_path, capsys):
     assert [json.loads(line)["step"] for line in (tmp_path / "completions.jsonl").read_text().splitlines()] == [1] * 4
 
 
+def test_log_completions_resumed_reads_as_one_run(tmp_path):
+    def steps_and_texts():
+        lines = (tmp_path / "completions.jsonl").read_text().splitlines()
+        return [(row["step"], row["completion"]) for row in map(json.loads, lines)]
+
+    rl(tmp_path, log_completions=True, max_steps=3, save_steps=1).train()
+    whole = steps_and_texts()
+    resumed = rl(
+        tmp_path,
+        log_completions=True,
+        max_steps=3,
+        resume_from_checkpoint=str(tmp_path / "checkpoints" / "checkpoint-2"),
+    )
+    resumed.train()  # step 3 again: its rows replaced, not doubled
+    assert steps_and_texts() == whole and [step for step, _ in whole] == [1] * 4 + [2] * 4 + [3] * 4
+
+
+def test_log_completions_logs_a_table_to_trackers_that_take_one(tmp_path):
+    class TableTracker:  # the calls accelerate's WandBTracker takes
+        name, tables = "table", []
+
+        def log(self, values, step=None, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+        def log_table(self, table_name, columns=None, data=None, dataframe=None, step=None, **kwargs):
+            self.tables.append((table_name, columns, data, step))
+
+    trainer = rl(tmp_path, log_completions=True, max_steps=1)
+    trainer.accelerator.trackers.append(TableTracker())
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    [(name, columns, data, step)] = TableTracker.tables
+    assert (name, step, columns) == ("completions", 1, list(rows[0]))
+    assert data == [list(row.values()) for row in rows]
+
+
 def test_log_completions_off_writes_nothing(tmp_path):
     rl(tmp_path, max_steps=1).train()
     assert not (tmp_path / "completions.jsonl").exists()
