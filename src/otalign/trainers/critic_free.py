@@ -11,8 +11,10 @@ are the shared machinery of :mod:`otalign.trainers.rl`):
    with ``scale_rewards`` (TRL 1.16's) ``group`` divided by the group's standard deviation plus :math:`10^{-4}`,
    ``batch`` by the standard deviation of the whole rollout of all processes plus :math:`10^{-4}`, ``none`` not.
 3. **Update**: ``num_iterations`` passes over the same rollouts (``num_mini_batches`` optimizer steps each),
-   clipped surrogate :math:`\ell_{it} = -\min(\rho_{it} A_i, \mathrm{clip}(\rho_{it}, 1\pm\epsilon) A_i)`, plus
-   :math:`\beta d_{it}` with ``penalty_in: loss``; no critic. Length normalisation ``loss_type``, as TRL 1.16's
+   clipped surrogate :math:`\ell_{it} = -\min(\rho_{it} A_i, \mathrm{clip}(\rho_{it}, 1-\epsilon_l, 1+\epsilon_h)
+   A_i)` (TRL's ``epsilon`` and ``epsilon_high``), plus :math:`\beta d_{it}` with ``penalty_in: loss``; no critic;
+   with ``mask_truncated_completions`` the responses without EOS have no tokens in the loss (:func:`mask_truncated`).
+   Length normalisation ``loss_type``, as TRL 1.16's
    ``GRPOTrainer`` computes it (:func:`token_weights`, :meth:`CriticFreeTrainer.normalizers`), for a mini-batch of
    N responses in micro-batches of b per process, G = ``gradient_accumulation_steps``:
    ``grpo`` :math:`\frac1N\sum_i \frac{1}{|o_i|}\sum_t \ell_{it}`; ``dr_grpo``
