@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -421,3 +422,312 @@ def test_rl_evaluate_without_held_out_prompts_says_so(tmp_path):
         ValueError, match="evaluation needs held-out prompts: set eval_dataset_name or pass eval_prompts"
     ):
         rl(tmp_path).evaluate()
+
+
+# ---------------------------------------------------------------------------------------------- clip range, lengths
+def trl_token_objective(logps, old_logps, advantages, mask, epsilon_low, epsilon_high):
+    """TRL 1.16 ``GRPOTrainer._compute_loss`` (``loss_type dapo`` over one micro-batch, ``num_items_in_batch`` its
+    token count) and its ``clip_ratio/*`` lines: per-token ratios, advantages (b, 1)."""
+    coef_1 = torch.exp(logps - old_logps)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    loss = (per_token_loss * mask).sum() / mask.sum()
+    is_low_clipped = (coef_1 < 1 - epsilon_low) & (advantages < 0)
+    is_high_clipped = (coef_1 > 1 + epsilon_high) & (advantages > 0)
+    is_region_clipped = is_low_clipped | is_high_clipped
+
+    def masked_seq_mean(x):
+        return (x * mask).sum(-1) / mask.sum(-1)
+
+    stats = {
+        "clip_ratio/low_mean": (is_low_clipped.float() * mask).sum() / mask.sum(),
+        "clip_ratio/high_mean": (is_high_clipped.float() * mask).sum() / mask.sum(),
+        "clip_ratio/region_mean": (is_region_clipped.float() * mask).sum() / mask.sum(),
+        "clip_ratio/low_min": masked_seq_mean(is_low_clipped.float()).min(),
+        "clip_ratio/high_max": masked_seq_mean(is_high_clipped.float()).max(),
+    }
+    return loss, stats
+
+
+def trl_sequence_objective(logps, old_logps, advantages, mask, epsilon_low, epsilon_high):
+    """TRL 1.16 ``RLOOTrainer._compute_loss`` and its ``clip_ratio/*`` lines (one ratio per sequence)."""
+    coef_1 = torch.exp((logps * mask).sum(1) - (old_logps * mask).sum(1))
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    loss = -torch.min(coef_1 * advantages, coef_2 * advantages).mean()
+    is_low_clipped = (coef_1 < 1 - epsilon_low) & (advantages < 0)
+    is_high_clipped = (coef_1 > 1 + epsilon_high) & (advantages > 0)
+    return loss, {"low": is_low_clipped.float(), "high": is_high_clipped.float()}
+
+
+# ratios per token: under 1 - 0.2, inside, in (1 + 0.2, 1 + 0.28) (clipped only by a symmetric range), above 1.28
+LOG_RATIOS = torch.tensor([0.7, 0.95, 1.0, 1.25, 1.4]).log()
+
+
+@pytest.mark.parametrize("epsilon_high", [0.2, 0.28])
+def test_epsilon_and_epsilon_high_clip_the_token_ratio_as_trl(epsilon_high):
+    from otalign.trainers import ppo_math as pm
+
+    old = -torch.arange(1, 21, dtype=torch.float32).reshape(4, 5).sqrt()
+    moved = old + torch.stack([LOG_RATIOS.roll(k) for k in range(4)])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.5])[:, None].expand(4, 5)
+    ours_in = moved.clone().requires_grad_(True)
+    loss, stats = pm.policy_loss(
+        ours_in, old, advantages, mask, cliprange=0.2, cliprange_high=epsilon_high, normalizer=float(mask.sum())
+    )
+    loss.backward()
+    trl_in = moved.clone().requires_grad_(True)
+    trl, trl_stats = trl_token_objective(trl_in, old, advantages[:, :1], mask, 0.2, epsilon_high)
+    trl.backward()
+    assert float(loss.detach()) == pytest.approx(float(trl.detach()), rel=1e-6)
+    torch.testing.assert_close(ours_in.grad, trl_in.grad, rtol=1e-6, atol=1e-8)
+    tokens = float(mask.sum())
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert float(stats[key]) / tokens == pytest.approx(float(trl_stats[key]), abs=1e-7), key
+    assert float(stats["clip_ratio/low_min"].min()) == pytest.approx(float(trl_stats["clip_ratio/low_min"]))
+    assert float(stats["clip_ratio/high_max"].max()) == pytest.approx(float(trl_stats["clip_ratio/high_max"]))
+    # ratio 1.25 with a positive advantage: clipped (no gradient) by 0.2, not by 0.28
+    rows = torch.tensor([0, 2])
+    at = (moved - old)[rows].exp().sub(1.25).abs() < 1e-6
+    assert (ours_in.grad[rows][at] == 0).all() == (epsilon_high == 0.2)
+    assert float(stats["clip_ratio/high_mean"]) > 0 and float(stats["clip_ratio/low_mean"]) > 0
+
+
+@pytest.mark.parametrize("epsilon_high", [0.2, 0.28])
+def test_epsilon_and_epsilon_high_clip_the_sequence_ratio_as_trls_rloo(epsilon_high):
+    from otalign.trainers import ppo_math as pm
+
+    mask = torch.ones(10, 1, dtype=torch.bool)
+    old = torch.zeros(10, 1)
+    moved = torch.cat([LOG_RATIOS, LOG_RATIOS])[:, None]  # each ratio with either sign of advantage
+    advantages = torch.tensor([1.0] * 5 + [-1.0] * 5)
+    ours_in = moved.clone().requires_grad_(True)
+    loss, stats = pm.sequence_policy_loss(
+        ours_in, old, advantages, mask, cliprange=0.2, cliprange_high=epsilon_high, normalizer=10.0
+    )
+    loss.backward()
+    trl_in = moved.clone().requires_grad_(True)
+    trl, hits = trl_sequence_objective(trl_in, old, advantages, mask, 0.2, epsilon_high)
+    trl.backward()
+    assert float(loss.detach()) == pytest.approx(float(trl.detach()), rel=1e-6)
+    torch.testing.assert_close(ours_in.grad, trl_in.grad, rtol=1e-6, atol=1e-8)
+    assert torch.equal(stats["clip_ratio/low_min"], hits["low"])
+    assert torch.equal(stats["clip_ratio/high_max"], hits["high"])
+    assert float(stats["clip_ratio/high_mean"]) == float(hits["high"].sum()) == (2 if epsilon_high == 0.2 else 1)
+
+
+def test_epsilon_is_trls_name_of_cliprange_and_max_completion_length_of_response_length():
+    default = GRPOConfig()
+    assert (default.epsilon, default.cliprange, default.epsilon_high) == (0.2, 0.2, None)
+    assert default.response_length == default.max_completion_length == 256 == RLOOConfig().response_length
+    assert GRPOConfig(cliprange=0.3).epsilon == 0.3 == GRPOConfig(epsilon=0.3).cliprange
+    assert RLOOConfig(max_completion_length=12).response_length == 12
+    assert GRPOConfig(epsilon=0.3, cliprange=0.3).epsilon == 0.3  # the same value twice is no conflict
+    with pytest.raises(ConfigError, match="^epsilon=0.3 and cliprange=0.2 are two names of one setting: give one$"):
+        GRPOConfig(epsilon=0.3, cliprange=0.2)
+    with pytest.raises(ConfigError, match="response_length=8 and max_completion_length=12 are two names"):
+        RLOOConfig(response_length=8, max_completion_length=12)
+    with pytest.raises(ConfigError, match="epsilon_high must be > 0"):
+        GRPOConfig(epsilon_high=-0.1)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_epsilon_high_and_max_completion_length_reach_the_run(tmp_path, monkeypatch, algorithm):
+    from otalign.trainers import ppo_math as pm
+
+    bounds = []
+    for name in ("policy_loss", "sequence_policy_loss"):
+        original = getattr(pm, name)
+
+        def recording(*args, original=original, **kwargs):
+            bounds.append((kwargs["cliprange"], kwargs["cliprange_high"]))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(pm, name, recording)
+    trainer = rl(
+        tmp_path, algorithm, max_steps=1, epsilon=0.1, epsilon_high=0.3, max_completion_length=3, response_length=None
+    )
+    trainer.train()
+    assert bounds and set(bounds) == {(0.1, 0.3)}
+    assert trainer.config.sampling.max_new_tokens == 3
+    assert read_metrics(tmp_path)[-1]["completions/max_length"] <= 3
+
+
+# ---------------------------------------------------------------------------------------------- truncated completions
+def scored_with_two_ended(trainer):
+    """A scored rollout of 4 responses where responses 0 and 2 end with EOS at position 2 and 1 and 3 are cut."""
+    from otalign.trainers.metrics import Timer
+
+    rollout, rows = trainer.sample(1)
+    eos = trainer.tokenizer.eos_token_id
+    rollout.responses[rollout.responses == eos] = eos + 1
+    rollout.responses[[0, 2], 2] = eos
+    rollout.response_mask[:] = True
+    rollout.response_mask[[0, 2], 3:] = False
+    return trainer.score_rollout(rollout, rows, Timer("cpu"))
+
+
+def loss_gradient(trainer, batch, monkeypatch):
+    """d loss / d logits (b, T, V) of the whole rollout as one micro-batch, and the loss statistics."""
+    from otalign.generation import response_logits
+    from otalign.trainers import critic_free
+
+    rollout = batch.scored.rollout
+    leaf = response_logits(trainer.policy, rollout).detach().requires_grad_(True)
+    monkeypatch.setattr(critic_free, "response_logits", lambda *args: leaf)
+    rows = torch.arange(rollout.responses.shape[0])
+    loss, _, stats = trainer.loss(batch, rows, trainer.normalizers(batch, (rows,))[0])
+    loss.backward()
+    return leaf.grad, stats
+
+
+def test_mask_truncated_completions_gives_a_cut_response_no_gradient(tmp_path, monkeypatch):
+    """TRL's ``mask_truncated_completions``: the cut responses' completion mask is zeroed. With ``loss_type grpo``
+    (mean over all responses of their token means) the ended ones' gradient is unchanged; with ``dapo`` the
+    normaliser is the ended ones' token count; the group baselines still use the cut responses' rewards."""
+    trainer = rl(tmp_path, mask_truncated_completions=True, loss_type="grpo", beta=0.1, max_steps=1)
+    scored = scored_with_two_ended(trainer)
+    masked = trainer.advantages(scored)
+    masked_grad, _ = loss_gradient(trainer, masked, monkeypatch)
+    trainer.config.mask_truncated_completions = False
+    plain = trainer.advantages(scored)
+    plain_grad, _ = loss_gradient(trainer, plain, monkeypatch)
+    torch.testing.assert_close(masked.advantages, plain.advantages)
+    per_row = plain_grad.abs().flatten(1).sum(1)
+    assert (per_row > 0).all()  # every response has a gradient without the option (the KL term at least)
+    assert (masked_grad[[1, 3]] == 0).all()
+    torch.testing.assert_close(masked_grad[[0, 2]], plain_grad[[0, 2]])
+    assert masked.scored.mask[[1, 3]].sum() == 0 and torch.equal(masked.scored.mask[[0, 2]], scored.mask[[0, 2]])
+    trainer.config.mask_truncated_completions, trainer.config.loss_type = True, "dapo"
+    dapo = trainer.advantages(scored)
+    assert trainer.normalizers(dapo, (torch.arange(4),)) == [6.0]  # TRL: num_items_in_batch over the loss mask
+
+
+@pytest.mark.filterwarnings("ignore:metrics.jsonl:RuntimeWarning")
+def test_mask_truncated_completions_in_a_run_keeps_the_completion_metrics(tmp_path):
+    """A run in which every response is cut (response_length 2): no gradient at all, TRL's ``completions/*`` still
+    over every response."""
+    trainer = rl(tmp_path, mask_truncated_completions=True, max_steps=1, response_length=2, loss_type="dapo")
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train()[-1]
+    assert metrics["completions/clipped_ratio"] == 1.0 and metrics["completions/mean_length"] == 2.0
+    assert metrics["grad_norm"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+    # TRL: a response without tokens has a NaN share in nanmin/nanmax, so with none left the extremes are NaN
+    assert math.isnan(metrics["clip_ratio/low_min"]) and metrics["clip_ratio/low_mean"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- log_completions
+def test_log_completions_appends_each_logged_steps_samples(tmp_path, capsys):
+    trainer = rl(tmp_path, log_completions=True, max_steps=3, logging_steps=2, num_completions_to_print=1)
+    captured = []
+    advantages = trainer.advantages
+    trainer.advantages = lambda scored: captured.append(advantages(scored)) or captured[-1]
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] * 4 + [3] * 4  # every logging_steps and the last step, as metrics
+    assert set(rows[0]) == {"step", "prompt", "completion", "characters", "advantage"}
+    for step, batch in ((2, captured[1]), (3, captured[2])):
+        logged = [r for r in rows if r["step"] == step]
+        assert [r["completion"] for r in logged] == batch.scored.rollout.response_texts
+        assert [r["prompt"] for r in logged] == batch.scored.rollout.prompt_texts
+        assert [r["characters"] for r in logged] == pytest.approx([len(r["completion"]) / 20 for r in logged])
+        assert [r["advantage"] for r in logged] == pytest.approx(batch.advantages.tolist())
+    printed = [line for line in capsys.readouterr().out.splitlines() if '"completion"' in line]
+    assert len(printed) == 2  # num_completions_to_print at each of the 2 logged steps
+    rl(
+        tmp_path, log_completions=True, max_steps=1, overwrite_output_dir=True
+    ).train()  # a fresh run in the same folder starts the file anew
+    assert [json.loads(line)["step"] for line in (tmp_path / "completions.jsonl").read_text().splitlines()] == [1] * 4
+
+
+def test_log_completions_resumed_reads_as_one_run(tmp_path):
+    def steps_and_texts():
+        lines = (tmp_path / "completions.jsonl").read_text().splitlines()
+        return [(row["step"], row["completion"]) for row in map(json.loads, lines)]
+
+    rl(tmp_path, log_completions=True, max_steps=3, save_steps=1).train()
+    whole = steps_and_texts()
+    resumed = rl(
+        tmp_path,
+        log_completions=True,
+        max_steps=3,
+        resume_from_checkpoint=str(tmp_path / "checkpoints" / "checkpoint-2"),
+    )
+    resumed.train()  # step 3 again: its rows replaced, not doubled
+    assert steps_and_texts() == whole and [step for step, _ in whole] == [1] * 4 + [2] * 4 + [3] * 4
+
+
+def test_log_completions_logs_a_table_to_trackers_that_take_one(tmp_path):
+    class TableTracker:  # the calls accelerate's WandBTracker takes
+        name, tables = "table", []
+
+        def log(self, values, step=None, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+        def log_table(self, table_name, columns=None, data=None, dataframe=None, step=None, **kwargs):
+            self.tables.append((table_name, columns, data, step))
+
+    trainer = rl(tmp_path, log_completions=True, max_steps=1)
+    trainer.accelerator.trackers.append(TableTracker())
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    [(name, columns, data, step)] = TableTracker.tables
+    assert (name, step, columns) == ("completions", 1, list(rows[0]))
+    assert data == [list(row.values()) for row in rows]
+
+
+def test_log_completions_off_writes_nothing(tmp_path):
+    rl(tmp_path, max_steps=1).train()
+    assert not (tmp_path / "completions.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------- completion_only_loss
+def sft_rows(tmp_path, data, **settings):
+    from otalign.trainers.sft import SFTConfig, SFTTrainer
+
+    tokenizer = tiny_tokenizer()
+    config = SFTConfig(output_dir=str(tmp_path), max_steps=1, progress_bar=False, **settings)
+    trainer = SFTTrainer(config, model=tiny_causal_lm(tokenizer, seed=0), tokenizer=tokenizer, train_data=data)
+    return trainer.train_rows
+
+
+def test_completion_only_loss_masks_the_prompt_tokens_as_trl(tmp_path):
+    from otalign.data.sft import IGNORE_INDEX, SFTExample
+
+    pair = [SFTExample("write about the cat .", "the cat is good .")]
+    tokenizer = tiny_tokenizer()
+    prompt = tokenizer("write about the cat .")["input_ids"]
+    completion = tokenizer("the cat is good .", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for setting in (None, True):  # TRL: None is True for prompt-completion rows
+        [(ids, labels)] = sft_rows(tmp_path, pair, completion_only_loss=setting)
+        assert ids == prompt + completion and labels == [IGNORE_INDEX] * len(prompt) + completion
+    [(ids, labels)] = sft_rows(tmp_path, pair, completion_only_loss=False)
+    assert ids == prompt + completion and labels == ids  # TRL: labels = input_ids, the whole sequence
+    text = [SFTExample(text="the cat is good .")]
+    assert sft_rows(tmp_path, text)[0][1] == sft_rows(tmp_path, text, completion_only_loss=False)[0][1]
+    with pytest.raises(
+        ValueError, match="train_data, row 1: completion_only_loss true needs prompt-completion rows, got"
+    ):
+        sft_rows(tmp_path, text, completion_only_loss=True)
+
+
+@pytest.mark.parametrize(
+    ("command", "fields"),
+    [
+        ("grpo", ["epsilon", "epsilon_high", "max_completion_length", "mask_truncated_completions"]),
+        ("rloo", ["epsilon", "epsilon_high", "max_completion_length", "log_completions", "num_completions_to_print"]),
+        ("sft", ["completion_only_loss"]),
+    ],
+)
+def test_help_lists_the_clip_length_and_logging_fields(command, fields, capsys):
+    from otalign.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    for name in fields:
+        assert f"--{name} " in text, name

@@ -340,6 +340,57 @@ ROWS: tuple[Row, ...] = (
         tested_by="tests/test_trl_fields.py",
     ),
     Row(
+        what="`epsilon`, `epsilon_high` (GRPO, RLOO)",
+        trl="the ratio clipped to `[1 - epsilon, 1 + epsilon_high]`, `epsilon_high` defaulting to `epsilon` (0.2); "
+        "`clip_ratio/*` against the two bounds",
+        otalign="the same (loss, gradients and `clip_ratio/*` checked against TRL's lines); `cliprange`, otalign's "
+        "earlier name, is the other name of `epsilon` (two different values refused)",
+        why=None,
+        keys=("GRPOConfig.epsilon", "GRPOConfig.epsilon_high", "RLOOConfig.epsilon", "RLOOConfig.epsilon_high"),
+        tested_by="tests/test_trl_fields.py",
+    ),
+    Row(
+        what="`max_completion_length` (GRPO, RLOO)",
+        trl="new tokens per completion at most (256)",
+        otalign="the other name of `response_length` (256; two different values refused)",
+        why=None,
+        keys=("GRPOConfig.max_completion_length", "RLOOConfig.max_completion_length"),
+        tested_by="tests/test_trl_fields.py",
+    ),
+    Row(
+        what="`mask_truncated_completions` (GRPO, RLOO)",
+        trl="a completion whose last token is neither EOS nor the pad token gets a zero completion mask: no loss "
+        "or gradient, out of the `dapo`/`bnpo` token counts and the `kl`/`clip_ratio` metrics, still in the "
+        "group baselines and the `grpo`/`dr_grpo`/RLOO means over completions, its RLOO KL penalty 0",
+        otalign="the same for a response without EOS (the loss, normalisers and `kl`/`clip_ratio/*` from the "
+        "masked rollout); `entropy` and `completions/*` stay over every response",
+        why="sampling stops at EOS only, so a sampled pad token ends nothing (as `completions/clipped_ratio`); "
+        "`entropy` is measured at the rollout, before the loss",
+        keys=("GRPOConfig.mask_truncated_completions with a sampled pad token", "entropy with masked completions"),
+    ),
+    Row(
+        what="`log_completions`, `num_completions_to_print` (GRPO, RLOO)",
+        trl="at each logging step the latest generation batch: `num_completions_to_print` random rows printed "
+        "with `rich`, a `completions` table to wandb/trackio, GRPO also "
+        "`output_dir/completions/completions_<step>.parquet`",
+        otalign="at each logged step the step's rollout of all processes appended to `output_dir/completions.jsonl` "
+        "(TRL's columns: `step`, `prompt`, `completion`, each reward function's score, `advantage`), the first "
+        "`num_completions_to_print` printed as JSON lines, a `completions` table to trackers with `log_table` "
+        "(wandb)",
+        why="one JSON-lines file beside `metrics.jsonl`, cut back on resume like it, needs neither pandas nor "
+        "rich; the first rows make the printout reproducible",
+        keys=("GRPOConfig.log_completions", "GRPOConfig.num_completions_to_print"),
+    ),
+    Row(
+        what="`completion_only_loss` (SFT)",
+        trl="None (default) or True: the loss on the completion of prompt-completion rows; False: on the whole "
+        "sequence; True with language-modeling rows is an error",
+        otalign="the same (`messages` rows: see above)",
+        why=None,
+        keys=("SFTConfig.completion_only_loss",),
+        tested_by="tests/test_trl_fields.py",
+    ),
+    Row(
         what="RL held-out evaluation (`eval_strategy`, `eval_steps`, an eval prompt set)",
         trl="`num_generations_eval` responses per prompt; every training metric with the `eval_` prefix (`eval_kl` "
         "is k3)",

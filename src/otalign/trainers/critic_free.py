@@ -11,8 +11,10 @@ are the shared machinery of :mod:`otalign.trainers.rl`):
    with ``scale_rewards`` (TRL 1.16's) ``group`` divided by the group's standard deviation plus :math:`10^{-4}`,
    ``batch`` by the standard deviation of the whole rollout of all processes plus :math:`10^{-4}`, ``none`` not.
 3. **Update**: ``num_iterations`` passes over the same rollouts (``num_mini_batches`` optimizer steps each),
-   clipped surrogate :math:`\ell_{it} = -\min(\rho_{it} A_i, \mathrm{clip}(\rho_{it}, 1\pm\epsilon) A_i)`, plus
-   :math:`\beta d_{it}` with ``penalty_in: loss``; no critic. Length normalisation ``loss_type``, as TRL 1.16's
+   clipped surrogate :math:`\ell_{it} = -\min(\rho_{it} A_i, \mathrm{clip}(\rho_{it}, 1-\epsilon_l, 1+\epsilon_h)
+   A_i)` (TRL's ``epsilon`` and ``epsilon_high``), plus :math:`\beta d_{it}` with ``penalty_in: loss``; no critic;
+   with ``mask_truncated_completions`` the responses without EOS have no tokens in the loss (:func:`mask_truncated`).
+   Length normalisation ``loss_type``, as TRL 1.16's
    ``GRPOTrainer`` computes it (:func:`token_weights`, :meth:`CriticFreeTrainer.normalizers`), for a mini-batch of
    N responses in micro-batches of b per process, G = ``gradient_accumulation_steps``:
    ``grpo`` :math:`\frac1N\sum_i \frac{1}{|o_i|}\sum_t \ell_{it}`; ``dr_grpo``
@@ -28,10 +30,13 @@ are the shared machinery of :mod:`otalign.trainers.rl`):
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from accelerate.utils import gather_object
 
 from otalign.generation import response_logits
 from otalign.regularizers import k3
@@ -39,6 +44,8 @@ from otalign.regularizers import k3
 from . import ppo_math as pm
 from .config import ConfigError, redefault
 from .rl import RLConfig, RLTrainer, RolloutBatch
+from .rl_metrics import CompletionLog, completion_rows, ended_with_eos
+from .rollout_batch import ScoredRollout
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 """``loss_type`` values, TRL 1.16's names and normalisations (see the module docstring)."""
@@ -107,6 +114,18 @@ def token_weights(mask: torch.Tensor, loss_type: str, max_length: int) -> tuple[
     raise ValueError(f"loss_type must be one of {RLOO_LOSS_TYPES}, got {loss_type!r}")
 
 
+def mask_truncated(scored: ScoredRollout, eos_token_id: int | None) -> ScoredRollout:
+    """TRL's ``mask_truncated_completions``: ``scored`` with an empty response mask on the responses without EOS
+    (:func:`~otalign.trainers.rl_metrics.ended_with_eos`), so that everything computed from the mask leaves them out:
+    the penalty in their sequence reward, their loss weights and their units of the normaliser (``dapo``, ``bnpo``
+    token counts; ``grpo``, ``dr_grpo`` and RLOO's ``sequence`` still count them as responses, as TRL's means over
+    the batch do), and the ``kl`` and ``clip_ratio/*`` metrics. Their scores stay: they count in their group's
+    baseline, as in TRL."""
+    ended = ended_with_eos(scored.rollout, eos_token_id)
+    rollout = dataclasses.replace(scored.rollout, response_mask=scored.mask & ended[:, None])
+    return dataclasses.replace(scored, rollout=rollout)
+
+
 @dataclass
 class CriticFreeConfig(RLConfig):
     """Group-based critic-free RL on top of :class:`~otalign.trainers.rl.RLConfig`; see :class:`GRPOConfig`,
@@ -138,9 +157,54 @@ class CriticFreeConfig(RLConfig):
         },
     )
     penalty_in: str = redefault(RLConfig, "penalty_in", "loss")
+    epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "clip range (TRL's name): the ratio is clipped to [1 - epsilon, 1 + epsilon_high] (none: "
+            "cliprange, else 0.2)",
+            "check": "> 0",
+        },
+    )
+    epsilon_high: float | None = field(
+        default=None,
+        metadata={"help": "upper clip bound, DAPO's clip-higher when above epsilon (none: epsilon)", "check": "> 0"},
+    )
+    cliprange: float | None = field(
+        default=None, metadata={"help": "otalign's earlier name of epsilon (give one of the two)", "check": "> 0"}
+    )
+    response_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "new tokens sampled per response at most (none: max_completion_length, else 256)",
+            "check": ">= 1",
+        },
+    )
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "TRL's name of response_length (give one of the two)", "check": ">= 1"}
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "leave responses without EOS (cut at response_length) out of the loss, as TRL: their tokens "
+            "get no weight and no gradient; they still count in their group's baseline"
+        },
+    )
+    log_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "at each logged step append every prompt, completion, reward and advantage of the rollout to "
+            "output_dir/completions.jsonl (and a 'completions' table to trackers that take one, e.g. wandb)"
+        },
+    )
+    num_completions_to_print: int | None = field(
+        default=None,
+        metadata={"help": "log_completions: print the first this many too (none: all; 0: none)", "check": ">= 0"},
+    )
 
     def __post_init__(self) -> None:
         self.scale_rewards = scale_rewards_name(self.scale_rewards)
+        self.resolve_alias("epsilon", "cliprange", 0.2)
+        self.resolve_alias("response_length", "max_completion_length", 256)
         super().__post_init__()
         if self.step_batch_size % self.num_generations:
             raise ConfigError(
@@ -206,8 +270,11 @@ class CriticFreeTrainer(RLTrainer):
         return self.config.num_iterations
 
     def advantages(self, scored) -> RolloutBatch:
-        """Sequence rewards (penalty included with ``penalty_in: reward``), group advantages, ``loss_type`` weights."""
+        """Sequence rewards (penalty included with ``penalty_in: reward``), group advantages, ``loss_type`` weights;
+        with ``mask_truncated_completions`` all from :func:`mask_truncated` (the batch carries the masked rollout)."""
         c = self.config
+        if c.mask_truncated_completions:
+            scored = mask_truncated(scored, self.tokenizer.eos_token_id)
         rewards = self.sequence_rewards(scored)
         local = "none" if c.scale_rewards == "batch" else c.scale_rewards
         advantages = group_advantages(rewards, c.num_generations, algorithm=c.algorithm, scale=local)
@@ -229,9 +296,10 @@ class CriticFreeTrainer(RLTrainer):
             scored.old_logprobs[rows],
             advantages,
             mask,
-            cliprange=c.cliprange,
+            cliprange=c.epsilon,
             normalizer=normalizer,
             weights=weights,
+            cliprange_high=c.epsilon_high,
         )
         pen = self.penalty_loss(batch, rows, logits, logprobs, normalizer)
         return pg + pen, {"loss/policy": pg.detach(), "loss/penalty": pen.detach()}, stats
@@ -255,6 +323,36 @@ class CriticFreeTrainer(RLTrainer):
         """The unbiased standard deviation of the sequence rewards (B,) of all processes (``scale_rewards: batch``)."""
         every = torch.ones_like(rewards, dtype=torch.bool)
         return pm.masked_var(rewards, every, self.accelerator).double().sqrt().to(rewards.device)
+
+    def begin(self) -> int:
+        """:meth:`~otalign.trainers.base.BaseTrainer.begin`; with ``log_completions`` also drops the rows of
+        ``completions.jsonl`` past the step resumed from (a fresh run: all of them)."""
+        start = super().begin()
+        if self.config.log_completions and self.accelerator.is_main_process:
+            CompletionLog(self.output_dir).truncate_after(start - 1)
+        return start
+
+    def log_rollout(self, step: int, batch: RolloutBatch) -> None:
+        """``log_completions``, at the steps whose metrics are logged (every ``logging_steps`` and the last): the
+        rollouts of all processes (:func:`~otalign.trainers.rl_metrics.completion_rows`) appended to
+        ``output_dir/completions.jsonl``, logged as a ``completions`` table to the trackers that have ``log_table``
+        (accelerate's wandb), and the first ``num_completions_to_print`` printed."""
+        c, acc = self.config, self.accelerator
+        if not c.log_completions or not (step % c.logging_steps == 0 or step == c.max_steps):
+            return
+        scored = batch.scored
+        rows = completion_rows(step, scored.rollout, scored.components, batch.advantages.cpu())
+        rows = gather_object(rows) if acc.num_processes > 1 else rows
+        if not acc.is_main_process:
+            return
+        CompletionLog(self.output_dir).append(rows)
+        columns = list(rows[0])
+        for tracker in acc.trackers:
+            if hasattr(tracker, "log_table"):
+                tracker.log_table("completions", columns=columns, data=[list(r.values()) for r in rows], step=step)
+        shown = rows if c.num_completions_to_print is None else rows[: c.num_completions_to_print]
+        for row in shown:
+            self.print(json.dumps(row, ensure_ascii=False))
 
     def token_kl(self, scored) -> torch.Tensor:
         """(B, T) the per-token KL estimate TRL's trainer logs as ``kl``: GRPO's k3 at the rollout policy."""
@@ -324,8 +422,9 @@ class RLOOTrainer(CriticFreeTrainer):
             scored.old_logprobs[rows],
             batch.advantages[rows],
             mask,
-            cliprange=c.cliprange,
+            cliprange=c.epsilon,
             normalizer=normalizer,
+            cliprange_high=c.epsilon_high,
         )
         pen = self.penalty_loss(batch, rows, logits, logprobs, normalizer)
         return pg + pen, {"loss/policy": pg.detach(), "loss/penalty": pen.detach()}, stats

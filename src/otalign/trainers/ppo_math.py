@@ -94,9 +94,12 @@ def policy_loss(
     cliprange: float,
     normalizer: float,
     weights: torch.Tensor | None = None,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    r"""Clipped surrogate :math:`\sum_t w_t \max(-A_t\rho_t, -A_t\,\mathrm{clip}(\rho_t, 1\pm\epsilon)) / Z`,
-    :math:`\rho_t = \exp(\log\pi_\theta - \log\pi_{old})`, :math:`w_t` = ``weights`` (default: ``mask``).
+    r"""Clipped surrogate :math:`\sum_t w_t \max(-A_t\rho_t, -A_t\,\mathrm{clip}(\rho_t, 1-\epsilon_l,
+    1+\epsilon_h)) / Z`, :math:`\rho_t = \exp(\log\pi_\theta - \log\pi_{old})`, :math:`w_t` = ``weights``
+    (default: ``mask``), :math:`\epsilon_l` = ``cliprange``, :math:`\epsilon_h` = ``cliprange_high`` (default:
+    ``cliprange``; TRL's ``epsilon``/``epsilon_high``, DAPO's clip-higher when larger).
 
     ``normalizer`` Z is the number of tokens the loss averages over (per process, so that data-parallel
     gradient averaging yields the global token mean). Stats are sums over the masked tokens (``clipfrac``:
@@ -105,13 +108,14 @@ def policy_loss(
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    high = cliprange if cliprange_high is None else cliprange_high
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + high)
     weights = mask if weights is None else weights
     loss = (torch.maximum(unclipped, clipped) * weights).sum() / normalizer
     stats = {
         "policy/clipfrac": ((clipped > unclipped).float() * mask).sum().detach(),
         "policy/approx_kl": (0.5 * log_ratio.pow(2) * mask).sum().detach(),
-        **clip_ratios(ratio, advantages, cliprange, mask),
+        **clip_ratios(ratio, advantages, (cliprange, high), mask),
     }
     return loss, stats
 
@@ -122,9 +126,12 @@ over the responses of all processes (NaN entries left out), averaged over the st
 ``GRPOTrainer``/``RLOOTrainer`` log them (:meth:`otalign.trainers.rl.RLTrainer.update`)."""
 
 
-def clip_ratios(ratio: torch.Tensor, advantages: torch.Tensor, cliprange: float, tokens: torch.Tensor) -> dict:
-    r"""TRL's clip statistics of a micro-batch: ratios below :math:`1-\epsilon` with a negative advantage (low),
-    above :math:`1+\epsilon` with a positive one (high), where the clip binds.
+def clip_ratios(
+    ratio: torch.Tensor, advantages: torch.Tensor, cliprange: tuple[float, float], tokens: torch.Tensor
+) -> dict:
+    r"""TRL's clip statistics of a micro-batch with ``cliprange`` :math:`(\epsilon_l, \epsilon_h)`: ratios below
+    :math:`1-\epsilon_l` with a negative advantage (low), above :math:`1+\epsilon_h` with a positive one (high),
+    where the clip binds.
 
     ``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean``: sums over tokens, each entry counted ``tokens`` times
     ((b, T) mask with per-token ``ratio``; (b,) token counts with one ``ratio`` per response), to be divided by the
@@ -133,8 +140,9 @@ def clip_ratios(ratio: torch.Tensor, advantages: torch.Tensor, cliprange: float,
     clipped (``masked_seq_mean``, NaN for a response without tokens) or, with one ratio per response (RLOO's
     sequence objective), 0 or 1.
     """
-    low_hit = ((ratio < 1.0 - cliprange) & (advantages < 0)).float()
-    high_hit = ((ratio > 1.0 + cliprange) & (advantages > 0)).float()
+    low_bound, high_bound = cliprange
+    low_hit = ((ratio < 1.0 - low_bound) & (advantages < 0)).float()
+    high_hit = ((ratio > 1.0 + high_bound) & (advantages > 0)).float()
     low, high = low_hit * tokens, high_hit * tokens
     if ratio.dim() == 2:  # per token: the share of each response's tokens
         count = tokens.float().sum(-1)
@@ -158,10 +166,12 @@ def sequence_policy_loss(
     *,
     cliprange: float,
     normalizer: float,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""TRL's RLOO objective: one ratio per response :math:`\rho_i = \exp(\sum_t \log\pi_\theta - \sum_t
     \log\pi_{old})` over its generated tokens, loss :math:`\sum_i \max(-A_i\rho_i, -A_i\,\mathrm{clip}(\rho_i,
-    1\pm\epsilon)) / Z` with Z the responses the loss averages over (per process).
+    1-\epsilon_l, 1+\epsilon_h)) / Z` with Z the responses the loss averages over (per process); the bounds as
+    :func:`policy_loss`'s.
 
     Args:
         logprobs, old_logprobs: (b, T) the sampled tokens' log-probabilities (current with grad; rollout).
@@ -172,13 +182,14 @@ def sequence_policy_loss(
     """
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio.sum(1))
+    high = cliprange if cliprange_high is None else cliprange_high
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + high)
     loss = torch.maximum(unclipped, clipped).sum() / normalizer
     stats = {
         "policy/clipfrac": ((clipped > unclipped).float() * mask.sum(1)).sum().detach(),
         "policy/approx_kl": (0.5 * log_ratio.pow(2) * mask).sum().detach(),
-        **clip_ratios(ratio, advantages, cliprange, mask.sum(1)),
+        **clip_ratios(ratio, advantages, (cliprange, high), mask.sum(1)),
     }
     return loss, stats
 

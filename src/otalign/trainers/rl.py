@@ -16,10 +16,10 @@ bottom; each stage is one call:
    checkpoint.
 
 The algorithm is the small interface a subclass implements: :attr:`num_epochs`, :meth:`advantages`, :meth:`loss`,
-:meth:`batch_metrics` (and :meth:`build_models` for models trained beside the policy, PPO's critic, and
-:meth:`normalizers` where a loss is not normalised over the global mini-batch). The learning-rate schedule steps once
-per optimizer step (``num_epochs x num_mini_batches`` per rollout, as TRL), while ``max_steps``, ``global_step``
-and checkpoints count rollouts. Where the
+:meth:`batch_metrics` (and :meth:`log_rollout`, :meth:`build_models` for models trained beside the policy, PPO's
+critic, and :meth:`normalizers` where a loss is not normalised over the global mini-batch). The learning-rate schedule
+steps once per optimizer step (``num_epochs x num_mini_batches`` per rollout, as TRL), while ``max_steps``,
+``global_step`` and checkpoints count rollouts. Where the
 penalty goes (``penalty_in``) is one object chosen at start (:mod:`otalign.trainers.penalty`); the regularizer is
 built by its registry entry from the config (:func:`otalign.regularizers.regularizer_from_config`), so no trainer
 names a regularizer.
@@ -299,6 +299,7 @@ class RLTrainer(BaseTrainer):
             if self.evaluate_now(step) or (step == c.max_steps and self.evaluate_at_end):
                 metrics.update(self.evaluate())
             history.append(metrics)
+            self.log_rollout(step, batch)
             self.end_rl_step(step, metrics)
         if self.unconverged_steps:
             self.print(f"Sinkhorn stopped unconverged in {self.unconverged_steps} of the {len(history)} steps run")
@@ -329,6 +330,9 @@ class RLTrainer(BaseTrainer):
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         """The algorithm's own metrics of the step (over all processes)."""
         return {}
+
+    def log_rollout(self, step: int, batch: RolloutBatch) -> None:
+        """Record the step's samples where the config asks (GRPO/RLOO's ``log_completions``); nothing by default."""
 
     def normalizers(self, batch: RolloutBatch, micro: tuple[torch.Tensor, ...]) -> list[float]:
         """The normalizer Z of each micro-batch (rows ``micro[k]``) of one mini-batch: by default the ``units`` of the

@@ -6,8 +6,10 @@ The regularizer's own fields (``f_alpha``, ``kl_estimator``, ``wpr_*``) are read
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+from otalign.config import check_value
 from otalign.data.prompts import PROMPT_SETS
 from otalign.generation import SamplingParams
 from otalign.regularizers import KL_ESTIMATORS, REGULARIZERS
@@ -189,6 +191,20 @@ class RLConfig(TrainerConfig):
             raise ConfigError(f"no reward given; choose one: {reward_choices()}", "reward_fn")
         if self.reward_model_name_or_path is not None and self.reward_fn:
             raise ConfigError("set reward_fn: null when using reward_model_name_or_path (one reward only)", "reward_fn")
+
+    def resolve_alias(self, name: str, alias: str, default: object) -> None:
+        """Make the field ``name`` and its other name ``alias`` (both None by default) one value: the one given, or
+        ``default`` when neither is; two different values are a :class:`ConfigError` naming both, as is a given value
+        outside its field's check (naming the field given)."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        value, other = getattr(self, name), getattr(self, alias)
+        check_value(fields[name], value)
+        check_value(fields[alias], other)
+        if value is not None and other is not None and value != other:
+            raise ConfigError(f"{name}={value} and {alias}={other} are two names of one setting: give one", name)
+        chosen = next((v for v in (value, other) if v is not None), default)
+        setattr(self, name, chosen)
+        setattr(self, alias, chosen)
 
     @property
     def step_batch_size(self) -> int:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 
 import torch
 
+from otalign.generation import Rollout
 from otalign.guard import ConvergenceError, ConvergenceWarning
 from otalign.scoring import MAX_STATS
 
@@ -20,17 +23,22 @@ def global_max(x: torch.Tensor, accelerator) -> float:
     return float(accelerator.reduce(t, reduction="max") if accelerator.num_processes > 1 else t)
 
 
+def ended_with_eos(rollout: Rollout, eos_token_id: int | None) -> torch.Tensor:
+    """(B,) bool: whether each response sampled EOS (False for all without an EOS id); the others were cut at
+    ``response_length`` (TRL's truncated completions: sampling stops at EOS only)."""
+    mask = rollout.response_mask
+    if eos_token_id is None:
+        return torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    return (rollout.responses == eos_token_id).logical_and(mask).any(1)
+
+
 def completion_metrics(scored: ScoredRollout, eos_token_id: int | None, accelerator) -> dict[str, float]:
     """TRL's ``completions/*`` over all processes: mean, min and max response length (generated tokens, EOS
     included), ``clipped_ratio`` (share of responses without EOS, cut at ``response_length``) and the same lengths
     over the responses that ended with EOS (0 when none did)."""
     acc, mask = accelerator, scored.mask
     lengths = mask.sum(1).double()
-    ended = (
-        (scored.rollout.responses == eos_token_id).logical_and(mask).any(1)
-        if eos_token_id is not None
-        else torch.zeros_like(lengths, dtype=torch.bool)
-    )
+    ended = ended_with_eos(scored.rollout, eos_token_id)
     every = torch.ones_like(ended)
     terminated = torch.where(ended, lengths, torch.zeros_like(lengths))
     huge = torch.full_like(lengths, float("inf"))
@@ -131,3 +139,57 @@ def report_convergence(step: int, metrics: dict[str, float], config, *, first: b
         )
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     return 1
+
+
+COMPLETIONS_FILE = "completions.jsonl"
+"""``log_completions``: the logged steps' samples in the run folder, one JSON line per response."""
+
+
+def completion_rows(step: int, rollout: Rollout, components: dict[str, torch.Tensor], advantages: torch.Tensor):
+    """TRL's ``log_completions`` table of one rollout as rows: ``step``, ``prompt`` (as the model saw it, chat
+    template applied), ``completion`` (decoded, special tokens left out), each reward function's raw score under its
+    name, and the response's ``advantage`` (``advantages`` (B,))."""
+    scores = {name: values.tolist() for name, values in components.items()}
+    return [
+        {
+            "step": step,
+            "prompt": prompt,
+            "completion": completion,
+            **{name: values[i] for name, values in scores.items()},
+            "advantage": float(advantages[i]),
+        }
+        for i, (prompt, completion) in enumerate(zip(rollout.prompt_texts, rollout.response_texts, strict=True))
+    ]
+
+
+class CompletionLog:
+    """``<output_dir>/completions.jsonl`` (:data:`COMPLETIONS_FILE`), written by the main process: rows of
+    :func:`completion_rows` appended at each logged step; on resume the rows after the checkpoint's step are dropped
+    (a fresh run drops all), so the file reads as an uninterrupted run's."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.path = Path(output_dir) / COMPLETIONS_FILE
+
+    def truncate_after(self, step: int) -> None:
+        """Keep the rows of steps up to ``step`` (0: none)."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and _step_of(line) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def append(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _step_of(line: str) -> float:
+    """The step of a completions.jsonl line; a torn last line (a run killed while writing) counts as past every
+    step, so truncation drops it."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf

@@ -2,7 +2,8 @@
 
 Data (:mod:`otalign.data.sft`): ``prompt``/``completion`` rows, ``messages`` conversations or ``text`` rows (the
 column ``dataset_text_field``; every token trained), each encoded to ``(input_ids, labels)`` with label ``-100`` on
-prompt tokens (chat template applied to conversations), and cut to ``max_length`` tokens by ``truncation_mode``
+prompt tokens (chat template applied to conversations; with ``completion_only_loss: false``, TRL's, a
+prompt-completion row's prompt tokens are trained too), and cut to ``max_length`` tokens by ``truncation_mode``
 (:mod:`otalign.data.truncation`; TRL's default ``keep_start``).
 With ``packing`` the encoded examples are concatenated, in a seeded order, into one token stream cut into
 rows of exactly ``max_length`` tokens (examples may span two rows; attention is not blocked between
@@ -55,6 +56,13 @@ class SFTConfig(DatasetConfig):
     dataset_text_field: str = field(
         default=TEXT_FIELD,
         metadata={"help": "column of language-modeling rows (TRL's {'text': ...} form; the loss covers every token)"},
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "prompt-completion rows: the loss on the completion only (true, or none: TRL's default) or on "
+            "prompt and completion (false); true with text or messages rows is an error, as in TRL"
+        },
     )
 
 
@@ -171,6 +179,11 @@ class SFTTrainer(SupervisedTrainer):
         for row, example in numbered(examples):
             where = f"{source}, row {row}"
             ids, labels = encode_sft(self.tokenizer, example, where)
+            if example.prompt is None and c.completion_only_loss:
+                form = "text" if example.text is not None else "messages"
+                raise ValueError(f"{where}: completion_only_loss true needs prompt-completion rows, got a {form} row")
+            if example.prompt is not None and c.completion_only_loss is False:
+                labels = list(ids)  # TRL: the loss on the whole sequence
             if not c.packing:
                 span = kept(len(ids), c.max_length, c.truncation_mode, where)
                 ids, labels = ids[span], labels[span]
