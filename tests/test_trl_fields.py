@@ -518,9 +518,13 @@ def test_epsilon_and_epsilon_high_clip_the_sequence_ratio_as_trls_rloo(epsilon_h
 
 def test_epsilon_is_trls_name_of_cliprange_and_max_completion_length_of_response_length():
     default = GRPOConfig()
-    assert (default.epsilon, default.cliprange, default.epsilon_high) == (0.2, 0.2, None)
-    assert default.response_length == default.max_completion_length == 256 == RLOOConfig().response_length
-    assert GRPOConfig(cliprange=0.3).epsilon == 0.3 == GRPOConfig(epsilon=0.3).cliprange
+    assert (default.epsilon, default.cliprange, default.epsilon_high) == (0.2, None, None)  # one value, saved once
+    assert default.response_length == 256 == RLOOConfig().response_length and default.max_completion_length is None
+    assert GRPOConfig(cliprange=0.3).epsilon == 0.3 == GRPOConfig(epsilon=0.3).epsilon
+    saved = GRPOConfig(epsilon=0.3, max_completion_length=12).to_dict()  # a config.json reused with one name changed
+    assert GRPOConfig(**{**saved, "epsilon": 0.1, "response_length": 8}).response_length == 8
+    with pytest.raises(ConfigError, match="^response_length=12 and max_completion_length=8 are two names"):
+        GRPOConfig(**{**saved, "max_completion_length": 8})  # the saved value under the other name: one line
     assert RLOOConfig(max_completion_length=12).response_length == 12
     assert GRPOConfig(epsilon=0.3, cliprange=0.3).epsilon == 0.3  # the same value twice is no conflict
     with pytest.raises(ConfigError, match="^epsilon=0.3 and cliprange=0.2 are two names of one setting: give one$"):

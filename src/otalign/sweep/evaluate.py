@@ -89,7 +89,9 @@ def eval_settings(config: SweepConfig) -> dict:
         "split": config.eval_split,
         "num_prompts": config.num_eval_prompts,
         "seed": config.eval_seed,
-        "max_new_tokens": pick(config.eval_max_new_tokens, "response_length", 64),
+        "max_new_tokens": pick(
+            config.eval_max_new_tokens, "response_length", base_field(config, "max_completion_length", 64)
+        ),
         "temperature": pick(config.eval_temperature, "temperature", 0.8),
         "top_k": pick(config.eval_top_k, "top_k", 50),
         "top_p": pick(config.eval_top_p, "top_p", 1.0),

@@ -193,9 +193,11 @@ class RLConfig(TrainerConfig):
             raise ConfigError("set reward_fn: null when using reward_model_name_or_path (one reward only)", "reward_fn")
 
     def resolve_alias(self, name: str, alias: str, default: object) -> None:
-        """Make the field ``name`` and its other name ``alias`` (both None by default) one value: the one given, or
-        ``default`` when neither is; two different values are a :class:`ConfigError` naming both, as is a given value
-        outside its field's check (naming the field given)."""
+        """Make the field ``name`` and its other name ``alias`` (both None by default) one setting: ``name`` gets the
+        value given under either, or ``default`` when neither is, and ``alias`` goes back to None (so a saved
+        ``config.json`` holds the value once and can be reused with either name overridden); two different values
+        are a :class:`ConfigError` naming both, as is a given value outside its field's check (naming the field
+        given)."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         value, other = getattr(self, name), getattr(self, alias)
         check_value(fields[name], value)
@@ -204,7 +206,7 @@ class RLConfig(TrainerConfig):
             raise ConfigError(f"{name}={value} and {alias}={other} are two names of one setting: give one", name)
         chosen = next((v for v in (value, other) if v is not None), default)
         setattr(self, name, chosen)
-        setattr(self, alias, chosen)
+        setattr(self, alias, None)
 
     @property
     def step_batch_size(self) -> int:
