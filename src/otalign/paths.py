@@ -63,7 +63,10 @@ def looks_like_path(value: str) -> bool:
 
 def _creation_problem(value: str, parent: Path) -> str | None:
     """Whether a folder can really be created in ``parent`` (``os.access`` answers yes for root on ``/proc`` or
-    ``/sys``, which refuse new entries): a hidden probe folder is made and removed."""
+    ``/sys``, which refuse new entries): a hidden probe folder is made and removed, by the main process only (the
+    launcher's ``RANK`` unset or 0: the other processes of a run write nothing)."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".otalign-probe-", dir=parent))
     except OSError as err:
