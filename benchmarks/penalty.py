@@ -130,19 +130,7 @@ def measure(spec: dict) -> dict:
     policy, ref = policy.to(logits_dtype), ref.to(logits_dtype)
     if spec.get("reference"):
         return reference_solve(spec, policy, ref, actions, embeddings)
-    if spec["method"] == "rkl":
-        reg = FDivergenceRegularizer("rkl")
-    else:
-        reg = WassersteinRegularizer(
-            embeddings,
-            lam=spec["lam"],
-            top_k=spec["top_k"],
-            transport=spec["transport"],
-            max_iter=spec["max_iter"],
-            tol=spec["tol"],
-            overrelaxation=spec.get("overrelaxation", 1.0),
-            newton_steps=spec.get("newton_steps", 0),
-        )
+    reg = FDivergenceRegularizer("rkl") if spec["method"] == "rkl" else wasserstein(spec, embeddings)
 
     sinkhorn_seconds, calls = [], []
 
@@ -187,13 +175,9 @@ def measure(spec: dict) -> dict:
     }
 
 
-def reference_solve(spec: dict, policy, ref, actions, embeddings, positions: int = 256) -> dict:
-    """The accuracy guard's oracle: the very problems the timed run solves (its masses and costs, built from the
-    same logits in their dtype by :func:`~otalign.regularizers.build_problem`) solved in float64 to the reference
-    settings, ``positions`` at a time. It measures the solve, not the rounding of the inputs: where a sampled token's
-    excess or deficit is a near-cancellation, its potential moves with ``eps log`` of that mass, and float32's
-    rounding of the masses alone can move it by ~2e-4 on a penalty of ~0.1."""
-    reg = WassersteinRegularizer(
+def wasserstein(spec: dict, embeddings: torch.Tensor) -> WassersteinRegularizer:
+    """The Wasserstein regularizer a run's ``spec`` describes."""
+    return WassersteinRegularizer(
         embeddings,
         lam=spec["lam"],
         top_k=spec["top_k"],
@@ -203,6 +187,15 @@ def reference_solve(spec: dict, policy, ref, actions, embeddings, positions: int
         overrelaxation=spec.get("overrelaxation", 1.0),
         newton_steps=spec.get("newton_steps", 0),
     )
+
+
+def reference_solve(spec: dict, policy, ref, actions, embeddings, positions: int = 256) -> dict:
+    """The accuracy guard's oracle: the very problems the timed run solves (its masses and costs, built from the
+    same logits in their dtype by :func:`~otalign.regularizers.build_problem`) solved in float64 to the reference
+    settings, ``positions`` at a time. It measures the solve, not the rounding of the inputs: where a sampled token's
+    excess or deficit is a near-cancellation, its potential moves with ``eps log`` of that mass, and float32's
+    rounding of the masses alone can move it by ~2e-4 on a penalty of ~0.1."""
+    reg = wasserstein(spec, embeddings)
     vocab = policy.shape[-1]
     policy, ref, actions = policy.reshape(-1, vocab), ref.reshape(-1, vocab), actions.reshape(-1)
     per_token, iters, errors = [], 0, []

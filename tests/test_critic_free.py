@@ -40,7 +40,16 @@ def characters(prompts: list[str], responses: list[str]) -> list[float]:
     return [len(r) / 20 for r in responses]
 
 
-def make(tmp_path, algorithm: str = "grpo", *, policy_seed: int = 0, reward=characters, prompts=PROMPTS, **overrides):
+def make(
+    tmp_path,
+    algorithm: str = "grpo",
+    *,
+    policy_seed: int = 0,
+    reward=characters,
+    prompts=PROMPTS,
+    eval_prompts=None,
+    **overrides,
+):
     config_cls, trainer_cls = TRAINERS[algorithm]
     tokenizer = tiny_tokenizer()
     settings = dict(
@@ -65,6 +74,7 @@ def make(tmp_path, algorithm: str = "grpo", *, policy_seed: int = 0, reward=char
         tokenizer=tokenizer,
         reward=reward,
         prompts=prompts,
+        eval_prompts=eval_prompts,
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from test_critic_free import PROMPTS, characters, make
 
 from otalign.config import ConfigError, ConfigParser
 from otalign.eval.policy import evaluate_policy
@@ -20,10 +21,7 @@ from otalign.rewards import build_reward
 from otalign.trainers import (
     GRPOConfig,
     GRPOTrainer,
-    PPOConfig,
-    PPOTrainer,
     RLOOConfig,
-    RLOOTrainer,
     checkpoint,
     read_metrics,
 )
@@ -33,47 +31,12 @@ from otalign.trainers.critic_free import group_advantages
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 FIXTURES = Path(__file__).parent / "fixtures"
 
-PROMPTS = [
-    "write one sentence about the cat .",
-    "tell you about my day .",
-    "describe the city in the rain .",
-    "what is your friend ?",
-]
 HELD_OUT = ["the dog walks in the park .", "a friend writes about the sun .", "what is the rain ?"]
-TRAINERS = {"ppo": (PPOConfig, PPOTrainer), "grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
 
 
-def characters(prompts: list[str], responses: list[str]) -> list[float]:
-    """A reward that differs between responses from the start: characters / 20."""
-    return [len(r) / 20 for r in responses]
-
-
-def rl(tmp_path, algorithm: str = "grpo", *, eval_prompts=None, **overrides):
-    config_cls, trainer_cls = TRAINERS[algorithm]
-    tokenizer = tiny_tokenizer()
-    settings = dict(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        response_length=5,
-        learning_rate=1e-3,
-        progress_bar=False,
-        save_model=False,
-        wpr_top_k=8,
-        reward_fn=["sentiment"],
-    )
-    if algorithm != "ppo":
-        settings["num_generations"] = 2
-    settings.update(overrides)
-    return trainer_cls(
-        config_cls(**settings),
-        policy=tiny_causal_lm(tokenizer, seed=1),
-        ref_model=tiny_causal_lm(tokenizer, seed=0),
-        tokenizer=tokenizer,
-        reward=characters,
-        prompts=PROMPTS,
-        eval_prompts=eval_prompts,
-    )
+def rl(tmp_path, algorithm: str = "grpo", **overrides):
+    """A tiny trainer of ``algorithm`` (:func:`test_critic_free.make`) whose policy starts away from the reference."""
+    return make(tmp_path, algorithm, policy_seed=1, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------- RL evaluation
